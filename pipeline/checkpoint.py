@@ -1,0 +1,339 @@
+"""Resume state: the per-rank manifest, the config fingerprint and the rank lock.
+
+Layout of an output folder (the state folder is hidden, so readers see only shards):
+
+    OUT/part-00000-000000.parquet ...     committed shards, rank 0
+    OUT/.batchgen/rank-00000.json          manifest: fingerprint, shards, status, report
+    OUT/.batchgen/rank-00000.lock          held (lockf) while a process writes rank 0
+
+Commit order is shard rename, then manifest. A crash between the two leaves a complete shard
+the manifest does not list; the next run adopts it after checking its embedded fingerprint, so
+no row is lost or written twice. Temporary files of a crashed write are removed.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import socket
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+
+from pipeline.errors import BatchgenError, OutputLocked, ResumeMismatch
+from pipeline.sinks import SHARD_RE, TMP_PREFIX, ShardInfo, fsync_dir, read_shard_metadata
+
+STATE_DIR = ".batchgen"
+MANIFEST_VERSION = 1
+# Fingerprint fields that name the rank rather than the run; every other field must agree
+# across all ranks writing one output folder.
+RANK_FIELDS = ("shard_index",)
+
+
+def manifest_path(out_dir: Path, rank: int) -> Path:
+    return out_dir / STATE_DIR / f"rank-{rank:05d}.json"
+
+
+@dataclass(slots=True)
+class Manifest:
+    """One rank's committed progress. Written atomically after every shard commit."""
+
+    rank: int
+    num_shards: int
+    fingerprint: dict[str, Any]
+    status: str = "running"  # running | finished | interrupted | failed
+    total_rows: int | None = None  # input rows of this rank, when the source knows
+    shards: list[dict[str, Any]] = field(default_factory=list)
+    started_at: float = 0.0
+    updated_at: float = 0.0
+    host: str = ""
+    pid: int = 0
+    report: dict[str, Any] = field(default_factory=dict)
+    version: int = MANIFEST_VERSION
+
+    @property
+    def prompts_committed(self) -> int:
+        return sum(s["prompts"] for s in self.shards)
+
+    @property
+    def rows_committed(self) -> int:
+        return sum(s["rows"] for s in self.shards)
+
+    @property
+    def errors(self) -> int:
+        return sum(s["errors"] for s in self.shards)
+
+    @classmethod
+    def load(cls, path: Path) -> Manifest | None:
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            return None
+        except (json.JSONDecodeError, OSError) as exc:
+            raise BatchgenError(
+                f"{path} is unreadable ({exc}); it is batchgen's resume state: restore it, or "
+                "pass --overwrite to start this rank afresh"
+            ) from exc
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+    def save(self, out_dir: Path) -> None:
+        self.updated_at = time.time()
+        path = manifest_path(out_dir, self.rank)
+        tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}")
+        with open(tmp, "w") as f:
+            json.dump(asdict(self), f, indent=1, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+
+
+def diff_fingerprints(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Human-readable `field: old -> new` lines for every setting that differs."""
+    flat_old, flat_new = _flatten(old), _flatten(new)
+    lines = []
+    for key in sorted(set(flat_old) | set(flat_new)):
+        a, b = flat_old.get(key, "<unset>"), flat_new.get(key, "<unset>")
+        if a != b:
+            lines.append(f"{key}: {_short(a)} -> {_short(b)}")
+    return lines
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = json.dumps(v, sort_keys=True) if isinstance(v, list) else v
+    return out
+
+
+def _short(value: Any, limit: int = 120) -> str:
+    text = value if isinstance(value, str) else json.dumps(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class RankLock:
+    """An exclusive lock on one rank of an output folder.
+
+    POSIX record locks (lockf) are released by the kernel when their process dies, however it
+    dies, so a lock left by a killed run never blocks the next; they also work on NFS.
+    """
+
+    def __init__(self, out_dir: Path, rank: int) -> None:
+        self.path = out_dir / STATE_DIR / f"rank-{rank:05d}.lock"
+        self.rank = rank
+        self._file = None
+
+    def acquire(self) -> RankLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(self.path, "a+")  # noqa: SIM115 - held for the life of the run
+        try:
+            fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            f.close()
+            raise OutputLocked(
+                f"rank {self.rank} of {self.path.parent.parent} is being written by {holder}; "
+                "wait for it to finish or stop it (a killed process releases the lock at once), "
+                "or write to another --output"
+            ) from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%F %T')}\n")
+        f.flush()
+        self._file = f
+        return self
+
+    def release(self) -> None:
+        if self._file is not None:
+            self._file.close()  # closing drops the lock
+            self._file = None
+
+
+@dataclass(slots=True)
+class ResumeState:
+    """What a starting run inherits from earlier runs of the same rank."""
+
+    manifest: Manifest
+    done_ids: set[str]
+    next_seq: int
+    resumed: bool
+    notes: list[str]
+
+
+class Checkpoint:
+    """Owns one rank's manifest: opening (with the fingerprint check), commits and the final status."""
+
+    def __init__(self, out_dir: Path, rank: int, num_shards: int) -> None:
+        self.out_dir = out_dir
+        self.rank = rank
+        self.num_shards = num_shards
+        self.manifest: Manifest | None = None
+
+    def open(
+        self, fingerprint: dict[str, Any], total_rows: int | None, overwrite: bool
+    ) -> ResumeState:
+        """Check the folder against this run's fingerprint and recover committed progress.
+
+        Raises ResumeMismatch naming every changed setting unless `overwrite`, which removes the
+        stale files instead. Must be called while holding the rank lock.
+        """
+        notes: list[str] = []
+        if overwrite:
+            removed = self._remove_stale(fingerprint)
+            if removed:
+                notes.append(f"--overwrite removed {removed}")
+        else:
+            self._check_other_ranks(fingerprint)
+        old = Manifest.load(manifest_path(self.out_dir, self.rank))
+        if old is not None:
+            changed = diff_fingerprints(old.fingerprint, fingerprint)
+            if changed:
+                raise ResumeMismatch(
+                    f"{self.out_dir} holds an earlier run with different settings:\n  "
+                    + "\n  ".join(changed)
+                    + "\nrerun with the same settings to resume it, pass --overwrite to start "
+                    "afresh, or choose another --output"
+                )
+        for stray in self.out_dir.glob(f"{TMP_PREFIX}part-{self.rank:05d}-*"):
+            stray.unlink(missing_ok=True)
+            notes.append(f"removed an unfinished temporary file from a crash: {stray.name}")
+        manifest = old or Manifest(
+            rank=self.rank,
+            num_shards=self.num_shards,
+            fingerprint=fingerprint,
+            started_at=time.time(),
+        )
+        notes += self._reconcile(manifest, fingerprint)
+        manifest.fingerprint = fingerprint
+        manifest.total_rows = total_rows
+        manifest.host, manifest.pid = socket.gethostname(), os.getpid()
+        done_ids: set[str] = set()
+        for shard in manifest.shards:
+            ids = pq.read_table(self.out_dir / shard["file"], columns=["id"]).column("id")
+            done_ids.update(ids.to_pylist())
+        seqs = [int(SHARD_RE.match(s["file"]).group(2)) for s in manifest.shards]
+        self.manifest = manifest
+        return ResumeState(
+            manifest=manifest,
+            done_ids=done_ids,
+            next_seq=max(seqs, default=-1) + 1,
+            resumed=old is not None,
+            notes=notes,
+        )
+
+    def _reconcile(self, manifest: Manifest, fingerprint: dict[str, Any]) -> list[str]:
+        """Match the manifest to the shards on disk: adopt complete shards it missed (crash after
+        rename, before the manifest write), forget ones that were deleted."""
+        notes = []
+        listed = {s["file"] for s in manifest.shards}
+        on_disk = {
+            p.name
+            for p in self.out_dir.glob(f"part-{self.rank:05d}-*.parquet")
+            if SHARD_RE.match(p.name)
+        }
+        for name in sorted(on_disk - listed):
+            meta = read_shard_metadata(self.out_dir / name)
+            if meta is None or diff_fingerprints(meta.get("fingerprint", {}), fingerprint):
+                raise ResumeMismatch(
+                    f"{self.out_dir / name} is not a shard of this run; move it away, or pass "
+                    "--overwrite to start afresh"
+                )
+            table = pq.read_table(self.out_dir / name)
+            info = _shard_info_from_table(name, table)
+            manifest.shards.append(asdict(info))
+            notes.append(f"adopted {name} ({info.rows} rows), committed just before a crash")
+        missing = listed - on_disk
+        if missing:
+            manifest.shards = [s for s in manifest.shards if s["file"] not in missing]
+            manifest.status = "running"
+            notes.append(
+                f"{len(missing)} shard(s) listed in the manifest are gone ({', '.join(sorted(missing))}); "
+                "their rows will be generated again"
+            )
+        manifest.shards.sort(key=lambda s: s["file"])
+        return notes
+
+    def _check_other_ranks(self, fingerprint: dict[str, Any]) -> None:
+        for path in sorted((self.out_dir / STATE_DIR).glob("rank-*.json")):
+            other = Manifest.load(path)
+            if other is None or other.rank == self.rank:
+                continue
+            changed = diff_fingerprints(_shared(other.fingerprint), _shared(fingerprint))
+            if changed:
+                raise ResumeMismatch(
+                    f"{self.out_dir} holds rank {other.rank} of a run with different settings:\n  "
+                    + "\n  ".join(changed)
+                    + "\nuse another --output, or pass --overwrite to remove the other run's files"
+                )
+
+    def _remove_stale(self, fingerprint: dict[str, Any]) -> str:
+        """Remove this rank's files and any other rank's files from a different run."""
+        ranks = {self.rank}
+        for path in (self.out_dir / STATE_DIR).glob("rank-*.json"):
+            other = Manifest.load(path)
+            if other is not None and diff_fingerprints(
+                _shared(other.fingerprint), _shared(fingerprint)
+            ):
+                ranks.add(other.rank)
+        shards = manifests = 0
+        for rank in sorted(ranks):
+            for p in self.out_dir.glob(f"part-{rank:05d}-*.parquet"):
+                p.unlink()
+                shards += 1
+            for p in self.out_dir.glob(f"{TMP_PREFIX}part-{rank:05d}-*"):
+                p.unlink()
+            m = manifest_path(self.out_dir, rank)
+            if m.exists():
+                m.unlink()
+                manifests += 1
+        if not shards and not manifests:
+            return ""
+        return f"{shards} shard(s) and {manifests} manifest(s) of rank(s) {', '.join(map(str, sorted(ranks)))}"
+
+    def commit(self, info: ShardInfo) -> None:
+        assert self.manifest is not None
+        self.manifest.shards.append(asdict(info))
+        self.manifest.save(self.out_dir)
+
+    def set_status(self, status: str, report: dict[str, Any] | None = None) -> None:
+        assert self.manifest is not None
+        self.manifest.status = status
+        if report is not None:
+            self.manifest.report = report
+        self.manifest.save(self.out_dir)
+
+
+def _shared(fingerprint: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in fingerprint.items() if k not in RANK_FIELDS}
+
+
+def _shard_info_from_table(name: str, table) -> ShardInfo:
+    from pipeline.records import ResultRow
+
+    cols = table.select(
+        ["id", "sample_index", "finish_reason", "prompt_tokens", "completion_tokens", "error"]
+    ).to_pylist()
+    rows = [
+        ResultRow(
+            id=c["id"],
+            seq=0,
+            sample_index=c["sample_index"],
+            text=None,
+            finish_reason=c["finish_reason"],
+            prompt_tokens=c["prompt_tokens"],
+            completion_tokens=c["completion_tokens"],
+            error=c["error"],
+        )
+        for c in cols
+    ]
+    return ShardInfo.of(name, rows)

@@ -1,0 +1,440 @@
+"""The `batchgen` command. Parses flags into a RunConfig and calls the runner; nothing else.
+
+Heavy modules (vllm, torch, datasets, transformers) are imported only inside commands, so
+`batchgen --help` answers at once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import tomllib
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from pipeline import __version__
+from pipeline.errors import EXIT_INTERRUPTED, BatchgenError, ConfigError
+
+log = logging.getLogger("batchgen")
+
+RUN_EXAMPLES = """\b
+Examples:
+  # a Parquet file (or folder, or glob), chat-templated prompts, the bundled model
+  batchgen run --parquet data/prompts.parquet --prompt-column prompt --chat \\
+      --max-tokens 128 --output out/sample
+\b
+  # a Hugging Face dataset folder or hub id, prompts built from columns
+  batchgen run --dataset ./reviews --split train --template "Summarize:\\n{text}" \\
+      --model Qwen/Qwen2.5-7B-Instruct --id-column review_id --output out/summaries
+\b
+  # JSON Lines files through the `json` builder, per-row chat messages, 4 samples each
+  batchgen run --dataset json --data-files 'chats/*.jsonl' --messages-column messages \\
+      --temperature 0.8 --n 4 --seed 1 --output out/chats
+\b
+  # everything from a job config; flags given on the command line win
+  batchgen run --config jobs/examples/sample.toml --max-tokens 64
+\b
+Rerunning the same command resumes an interrupted run; rerunning a finished one does nothing.
+Exit codes: 0 done, 1 failed, 2 bad usage, 75 interrupted by a signal (rerun to resume).
+"""
+
+
+def _setup_logging(verbose: int) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s batchgen: %(message)s", "%H:%M:%S"))
+    log.handlers[:] = [handler]
+    log.setLevel(logging.DEBUG if verbose > 1 else logging.INFO)
+    log.propagate = False
+    if verbose == 0:
+        # vLLM logs every engine detail at INFO; keep a batch job's log about the batch.
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="batchgen")
+def main() -> None:
+    """batchgen: run an LLM over a dataset, offline and resumably.
+
+    Streams prompts from Hugging Face datasets or Parquet into vLLM (Transformers modeling
+    backend) in large continuous batches, and writes completions as sharded Parquet with
+    resume checkpoints. `batchgen run --help` lists every flag, with examples.
+    """
+
+
+def _load_config_file(ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
+    """--config FILE: a TOML file whose keys are long flag names; flags on the command line win."""
+    if value is None:
+        return None
+    try:
+        with open(value, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as exc:
+        raise click.BadParameter(f"cannot read {value}: {exc.strerror}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise click.BadParameter(f"{value} is not valid TOML: {exc}") from exc
+    params = {p.name: p for p in ctx.command.params if isinstance(p, click.Option)}
+    defaults: dict[str, Any] = {}
+    for key, item in data.items():
+        name = key.replace("-", "_")
+        if name not in params or name == "config":
+            valid = ", ".join(sorted(n.replace("_", "-") for n in params if n != "config"))
+            raise click.BadParameter(f"{value}: unknown key {key!r}; valid keys are: {valid}")
+        if params[name].multiple and not isinstance(item, list):
+            item = [item]
+        defaults[name] = item
+    ctx.default_map = {**(ctx.default_map or {}), **defaults}
+    return value
+
+
+def _engine_args(values: tuple[str, ...]) -> tuple[tuple[str, Any], ...]:
+    parsed = []
+    for item in values:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(
+                f"{item!r}: expected KEY=VALUE, e.g. --engine-arg enable_prefix_caching=true",
+                param_hint="--engine-arg",
+            )
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        parsed.append((key.replace("-", "_"), value))
+    return tuple(parsed)
+
+
+def _slurm_rank() -> tuple[int, int] | None:
+    """(shard_index, num_shards) from a Slurm array task or an srun task, if running under one."""
+    env = os.environ
+    if "SLURM_ARRAY_TASK_ID" in env and "SLURM_ARRAY_TASK_COUNT" in env:
+        task_min = int(env.get("SLURM_ARRAY_TASK_MIN", "0"))
+        return int(env["SLURM_ARRAY_TASK_ID"]) - task_min, int(env["SLURM_ARRAY_TASK_COUNT"])
+    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+        return int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"])
+    return None
+
+
+def _options(*decorators: Callable) -> Callable:
+    def wrap(f: Callable) -> Callable:
+        for d in reversed(decorators):
+            f = d(f)
+        return f
+
+    return wrap
+
+
+input_options = _options(
+    click.option("--parquet", metavar="PATH", help="Parquet file, folder (recursive) or glob."),
+    click.option(
+        "--dataset",
+        metavar="NAME",
+        help="HF hub id, local dataset folder "
+        "(save_to_disk or data files), or builder name (json, csv, parquet) with --data-files.",
+    ),
+    click.option(
+        "--data-files",
+        multiple=True,
+        metavar="PATH",
+        help="Data files for --dataset; repeatable, globs ok.",
+    ),
+    click.option(
+        "--config-name", metavar="NAME", help="Dataset configuration (subset) for --dataset."
+    ),
+    click.option("--split", default="train", show_default=True, help="Split of --dataset."),
+    click.option("--revision", metavar="REV", help="Hub revision of --dataset."),
+    click.option(
+        "--streaming", is_flag=True, help="Stream --dataset instead of preparing it first."
+    ),
+    click.option(
+        "--id-column",
+        metavar="COL",
+        help="Unique row ids from this column [default: file:row or split:row position].",
+    ),
+)
+
+prompt_options = _options(
+    click.option("--prompt-column", metavar="COL", help="Column holding the prompt text."),
+    click.option(
+        "--template", metavar="TEXT", help="Prompt built from columns, e.g. 'Summarize:\\n{text}'."
+    ),
+    click.option(
+        "--messages-column", metavar="COL", help="Column of chat messages [{role, content}, ...]."
+    ),
+    click.option(
+        "--chat",
+        is_flag=True,
+        help="Send the prompt as one user message through the chat template.",
+    ),
+    click.option(
+        "--system-prompt", metavar="TEXT", help="System message for --chat / --messages-column."
+    ),
+    click.option(
+        "--chat-template", metavar="FILE", help="Jinja chat template replacing the model's own."
+    ),
+)
+
+engine_options = _options(
+    click.option(
+        "--model",
+        metavar="PATH_OR_ID",
+        help="Model folder or hub id [default: bundled SmolLM2-135M-Instruct].",
+    ),
+    click.option(
+        "--model-impl",
+        default="transformers",
+        show_default=True,
+        help="vLLM model implementation: transformers, vllm or auto.",
+    ),
+    click.option(
+        "--dtype",
+        default="auto",
+        show_default=True,
+        help="Weights dtype (auto, bfloat16, float16, float32).",
+    ),
+    click.option(
+        "--max-model-len", type=int, help="Context length (prompt + output) [default: the model's]."
+    ),
+    click.option(
+        "--tensor-parallel-size",
+        type=int,
+        default=1,
+        show_default=True,
+        help="GPUs per model replica.",
+    ),
+    click.option("--gpu-memory-utilization", type=float, help="Share of GPU memory vLLM may use."),
+    click.option("--max-num-seqs", type=int, help="Sequences the engine runs at once."),
+    click.option(
+        "--enforce-eager/--no-enforce-eager",
+        default=None,
+        help="Skip graphs/compilation [default: on for CPU, off on GPU].",
+    ),
+    click.option(
+        "--trust-remote-code", is_flag=True, help="Allow model code from the model's repo."
+    ),
+    click.option(
+        "--engine-arg",
+        multiple=True,
+        metavar="KEY=VALUE",
+        help="Any other vllm.LLM argument; JSON values.",
+    ),
+    click.option(
+        "--engine", "backend", type=click.Choice(["vllm", "fake"]), default="vllm", hidden=True
+    ),
+)
+
+sampling_options = _options(
+    click.option(
+        "--max-tokens", type=int, help="Output tokens per sample [default: model's, else 256]."
+    ),
+    click.option("--temperature", type=float, help="0 is greedy [default: model's, else 1.0]."),
+    click.option("--top-p", type=float),
+    click.option("--top-k", type=int),
+    click.option("--min-p", type=float),
+    click.option("--repetition-penalty", type=float),
+    click.option("--stop", multiple=True, metavar="TEXT", help="Stop string; repeatable."),
+    click.option(
+        "--n",
+        type=int,
+        default=1,
+        show_default=True,
+        help="Samples per prompt, one output row each.",
+    ),
+    click.option(
+        "--seed",
+        type=int,
+        default=0,
+        show_default=True,
+        help="Run seed; each row's seed derives from it and the row id.",
+    ),
+)
+
+output_options = _options(
+    click.option(
+        "--output", "-o", metavar="DIR", help="Output folder of Parquet shards (required)."
+    ),
+    click.option(
+        "--rows-per-shard",
+        type=int,
+        default=10_000,
+        show_default=True,
+        help="Rows per shard; a shard is the unit of commit.",
+    ),
+    click.option(
+        "--checkpoint-seconds",
+        type=float,
+        default=300.0,
+        show_default=True,
+        help="Commit a partial shard after this long.",
+    ),
+    click.option(
+        "--keep-prompt", is_flag=True, help="Write the rendered prompt as column 'prompt'."
+    ),
+    click.option(
+        "--keep-columns",
+        metavar="COLS",
+        help="Comma-separated input columns to copy to the output.",
+    ),
+    click.option(
+        "--overwrite", is_flag=True, help="Discard earlier output in --output and start afresh."
+    ),
+)
+
+scale_options = _options(
+    click.option(
+        "--num-shards",
+        type=int,
+        help="Split the input into this many ranks [default: from Slurm, else 1].",
+    ),
+    click.option(
+        "--shard-index", type=int, help="This process's rank [default: from Slurm, else 0]."
+    ),
+    click.option(
+        "--drain-seconds",
+        type=float,
+        default=30.0,
+        show_default=True,
+        help="On SIGTERM/SIGINT/SIGUSR1, let running requests finish this long.",
+    ),
+    click.option(
+        "--max-inflight", type=int, help="Requests kept in the engine [default: 4 x max-num-seqs]."
+    ),
+    click.option(
+        "--progress-seconds",
+        type=float,
+        help="Progress line interval [default: 0.5 s on a terminal, 30 s in logs].",
+    ),
+    click.option("-v", "--verbose", count=True, help="More logging (-v: vLLM's too)."),
+)
+
+
+@main.command(epilog=RUN_EXAMPLES)
+@click.option(
+    "--config",
+    metavar="FILE",
+    callback=_load_config_file,
+    is_eager=True,
+    expose_value=False,
+    help="TOML job config; keys are long flag names (flags override it).",
+)
+@input_options
+@prompt_options
+@engine_options
+@sampling_options
+@output_options
+@scale_options
+def run(**kw: Any) -> None:
+    """Generate completions for every row of a dataset into sharded Parquet."""
+    _setup_logging(kw.pop("verbose"))
+    if not kw["output"]:
+        raise click.UsageError("Missing option '--output' / '-o' (or `output` in --config).")
+    if kw["num_shards"] is None and kw["shard_index"] is None:
+        kw["shard_index"], kw["num_shards"] = _slurm_rank() or (0, 1)
+    elif kw["num_shards"] is None or kw["shard_index"] is None:
+        raise click.UsageError("--num-shards and --shard-index go together.")
+    cfg = _build_config(kw)
+    from pipeline.runner import run as run_pipeline
+
+    try:
+        result = run_pipeline(cfg)
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from exc
+    except BatchgenError as exc:
+        raise click.ClickException(str(exc)) from exc
+    if result.status == "interrupted":
+        sys.exit(EXIT_INTERRUPTED)
+
+
+def _build_config(kw: dict[str, Any]):
+    from pipeline.config import (
+        EngineConfig,
+        OutputConfig,
+        PromptConfig,
+        RunConfig,
+        SamplingConfig,
+        SourceConfig,
+    )
+
+    keep = tuple(c.strip() for c in (kw["keep_columns"] or "").split(",") if c.strip())
+    try:
+        return RunConfig(
+            source=SourceConfig(
+                parquet=kw["parquet"],
+                dataset=kw["dataset"],
+                data_files=tuple(kw["data_files"]),
+                config_name=kw["config_name"],
+                split=kw["split"],
+                revision=kw["revision"],
+                streaming=kw["streaming"],
+                id_column=kw["id_column"],
+            ),
+            prompt=PromptConfig(
+                prompt_column=kw["prompt_column"],
+                template=kw["template"],
+                messages_column=kw["messages_column"],
+                chat=kw["chat"],
+                system_prompt=kw["system_prompt"],
+                chat_template=kw["chat_template"],
+            ),
+            engine=EngineConfig(
+                model=kw["model"],
+                model_impl=kw["model_impl"],
+                dtype=kw["dtype"],
+                max_model_len=kw["max_model_len"],
+                tensor_parallel_size=kw["tensor_parallel_size"],
+                gpu_memory_utilization=kw["gpu_memory_utilization"],
+                max_num_seqs=kw["max_num_seqs"],
+                enforce_eager=kw["enforce_eager"],
+                trust_remote_code=kw["trust_remote_code"],
+                seed=kw["seed"],
+                engine_args=_engine_args(kw["engine_arg"]),
+                backend=kw["backend"],
+            ),
+            sampling=SamplingConfig(
+                max_tokens=kw["max_tokens"],
+                temperature=kw["temperature"],
+                top_p=kw["top_p"],
+                top_k=kw["top_k"],
+                min_p=kw["min_p"],
+                repetition_penalty=kw["repetition_penalty"],
+                stop=tuple(kw["stop"]),
+                n=kw["n"],
+            ),
+            output=OutputConfig(
+                output=kw["output"],
+                rows_per_shard=kw["rows_per_shard"],
+                checkpoint_seconds=kw["checkpoint_seconds"],
+                keep_prompt=kw["keep_prompt"],
+                keep_columns=keep,
+                overwrite=kw["overwrite"],
+            ),
+            num_shards=kw["num_shards"],
+            shard_index=kw["shard_index"],
+            drain_seconds=kw["drain_seconds"],
+            progress_seconds=kw["progress_seconds"],
+            max_inflight=kw["max_inflight"],
+        )
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from exc
+
+
+@main.group()
+def model() -> None:
+    """The bundled default model (SmolLM2-135M-Instruct)."""
+
+
+@model.command("prepare")
+def model_prepare() -> None:
+    """Convert the bundled GGUF model to safetensors once (make install runs this)."""
+    _setup_logging(0)
+    from pipeline.models import ensure_bundled_model
+
+    try:
+        path = ensure_bundled_model()
+    except BatchgenError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(str(path))

@@ -1,0 +1,171 @@
+"""Rows to token ids, with the model's own tokenizer and chat template.
+
+batchgen tokenizes here, off the engine's critical path, and sends vLLM token ids. So the length
+check is token-exact (the same tokenizer and template vLLM would use), and a prompt the engine
+would reject becomes an error row before it can fail a batch.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import PromptConfig
+from pipeline.errors import BatchgenError, ConfigError
+from pipeline.records import PromptRow
+
+
+def load_tokenizer(model: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise BatchgenError(f"--model {model}: cannot load its tokenizer ({exc})") from exc
+
+
+class PromptBuilder:
+    """Turns column batches into PromptRows carrying token ids, or an error for the row."""
+
+    def __init__(self, cfg: PromptConfig, tokenizer: Any, keep_columns: tuple[str, ...] = ()):
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.keep_columns = keep_columns
+        self.max_model_len: int | None = None  # set once the engine reports it
+        self.chat_template: str | None = None
+        if cfg.uses_chat_template:
+            if cfg.chat_template is not None:
+                path = Path(cfg.chat_template)
+                if not path.is_file():
+                    raise ConfigError(f"--chat-template {path}: no such file")
+                self.chat_template = path.read_text()
+            else:
+                self.chat_template = getattr(tokenizer, "chat_template", None)
+            if not self.chat_template:
+                flag = "--chat" if cfg.chat else "--messages-column"
+                raise ConfigError(
+                    f"{flag} needs a chat template, and the model's tokenizer has none; pass "
+                    "--chat-template FILE.jinja, or use --prompt-column/--template without --chat"
+                )
+
+    def columns(self) -> dict[str, str]:
+        """Input columns this builder reads, with the flag that named each."""
+        cfg = self.cfg
+        wanted: dict[str, str] = {}
+        if cfg.prompt_column is not None:
+            wanted[cfg.prompt_column] = "--prompt-column"
+        if cfg.messages_column is not None:
+            wanted[cfg.messages_column] = "--messages-column"
+        if cfg.template is not None:
+            for name in cfg.template_fields():
+                wanted.setdefault(name, "--template field")
+        for name in self.keep_columns:
+            wanted.setdefault(name, "--keep-columns")
+        return wanted
+
+    def build(
+        self, ids: list[str], columns: dict[str, list[Any]], seqs: list[int] | range
+    ) -> list[PromptRow]:
+        """PromptRows for one batch; `seqs` are the rows' positions in the rank's input."""
+        rows: list[PromptRow] = []
+        for i, row_id in enumerate(ids):
+            row = PromptRow(
+                id=row_id,
+                seq=seqs[i],
+                passthrough={c: columns[c][i] for c in self.keep_columns},
+            )
+            try:
+                self._render(row, {c: v[i] for c, v in columns.items()})
+            except _RowError as exc:
+                row.error = str(exc)
+            rows.append(row)
+        self._tokenize([r for r in rows if r.error is None])
+        return rows
+
+    def _render(self, row: PromptRow, values: dict[str, Any]) -> None:
+        cfg = self.cfg
+        if cfg.messages_column is not None:
+            row.messages = _parse_messages(values[cfg.messages_column], cfg.messages_column)
+        else:
+            if cfg.prompt_column is not None:
+                text = values[cfg.prompt_column]
+                if text is None:
+                    raise _RowError(f"column {cfg.prompt_column!r} is null")
+                if not isinstance(text, str):
+                    raise _RowError(
+                        f"column {cfg.prompt_column!r} holds {type(text).__name__}, not text"
+                    )
+            else:
+                assert cfg.template is not None
+                nulls = [k for k in cfg.template_fields() if values[k] is None]
+                if nulls:
+                    raise _RowError(f"--template column(s) {', '.join(map(repr, nulls))} null")
+                text = cfg.template.format_map(values)
+            row.prompt = text
+            if cfg.chat:
+                row.messages = [{"role": "user", "content": text}]
+        if row.messages is not None:
+            messages = row.messages
+            if cfg.system_prompt is not None and messages and messages[0]["role"] != "system":
+                messages = [{"role": "system", "content": cfg.system_prompt}, *messages]
+            try:
+                row.prompt_text = self.tokenizer.apply_chat_template(
+                    messages,
+                    chat_template=self.chat_template,
+                    tokenize=False,
+                    add_generation_prompt=True,
+                )
+            except Exception as exc:  # a template may raise anything on odd input
+                raise _RowError(f"the chat template failed on this row: {exc}") from exc
+        else:
+            row.prompt_text = row.prompt
+
+    def _tokenize(self, rows: list[PromptRow]) -> None:
+        # A rendered chat prompt already holds the template's special tokens (BOS included);
+        # adding them again would double the BOS. Plain prompts get them, as vLLM would add.
+        for chat in (True, False):
+            group = [r for r in rows if (r.messages is not None) == chat]
+            if not group:
+                continue
+            encoded = self.tokenizer([r.prompt_text for r in group], add_special_tokens=not chat)[
+                "input_ids"
+            ]
+            for row, ids in zip(group, encoded, strict=True):
+                row.token_ids = ids
+                row.error = self._length_error(len(ids))
+
+    def _length_error(self, n: int) -> str | None:
+        if n == 0:
+            return "the prompt is empty (0 tokens)"
+        limit = self.max_model_len
+        if limit is not None and n >= limit:
+            return (
+                f"the prompt is {n} tokens; the model's context (--max-model-len) is {limit}, "
+                "which must hold the prompt and at least one output token"
+            )
+        return None
+
+
+class _RowError(Exception):
+    """A problem confined to one row: it becomes that row's error, never a failed run."""
+
+
+def _parse_messages(value: Any, column: str) -> list[dict[str, Any]]:
+    if value is None:
+        raise _RowError(f"column {column!r} is null")
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise _RowError(f"column {column!r} is text but not JSON messages ({exc})") from exc
+    if not isinstance(value, list) or not value:
+        raise _RowError(f"column {column!r} must be a non-empty list of {{role, content}} messages")
+    messages = []
+    for i, m in enumerate(value):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise _RowError(f"column {column!r}: message {i} has no 'role'")
+        if not isinstance(m.get("content"), str):
+            raise _RowError(f"column {column!r}: message {i} has no text 'content'")
+        messages.append({"role": m["role"], "content": m["content"]})
+    return messages

@@ -1,0 +1,62 @@
+"""The two record types every stage speaks: a prompt row in, a result row out."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(slots=True)
+class PromptRow:
+    """One input row on its way to the engine.
+
+    `seq` is the row's position in this rank's slice of the input; it orders rows in a shard.
+    The prompt builder fills `prompt_text` and `token_ids`, or `error` when the row cannot be
+    sent (null or malformed value, empty or over-long prompt): such a row becomes an error
+    result instead of failing its batch.
+    """
+
+    id: str
+    seq: int
+    prompt: str | None = None
+    messages: list[dict[str, Any]] | None = None
+    passthrough: dict[str, Any] = field(default_factory=dict)
+    prompt_text: str | None = None
+    token_ids: list[int] | None = None
+    error: str | None = None
+
+
+@dataclass(slots=True)
+class ResultRow:
+    """One output row: one sample of one prompt, or the error that kept the prompt from the engine."""
+
+    id: str
+    seq: int
+    sample_index: int
+    text: str | None
+    finish_reason: str | None
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    error: str | None = None
+    prompt: str | None = None
+    passthrough: dict[str, Any] = field(default_factory=dict)
+
+
+def error_results(row: PromptRow, error: str, n: int) -> list[ResultRow]:
+    """The `n` output rows of a prompt that never reached the engine (one per requested sample)."""
+    tokens = len(row.token_ids) if row.token_ids is not None else None
+    return [
+        ResultRow(
+            id=row.id,
+            seq=row.seq,
+            sample_index=i,
+            text=None,
+            finish_reason=None,
+            prompt_tokens=tokens,
+            completion_tokens=None,
+            error=error,
+            prompt=row.prompt_text if row.prompt_text is not None else row.prompt,
+            passthrough=row.passthrough,
+        )
+        for i in range(n)
+    ]
