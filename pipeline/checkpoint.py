@@ -98,7 +98,7 @@ def diff_fingerprints(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     flat_old, flat_new = _flatten(old), _flatten(new)
     lines = []
     for key in sorted(set(flat_old) | set(flat_new)):
-        a, b = flat_old.get(key, "<unset>"), flat_new.get(key, "<unset>")
+        a, b = flat_old.get(key, _ABSENT), flat_new.get(key, _ABSENT)
         if a != b:
             lines.append(f"{key}: {_short(a)} -> {_short(b)}")
     return lines
@@ -115,7 +115,12 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+_ABSENT = object()
+
+
 def _short(value: Any, limit: int = 120) -> str:
+    if value is _ABSENT or value is None:
+        return "(not set)"
     text = value if isinstance(value, str) else json.dumps(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
 

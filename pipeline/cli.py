@@ -77,16 +77,23 @@ def _load_config_file(ctx: click.Context, _param: click.Parameter, value: str | 
         raise click.BadParameter(f"cannot read {value}: {exc.strerror}") from exc
     except tomllib.TOMLDecodeError as exc:
         raise click.BadParameter(f"{value} is not valid TOML: {exc}") from exc
-    params = {p.name: p for p in ctx.command.params if isinstance(p, click.Option)}
+    # Keyed by long flag name, not parameter name: `--engine` is stored as `backend`.
+    flags: dict[str, click.Option] = {
+        opt[2:]: p
+        for p in ctx.command.params
+        if isinstance(p, click.Option) and p.name != "config"
+        for opt in p.opts
+        if opt.startswith("--")
+    }
     defaults: dict[str, Any] = {}
     for key, item in data.items():
-        name = key.replace("-", "_")
-        if name not in params or name == "config":
-            valid = ", ".join(sorted(n.replace("_", "-") for n in params if n != "config"))
+        param = flags.get(key.replace("_", "-"))
+        if param is None:
+            valid = ", ".join(sorted(flags))
             raise click.BadParameter(f"{value}: unknown key {key!r}; valid keys are: {valid}")
-        if params[name].multiple and not isinstance(item, list):
+        if param.multiple and not isinstance(item, list):
             item = [item]
-        defaults[name] = item
+        defaults[param.name] = item
     ctx.default_map = {**(ctx.default_map or {}), **defaults}
     return value
 

@@ -14,6 +14,10 @@ from pipeline.errors import ConfigError
 # Sampling knobs a model's generation_config.json may set; vLLM reads the same subset.
 MODEL_DEFAULT_SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 DEFAULT_MAX_TOKENS = 256
+_GREEDY_N = (
+    "--n {n} with greedy sampling (temperature 0) would repeat one text; "
+    "pass --temperature above 0 or --n 1"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,6 +174,8 @@ class SamplingConfig:
             raise ConfigError(f"--repetition-penalty {self.repetition_penalty}: must be above 0")
         if self.n < 1:
             raise ConfigError(f"--n {self.n}: must be at least 1")
+        if self.n > 1 and self.temperature == 0:
+            raise ConfigError(_GREEDY_N.format(n=self.n))
 
     def resolve(self, model_defaults: dict[str, Any]) -> dict[str, Any]:
         """The sampling actually used: flags, else the model's defaults, else vLLM's neutral ones.
@@ -194,10 +200,7 @@ class SamplingConfig:
         max_tokens = self.max_tokens or model_defaults.get("max_new_tokens") or DEFAULT_MAX_TOKENS
         resolved.update(max_tokens=int(max_tokens), stop=list(self.stop), n=self.n)
         if self.n > 1 and resolved["temperature"] == 0:
-            raise ConfigError(
-                f"--n {self.n} with greedy sampling (temperature 0) would repeat one text; "
-                "pass --temperature above 0 or --n 1"
-            )
+            raise ConfigError(_GREEDY_N.format(n=self.n))
         return resolved
 
 

@@ -83,17 +83,30 @@ def admission_loop(
     add: Any,
     step: Any,
     abort: Any,
+    keep_running: int,
 ) -> Iterator[list[ResultRow]]:
     """Continuous admission shared by both engines.
 
     `rows` yields PromptRows, or None when the feed has nothing ready yet. Up to `max_inflight`
     requests are kept in the engine; each `step()` result is yielded as soon as it exists.
     `add(row)` returns a request id, or raises `RejectedPrompt` for a row the engine refuses.
+    On `flags.stop`, admission ends, requests still queued beyond the `keep_running` the engine
+    runs at once are dropped (they are redone on resume), and the running ones may finish.
     """
     pending: dict[str, PromptRow] = {}
     feed = iter(rows)
     exhausted = False
+    trimmed = False
     while True:
+        if flags.stop.is_set() and not trimmed:
+            # Requests are scheduled first come, first served: the oldest `keep_running` are
+            # the ones generating now. Drop the queued rest at once; only those few drain.
+            trimmed = True
+            queued = list(pending)[keep_running:]
+            if queued:
+                abort(queued)
+                for request_id in queued:
+                    del pending[request_id]
         while not exhausted and not flags.stop.is_set() and len(pending) < max_inflight:
             try:
                 row = next(feed)
@@ -259,7 +272,9 @@ class VllmEngine:
 
         inflight = max_inflight or max(4 * self.max_num_seqs, 256)
         try:
-            yield from admission_loop(rows, sampling["n"], inflight, flags, add, step, abort)
+            yield from admission_loop(
+                rows, sampling["n"], inflight, flags, add, step, abort, self.max_num_seqs
+            )
         except Exception:
             self.dead = True
             raise

@@ -108,4 +108,4 @@ class FakeEngine:
                 queue.remove(item)
 
         inflight = max_inflight or 4 * self.max_num_seqs
-        yield from admission_loop(rows, n, inflight, flags, add, step, abort)
+        yield from admission_loop(rows, n, inflight, flags, add, step, abort, self.max_num_seqs)

@@ -102,6 +102,9 @@ class PromptBuilder:
                 if nulls:
                     raise _RowError(f"--template column(s) {', '.join(map(repr, nulls))} null")
                 text = cfg.template.format_map(values)
+            if text == "" and not cfg.chat:
+                # Checked on the text: a tokenizer that adds BOS would make '' one token long.
+                raise _RowError("the prompt is empty")
             row.prompt = text
             if cfg.chat:
                 row.messages = [{"role": "user", "content": text}]

@@ -98,6 +98,13 @@ class ParquetSource:
                     f"--parquet: {path} has columns {file_schema.names} but {first_path} has "
                     f"{schema.names}; give files of one schema"
                 )
+            else:
+                for a, b in zip(schema, file_schema, strict=True):
+                    if _arrow_kind(a.type) != _arrow_kind(b.type):
+                        raise BatchgenError(
+                            f"--parquet: column {a.name!r} is {b.type} in {path} but {a.type} in "
+                            f"{first_path}; give files of one schema (cast one of them)"
+                        )
             md = meta.metadata
             self.files.append(
                 _ParquetFile(
@@ -161,6 +168,15 @@ class ParquetSource:
                 row += batch.num_rows
                 if row >= hi:
                     return
+
+
+def _arrow_kind(t: pa.DataType) -> str:
+    """A type up to representation: string and large_string hold the same values."""
+    if pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t):
+        return "string"
+    if pa.types.is_binary(t) or pa.types.is_large_binary(t):
+        return "binary"
+    return str(t)
 
 
 def _resolve_parquet(spec: str) -> tuple[list[Path], Path]:

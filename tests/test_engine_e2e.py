@@ -1,0 +1,322 @@
+"""End to end on the real vLLM engine (Transformers backend) with the bundled model.
+
+All in-process tests share one engine (same REAL_ENGINE flags); the subprocess tests prove the
+installed command, its exit codes and resume across processes.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import BATCHGEN, REAL_ENGINE, SAMPLE, read_output, run_cli, run_subprocess
+
+pytestmark = pytest.mark.engine
+
+CHAT_PROMPTS = ["What is the capital of France?", "Name three primary colors."]
+PLAIN_PROMPTS = ["The three primary colors are", "def fibonacci(n):"]
+
+
+@pytest.fixture(scope="module")
+def model_dir() -> Path:
+    from pipeline.models import ensure_bundled_model
+
+    return ensure_bundled_model()
+
+
+def transformers_greedy(
+    model_dir: Path, prompts: list[str], chat: bool, max_new_tokens: int
+) -> list[str]:
+    """Transformers' own generate, float32, greedy: the reference batchgen must match."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    texts = []
+    for prompt in prompts:
+        if chat:
+            enc = tok.apply_chat_template(
+                [{"role": "user", "content": prompt}],
+                add_generation_prompt=True,
+                return_tensors="pt",
+                return_dict=True,
+            )
+        else:
+            enc = tok(prompt, return_tensors="pt")
+        with torch.no_grad():
+            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False)
+        texts.append(tok.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True))
+    return texts
+
+
+@pytest.mark.parametrize(
+    "chat, prompts", [(True, CHAT_PROMPTS), (False, PLAIN_PROMPTS)], ids=["chat", "plain"]
+)
+def test_greedy_text_matches_transformers_generate(tmp_path, model_dir, chat, prompts):
+    src = tmp_path / "in.parquet"
+    pq.write_table(pa.table({"prompt": prompts}), src)
+    out = tmp_path / "out"
+    run_cli(
+        "run",
+        "--parquet",
+        src,
+        "--prompt-column",
+        "prompt",
+        *(["--chat"] if chat else []),
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "16",
+        "--output",
+        out,
+        *REAL_ENGINE,
+    )
+    got = read_output(out).sort_by("id").column("text").to_pylist()
+    assert got == transformers_greedy(model_dir, prompts, chat, 16)
+    if chat:
+        assert got[0] == "The capital of France is Paris."
+
+
+def test_parquet_sample_with_bad_rows_in_the_same_batch(tmp_path):
+    """Empty, null and over-long prompts become error rows; the rest of the batch completes."""
+    prompts = pq.read_table(SAMPLE).column("prompt").to_pylist()[:20]
+    bad = {3: "", 7: None, 11: "word " * 2000}
+    for i, value in bad.items():
+        prompts[i] = value
+    src = tmp_path / "mixed.parquet"
+    pq.write_table(pa.table({"prompt": prompts, "n": list(range(20))}), src)
+    out = tmp_path / "out"
+    result = run_cli(
+        "run",
+        "--parquet",
+        src,
+        "--prompt-column",
+        "prompt",
+        "--chat",
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "12",
+        "--keep-columns",
+        "n",
+        "--output",
+        out,
+        *REAL_ENGINE,
+    )
+    assert "2 errors" in result.output
+    rows = {r["n"]: r for r in read_output(out).to_pylist()}
+    assert len(rows) == 20
+    assert rows[7]["error"] == "column 'prompt' is null"
+    assert (
+        rows[11]["error"].startswith("the prompt is ")
+        and "--max-model-len) is 512" in rows[11]["error"]
+    )
+    # An empty user message still renders the chat template, so it is a real (short) prompt.
+    assert rows[3]["error"] is None and rows[3]["prompt_tokens"] > 0
+    for n, row in rows.items():
+        if n in (7, 11):
+            assert row["text"] is None and row["finish_reason"] is None
+        else:
+            assert row["error"] is None and row["text"]
+            assert row["finish_reason"] in ("stop", "length")
+            assert 0 < row["completion_tokens"] <= 12
+
+
+def test_plain_empty_prompt_is_an_error_row(tmp_path):
+    src = tmp_path / "in.parquet"
+    pq.write_table(pa.table({"prompt": ["", "Hello"]}), src)
+    out = tmp_path / "out"
+    run_cli(
+        "run",
+        "--parquet",
+        src,
+        "--prompt-column",
+        "prompt",
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "4",
+        "--output",
+        out,
+        *REAL_ENGINE,
+    )
+    rows = read_output(out).sort_by("id").to_pylist()
+    assert rows[0]["error"] == "the prompt is empty"
+    assert rows[1]["error"] is None and rows[1]["completion_tokens"] == 4
+
+
+def test_hf_dataset_folder_and_data_files(tmp_path):
+    import datasets
+
+    questions = ["What is 2 plus 2?", "Name a fruit.", "What color is grass?"]
+    folder = tmp_path / "ds"
+    datasets.Dataset.from_dict({"q": questions, "qid": ["a", "b", "c"]}).save_to_disk(folder)
+    out = tmp_path / "from_disk"
+    run_cli(
+        "run",
+        "--dataset",
+        folder,
+        "--template",
+        "Answer briefly: {q}",
+        "--chat",
+        "--id-column",
+        "qid",
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "8",
+        "--output",
+        out,
+        *REAL_ENGINE,
+    )
+    from_disk = read_output(out).sort_by("id")
+    assert from_disk.column("id").to_pylist() == ["a", "b", "c"]
+    assert all(from_disk.column("text").to_pylist())
+
+    jsonl = tmp_path / "q.jsonl"
+    jsonl.write_text("".join(json.dumps({"q": q}) + "\n" for q in questions))
+    out2 = tmp_path / "from_files"
+    run_cli(
+        "run",
+        "--dataset",
+        "json",
+        "--data-files",
+        jsonl,
+        "--template",
+        "Answer briefly: {q}",
+        "--chat",
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "8",
+        "--output",
+        out2,
+        *REAL_ENGINE,
+    )
+    from_files = read_output(out2).sort_by("id")
+    assert from_files.column("id").to_pylist() == ["train:0", "train:1", "train:2"]
+    # Same prompts, same greedy engine: the same answers whichever reader produced them.
+    assert from_files.column("text").to_pylist() == from_disk.column("text").to_pylist()
+
+
+def test_messages_column_and_samples_are_seeded_per_row(tmp_path):
+    convs = [
+        [
+            {"role": "system", "content": "You answer in one word."},
+            {"role": "user", "content": "Favorite color?"},
+        ],
+        [{"role": "user", "content": "Tell me a fun fact."}],
+        [{"role": "user", "content": "Name an animal."}],
+    ]
+    src = tmp_path / "msgs.parquet"
+    pq.write_table(pa.table({"messages": convs}), src)
+
+    def sample(out: Path, *extra: str) -> dict[tuple[str, int], str]:
+        run_cli(
+            "run",
+            "--parquet",
+            src,
+            "--messages-column",
+            "messages",
+            "--n",
+            "2",
+            "--temperature",
+            "1.0",
+            "--max-tokens",
+            "12",
+            "--output",
+            out,
+            *REAL_ENGINE,
+            *extra,
+        )
+        t = read_output(out)
+        return {(r["id"], r["sample_index"]): r["text"] for r in t.to_pylist()}
+
+    a = sample(tmp_path / "a", "--seed", "7")
+    assert sorted(a) == [(f"msgs.parquet:{i}", s) for i in range(3) for s in (0, 1)]
+    # One row per engine request and a shard per row: other batch neighbours, same texts.
+    b = sample(tmp_path / "b", "--seed", "7", "--max-inflight", "1", "--rows-per-shard", "2")
+    assert b == a
+    c = sample(tmp_path / "c", "--seed", "8")
+    assert c != a
+
+
+def test_documented_command_then_sigterm_and_resume(tmp_path):
+    """The exact spelling the README promises, as a subprocess; then a stop and a resume."""
+    out = tmp_path / "out"
+    proc = run_subprocess(
+        "run",
+        "--parquet",
+        SAMPLE,
+        "--prompt-column",
+        "prompt",
+        "--chat",
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "16",
+        "--output",
+        out,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "finished: 48 prompts this run" in proc.stderr
+    table = pq.read_table(out)  # pyarrow reads the folder as one table
+    assert table.num_rows == 48
+    first = table.filter(pa.compute.equal(table.column("id"), "prompts.parquet:0")).to_pylist()[0]
+    assert first["text"] == "The capital of France is Paris."
+    assert first["finish_reason"] == "stop"
+
+    # Interrupt a run after its first commit; the rerun completes it exactly once, with the
+    # texts of an uninterrupted run. float32: in bfloat16 a different batch mix can flip a
+    # greedy token, which says nothing about resume.
+    resumed = tmp_path / "resumed"
+    args = [
+        "run",
+        "--parquet",
+        SAMPLE,
+        "--prompt-column",
+        "prompt",
+        "--chat",
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "16",
+        "--rows-per-shard",
+        "4",
+        "--max-num-seqs",
+        "4",
+        *REAL_ENGINE,
+        "--output",
+        resumed,
+    ]
+    reference = tmp_path / "reference"
+    run_cli(*args[:-1], reference)
+    proc = subprocess.Popen([str(BATCHGEN), *map(str, args)], stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not list(resumed.glob("part-*.parquet")):
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 75, err
+    partial = read_output(resumed).num_rows
+    assert 0 < partial < 48
+
+    proc2 = run_subprocess(*args)
+    assert proc2.returncode == 0, proc2.stderr
+    assert f"resuming rank 0: {partial} prompts already committed" in proc2.stderr
+    final = read_output(resumed).sort_by("id")
+    ids = final.column("id").to_pylist()
+    assert len(ids) == len(set(ids)) == 48
+    assert (
+        final.column("text").to_pylist()
+        == read_output(reference).sort_by("id").column("text").to_pylist()
+    )

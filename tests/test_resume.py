@@ -1,0 +1,235 @@
+"""Resume on the fake engine: interrupted runs continue, finished ones are no-ops, changed
+settings are refused. (Crash-at-any-instant proof with SIGKILL lives in test_kill_harness.py.)"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import BATCHGEN, FAKE_ENGINE, read_output, run_cli
+
+ROWS = 1000
+
+
+@pytest.fixture
+def big_input(tmp_path: Path) -> Path:
+    path = tmp_path / "rows.parquet"
+    prompts = [f"Question {i}: what is {i} plus {i}?" for i in range(ROWS)]
+    pq.write_table(pa.table({"prompt": prompts}), path, row_group_size=100)
+    return path
+
+
+def base_args(src: Path, out: Path) -> list[str]:
+    return [
+        "run",
+        "--parquet",
+        str(src),
+        "--prompt-column",
+        "prompt",
+        "--max-tokens",
+        "8",
+        "--output",
+        str(out),
+        "--rows-per-shard",
+        "50",
+        *FAKE_ENGINE,
+        "--max-num-seqs",
+        "16",
+    ]
+
+
+def start(args: list[str], step_seconds: float) -> subprocess.Popen:
+    env = {**os.environ, "BATCHGEN_FAKE_STEP_SECONDS": str(step_seconds)}
+    return subprocess.Popen(
+        [str(BATCHGEN), *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def wait_for_shards(out: Path, count: int, proc: subprocess.Popen, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if len(list(out.glob("part-*.parquet"))) >= count:
+            return
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    raise AssertionError(f"no {count} shards in {timeout}s")
+
+
+def assert_exactly_once(out: Path, expected_ids: set[str]) -> pa.Table:
+    table = read_output(out)
+    ids = table.column("id").to_pylist()
+    assert len(ids) == len(set(ids)), "a row was written twice"
+    assert set(ids) == expected_ids
+    return table
+
+
+def all_ids(src: Path) -> set[str]:
+    return {f"{src.name}:{i}" for i in range(pq.ParquetFile(src).metadata.num_rows)}
+
+
+@pytest.mark.parametrize(
+    "sig, code", [(signal.SIGTERM, 75), (signal.SIGINT, 75), (signal.SIGUSR1, 75)]
+)
+def test_signal_commits_and_exits_75_then_rerun_finishes(big_input, tmp_path, sig, code):
+    out = tmp_path / "out"
+    reference = tmp_path / "ref"
+    run_cli(*base_args(big_input, reference))
+
+    proc = start(base_args(big_input, out), step_seconds=0.05)
+    wait_for_shards(out, 2, proc)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == code, err
+    assert f"{sig.name} received" in err
+    manifest = json.loads((out / ".batchgen" / "rank-00000.json").read_text())
+    assert manifest["status"] == "interrupted"
+    assert manifest["report"]["signal"] == sig.name
+    partial = read_output(out).num_rows
+    assert 0 < partial < ROWS
+
+    result = run_cli(*base_args(big_input, out))
+    assert f"resuming rank 0: {partial:,} prompts already committed" in result.output
+    table = assert_exactly_once(out, all_ids(big_input))
+    expected = dict(
+        zip(*read_output(reference).select(["id", "text"]).to_pydict().values(), strict=True)
+    )
+    assert dict(zip(*table.select(["id", "text"]).to_pydict().values(), strict=True)) == expected
+
+
+def test_sigkill_then_rerun_exactly_once(big_input, tmp_path):
+    out = tmp_path / "out"
+    proc = start(base_args(big_input, out), step_seconds=0.05)
+    wait_for_shards(out, 3, proc)
+    proc.kill()
+    proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    run_cli(*base_args(big_input, out))
+    assert_exactly_once(out, all_ids(big_input))
+
+
+def test_finished_run_rerun_is_a_noop(big_input, tmp_path):
+    out = tmp_path / "out"
+    run_cli(*base_args(big_input, out))
+    before = {p.name: p.stat().st_mtime_ns for p in out.glob("part-*.parquet")}
+    assert len(before) == ROWS // 50
+    result = run_cli(*base_args(big_input, out))
+    assert (
+        f"already complete: {ROWS:,} rows ({ROWS:,} prompts, 0 errors) in 20 shard(s)"
+        in result.output
+    )
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("part-*.parquet")} == before
+
+
+@pytest.mark.parametrize(
+    "change, expected",
+    [
+        (["--max-tokens", "9"], "sampling.max_tokens: 8 -> 9"),
+        (["--temperature", "0"], "sampling.temperature: 1.0 -> 0"),
+        (["--seed", "3"], "seed: 0 -> 3"),
+        (["--chat"], "prompt.chat: false -> true"),
+        (["--max-model-len", "1024"], "max_model_len: (not set) -> 1024"),
+        (["--keep-prompt"], "columns.keep_prompt: false -> true"),
+    ],
+)
+def test_changed_settings_are_refused_naming_the_field(big_input, tmp_path, change, expected):
+    out = tmp_path / "out"
+    run_cli(*base_args(big_input, out))
+    result = run_cli(*base_args(big_input, out), *change, expect=1)
+    assert "holds an earlier run with different settings" in result.output
+    assert expected in result.output
+    assert "--overwrite" in result.output
+
+
+def test_changed_input_is_refused_and_overwrite_starts_afresh(big_input, tmp_path):
+    out = tmp_path / "out"
+    run_cli(*base_args(big_input, out))
+    pq.write_table(pa.table({"prompt": ["one more row"] * 10}), big_input)
+    result = run_cli(*base_args(big_input, out), expect=1)
+    assert "input.files:" in result.output
+    result = run_cli(*base_args(big_input, out), "--overwrite")
+    assert "--overwrite removed 20 shard(s) and 1 manifest(s) of rank(s) 0" in result.output
+    assert_exactly_once(out, all_ids(big_input))
+
+
+def test_shard_committed_before_manifest_update_is_adopted(big_input, tmp_path):
+    """A crash between a shard's rename and the manifest write leaves a complete, unlisted shard."""
+    out = tmp_path / "out"
+    run_cli(*base_args(big_input, out))
+    path = out / ".batchgen" / "rank-00000.json"
+    manifest = json.loads(path.read_text())
+    dropped = manifest["shards"].pop()
+    manifest["status"] = "running"
+    path.write_text(json.dumps(manifest))
+    (out / ".tmp-part-00000-000099.parquet.123").write_bytes(b"half a shard")
+
+    result = run_cli(*base_args(big_input, out))
+    assert f"adopted {dropped['file']} (50 rows), committed just before a crash" in result.output
+    assert "removed an unfinished temporary file from a crash" in result.output
+    assert "0 prompts this run" in result.output
+    assert not list(out.glob(".tmp-*"))
+    assert_exactly_once(out, all_ids(big_input))
+
+
+def test_deleted_shard_is_regenerated(big_input, tmp_path):
+    out = tmp_path / "out"
+    run_cli(*base_args(big_input, out))
+    (out / "part-00000-000003.parquet").unlink()
+    result = run_cli(*base_args(big_input, out))
+    assert "1 shard(s) listed in the manifest are gone" in result.output
+    assert "50 prompts this run" in result.output
+    assert_exactly_once(out, all_ids(big_input))
+
+
+def test_second_process_on_same_rank_is_refused(big_input, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    # lockf locks belong to a process, so the holder must be another process.
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from pathlib import Path; from pipeline.checkpoint import RankLock; "
+            f"lock = RankLock(Path({str(out)!r}), 0).acquire(); print('held', flush=True); time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        result = run_cli(*base_args(big_input, out), expect=1)
+        assert f"rank 0 of {out} is being written by pid {holder.pid}" in result.output
+    finally:
+        holder.kill()
+        holder.wait()
+    run_cli(*base_args(big_input, out))  # a killed holder's lock is gone at once
+
+
+def test_unwritable_output_is_a_clear_error(big_input, tmp_path):
+    if os.geteuid() == 0:
+        target = Path("/proc/batchgen-out")  # root ignores permission bits; /proc refuses mkdir
+    else:
+        target = tmp_path / "ro" / "out"
+        (tmp_path / "ro").mkdir(mode=0o500)
+    result = run_cli(*base_args(big_input, target), expect=1)
+    assert f"--output {target}: cannot write there" in result.output
+
+
+def test_python_entry_point_matches_console_script(tmp_path, big_input):
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline", *base_args(big_input, out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert read_output(out).num_rows == ROWS
