@@ -9,6 +9,7 @@
 # Idempotent: `start` on a running cluster with an unchanged config does nothing.
 # Needs root and no systemd (daemons are started directly).
 set -euo pipefail
+export PATH=/usr/sbin:/usr/bin:/sbin:/bin:$PATH   # daemons live in sbin; CI shells may lack it
 
 CONF=/etc/slurm/slurm.conf            # Debian's slurm is built with sysconfdir=/etc/slurm
 CTLD_STATE=/var/spool/slurmctld
@@ -22,22 +23,25 @@ NODE=$(hostname -s 2>/dev/null || true); NODE=${NODE:-localhost}
 START_TIMEOUT=${START_TIMEOUT:-60}
 
 log() { echo "[local-cluster] $*" >&2; }
-running() { [[ -f $2 ]] && kill -0 "$(cat "$2")" 2>/dev/null && grep -qx "$1" "/proc/$(cat "$2")/comm"; }
+# Not `kill -0`: a killed daemon stays a zombie for a while when pid 1 is not a
+# reaping init (containers, this VM), and a stale pid file may name another process.
+alive() { [[ $(ps -o stat= -p "$1" 2>/dev/null) == [^Z]* ]]; }
+running() { local pid; pid=$(cat "$2" 2>/dev/null) || return 1
+  alive "$pid" && [[ $(ps -o comm= -p "$pid") == "$1" ]]; }
 
 install_packages() {
-  command -v slurmctld >/dev/null && command -v slurmd >/dev/null \
-    && command -v sbatch >/dev/null && command -v munged >/dev/null && return
+  [[ $(dpkg-query -W -f='${db:Status-Status}\n' slurm-wlm munge 2>/dev/null | grep -cx installed) == 2 ]] && return
   log "installing slurm-wlm + munge"
   # Keep apt from trying to start the services itself (no systemd, no config yet).
   local guard=""
   if [[ ! -e /usr/sbin/policy-rc.d ]]; then
     guard=/usr/sbin/policy-rc.d; printf '#!/bin/sh\nexit 101\n' >"$guard"; chmod +x "$guard"
   fi
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -q
-  apt-get install -y -q --no-install-recommends slurm-wlm munge
-  [[ -n $guard ]] && rm -f "$guard"
-  return 0
+  local rc=0
+  { DEBIAN_FRONTEND=noninteractive apt-get update -q \
+    && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends slurm-wlm munge; } || rc=$?
+  [[ -z $guard ]] || rm -f "$guard"
+  return "$rc"
 }
 
 start_munge() {
@@ -53,7 +57,7 @@ start_munge() {
   munge -n 2>/dev/null | unmunge >/dev/null 2>&1 && return   # already up
   log "starting munged"
   rm -f /run/munge/munged.pid
-  runuser -u munge -- /usr/sbin/munged   # not as root: munged warns/refuses
+  runuser -u munge -- /usr/sbin/munged   # as user munge, like /etc/init.d/munge
   for _ in $(seq 50); do munge -n 2>/dev/null | unmunge >/dev/null 2>&1 && return; sleep 0.2; done
   log "munged did not come up"; tail -n 20 /var/log/munge/munged.log >&2 || true; exit 1
 }
@@ -88,7 +92,8 @@ TaskPlugin=task/none
 JobAcctGatherType=jobacct_gather/none
 MpiDefault=none
 # CR_CPU: CPUs are the only consumable, so N 1-CPU array tasks run concurrently
-# and jobs with no --mem are not given the whole node's memory (CR_*_Memory would).
+# even with no --mem (CR_Core_Memory gives such a job all the node's memory, so
+# jobs ran one at a time here).
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 # No slurmdbd, so sacct has nothing; finished jobs stay in 'scontrol show job'
@@ -116,8 +121,8 @@ stop_daemons() {
     pidf=/run/$name.pid
     running "$name" "$pidf" || continue
     pid=$(cat "$pidf"); log "stopping $name ($pid)"; kill "$pid"
-    for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    kill -0 "$pid" 2>/dev/null && kill -9 "$pid"
+    for _ in $(seq 100); do alive "$pid" || break; sleep 0.1; done
+    if alive "$pid"; then kill -9 "$pid"; fi
     rm -f "$pidf"
   done
 }
@@ -146,7 +151,7 @@ start() {
   fi
   # A killed daemon leaves its pid file behind; `running` checks the process itself.
   running slurmctld "$CTLD_PID" || { log "starting slurmctld"; slurmctld; }
-  for _ in $(seq "$START_TIMEOUT"); do scontrol ping 2>/dev/null | grep -q UP && break; sleep 1; done
+  for i in $(seq "$START_TIMEOUT" -1 0); do scontrol ping 2>/dev/null | grep -q UP && break; ((i)) || diagnose; sleep 1; done
   running slurmd "$SLURMD_PID" || { log "starting slurmd"; slurmd -N "$NODE"; }
   local state
   for _ in $(seq "$START_TIMEOUT"); do
