@@ -15,7 +15,6 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import BATCHGEN, REAL_ENGINE, SAMPLE, read_output, run_cli, run_subprocess
 
 pytestmark = pytest.mark.engine

@@ -14,7 +14,6 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import BATCHGEN, FAKE_ENGINE, read_output, run_cli
 
 ROWS = 1000
