@@ -11,7 +11,8 @@ ENGINE ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo gpu || echo cpu)
 STAMP := $(VENV)/.installed-$(ENGINE)
 # pip on this workplace lists extra local indexes that warn on every package; keep the log readable.
 PIP := $(BIN)/python -m pip install --disable-pip-version-check $(if $(wildcard /opt/wheels),--find-links /opt/wheels)
-QUIET_PIP := grep -v "is ignored: it is neither a file nor a directory" || true
+# (the braces keep pip's own exit status: with pipefail, a failed install still stops make)
+QUIET_PIP := { grep -v "is ignored: it is neither a file nor a directory" || true; }
 SAMPLE_OUT ?= out/sample
 
 .PHONY: install model run test test-fast lint bench clean
