@@ -13,6 +13,7 @@ no row is lost or written twice. Temporary files of a crashed write are removed.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -22,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.errors import BatchgenError, OutputLocked, ResumeMismatch
@@ -32,10 +34,20 @@ MANIFEST_VERSION = 1
 # Fingerprint fields that name the rank rather than the run; every other field must agree
 # across all ranks writing one output folder.
 RANK_FIELDS = ("shard_index",)
+# How long a starting run retries a taken rank lock. `batchgen status` takes it (shared) for a
+# few microseconds to see whether a process holds it; a run starting then must not give up.
+LOCK_RETRY_SECONDS = 1.0
+# Lock files this process holds. POSIX locks belong to the process and closing any descriptor
+# of the file drops them, so a probe from the holding process must not open and close it.
+_HELD_LOCKS: set[Path] = set()
 
 
 def manifest_path(out_dir: Path, rank: int) -> Path:
     return out_dir / STATE_DIR / f"rank-{rank:05d}.json"
+
+
+def lock_path(out_dir: Path, rank: int) -> Path:
+    return out_dir / STATE_DIR / f"rank-{rank:05d}.lock"
 
 
 @dataclass(slots=True)
@@ -85,11 +97,17 @@ class Manifest:
         self.updated_at = time.time()
         path = manifest_path(out_dir, self.rank)
         tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}")
-        with open(tmp, "w") as f:
-            json.dump(asdict(self), f, indent=1, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "w") as f:
+                json.dump(asdict(self), f, indent=1, sort_keys=True)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            # A full disk fails here; the last good manifest stays in place.
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            raise
         fsync_dir(path.parent)
 
 
@@ -133,35 +151,75 @@ class RankLock:
     """
 
     def __init__(self, out_dir: Path, rank: int) -> None:
-        self.path = out_dir / STATE_DIR / f"rank-{rank:05d}.lock"
+        self.path = lock_path(out_dir, rank)
         self.rank = rank
         self._file = None
 
     def acquire(self) -> RankLock:
+        """Take the lock, or raise OutputLocked naming the holder (OSError if it cannot be made)."""
+        key = self.path.resolve()
+        if key in _HELD_LOCKS:  # a second run in this process: lockf would let it through
+            raise self._locked(f"this process (pid {os.getpid()})")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         f = open(self.path, "a+")  # noqa: SIM115 - held for the life of the run
-        try:
-            fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        deadline = time.monotonic() + LOCK_RETRY_SECONDS
+        while True:
+            try:
+                fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError:
+                if time.monotonic() < deadline:
+                    time.sleep(0.05)
+                    continue
+                f.seek(0)
+                holder = f.read().strip() or "another process"
+                f.close()
+                raise self._locked(holder) from None
+        # Who holds it, for the refusal above and `batchgen status`. Only informative: on a
+        # full disk this write fails and the run then stops at its first manifest write.
+        with contextlib.suppress(OSError):
             f.seek(0)
-            holder = f.read().strip() or "another process"
-            f.close()
-            raise OutputLocked(
-                f"rank {self.rank} of {self.path.parent.parent} is being written by {holder}; "
-                "wait for it to finish or stop it (a killed process releases the lock at once), "
-                "or write to another --output"
-            ) from None
-        f.seek(0)
-        f.truncate()
-        f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%F %T')}\n")
-        f.flush()
+            f.truncate()
+            f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%F %T')}\n")
+            f.flush()
         self._file = f
+        _HELD_LOCKS.add(key)
         return self
+
+    def _locked(self, holder: str) -> OutputLocked:
+        return OutputLocked(
+            f"rank {self.rank} of {self.path.parent.parent} is being written by {holder}; "
+            "wait for it to finish or stop it (a killed process releases the lock at once), "
+            "or write to another --output"
+        )
 
     def release(self) -> None:
         if self._file is not None:
-            self._file.close()  # closing drops the lock
+            _HELD_LOCKS.discard(self.path.resolve())
+            with contextlib.suppress(OSError):
+                self._file.close()  # closing drops the lock
             self._file = None
+
+
+def lock_holder(out_dir: Path, rank: int) -> str | None:
+    """Who holds a rank's lock now ("pid 12 on node3 since ..."), or None if no live process does.
+
+    Probes with a non-blocking shared lock on a read-only descriptor: it needs no write access,
+    changes nothing, and a manifest that says "running" under a free lock means a dead process.
+    """
+    path = lock_path(out_dir, rank)
+    if path.resolve() in _HELD_LOCKS:
+        return f"pid {os.getpid()} on {socket.gethostname()} (this process)"
+    try:
+        f = open(path)  # noqa: SIM115 - closed below; closing drops the probe's lock
+    except OSError:
+        return None
+    with f:
+        try:
+            fcntl.lockf(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            return f.read().strip() or "another process"
+    return None
 
 
 @dataclass(slots=True)
@@ -209,7 +267,12 @@ class Checkpoint:
                     + "\nrerun with the same settings to resume it, pass --overwrite to start "
                     "afresh, or choose another --output"
                 )
-        for stray in self.out_dir.glob(f"{TMP_PREFIX}part-{self.rank:05d}-*"):
+        # Only this rank's: other ranks' temporary files may belong to their live writers.
+        strays = [
+            *self.out_dir.glob(f"{TMP_PREFIX}part-{self.rank:05d}-*"),
+            *(self.out_dir / STATE_DIR).glob(f"{TMP_PREFIX}rank-{self.rank:05d}.json.*"),
+        ]
+        for stray in sorted(strays):
             stray.unlink(missing_ok=True)
             notes.append(f"removed an unfinished temporary file from a crash: {stray.name}")
         manifest = old or Manifest(
@@ -224,7 +287,14 @@ class Checkpoint:
         manifest.host, manifest.pid = socket.gethostname(), os.getpid()
         done_ids: set[str] = set()
         for shard in manifest.shards:
-            ids = pq.read_table(self.out_dir / shard["file"], columns=["id"]).column("id")
+            path = self.out_dir / shard["file"]
+            try:
+                ids = pq.read_table(path, columns=["id"]).column("id")
+            except (pa.ArrowException, OSError) as exc:
+                raise BatchgenError(
+                    f"{path} is committed but unreadable ({exc}); delete it and rerun to "
+                    "generate its rows again"
+                ) from exc
             done_ids.update(ids.to_pylist())
         seqs = [int(SHARD_RE.match(s["file"]).group(2)) for s in manifest.shards]
         self.manifest = manifest

@@ -9,6 +9,7 @@ Three threads keep the engine fed and off every I/O path:
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -23,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import __version__
-from pipeline.checkpoint import Checkpoint, RankLock
+from pipeline.checkpoint import Checkpoint, RankLock, manifest_path
 from pipeline.config import RunConfig
 from pipeline.engine import StopFlags, get_engine
 from pipeline.errors import BatchgenError, ConfigError
@@ -31,7 +32,7 @@ from pipeline.models import model_signature, resolve_model
 from pipeline.progress import Progress, fmt_duration
 from pipeline.prompts import PromptBuilder, load_tokenizer
 from pipeline.records import PromptRow, ResultRow
-from pipeline.sinks import ParquetShardWriter, ShardInfo, output_schema
+from pipeline.sinks import ParquetShardWriter, ShardInfo, output_schema, shard_name
 from pipeline.sources import Source, open_source, require_columns
 
 log = logging.getLogger("batchgen")
@@ -55,7 +56,12 @@ def run(cfg: RunConfig) -> RunResult:
     out_dir = cfg.output_dir
     _prepare_output_dir(out_dir)
     rank = cfg.shard_index
-    lock = RankLock(out_dir, rank).acquire()
+    try:
+        lock = RankLock(out_dir, rank).acquire()
+    except OSError as exc:
+        raise BatchgenError(
+            storage_failure(f"locking rank {rank} of {out_dir}", exc, out_dir)
+        ) from exc
     try:
         return _run_locked(cfg, out_dir, rank, wall_start)
     finally:
@@ -75,7 +81,12 @@ def _run_locked(cfg: RunConfig, out_dir: Path, rank: int, wall_start: float) -> 
     fingerprint = make_fingerprint(cfg, model, source, builder, sampling)
 
     checkpoint = Checkpoint(out_dir, rank, cfg.num_shards)
-    state = checkpoint.open(fingerprint, source.total_rows, cfg.output.overwrite)
+    try:
+        state = checkpoint.open(fingerprint, source.total_rows, cfg.output.overwrite)
+    except OSError as exc:
+        raise BatchgenError(
+            storage_failure(f"reading the resume state of rank {rank} in {out_dir}", exc, out_dir)
+        ) from exc
     for note in state.notes:
         log.warning("%s", note)
     manifest = state.manifest
@@ -98,7 +109,13 @@ def _run_locked(cfg: RunConfig, out_dir: Path, rank: int, wall_start: float) -> 
             f"{manifest.prompts_committed:,}",
             len(manifest.shards),
         )
-    checkpoint.set_status("running")
+    try:
+        checkpoint.set_status("running")
+    except OSError as exc:
+        action = f"updating {manifest_path(out_dir, rank)}"
+        raise BatchgenError(
+            storage_failure(action, exc, out_dir, _committed(manifest.prompts_committed, out_dir))
+        ) from exc
 
     engine = get_engine(cfg.engine, model)
     builder.max_model_len = engine.max_model_len
@@ -154,11 +171,31 @@ def _run_locked(cfg: RunConfig, out_dir: Path, rank: int, wall_start: float) -> 
     gen_seconds = time.monotonic() - gen_start
 
     interrupted = flags.signal_name is not None
-    if (
-        committer.error is not None
-        or feeder.error is not None
-        or (engine_error is not None and not interrupted)
-    ):
+    committed = _committed(checkpoint.manifest.prompts_committed, out_dir)
+    failure: BatchgenError | None = None
+    if committer.error is not None:
+        cause = committer.error
+        if isinstance(cause, OSError):
+            failure = BatchgenError(storage_failure(committer.step, cause, out_dir, committed))
+        else:
+            failure = BatchgenError(
+                f"{committer.step} failed: {type(cause).__name__}: {cause}; {committed}; fix "
+                "the cause and rerun the same command to resume"
+            )
+        failure.__cause__ = cause
+    elif feeder.error is not None:
+        if isinstance(feeder.error, BatchgenError):
+            failure = feeder.error
+        else:
+            failure = BatchgenError(f"reading the input failed: {feeder.error}; {committed}")
+            failure.__cause__ = feeder.error
+    elif engine_error is not None and not interrupted:
+        failure = BatchgenError(
+            f"the engine failed: {type(engine_error).__name__}: {engine_error}; {committed}; "
+            "rerun the same command to resume"
+        )
+        failure.__cause__ = engine_error
+    if failure is not None:
         status = "failed"
     elif interrupted or not feeder.exhausted:
         status = "interrupted"
@@ -167,27 +204,48 @@ def _run_locked(cfg: RunConfig, out_dir: Path, rank: int, wall_start: float) -> 
     report = _report(
         status, progress, engine, gen_seconds, time.monotonic() - wall_start, checkpoint, flags
     )
-    checkpoint.set_status(status, report)
+    if failure is not None:
+        report["error"] = str(failure)  # for `batchgen status`
     _log_summary(report, out_dir)
-
-    committed = f"{checkpoint.manifest.prompts_committed:,} prompts are committed in {out_dir}"
-    if committer.error is not None:
-        raise BatchgenError(
-            f"writing a shard failed: {committer.error}; {committed}; fix the cause (e.g. free "
-            "disk space or fix permissions) and rerun the same command to resume"
-        ) from committer.error
-    if feeder.error is not None:
-        if isinstance(feeder.error, BatchgenError):
-            raise feeder.error
-        raise BatchgenError(
-            f"reading the input failed: {feeder.error}; {committed}"
-        ) from feeder.error
-    if engine_error is not None and not interrupted:
-        raise BatchgenError(
-            f"the engine failed: {type(engine_error).__name__}: {engine_error}; {committed}; "
-            "rerun the same command to resume"
-        ) from engine_error
+    try:
+        checkpoint.set_status(status, report)
+    except OSError as exc:
+        action = f"recording the {status} state in {manifest_path(out_dir, rank)}"
+        if failure is None:
+            raise BatchgenError(storage_failure(action, exc, out_dir, committed)) from exc
+        # The first failure is the one to report; this is most likely the same full disk.
+        log.warning(
+            "%s failed too (%s); `batchgen status` will show rank %d as crashed",
+            action,
+            exc.strerror or exc,
+            rank,
+        )
+    if failure is not None:
+        raise failure
     return RunResult(status, out_dir, report)
+
+
+_STORAGE_FAULTS = {
+    errno.ENOSPC: ("no space left on device", "free space on the disk holding {out}"),
+    errno.EDQUOT: ("disk quota exceeded", "free space or raise the quota for {out}"),
+    errno.EROFS: ("read-only file system", "make {out} writable"),
+    errno.EACCES: ("permission denied", "make {out} writable"),
+    errno.EPERM: ("operation not permitted", "make {out} writable"),
+}
+
+
+def storage_failure(action: str, exc: OSError, out_dir: Path, committed: str = "") -> str:
+    """What failed in the output folder, why, what is safe, and the fix, in one message."""
+    reason, fix = _STORAGE_FAULTS.get(exc.errno, (exc.strerror or str(exc), "fix the cause"))
+    safe = f"; {committed}" if committed else ""
+    return (
+        f"{action} failed: {reason}{safe}; {fix.format(out=out_dir)} and rerun the same "
+        "command to resume"
+    )
+
+
+def _committed(prompts: int, out_dir: Path) -> str:
+    return f"{prompts:,} prompts committed in {out_dir} are safe"
 
 
 def _prepare_output_dir(out_dir: Path) -> None:
@@ -197,9 +255,10 @@ def _prepare_output_dir(out_dir: Path) -> None:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as exc:
+        reason, fix = _STORAGE_FAULTS.get(exc.errno, (exc.strerror or str(exc), "fix the cause"))
         raise BatchgenError(
-            f"--output {out_dir}: cannot write there ({exc.strerror or exc}); choose a writable "
-            "folder or fix its permissions"
+            f"--output {out_dir}: cannot write there ({reason}); nothing in it was changed; "
+            f"{fix.format(out=out_dir)} and rerun, or choose another --output"
         ) from exc
 
 
@@ -378,6 +437,7 @@ class Committer(threading.Thread):
         self.checkpoint_seconds = checkpoint_seconds
         self.queue: queue.Queue = queue.Queue()
         self.error: BaseException | None = None
+        self.step = "committing a shard"  # what it was doing, for the message if it fails
         self.committed: list[ShardInfo] = []
 
     def put(self, results: list[ResultRow]) -> None:
@@ -420,7 +480,13 @@ class Committer(threading.Thread):
                 self.error = exc
 
     def _commit(self, rows: list[ResultRow]) -> None:
+        name = shard_name(self.writer.rank, self.seq)
+        self.step = f"writing shard {name} in {self.writer.out_dir}"
         info = self.writer.write(rows, self.seq)
+        # From here the shard is committed on disk: if recording it fails, the next run adopts it.
+        self.step = (
+            f"recording shard {name} in {manifest_path(self.writer.out_dir, self.writer.rank)}"
+        )
         self.checkpoint.commit(info)
         self.committed.append(info)
         self.seq += 1
