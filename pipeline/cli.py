@@ -445,3 +445,35 @@ def model_prepare() -> None:
     except BatchgenError as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(str(path))
+
+
+STATUS_EPILOG = """\b
+Each rank is one of: finished; running (its lock is held by a live process); interrupted
+(stopped by a signal); crashed (its process died, e.g. killed or out of memory); failed (an
+error it records, e.g. a full disk); not started. All but finished resume by rerunning the
+same `batchgen run` command.
+\b
+Exit codes:
+  0  every rank finished
+  1  OUTPUT holds no batchgen run, or its state cannot be read
+  2  bad usage
+  3  incomplete: a rank is running, interrupted, crashed or not started
+  4  failed: a rank failed; fix its error, then rerun to resume
+"""
+
+
+@main.command(epilog=STATUS_EPILOG)
+@click.argument("output", type=click.Path(file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object, for scripts.")
+def status(output: str, as_json: bool) -> None:
+    """Show what each rank of an --output folder has committed, and whether it is done."""
+    from pathlib import Path
+
+    from pipeline.status import read_status
+
+    try:
+        report = read_status(Path(output))
+    except BatchgenError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(json.dumps(report.to_dict(), sort_keys=True) if as_json else report.render())
+    sys.exit(report.exit_code)

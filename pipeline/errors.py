@@ -5,6 +5,9 @@ EXIT_OK = 0
 EXIT_FAILED = 1  # a problem that needs a person: bad input, engine crash, full disk
 EXIT_USAGE = 2  # click's own code for a malformed command line
 EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: stopped by a signal, committed what was done; rerun to resume
+# `batchgen status` only (0 there means every rank finished, 1 that OUT holds no readable run):
+EXIT_STATUS_INCOMPLETE = 3  # a rank is running, interrupted, crashed or not started
+EXIT_STATUS_FAILED = 4  # a rank failed: fix the error it recorded, then rerun to resume
 
 
 class BatchgenError(Exception):

@@ -1,0 +1,272 @@
+"""`batchgen status OUT`: what each rank of an output folder has committed and whether it is done.
+
+It only reads: the per-rank manifests (written atomically, so never seen half-written) and the
+rank locks, probed without taking them for more than an instant. A manifest says "running"
+until its process ends; whether that process is alive is the lock's to say, since the kernel
+drops a lock whatever way its process died. So "running" under a free lock means "crashed".
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.checkpoint import STATE_DIR, Manifest, lock_holder, manifest_path
+from pipeline.errors import EXIT_OK, EXIT_STATUS_FAILED, EXIT_STATUS_INCOMPLETE, BatchgenError
+from pipeline.progress import fmt_duration
+from pipeline.sinks import SHARD_RE
+
+# A rank's state, and what `batchgen status` says about it.
+STATE_LABELS = {
+    "finished": "finished",
+    "running": "running",
+    "interrupted": "interrupted (rerun to resume)",
+    "crashed": "crashed (rerun to resume)",
+    "failed": "failed (fix the error below, then rerun to resume)",
+    "not_started": "not started",
+}
+
+
+def _now() -> float:
+    return time.time()
+
+
+@dataclass(slots=True)
+class RankStatus:
+    """One rank: its manifest (None if it never started) and the live holder of its lock."""
+
+    rank: int
+    state: str  # a key of STATE_LABELS
+    manifest: Manifest | None
+    holder: str | None
+    # Complete shards on disk the manifest does not list (a crash between a shard's rename and
+    # the manifest update): readers already see their rows; the next run adopts them.
+    unlisted: list[str] = field(default_factory=list)
+
+    def label(self) -> str:
+        if self.state == "running":
+            return f"running ({self.holder})"
+        if self.state == "interrupted" and self.manifest and self.manifest.report.get("signal"):
+            return f"interrupted by {self.manifest.report['signal']} (rerun to resume)"
+        return STATE_LABELS[self.state]
+
+    def to_dict(self, now: float) -> dict[str, Any]:
+        m = self.manifest
+        out: dict[str, Any] = {"rank": self.rank, "state": self.state, "holder": self.holder}
+        if m is None:
+            return out
+        report = m.report or {}
+        out.update(
+            manifest_status=m.status,
+            prompts=m.prompts_committed,
+            total_prompts=m.total_rows,
+            rows=m.rows_committed,
+            shards=len(m.shards),
+            errors=m.errors,
+            **_token_totals([m]),
+            started_at=m.started_at,
+            updated_at=m.updated_at,
+            age_seconds=round(max(now - m.updated_at, 0.0), 1),
+            host=m.host,
+            pid=m.pid,
+            error=report.get("error"),
+            last_run=report.get("this_run"),
+            unlisted_shards=self.unlisted,
+        )
+        return out
+
+
+@dataclass(slots=True)
+class RunStatus:
+    """Every rank of one output folder, as `batchgen status` reports it."""
+
+    out_dir: Path
+    num_shards: int
+    ranks: list[RankStatus]
+    now: float
+
+    @property
+    def state(self) -> str:
+        """finished (every rank), failed (any rank), else incomplete."""
+        states = {r.state for r in self.ranks}
+        if "failed" in states:
+            return "failed"
+        return "finished" if states == {"finished"} else "incomplete"
+
+    @property
+    def exit_code(self) -> int:
+        return {
+            "finished": EXIT_OK,
+            "incomplete": EXIT_STATUS_INCOMPLETE,
+            "failed": EXIT_STATUS_FAILED,
+        }[self.state]
+
+    def to_dict(self) -> dict[str, Any]:
+        started = [r.manifest for r in self.ranks if r.manifest is not None]
+        known = all(m.total_rows is not None for m in started) and len(started) == len(self.ranks)
+        counts: dict[str, int] = {}
+        for r in self.ranks:
+            counts[r.state] = counts.get(r.state, 0) + 1
+        return {
+            "output": str(self.out_dir),
+            "state": self.state,
+            "exit_code": self.exit_code,
+            "num_shards": self.num_shards,
+            "ranks": [r.to_dict(self.now) for r in self.ranks],
+            "all": {
+                "prompts": sum(m.prompts_committed for m in started),
+                "total_prompts": sum(m.total_rows for m in started) if known else None,
+                "rows": sum(m.rows_committed for m in started),
+                "shards": sum(len(m.shards) for m in started),
+                "errors": sum(m.errors for m in started),
+                **_token_totals(started),
+                "states": counts,
+            },
+        }
+
+    def render(self) -> str:
+        """The human-readable report: one block per rank, then a line for all ranks."""
+        lines = []
+        for r in self.ranks:
+            m = r.manifest
+            if m is None:
+                lines.append(f"rank {r.rank}: {r.label()}")
+                continue
+            lines.append(
+                f"rank {r.rank}: {r.label()} | {_prompts(m.prompts_committed, m.total_rows)}, "
+                f"{m.rows_committed:,} rows in {_plural(len(m.shards), 'shard')} | "
+                f"{_plural(m.errors, 'error')} | "
+                f"updated {fmt_duration(max(self.now - m.updated_at, 0.0))} ago"
+            )
+            detail = []
+            if m.shards:
+                tokens = _token_totals([m])
+                detail.append(
+                    f"tokens: {tokens['prompt_tokens']:,} prompt + "
+                    f"{tokens['completion_tokens']:,} output | finish reasons: "
+                    + _reasons(tokens["finish_reasons"])
+                )
+            this_run = (m.report or {}).get("this_run")
+            if this_run and this_run.get("generate_seconds"):
+                detail.append(
+                    f"last run: {this_run['prompts']:,} prompts in "
+                    f"{_seconds(this_run['generate_seconds'])} of generation, "
+                    f"{this_run['output_tokens_per_second'] or 0:,.1f} output tok/s"
+                )
+            if r.unlisted:
+                detail.append(
+                    f"{_plural(len(r.unlisted), 'shard')} on disk not yet in the manifest "
+                    f"({', '.join(r.unlisted)}): committed just before a crash; the next run "
+                    f"adopts {'it' if len(r.unlisted) == 1 else 'them'}"
+                )
+            lines += [f"  {d}" for d in detail]
+            if r.state == "failed" and m.report.get("error"):
+                lines.append(f"  error: {m.report['error']}")
+        total = self.to_dict()["all"]
+        states = ", ".join(
+            f"{total['states'][s]} {s.replace('_', ' ')}"
+            for s in STATE_LABELS
+            if s in total["states"]
+        )
+        lines.append(
+            f"all {_plural(len(self.ranks), 'rank')}: {self.state} | "
+            f"{_prompts(total['prompts'], total['total_prompts'])}, {total['rows']:,} rows in "
+            f"{_plural(total['shards'], 'shard')} | {_plural(total['errors'], 'error')} | "
+            f"{states}"
+        )
+        return "\n".join(lines)
+
+
+def read_status(out_dir: Path) -> RunStatus:
+    """The status of every rank of `out_dir`; BatchgenError if it holds no batchgen run."""
+    state_dir = out_dir / STATE_DIR
+    if not out_dir.is_dir():
+        raise BatchgenError(f"{out_dir}: no such folder; give the --output folder of a run")
+    found = {
+        int(p.stem.removeprefix("rank-"))
+        for pattern in ("rank-*.json", "rank-*.lock")
+        for p in state_dir.glob(pattern)
+        if p.stem.removeprefix("rank-").isdigit()
+    }
+    if not found:
+        raise BatchgenError(
+            f"{out_dir}: no batchgen run there (no {STATE_DIR}/rank-*.json); give the "
+            "--output folder of a run"
+        )
+    now = _now()
+    ranks = {rank: _rank_status(out_dir, rank) for rank in sorted(found)}
+    num_shards = max(
+        [r.manifest.num_shards for r in ranks.values() if r.manifest is not None] + [max(found) + 1]
+    )
+    for rank in range(num_shards):  # ranks of the run that never wrote anything yet
+        ranks.setdefault(rank, RankStatus(rank, "not_started", None, None))
+    return RunStatus(out_dir, num_shards, [ranks[k] for k in sorted(ranks)], now)
+
+
+def _rank_status(out_dir: Path, rank: int) -> RankStatus:
+    # The lock first: a process that starts after the probe shows as whatever its manifest says,
+    # never as crashed, because a "running" manifest under a free lock is probed once more.
+    holder = lock_holder(out_dir, rank)
+    manifest = Manifest.load(manifest_path(out_dir, rank))
+    if holder is None and manifest is not None and manifest.status == "running":
+        holder = lock_holder(out_dir, rank)
+    if holder is not None:
+        state = "running"
+    elif manifest is None:
+        state = "not_started"
+    elif manifest.status == "running":
+        state = "crashed"
+    else:
+        state = manifest.status
+    if state not in STATE_LABELS:
+        raise BatchgenError(
+            f"{manifest_path(out_dir, rank)} has an unknown status {state!r}; expected one of: "
+            "running, finished, interrupted, failed"
+        )
+    unlisted: list[str] = []
+    if manifest is not None and state != "running":  # a live writer lists its shard a moment later
+        listed = {s["file"] for s in manifest.shards}
+        unlisted = sorted(
+            p.name
+            for p in out_dir.glob(f"part-{rank:05d}-*.parquet")
+            if SHARD_RE.match(p.name) and p.name not in listed
+        )
+    return RankStatus(rank, state, manifest, holder, unlisted)
+
+
+def _token_totals(manifests: list[Manifest]) -> dict[str, Any]:
+    """Tokens and finish reasons over every committed shard (all runs, not just the last)."""
+    reasons: dict[str, int] = {}
+    prompt_tokens = completion_tokens = 0
+    for m in manifests:
+        for s in m.shards:
+            prompt_tokens += s["prompt_tokens"]
+            completion_tokens += s["completion_tokens"]
+            for k, v in s["finish_reasons"].items():
+                reasons[k] = reasons.get(k, 0) + v
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "finish_reasons": dict(sorted(reasons.items())),
+    }
+
+
+def _prompts(done: int, total: int | None) -> str:
+    if total is None:
+        return f"{done:,} prompts"
+    pct = 100.0 * done / total if total else 100.0
+    return f"{done:,}/{total:,} prompts ({pct:.1f}%)"
+
+
+def _seconds(seconds: float) -> str:
+    return f"{seconds:.1f}s" if seconds < 60 else fmt_duration(seconds)
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n:,} {word}" + ("" if n == 1 else "s")
+
+
+def _reasons(reasons: dict[str, int]) -> str:
+    return ", ".join(f"{k} {v:,}" for k, v in reasons.items()) or "none"
