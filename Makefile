@@ -40,8 +40,18 @@ run: model
 	$(BIN)/batchgen run --parquet data/prompts.parquet --prompt-column prompt --chat \
 		--max-tokens 128 --output $(SAMPLE_OUT)
 
-test: model
+test: model slurm
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The Slurm tests (pytest -m slurm) need the local single-node cluster; starting it needs root
+# and apt-get (to install slurm-wlm and munge). Idempotent when it is already up.
+.PHONY: slurm
+slurm:
+	@if [[ $$(id -u) == 0 ]] && command -v apt-get >/dev/null; then \
+		bash jobs/slurm/local-cluster.sh start; \
+	else \
+		echo "slurm: not starting the local Slurm cluster (needs root and apt-get); the slurm tests will be skipped"; \
+	fi
 
 test-fast: install
 	$(BIN)/python -m pytest -m "not engine and not slurm" $(PYTEST_ARGS)

@@ -1,0 +1,285 @@
+"""The project's own Slurm job files on a real single-node Slurm cluster (jobs/slurm/local-cluster.sh),
+with the fake engine: an array writes its input exactly once, a task signalled the way Slurm
+signals ahead of a time limit commits, exits 75 and is requeued (or resubmitted) and resumes,
+and the one-node job runs one rank per task.
+
+Jobs are watched with `squeue` every second and judged by Slurm's completion log, one line per
+finished (or requeued) task, which gives every task's state and exit code. (`sbatch --wait`
+returns the highest of them too, but polls with growing pauses: a 3-task array that ran for
+16 s returned after about 40 s.)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from conftest import BATCHGEN, REPO, read_output
+
+from pipeline.sources import rank_range
+
+pytestmark = pytest.mark.slurm
+
+CLUSTER = REPO / "jobs" / "slurm" / "local-cluster.sh"
+ARRAY_JOB = REPO / "jobs" / "slurm" / "batchgen.sbatch"
+NODE_JOB = REPO / "jobs" / "slurm" / "multi-gpu.sbatch"
+JOBCOMP_LOG = Path("/var/log/slurm/jobcomp.log")
+ROWS = 60
+TASKS = 3
+# Slow enough that a signal lands mid-run: one row per step, so a 20-row rank takes 10 s.
+SLOW = {"BATCHGEN_FAKE_STEP_SECONDS": "0.5"}
+SLOW_FLAGS = ["--max-num-seqs", "1"]
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster() -> None:
+    """The local cluster, started (and installed) once; left running for the next session."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to install and start Slurm (jobs/slurm/local-cluster.sh)")
+    if shutil.which("apt-get") is None:
+        pytest.skip("needs apt-get to install slurm-wlm and munge (Debian/Ubuntu)")
+    proc = subprocess.run(
+        ["bash", str(CLUSTER), "start"], capture_output=True, text=True, timeout=900
+    )
+    assert proc.returncode == 0, f"local-cluster.sh start failed:\n{proc.stderr[-4000:]}"
+
+
+@pytest.fixture
+def job_env() -> dict[str, str]:
+    """The environment sbatch passes to the job (sbatch's default --export=ALL)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.pop("BATCHGEN_FAKE_STEP_SECONDS", None)
+    if BATCHGEN != REPO / ".venv" / "bin" / "batchgen":
+        env["BATCHGEN"] = str(BATCHGEN)  # the job files' own default would not find it
+    return env
+
+
+@pytest.fixture
+def config(tmp_path: Path, slurm_cluster: None) -> Path:
+    """A job config over ROWS prompts with ids row-000..., fake engine, output in tmp_path/out."""
+    src = tmp_path / "prompts.parquet"
+    ids = [f"row-{i:03d}" for i in range(ROWS)]
+    prompts = [f"Question {i}: what is {i} times {i}?" for i in range(ROWS)]
+    pq.write_table(pa.table({"id": ids, "prompt": prompts}), src, row_group_size=16)
+    path = tmp_path / "job.toml"
+    path.write_text(
+        f'parquet = "{src}"\n'
+        'prompt-column = "prompt"\n'
+        'id-column = "id"\n'
+        "max-tokens = 8\n"
+        'engine = "fake"\n'
+        f'output = "{tmp_path / "out"}"\n'
+        "rows-per-shard = 4\n"
+    )
+    return path
+
+
+def sbatch(*args: str | Path, cwd: Path, env: dict[str, str]) -> str:
+    proc = subprocess.run(
+        ["sbatch", "--parsable", *map(str, args)],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip().split(";")[0]
+
+
+def wait_until(check: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out after {timeout:.0f}s waiting for {what}"
+        time.sleep(0.2)
+
+
+def job_gone(job_id: str) -> bool:
+    proc = subprocess.run(["squeue", "-h", "-j", job_id], capture_output=True, text=True)
+    # An id Slurm has already forgotten is an error; either way nothing is queued or running.
+    return proc.returncode != 0 or not proc.stdout.strip()
+
+
+def wait_done(job_id: str, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while not job_gone(job_id):
+        assert time.monotonic() < deadline, subprocess.run(
+            ["scontrol", "show", "job", job_id], capture_output=True, text=True
+        ).stdout
+        time.sleep(1)
+
+
+def completions(job_id: str) -> dict[int, list[dict[str, str]]]:
+    """Slurm's completion-log lines of a job, by array task id (0 for a plain job), in order."""
+    found: dict[int, list[dict[str, str]]] = {}
+    for line in JOBCOMP_LOG.read_text().splitlines():
+        fields = dict(re.findall(r"(\w+)=(\S*)", line))
+        if fields.get("ArrayJobId") == job_id or (
+            fields.get("JobId") == job_id and "ArrayJobId" not in fields
+        ):
+            found.setdefault(int(fields.get("ArrayTaskId", 0)), []).append(fields)
+    return found
+
+
+def final_states(job_id: str, tasks: int) -> dict[int, list[tuple[str, str]]]:
+    """(JobState, ExitCode) of every completion-log line of each task, once all have ended."""
+
+    def ended() -> bool:
+        lines = completions(job_id)
+        return len(lines) == tasks and all(
+            t[-1]["JobState"] not in ("PENDING", "REQUEUED") for t in lines.values()
+        )
+
+    wait_until(ended, 15, f"completion-log lines of job {job_id}")
+    return {
+        task: [(f["JobState"], f["ExitCode"]) for f in lines]
+        for task, lines in sorted(completions(job_id).items())
+    }
+
+
+def manifests(out: Path) -> dict[int, dict]:
+    return {
+        int(p.stem.split("-")[1]): json.loads(p.read_text())
+        for p in sorted((out / ".batchgen").glob("rank-*.json"))
+    }
+
+
+def assert_exactly_once(out: Path) -> pa.Table:
+    table = read_output(out)
+    ids = table.column("id").to_pylist()
+    assert len(ids) == len(set(ids)), "a row was written twice"
+    assert sorted(ids) == [f"row-{i:03d}" for i in range(ROWS)]
+    return table
+
+
+def assert_ranks_own_their_slices(out: Path, ranks: int) -> None:
+    for rank in range(ranks):
+        start, stop = rank_range(ROWS, ranks, rank)
+        files = sorted(out.glob(f"part-{rank:05d}-*.parquet"))
+        ids = sorted(i for f in files for i in pq.read_table(f, columns=["id"])["id"].to_pylist())
+        assert ids == [f"row-{i:03d}" for i in range(start, stop)], f"rank {rank}"
+
+
+def shards_of(out: Path, rank: int) -> Callable[[], bool]:
+    return lambda: any(out.glob(f"part-{rank:05d}-*.parquet"))
+
+
+def test_array_job_writes_the_input_exactly_once(tmp_path, config, job_env):
+    job = sbatch(f"--array=0-{TASKS - 1}", ARRAY_JOB, config, cwd=tmp_path, env=job_env)
+    wait_done(job)
+    assert final_states(job, TASKS) == {t: [("COMPLETED", "0:0")] for t in range(TASKS)}
+
+    out = tmp_path / "out"
+    assert_exactly_once(out)
+    assert_ranks_own_their_slices(out, TASKS)
+    states = {r: (m["status"], m["num_shards"]) for r, m in manifests(out).items()}
+    assert states == {r: ("finished", TASKS) for r in range(TASKS)}
+    for task in range(TASKS):
+        log = (tmp_path / f"batchgen-{job}_{task}.log").read_text()
+        expected_exe = job_env.get("BATCHGEN", str(REPO / ".venv" / "bin" / "batchgen"))
+        assert f"task {job}_{task} restart 0 on " in log
+        assert f": {expected_exe} run --config {config}" in log
+        assert f"output: 20 prompts committed of 20 in 5 shard(s) under {out}" in log
+
+    # Resubmitting the same command as is: every rank is already complete and leaves its files.
+    before = {p.name: p.stat().st_mtime_ns for p in out.glob("part-*.parquet")}
+    again = sbatch(f"--array=0-{TASKS - 1}", ARRAY_JOB, config, cwd=tmp_path, env=job_env)
+    wait_done(again)
+    assert final_states(again, TASKS) == {t: [("COMPLETED", "0:0")] for t in range(TASKS)}
+    for task in range(TASKS):
+        log = (tmp_path / f"batchgen-{again}_{task}.log").read_text()
+        assert (
+            f"already complete: 20 rows (20 prompts, 0 errors) in 5 shard(s) of rank {task}" in log
+        )
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("part-*.parquet")} == before
+
+
+def test_usr1_requeues_a_task_a_cancel_does_not_and_rerunning_it_finishes(
+    tmp_path, config, job_env
+):
+    """USR1 is Slurm's warning ahead of a time limit (--signal=B:USR1@120): the task commits,
+    exits 75 and requeues itself. A cancel also commits and exits 75 but stays cancelled;
+    rerunning that one task (BATCHGEN_NUM_SHARDS keeps it rank 2 of 3) finishes the run."""
+    out = tmp_path / "out"
+    job = sbatch(
+        f"--array=0-{TASKS - 1}",
+        ARRAY_JOB,
+        config,
+        *SLOW_FLAGS,
+        cwd=tmp_path,
+        env={**job_env, **SLOW},
+    )
+    wait_until(shards_of(out, 1), 120, "task 1's first shard")
+    # What Slurm does ahead of a time limit: signal the batch shell alone.
+    subprocess.run(["scancel", "--signal=USR1", "--batch", f"{job}_1"], check=True)
+    # Task 2 starts once task 1's CPU is free (the test cluster may have only two).
+    wait_until(shards_of(out, 2), 120, "task 2's first shard")
+    subprocess.run(["scancel", f"{job}_2"], check=True)
+    wait_done(job)
+
+    states = final_states(job, TASKS)
+    assert states[0] == [("COMPLETED", "0:0")]
+    assert states[1][0][0] in ("PENDING", "REQUEUED")  # how this Slurm logs the requeue
+    assert states[1][1:] == [("COMPLETED", "0:0")]
+    assert [state for state, _ in states[2]] == ["CANCELLED"]  # and not requeued
+
+    log = (tmp_path / f"batchgen-{job}_1.log").read_text()
+    assert "SIGUSR1 received; passing it on to batchgen" in log
+    assert "batchgen: SIGUSR1 received: finishing running requests" in log
+    committed = int(re.search(r"output: (\d+) prompts committed of 20 ", log).group(1))
+    assert 0 < committed < 20
+    assert f"batchgen was interrupted (exit 75); requeueing {job}_1 to resume it" in log
+    assert f"task {job}_1 restart 1 on " in log
+    assert f"resuming rank 1: {committed} prompts already committed" in log
+    assert "batchgen: SIGTERM received" in (tmp_path / f"batchgen-{job}_2.log").read_text()
+
+    done = manifests(out)
+    assert [done[r]["status"] for r in range(TASKS)] == ["finished", "finished", "interrupted"]
+    assert done[1]["report"]["this_run"]["prompts"] == 20 - committed
+    cancelled_at = done[2]["report"]["committed"]["prompts"]
+    assert 0 < cancelled_at < 20
+
+    # Rerun the cancelled rank alone: task id 2 as rank 2 of the run's 3.
+    again = sbatch(
+        "--array=2", ARRAY_JOB, config, cwd=tmp_path, env={**job_env, "BATCHGEN_NUM_SHARDS": "3"}
+    )
+    wait_done(again)
+    assert final_states(again, 1) == {2: [("COMPLETED", "0:0")]}
+    log = (tmp_path / f"batchgen-{again}_2.log").read_text()
+    assert f"--config {config} --num-shards 3 --shard-index 2" in log
+    assert f"resuming rank 2: {cancelled_at} prompts already committed" in log
+    assert_exactly_once(out)
+    assert_ranks_own_their_slices(out, TASKS)
+    assert {r: m["status"] for r, m in manifests(out).items()} == dict.fromkeys(
+        range(TASKS), "finished"
+    )
+
+
+def test_one_node_job_runs_one_rank_per_task_on_its_own_gpu(tmp_path, config, job_env):
+    # With --gres=gpu:2 every task would see both GPUs; the job file gives each its own.
+    env = {**job_env, "CUDA_VISIBLE_DEVICES": "0,1"}
+    job = sbatch("--ntasks-per-node=2", NODE_JOB, config, cwd=tmp_path, env=env)
+    wait_done(job)
+
+    assert final_states(job, 1) == {0: [("COMPLETED", "0:0")]}
+    log = (tmp_path / f"batchgen-node-{job}.log").read_text()
+    for rank in range(2):
+        assert re.search(
+            rf"^{rank}: \[multi-gpu.sbatch\] rank {rank} of 2 on .*: CUDA_VISIBLE_DEVICES={rank}$",
+            log,
+            re.M,
+        ), log
+    out = tmp_path / "out"
+    assert_exactly_once(out)
+    assert_ranks_own_their_slices(out, 2)
+    states = {r: (m["status"], m["num_shards"]) for r, m in manifests(out).items()}
+    assert states == {0: ("finished", 2), 1: ("finished", 2)}
