@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +34,11 @@ RESERVED_COLUMNS = (
 METADATA_KEY = b"batchgen"
 SHARD_RE = re.compile(r"^part-(\d{5})-(\d{6})\.parquet$")
 TMP_PREFIX = ".tmp-"
+# Test-only fault injection for tests/test_kill_harness.py: "in_write:3" or "after_rename:3"
+# announces the third shard of this process on stderr at that point and then hangs, so the
+# test can SIGKILL it exactly inside the commit window it names. Unset in normal use.
+TEST_PAUSE_ENV = "BATCHGEN_TEST_PAUSE"
+_kill_test_pauses: dict[str, int] = {}
 
 
 def shard_name(rank: int, seq: int) -> str:
@@ -129,13 +136,26 @@ class ParquetShardWriter:
                 f.flush()
                 if self.fsync:
                     os.fsync(f.fileno())
+            _kill_test_pause("in_write", name)
             os.replace(tmp, final)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
         if self.fsync:
             fsync_dir(self.out_dir)
+        _kill_test_pause("after_rename", name)
         return ShardInfo.of(name, rows)
+
+
+def _kill_test_pause(point: str, name: str) -> None:
+    """See TEST_PAUSE_ENV: hang at the Nth shard's `point` of this process, for a kill test."""
+    spec = os.environ.get(TEST_PAUSE_ENV)
+    if not spec or not spec.startswith(point + ":"):
+        return
+    _kill_test_pauses[point] = count = _kill_test_pauses.get(point, 0) + 1
+    if count == int(spec.partition(":")[2]):
+        print(f"{TEST_PAUSE_ENV} {point} {name}", file=sys.stderr, flush=True)
+        time.sleep(600)
 
 
 def fsync_dir(path: Path) -> None:
