@@ -402,7 +402,11 @@ class Feeder(threading.Thread):
                 self.queue.put(item, timeout=0.1)
                 return True
             except queue.Full:
-                if force:  # the consumer is gone; make room for the end marker
+                # The consumer is gone only once the run is stopping: then make room for the end
+                # marker (dropped rows are not committed, so a resume redoes them). Before that
+                # a full queue means a busy engine, and dropping a batch here would let the run
+                # finish without those rows.
+                if force and self.flags.stop.is_set():
                     with contextlib.suppress(queue.Empty):
                         self.queue.get_nowait()
 
