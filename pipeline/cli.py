@@ -238,6 +238,16 @@ sampling_options = _options(
     click.option(
         "--max-tokens", type=int, help="Output tokens per sample [default: model's, else 256]."
     ),
+    click.option(
+        "--max-tokens-column",
+        metavar="COL",
+        help="Integer column with each row's own max tokens (null: --max-tokens).",
+    ),
+    click.option(
+        "--ignore-eos",
+        is_flag=True,
+        help="Generate past end-of-sequence up to the max tokens (fixed lengths, benchmarks).",
+    ),
     click.option("--temperature", type=float, help="0 is greedy [default: model's, else 1.0]."),
     click.option("--top-p", type=float),
     click.option("--top-k", type=int),
@@ -410,6 +420,8 @@ def _build_config(kw: dict[str, Any]):
                 repetition_penalty=kw["repetition_penalty"],
                 stop=tuple(kw["stop"]),
                 n=kw["n"],
+                ignore_eos=kw["ignore_eos"],
+                max_tokens_column=kw["max_tokens_column"],
             ),
             output=OutputConfig(
                 output=kw["output"],

@@ -160,6 +160,12 @@ class SamplingConfig:
     repetition_penalty: float | None = None
     stop: tuple[str, ...] = ()
     n: int = 1
+    # Generate past the end-of-sequence token up to the max tokens: every output's length is
+    # then fixed in advance, which a benchmark needs so that two runs do the same work.
+    ignore_eos: bool = False
+    # An integer input column with each row's own max tokens (a null falls back to
+    # --max-tokens), so one run can mix short and long outputs.
+    max_tokens_column: str | None = None
 
     def __post_init__(self) -> None:
         if self.max_tokens is not None and self.max_tokens < 1:
@@ -199,6 +205,12 @@ class SamplingConfig:
             resolved["top_k"] = 0  # vLLM's "no top-k" is 0 (older releases also took -1)
         max_tokens = self.max_tokens or model_defaults.get("max_new_tokens") or DEFAULT_MAX_TOKENS
         resolved.update(max_tokens=int(max_tokens), stop=list(self.stop), n=self.n)
+        # Recorded only when used, so the fingerprints of runs that never used them (and their
+        # resumes) are unchanged.
+        if self.ignore_eos:
+            resolved["ignore_eos"] = True
+        if self.max_tokens_column is not None:
+            resolved["max_tokens_column"] = self.max_tokens_column
         if self.n > 1 and resolved["temperature"] == 0:
             raise ConfigError(_GREEDY_N.format(n=self.n))
         return resolved

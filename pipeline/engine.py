@@ -233,6 +233,7 @@ class VllmEngine:
             repetition_penalty=sampling["repetition_penalty"],
             max_tokens=sampling["max_tokens"],
             stop=sampling["stop"] or None,
+            ignore_eos=sampling.get("ignore_eos", False),
         )
         params.output_kind = RequestOutputKind.FINAL_ONLY  # one output per request, no deltas
         return params
@@ -252,10 +253,13 @@ class VllmEngine:
 
         def add(row: PromptRow) -> str:
             params = base
-            if seeded:
-                # Per-row seed: a row's samples do not depend on its batch, rank or resume.
+            if seeded or row.max_tokens is not None:
                 params = copy.copy(base)
-                params.seed = row_seed(seed, row.id)
+                if seeded:
+                    # Per-row seed: a row's samples do not depend on its batch, rank or resume.
+                    params.seed = row_seed(seed, row.id)
+                if row.max_tokens is not None:
+                    params.max_tokens = row.max_tokens
             self._counter += 1
             request_id = str(self._counter)
             try:

@@ -86,10 +86,11 @@ class FakeEngine:
         def answer(row: PromptRow) -> _Output:
             base = hashlib.blake2b(repr(row.token_ids).encode(), digest_size=6).hexdigest()
             completions = []
+            budget = row.max_tokens or max_tokens
             for i in range(n):
                 salt = f" s{row_seed(seed, row.id) % 100_000}.{i}" if sampled else ""
-                n_tokens = min(max_tokens, 8)
-                finish = "length" if n_tokens == max_tokens else "stop"
+                n_tokens = min(budget, 8)
+                finish = "length" if n_tokens == budget else "stop"
                 completions.append(_Completion(i, f"fake {base}{salt}", finish, n_tokens))
             return _Output(row.token_ids, completions)
 

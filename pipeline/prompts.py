@@ -28,10 +28,17 @@ def load_tokenizer(model: str, trust_remote_code: bool = False):
 class PromptBuilder:
     """Turns column batches into PromptRows carrying token ids, or an error for the row."""
 
-    def __init__(self, cfg: PromptConfig, tokenizer: Any, keep_columns: tuple[str, ...] = ()):
+    def __init__(
+        self,
+        cfg: PromptConfig,
+        tokenizer: Any,
+        keep_columns: tuple[str, ...] = (),
+        max_tokens_column: str | None = None,
+    ):
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.keep_columns = keep_columns
+        self.max_tokens_column = max_tokens_column
         self.max_model_len: int | None = None  # set once the engine reports it
         self.chat_template: str | None = None
         if cfg.uses_chat_template:
@@ -62,6 +69,8 @@ class PromptBuilder:
                 wanted.setdefault(name, "--template field")
         for name in self.keep_columns:
             wanted.setdefault(name, "--keep-columns")
+        if self.max_tokens_column is not None:
+            wanted.setdefault(self.max_tokens_column, "--max-tokens-column")
         return wanted
 
     def build(
@@ -85,6 +94,8 @@ class PromptBuilder:
 
     def _render(self, row: PromptRow, values: dict[str, Any]) -> None:
         cfg = self.cfg
+        if self.max_tokens_column is not None:
+            row.max_tokens = _max_tokens(values[self.max_tokens_column], self.max_tokens_column)
         if cfg.messages_column is not None:
             row.messages = _parse_messages(values[cfg.messages_column], cfg.messages_column)
         else:
@@ -152,6 +163,20 @@ class PromptBuilder:
 
 class _RowError(Exception):
     """A problem confined to one row: it becomes that row's error, never a failed run."""
+
+
+def _max_tokens(value: Any, column: str) -> int | None:
+    """A row's own max tokens; None (a null) means the run's --max-tokens."""
+    if value is None:
+        return None
+    # pandas stores an integer column with nulls as floats: accept 64.0, refuse 64.5 and NaN.
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise _RowError(
+            f"--max-tokens-column {column!r} holds {value!r}; expected a whole number >= 1"
+        )
+    return value
 
 
 def _parse_messages(value: Any, column: str) -> list[dict[str, Any]]:

@@ -24,6 +24,7 @@ class PromptRow:
     prompt_text: str | None = None
     token_ids: list[int] | None = None
     error: str | None = None
+    max_tokens: int | None = None  # this row's own budget (--max-tokens-column), else the run's
 
 
 @dataclass(slots=True)

@@ -72,7 +72,9 @@ def _run_locked(cfg: RunConfig, out_dir: Path, rank: int, wall_start: float) -> 
     model = resolve_model(cfg.engine.model)
     source = open_source(cfg.source, cfg.num_shards, rank)
     tokenizer = load_tokenizer(model, cfg.engine.trust_remote_code)
-    builder = PromptBuilder(cfg.prompt, tokenizer, cfg.output.keep_columns)
+    builder = PromptBuilder(
+        cfg.prompt, tokenizer, cfg.output.keep_columns, cfg.sampling.max_tokens_column
+    )
     wanted = builder.columns()
     if cfg.source.id_column is not None:
         wanted[cfg.source.id_column] = "--id-column"
