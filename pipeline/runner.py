@@ -197,6 +197,20 @@ def _run_locked(cfg: RunConfig, out_dir: Path, rank: int, wall_start: float) -> 
             "rerun the same command to resume"
         )
         failure.__cause__ = engine_error
+    expected = manifest.total_rows
+    if (
+        failure is None
+        and not interrupted
+        and feeder.exhausted
+        and expected is not None
+        and manifest.prompts_committed != expected
+    ):
+        # The promise is every input row exactly once; never call a run finished without it.
+        failure = BatchgenError(
+            f"the input has {expected:,} rows for rank {rank} but {manifest.prompts_committed:,} "
+            f"are committed in {out_dir}; this is a batchgen bug, please report it; rerun the "
+            "same command to complete the missing rows"
+        )
     if failure is not None:
         status = "failed"
     elif interrupted or not feeder.exhausted:

@@ -232,3 +232,28 @@ def test_python_entry_point_matches_console_script(tmp_path, big_input):
     )
     assert proc.returncode == 0, proc.stderr
     assert read_output(out).num_rows == ROWS
+
+
+def test_a_run_missing_rows_is_never_called_finished(big_input, tmp_path, monkeypatch):
+    """The last line of defence for exactly-once: if rows went missing inside batchgen (as once
+    in a feeder bug), the run fails loudly instead of marking itself complete."""
+    from pipeline.prompts import PromptBuilder
+
+    real_build = PromptBuilder.build
+    calls = []
+
+    def lossy_build(self, ids, columns, seqs):
+        calls.append(len(ids))
+        rows = real_build(self, ids, columns, seqs)
+        return [] if len(calls) == 1 else rows  # lose the first read batch
+
+    monkeypatch.setattr(PromptBuilder, "build", lossy_build)
+    out = tmp_path / "out"
+    result = run_cli(*base_args(big_input, out), expect=1)
+    assert (
+        f"the input has 1,000 rows for rank 0 but 0 are committed in {out}; this is a batchgen bug"
+        in result.output
+    )
+    monkeypatch.setattr(PromptBuilder, "build", real_build)
+    result = run_cli(*base_args(big_input, out))  # the rerun completes the missing rows
+    assert_exactly_once(out, all_ids(big_input))
