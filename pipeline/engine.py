@@ -8,6 +8,7 @@ sees a vLLM type.
 
 from __future__ import annotations
 
+import atexit
 import copy
 import logging
 import os
@@ -205,6 +206,16 @@ class VllmEngine:
         self._counter = 0
         self.dead = False
 
+    def close(self) -> None:
+        """Stop the engine's processes now (otherwise vLLM's own exit hooks do, noisily)."""
+        core = getattr(self.engine, "engine_core", None)
+        if core is not None and hasattr(core, "shutdown"):
+            if os.environ.get("VLLM_LOGGING_LEVEL", "").upper() == "WARNING":
+                # A busy engine process may need a kill at shutdown; vLLM warns about that,
+                # which says nothing about the batch that already committed.
+                logging.getLogger("vllm").setLevel(logging.ERROR)
+            core.shutdown()
+
     def describe(self) -> dict[str, Any]:
         import transformers
         import vllm
@@ -317,5 +328,6 @@ def get_engine(cfg: EngineConfig, model: str) -> Engine:
         for other in [k for k, e in _ENGINES.items() if isinstance(e, VllmEngine)]:
             _ENGINES.pop(other)
         engine = VllmEngine(cfg, model)
+        atexit.register(engine.close)
     _ENGINES[key] = engine
     return engine
