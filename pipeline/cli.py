@@ -119,8 +119,16 @@ def _slurm_rank() -> tuple[int, int] | None:
     """(shard_index, num_shards) from a Slurm array task or an srun task, if running under one."""
     env = os.environ
     if "SLURM_ARRAY_TASK_ID" in env and "SLURM_ARRAY_TASK_COUNT" in env:
-        task_min = int(env.get("SLURM_ARRAY_TASK_MIN", "0"))
-        return int(env["SLURM_ARRAY_TASK_ID"]) - task_min, int(env["SLURM_ARRAY_TASK_COUNT"])
+        task_id, count = int(env["SLURM_ARRAY_TASK_ID"]), int(env["SLURM_ARRAY_TASK_COUNT"])
+        offset = task_id - int(env.get("SLURM_ARRAY_TASK_MIN", "0"))
+        step = int(env.get("SLURM_ARRAY_TASK_STEP", "1")) or 1
+        if offset < 0 or offset % step or offset // step >= count:
+            raise click.UsageError(
+                f"Slurm array task {task_id} is not task number (id - min) / step of a plain "
+                f"range of {count} tasks (e.g. --array=0-{count - 1} or a range with a step); "
+                "for other arrays pass --num-shards N --shard-index I yourself"
+            )
+        return offset // step, count
     if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
         return int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"])
     return None
