@@ -467,6 +467,197 @@ def model_prepare() -> None:
     click.echo(str(path))
 
 
+BENCH_EXAMPLES = """\b
+Examples:
+  # this machine, the bundled model, a few hundred prompts (under 10 minutes on 2 CPU cores)
+  batchgen bench
+\b
+  # a GPU host, a shape-only model folder with random weights
+  python3 -m pipeline bench --model /root/models/llama-8b-shape --engine-arg load_format=dummy \\
+      --prompts 2048 --max-tokens 512 --json
+\b
+  # peak memory and the I/O path's rows/s with the fake engine, 250k and 1M input rows
+  batchgen bench --memory
+"""
+
+# Flags of the throughput bench that mean nothing with --memory.
+_THROUGHPUT_ONLY = (
+    "prompts",
+    "min_tokens",
+    "max_tokens",
+    "min_prompt_tokens",
+    "max_prompt_tokens",
+    "temperature",
+    "rounds",
+    "budget_seconds",
+    "max_inflight",
+    "with_transformers",
+    "transformers_prompts",
+)
+
+
+@main.command(epilog=BENCH_EXAMPLES)
+@engine_options
+@click.option("--prompts", type=int, default=256, show_default=True, help="Prompts per pass.")
+@click.option(
+    "--max-tokens",
+    type=int,
+    default=128,
+    show_default=True,
+    help="Longest output budget; each prompt's is log-uniform in [--min-tokens, this].",
+)
+@click.option("--min-tokens", type=int, default=8, show_default=True, help="Shortest budget.")
+@click.option("--max-prompt-tokens", type=int, default=512, show_default=True)
+@click.option("--min-prompt-tokens", type=int, default=16, show_default=True)
+@click.option("--temperature", type=float, default=0.0, show_default=True)
+@click.option(
+    "--chat/--no-chat",
+    default=True,
+    show_default=True,
+    help="Render prompts through the chat template.",
+)
+@click.option(
+    "--rounds",
+    type=int,
+    default=5,
+    show_default=True,
+    help="Rounds of raw and batchgen, alternating which goes first; medians are reported.",
+)
+@click.option(
+    "--budget-seconds",
+    type=float,
+    default=540.0,
+    show_default=True,
+    help="Start no round that would end later than this (0: no limit).",
+)
+@click.option(
+    "--rows-per-shard",
+    type=int,
+    help="Commit a shard every this many rows [default: prompts/8, at most 2000; --memory: 2000].",
+)
+@click.option("--max-inflight", type=int, help="As for `batchgen run`.")
+@click.option(
+    "--with-transformers", is_flag=True, help="Also time plain Transformers generate (the floor)."
+)
+@click.option(
+    "--transformers-prompts",
+    type=int,
+    default=32,
+    show_default=True,
+    help="Prompts for --with-transformers.",
+)
+@click.option("--seed", type=int, default=0, show_default=True, help="Prompt set and run seed.")
+@click.option(
+    "--memory", is_flag=True, help="Measure peak RSS and I/O rows/s with the fake engine instead."
+)
+@click.option(
+    "--memory-rows",
+    metavar="N,N",
+    help="Input sizes for --memory [default: 250000,1000000].",
+)
+@click.option(
+    "--work-dir", metavar="DIR", help="Keep inputs and outputs here [default: a temp dir]."
+)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("-v", "--verbose", count=True, help="More logging (-v: vLLM's too).")
+@click.pass_context
+def bench(ctx: click.Context, **kw: Any) -> None:
+    """Measure batchgen against raw vLLM on the same work, or its memory and I/O path.
+
+    Times (a) one raw `LLM.generate` call over every prompt (as token ids) and (b) the full
+    `batchgen run` from Parquet to Parquet shards, in alternating rounds on one engine, and
+    prints output tok/s, prompt+output tok/s, the engine start and the ratio b/a.
+    """
+    _setup_logging(kw.pop("verbose"))
+    # vLLM logs to stdout by default; --json promises stdout holds one JSON object.
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
+    given = {
+        name
+        for name in kw
+        if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT
+    }
+    if kw["memory"]:
+        wrong = sorted(given & set(_THROUGHPUT_ONLY))
+        if wrong:
+            flags = ", ".join("--" + n.replace("_", "-") for n in wrong)
+            raise click.UsageError(f"{flags}: only for the throughput bench; drop --memory")
+    elif kw["memory_rows"] is not None:
+        raise click.UsageError("--memory-rows needs --memory")
+    if kw["backend"] == "fake" and not kw["memory"]:
+        raise click.UsageError(
+            "--engine fake: the throughput bench compares batchgen with vLLM; use --memory for "
+            "the fake engine"
+        )
+    from pipeline import bench as benchmod
+    from pipeline.config import EngineConfig
+
+    emit = benchmod.reserve_stdout() if kw["as_json"] else click.echo
+    try:
+        if kw["memory"]:
+            sizes = _memory_sizes(kw["memory_rows"])
+            report = benchmod.run_memory(
+                sizes,
+                model=kw["model"],
+                chat=kw["chat"],
+                rows_per_shard=kw["rows_per_shard"] or 2000,
+                work_dir=kw["work_dir"],
+            )
+            text = benchmod.format_memory(report)
+        else:
+            cfg = benchmod.BenchConfig(
+                engine=EngineConfig(
+                    model=kw["model"],
+                    model_impl=kw["model_impl"],
+                    dtype=kw["dtype"],
+                    max_model_len=kw["max_model_len"],
+                    tensor_parallel_size=kw["tensor_parallel_size"],
+                    gpu_memory_utilization=kw["gpu_memory_utilization"],
+                    max_num_seqs=kw["max_num_seqs"],
+                    enforce_eager=kw["enforce_eager"],
+                    trust_remote_code=kw["trust_remote_code"],
+                    seed=kw["seed"],
+                    engine_args=_engine_args(kw["engine_arg"]),
+                ),
+                prompts=kw["prompts"],
+                min_tokens=kw["min_tokens"],
+                max_tokens=kw["max_tokens"],
+                min_prompt_tokens=kw["min_prompt_tokens"],
+                max_prompt_tokens=kw["max_prompt_tokens"],
+                temperature=kw["temperature"],
+                chat=kw["chat"],
+                rounds=kw["rounds"],
+                budget_seconds=kw["budget_seconds"],
+                rows_per_shard=kw["rows_per_shard"],
+                max_inflight=kw["max_inflight"],
+                with_transformers=kw["with_transformers"],
+                transformers_prompts=kw["transformers_prompts"],
+                seed=kw["seed"],
+                work_dir=kw["work_dir"],
+            )
+            report = benchmod.run_throughput(cfg)
+            text = benchmod.format_throughput(report)
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from exc
+    except BatchgenError as exc:
+        raise click.ClickException(str(exc)) from exc
+    emit(benchmod.to_json(report) if kw["as_json"] else text)
+
+
+def _memory_sizes(value: str | None) -> tuple[int, ...]:
+    if value is None:
+        return (250_000, 1_000_000)
+    try:
+        sizes = tuple(int(v.replace("_", "")) for v in value.split(",") if v.strip())
+    except ValueError:
+        sizes = ()
+    if not sizes or min(sizes) < 1:
+        raise click.BadParameter(
+            f"{value!r}: expected row counts separated by commas, e.g. 250000,1000000",
+            param_hint="--memory-rows",
+        )
+    return sizes
+
+
 STATUS_EPILOG = """\b
 Each rank is one of: finished; running (its lock is held by a live process); interrupted
 (stopped by a signal); crashed (its process died, e.g. killed or out of memory); failed (an

@@ -38,6 +38,7 @@ from pipeline.sources import Source, open_source, require_columns
 log = logging.getLogger("batchgen")
 
 READ_BATCH_ROWS = 1024
+FIRST_CHUNK_ROWS = 64
 STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1")
 
 
@@ -371,24 +372,31 @@ class Feeder(threading.Thread):
             columns.append(self.id_column)
         seen: set[str] = set()
         seq = 0
+        # Rows go to the engine in chunks that start small and double up to a whole batch: the
+        # engine starts on the first 64 rows (~10 ms to tokenize) instead of waiting for a
+        # batch of 1,024 (~0.1 s), which is most of batchgen's start on a short run.
+        chunk = min(FIRST_CHUNK_ROWS, self.batch_rows)
         for ids, cols in self.source.iter_batches(columns, self.batch_rows):
             if self.flags.stop.is_set():
                 return
             if self.id_column is not None:
                 ids = self._user_ids(cols[self.id_column], seq, seen)
             keep = [i for i, row_id in enumerate(ids) if row_id not in self.done_ids]
-            if len(keep) == len(ids):
-                rows = self.builder.build(ids, cols, range(seq, seq + len(ids)))
-            elif keep:  # a resume: only the rows not yet committed
-                rows = self.builder.build(
-                    [ids[i] for i in keep],
-                    {c: [v[i] for i in keep] for c, v in cols.items()},
-                    [seq + i for i in keep],
-                )
-            else:
-                rows = []
-            if rows and not self._put(rows):
-                return
+            start = 0
+            while start < len(keep):
+                part = keep[start : start + chunk]
+                start += len(part)
+                if len(part) == len(ids):  # the whole batch: no copies
+                    rows = self.builder.build(ids, cols, range(seq, seq + len(ids)))
+                else:  # a first small chunk, or a resume's rows not yet committed
+                    rows = self.builder.build(
+                        [ids[i] for i in part],
+                        {c: [v[i] for i in part] for c, v in cols.items()},
+                        [seq + i for i in part],
+                    )
+                if not self._put(rows):
+                    return
+                chunk = min(2 * chunk, self.batch_rows)
             seq += len(ids)
         self.exhausted = True
 

@@ -245,14 +245,15 @@ def test_a_run_missing_rows_is_never_called_finished(big_input, tmp_path, monkey
     def lossy_build(self, ids, columns, seqs):
         calls.append(len(ids))
         rows = real_build(self, ids, columns, seqs)
-        return [] if len(calls) == 1 else rows  # lose the first read batch
+        return [] if len(calls) == 1 else rows  # lose the first chunk the feeder builds
 
     monkeypatch.setattr(PromptBuilder, "build", lossy_build)
     out = tmp_path / "out"
     result = run_cli(*base_args(big_input, out), expect=1)
+    assert 0 < calls[0] < ROWS
     assert (
-        f"the input has 1,000 rows for rank 0 but 0 are committed in {out}; this is a batchgen bug"
-        in result.output
+        f"the input has 1,000 rows for rank 0 but {ROWS - calls[0]:,} are committed in {out}; "
+        "this is a batchgen bug" in result.output
     )
     monkeypatch.setattr(PromptBuilder, "build", real_build)
     result = run_cli(*base_args(big_input, out))  # the rerun completes the missing rows

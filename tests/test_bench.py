@@ -1,0 +1,180 @@
+"""`batchgen bench`: flag validation, the prompt set, the memory/I-O bench on small inputs, and one
+tiny end-to-end throughput run on the real engine. Speed targets are met by the benchmark itself
+(docs/benchmarks.md), never asserted here."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+from conftest import REAL_ENGINE, run_cli
+
+from pipeline.bench import BenchConfig, make_prompts
+from pipeline.errors import ConfigError
+
+# (arguments after `bench`, the exact error line); all fail before any engine or model loads.
+BAD_BENCH_FLAGS = [
+    pytest.param(
+        ["--memory", "--prompts", "8"],
+        "--prompts: only for the throughput bench; drop --memory",
+        id="memory-with-prompts",
+    ),
+    pytest.param(
+        ["--memory", "--with-transformers", "--rounds", "2"],
+        "--rounds, --with-transformers: only for the throughput bench; drop --memory",
+        id="memory-with-two-throughput-flags",
+    ),
+    pytest.param(["--memory-rows", "10"], "--memory-rows needs --memory", id="rows-alone"),
+    pytest.param(
+        ["--memory", "--memory-rows", "10,x"],
+        "Invalid value for --memory-rows: '10,x': expected row counts separated by commas, "
+        "e.g. 250000,1000000",
+        id="rows-not-numbers",
+    ),
+    pytest.param(
+        ["--memory", "--memory-rows", "0"],
+        "Invalid value for --memory-rows: '0': expected row counts separated by commas, "
+        "e.g. 250000,1000000",
+        id="rows-zero",
+    ),
+    pytest.param(
+        ["--engine", "fake"],
+        "--engine fake: the throughput bench compares batchgen with vLLM; use --memory for the "
+        "fake engine",
+        id="fake-engine-throughput",
+    ),
+    pytest.param(
+        ["--min-tokens", "9", "--max-tokens", "8"],
+        "--min-tokens 9 and --max-tokens 8: need 1 <= --min-tokens <= --max-tokens",
+        id="min-above-max-tokens",
+    ),
+    pytest.param(
+        ["--min-prompt-tokens", "0"],
+        "--min-prompt-tokens 0 and --max-prompt-tokens 512: need 1 <= --min-prompt-tokens <= "
+        "--max-prompt-tokens",
+        id="zero-prompt-tokens",
+    ),
+    pytest.param(["--prompts", "0"], "--prompts 0: must be at least 1", id="no-prompts"),
+    pytest.param(["--rounds", "0"], "--rounds 0: must be at least 1", id="no-rounds"),
+    pytest.param(
+        ["--budget-seconds", "-1"],
+        "--budget-seconds must be 0 (no limit) or more",
+        id="negative-budget",
+    ),
+    pytest.param(
+        ["--rows-per-shard", "0"], "--rows-per-shard 0: must be at least 1", id="zero-shard"
+    ),
+]
+
+
+@pytest.mark.parametrize(("args", "message"), BAD_BENCH_FLAGS)
+def test_bad_bench_flags_are_usage_errors(args: list[str], message: str) -> None:
+    result = run_cli("bench", *args, expect=2)
+    assert result.output.endswith(f"\nError: {message}\n"), result.output
+
+
+def test_prompt_set_is_deterministic_and_mixed() -> None:
+    texts, budgets = make_prompts(200, 16, 512, 8, 128, seed=3)
+    assert (texts, budgets) == make_prompts(200, 16, 512, 8, 128, seed=3)
+    assert make_prompts(200, 16, 512, 8, 128, seed=4) != (texts, budgets)
+    assert len(set(texts)) == 200  # every prompt is distinct: no accidental prefix-cache hits
+    assert min(budgets) >= 8 and max(budgets) <= 128
+    # Mixed lengths: log-uniform budgets put most rows short and a few long.
+    assert sum(b < 32 for b in budgets) > 80 and sum(b > 96 for b in budgets) > 5
+    chars = sorted(len(t) for t in texts)
+    assert chars[0] < 150 and chars[-1] > 1500
+
+
+def test_fixed_lengths_when_min_equals_max() -> None:
+    _, budgets = make_prompts(20, 64, 64, 32, 32)
+    assert budgets == [32] * 20
+
+
+def test_rows_per_shard_defaults_to_an_eighth_of_the_prompts_at_most_2000() -> None:
+    assert BenchConfig(prompts=256).shard_rows == 32
+    assert BenchConfig(prompts=100_000).shard_rows == 2000
+    assert BenchConfig(prompts=3).shard_rows == 1
+    assert BenchConfig(prompts=256, rows_per_shard=7).shard_rows == 7
+    with pytest.raises(ConfigError, match="--rounds 0"):
+        BenchConfig(rounds=0)
+
+
+def test_memory_bench_on_small_inputs(tmp_path: Path) -> None:
+    """Each size runs in its own process through the fake engine and reports sane figures."""
+    result = run_cli(
+        "bench",
+        "--memory",
+        "--memory-rows",
+        "900,300",
+        "--rows-per-shard",
+        "200",
+        "--work-dir",
+        tmp_path,
+        "--json",
+    )
+    report = json.loads(result.stdout)
+    assert report["engine"] == "fake" and report["rows_per_shard"] == 200
+    sizes = report["sizes"]
+    assert [s["rows"] for s in sizes] == [300, 900]  # smallest first
+    assert [s["shards"] for s in sizes] == [math.ceil(300 / 200), math.ceil(900 / 200)]
+    for s in sizes:
+        assert 50 < s["peak_rss_mb"] < 2048
+        assert s["rss_before_run_mb"] < s["peak_rss_mb"]
+        assert s["rows_per_s"] > 0 and s["seconds"] > 0
+    assert report["peak_rss_mb_max"] == max(s["peak_rss_mb"] for s in sizes)
+    assert report["peak_rss_growth_mb"] == round(
+        sizes[1]["peak_rss_mb"] - sizes[0]["peak_rss_mb"], 1
+    )
+    assert report["io_rows_per_s"] == sizes[1]["rows_per_s"]
+    assert report["machine"]["cpu_cores"] >= 1
+    assert list(tmp_path.iterdir()) == []  # inputs and outputs are cleaned up
+
+
+def test_memory_bench_prints_a_table(tmp_path: Path) -> None:
+    result = run_cli("bench", "--memory", "--memory-rows", "50", "--work-dir", tmp_path)
+    lines = result.stdout.splitlines()
+    assert lines[1] == (
+        "fake engine, chat template on, a shard every 2,000 rows; each size in a fresh process"
+    )
+    assert lines[4].split()[0] == "50"
+    assert lines[-1].startswith(
+        "I/O path (read -> prompt build/tokenize -> fake engine -> Parquet): "
+    )
+
+
+@pytest.mark.engine
+def test_bench_json_end_to_end_on_the_real_engine(tmp_path: Path) -> None:
+    """8 prompts x up to 8 tokens, one round: the whole bench runs and reports a ratio."""
+    result = run_cli(
+        "bench",
+        *REAL_ENGINE,
+        "--prompts",
+        "8",
+        "--min-tokens",
+        "2",
+        "--max-tokens",
+        "8",
+        "--max-prompt-tokens",
+        "64",
+        "--rounds",
+        "1",
+        "--work-dir",
+        tmp_path,
+        "--json",
+    )
+    report = json.loads(result.stdout)
+    _, budgets = make_prompts(8, 16, 64, 2, 8)
+    assert report["prompts"] == 8
+    assert report["output_tokens"] == sum(budgets)  # ignore_eos: every budget generated in full
+    assert isinstance(report["ratio"], float) and report["ratio"] > 0
+    assert report["raw_output_tok_s"] > 0 and report["batchgen_output_tok_s"] > 0
+    # The tok/s figures are rounded to 0.1 and the ratio is computed before rounding.
+    expected = report["batchgen_output_tok_s"] / report["raw_output_tok_s"]
+    assert math.isclose(report["ratio"], expected, rel_tol=0.02)
+    assert report["engine_start_s"] >= 0
+    assert report["dtype"] == "float32" and report["max_model_len"] == 512
+    assert report["shards_per_run"] == 8  # rows_per_shard 8 // 8 = 1
+    assert len(report["rounds"]) == 1
+    assert report["machine"]["vllm"]
