@@ -374,9 +374,28 @@ def run(**kw: Any) -> None:
         sys.exit(EXIT_INTERRUPTED)
 
 
+def _engine_config(kw: dict[str, Any], backend: str):
+    """EngineConfig from the engine flags shared by `run` and `bench`."""
+    from pipeline.config import EngineConfig
+
+    return EngineConfig(
+        model=kw["model"],
+        model_impl=kw["model_impl"],
+        dtype=kw["dtype"],
+        max_model_len=kw["max_model_len"],
+        tensor_parallel_size=kw["tensor_parallel_size"],
+        gpu_memory_utilization=kw["gpu_memory_utilization"],
+        max_num_seqs=kw["max_num_seqs"],
+        enforce_eager=kw["enforce_eager"],
+        trust_remote_code=kw["trust_remote_code"],
+        seed=kw["seed"],
+        engine_args=_engine_args(kw["engine_arg"]),
+        backend=backend,
+    )
+
+
 def _build_config(kw: dict[str, Any]):
     from pipeline.config import (
-        EngineConfig,
         OutputConfig,
         PromptConfig,
         RunConfig,
@@ -405,20 +424,7 @@ def _build_config(kw: dict[str, Any]):
                 system_prompt=kw["system_prompt"],
                 chat_template=kw["chat_template"],
             ),
-            engine=EngineConfig(
-                model=kw["model"],
-                model_impl=kw["model_impl"],
-                dtype=kw["dtype"],
-                max_model_len=kw["max_model_len"],
-                tensor_parallel_size=kw["tensor_parallel_size"],
-                gpu_memory_utilization=kw["gpu_memory_utilization"],
-                max_num_seqs=kw["max_num_seqs"],
-                enforce_eager=kw["enforce_eager"],
-                trust_remote_code=kw["trust_remote_code"],
-                seed=kw["seed"],
-                engine_args=_engine_args(kw["engine_arg"]),
-                backend=kw["backend"],
-            ),
+            engine=_engine_config(kw, kw["backend"]),
             sampling=SamplingConfig(
                 max_tokens=kw["max_tokens"],
                 temperature=kw["temperature"],
@@ -589,7 +595,6 @@ def bench(ctx: click.Context, **kw: Any) -> None:
             "the fake engine"
         )
     from pipeline import bench as benchmod
-    from pipeline.config import EngineConfig
 
     emit = benchmod.reserve_stdout() if kw["as_json"] else click.echo
     try:
@@ -605,19 +610,7 @@ def bench(ctx: click.Context, **kw: Any) -> None:
             text = benchmod.format_memory(report)
         else:
             cfg = benchmod.BenchConfig(
-                engine=EngineConfig(
-                    model=kw["model"],
-                    model_impl=kw["model_impl"],
-                    dtype=kw["dtype"],
-                    max_model_len=kw["max_model_len"],
-                    tensor_parallel_size=kw["tensor_parallel_size"],
-                    gpu_memory_utilization=kw["gpu_memory_utilization"],
-                    max_num_seqs=kw["max_num_seqs"],
-                    enforce_eager=kw["enforce_eager"],
-                    trust_remote_code=kw["trust_remote_code"],
-                    seed=kw["seed"],
-                    engine_args=_engine_args(kw["engine_arg"]),
-                ),
+                engine=_engine_config(kw, "vllm"),
                 prompts=kw["prompts"],
                 min_tokens=kw["min_tokens"],
                 max_tokens=kw["max_tokens"],
