@@ -63,3 +63,51 @@ def test_a_stopped_run_ends_the_feeder_even_with_a_full_queue(
     feeder.join(timeout=5)
     assert not feeder.is_alive()
     assert not feeder.exhausted
+
+
+def drain(feeder: Feeder) -> list[list]:
+    """The feeder's queue items (lists of PromptRow) up to its end marker."""
+    from pipeline.runner import _END
+
+    items = []
+    while (item := feeder.queue.get(timeout=10)) is not _END:
+        items.append(item)
+    return items
+
+
+@pytest.mark.parametrize(
+    "done, sizes",
+    [(0, [64, 128, 108]), (100, [64, 128, 8])],
+    ids=["fresh", "resume-skips-100"],
+)
+def test_first_rows_reach_the_engine_in_small_chunks(
+    tmp_path: Path, builder: PromptBuilder, done: int, sizes: list[int]
+) -> None:
+    """64 rows first (the engine starts after ~10 ms of tokenizing, not a whole batch's ~0.1 s),
+    then doubling; rows keep their order and positions, and a resume still skips its rows."""
+    src = tmp_path / "in.parquet"
+    pq.write_table(pa.table({"prompt": [f"row {i}" for i in range(300)]}), src)
+    done_ids = {f"in.parquet:{i}" for i in range(done)}
+    feeder = Feeder(ParquetSource(str(src)), builder, done_ids, None, StopFlags())
+    feeder.start()
+    items = drain(feeder)
+    feeder.join(timeout=5)
+    assert [len(item) for item in items] == sizes
+    rows = [row for item in items for row in item]
+    assert [r.seq for r in rows] == list(range(done, 300))
+    assert [r.id for r in rows] == [f"in.parquet:{i}" for i in range(done, 300)]
+    assert all(r.token_ids for r in rows)
+
+
+def test_the_tokenizer_is_loaded_once_per_process_and_model_files(tmp_path: Path) -> None:
+    import shutil
+
+    model = ensure_bundled_model()
+    assert load_tokenizer(str(model)) is load_tokenizer(str(model))
+    copy = tmp_path / "model"
+    shutil.copytree(model, copy, ignore=shutil.ignore_patterns("*.safetensors"))
+    first = load_tokenizer(str(copy))
+    assert first is not load_tokenizer(str(model))
+    config = copy / "tokenizer_config.json"
+    config.write_text(config.read_text() + " ")  # the folder's files changed: load afresh
+    assert load_tokenizer(str(copy)) is not first
