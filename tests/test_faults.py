@@ -73,7 +73,7 @@ def args(src: Path, out: Path) -> list[str]:
 def crashed_run(src: Path, out: Path, point: str = "after_rename:3") -> str:
     """A run SIGKILLed at a commit: 2 shards listed, a third renamed but not listed."""
     victim = Victim(args(src, out), {"BATCHGEN_FAKE_STEP_SECONDS": "0.05", TEST_PAUSE_ENV: point})
-    assert victim.paused.wait(60), victim.stderr
+    assert victim.paused.wait(240), victim.stderr
     victim.kill()
     return victim.paused_at
 
