@@ -170,9 +170,11 @@ def test_bench_json_end_to_end_on_the_real_engine(tmp_path: Path) -> None:
     assert report["output_tokens"] == sum(budgets)  # ignore_eos: every budget generated in full
     assert isinstance(report["ratio"], float) and report["ratio"] > 0
     assert report["raw_output_tok_s"] > 0 and report["batchgen_output_tok_s"] > 0
-    # The tok/s figures are rounded to 0.1 and the ratio is computed before rounding.
+    # One round: the per-round ratio, its median and the ratio of the medians are one number
+    # (up to the rounding of the tok/s figures to 0.1).
     expected = report["batchgen_output_tok_s"] / report["raw_output_tok_s"]
     assert math.isclose(report["ratio"], expected, rel_tol=0.02)
+    assert report["ratio_per_round"] == [report["ratio"]] == [report["ratio_of_medians"]]
     assert report["engine_start_s"] >= 0
     assert report["dtype"] == "float32" and report["max_model_len"] == 512
     assert report["shards_per_run"] == 8  # rows_per_shard 8 // 8 = 1
