@@ -268,11 +268,13 @@ def run_throughput(cfg: BenchConfig) -> dict[str, Any]:
                 "--max-model-len"
             )
 
-        # The raw side gets the very token ids batchgen will send: same tokenizer, same template.
+        # The raw side gets the very token ids batchgen will send: same tokenizer, same template,
+        # and the row ids batchgen gives these rows (`file:row`), so with --temperature above 0
+        # the per-row seeds match too.
         builder = PromptBuilder(run_cfg.prompt, load_tokenizer(model), (), "max_tokens")
         builder.max_model_len = limit
         rows = builder.build(
-            [str(i) for i in range(len(texts))],
+            [f"{src.name}:{i}" for i in range(len(texts))],
             {"prompt": texts, "max_tokens": budgets},
             range(len(texts)),
         )
