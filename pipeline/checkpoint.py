@@ -360,6 +360,17 @@ class Checkpoint:
                 _shared(other.fingerprint), _shared(fingerprint)
             ):
                 ranks.add(other.rank)
+        # Another rank's lock held means its run is alive: deleting its files under it would
+        # lose work that it then lists in a manifest pointing at nothing. Check all before
+        # removing any, so a refusal leaves the folder as it was.
+        for rank in sorted(ranks - {self.rank}):
+            holder = lock_holder(self.out_dir, rank)
+            if holder is not None:
+                raise OutputLocked(
+                    f"--overwrite would remove rank {rank} of {self.out_dir}, a run with other "
+                    f"settings that {holder} is writing now; stop it first (a killed process "
+                    "releases its lock at once), or write to another --output"
+                )
         shards = manifests = 0
         for rank in sorted(ranks):
             for p in self.out_dir.glob(f"part-{rank:05d}-*.parquet"):

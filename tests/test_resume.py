@@ -3,6 +3,7 @@ settings are refused. (Crash-at-any-instant proof with SIGKILL lives in test_kil
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -188,28 +189,59 @@ def test_deleted_shard_is_regenerated(big_input, tmp_path):
     assert_exactly_once(out, all_ids(big_input))
 
 
-def test_second_process_on_same_rank_is_refused(big_input, tmp_path):
-    out = tmp_path / "out"
-    out.mkdir()
-    # lockf locks belong to a process, so the holder must be another process.
+@contextlib.contextmanager
+def rank_lock_in_another_process(out: Path, rank: int):
+    """Hold a rank's lock from a child process (lockf locks belong to a process, so a lock
+    taken in the test's own process would not stand for a live run elsewhere)."""
     holder = subprocess.Popen(
         [
             sys.executable,
             "-c",
             "import sys, time; from pathlib import Path; from pipeline.checkpoint import RankLock; "
-            f"lock = RankLock(Path({str(out)!r}), 0).acquire(); print('held', flush=True); time.sleep(60)",
+            f"lock = RankLock(Path({str(out)!r}), {rank}).acquire(); print('held', flush=True); "
+            "time.sleep(120)",
         ],
         stdout=subprocess.PIPE,
         text=True,
     )
     try:
         assert holder.stdout.readline().strip() == "held"
-        result = run_cli(*base_args(big_input, out), expect=1)
-        assert f"rank 0 of {out} is being written by pid {holder.pid}" in result.output
+        yield holder
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_second_process_on_same_rank_is_refused(big_input, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    with rank_lock_in_another_process(out, 0) as holder:
+        result = run_cli(*base_args(big_input, out), expect=1)
+        assert f"rank 0 of {out} is being written by pid {holder.pid}" in result.output
     run_cli(*base_args(big_input, out))  # a killed holder's lock is gone at once
+
+
+def test_overwrite_does_not_remove_a_live_rank_of_another_run(big_input, tmp_path):
+    """--overwrite on rank 0 with new settings removes other ranks' files of the old run, but
+    never under a live writer: it refuses, touching nothing, while rank 1's lock is held."""
+    out = tmp_path / "out"
+    ranks = ["--num-shards", "2", "--shard-index"]
+    run_cli(*base_args(big_input, out), *ranks, "1")
+    def files() -> dict[str, int]:  # shards and manifests; lock files change with holders
+        return {p.name: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.suffix != ".lock"}
+
+    before = files()
+    with rank_lock_in_another_process(out, 1) as holder:
+        result = run_cli(
+            *base_args(big_input, out), *ranks, "0", "--max-tokens", "9", "--overwrite", expect=1
+        )
+        assert f"--overwrite would remove rank 1 of {out}" in result.output
+        assert f"pid {holder.pid}" in result.output
+        assert files() == before
+    result = run_cli(*base_args(big_input, out), *ranks, "0", "--max-tokens", "9", "--overwrite")
+    assert "--overwrite removed 10 shard(s) and 1 manifest(s) of rank(s) 0, 1" in result.output
+    assert not list(out.glob("part-00001-*"))
+    assert read_output(out).num_rows == ROWS // 2
 
 
 def test_unwritable_output_is_a_clear_error(big_input, tmp_path):
