@@ -303,6 +303,13 @@ def _load_dataset(cfg: SourceConfig):
                     f"--split {cfg.split!r}: {name} has splits {', '.join(ds)}; pick one with --split"
                 )
             ds = ds[cfg.split]
+        elif ds.split is not None and str(ds.split) != cfg.split:
+            # One split saved on its own: reading it under another name would give its rows
+            # ids of the wrong split (`train:7` for the 7th test row).
+            raise ConfigError(
+                f"--split {cfg.split!r}: {name} holds only the split {str(ds.split)!r}, saved on "
+                f"its own; pass --split {ds.split}"
+            )
         if cfg.streaming:
             ds = ds.to_iterable_dataset()
         return ds

@@ -354,6 +354,21 @@ def test_save_to_disk_dataset_dict_wrong_split_lists_the_splits(hf_offline: None
     )
 
 
+def test_save_to_disk_single_split_is_read_under_its_own_name_only(
+    hf_offline: None, tmp_path: Path
+):
+    import datasets
+
+    folder = _save(datasets.Dataset.from_dict({"prompt": ["a", "b"]}, split="test"), tmp_path / "t")
+    with pytest.raises(ConfigError) as err:
+        HFDatasetSource(SourceConfig(dataset=str(folder)))  # --split defaults to train
+    assert str(err.value) == (
+        f"--split 'train': {folder} holds only the split 'test', saved on its own; pass --split test"
+    )
+    source = HFDatasetSource(SourceConfig(dataset=str(folder), split="test"))
+    assert read_rows(source, ["prompt"]) == [("test:0", "a"), ("test:1", "b")]
+
+
 def _jsonl(path: Path, n: int) -> Path:
     path.write_text("".join(json.dumps({"prompt": f"j{i}", "n": i}) + "\n" for i in range(n)))
     return path
