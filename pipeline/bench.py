@@ -113,6 +113,8 @@ class BenchConfig:
     max_prompt_tokens: int = 512
     temperature: float = 0.0
     chat: bool = True
+    # One system message shared by every prompt: the case prefix caching is for.
+    system_prompt: str | None = None
     rounds: int = 5
     # Stop starting new rounds once another would end past this many seconds (0: no limit).
     budget_seconds: float = 540.0
@@ -146,6 +148,8 @@ class BenchConfig:
             raise ConfigError("--transformers-prompts must be at least 1")
         if self.temperature < 0:
             raise ConfigError(f"--temperature {self.temperature}: must be 0 (greedy) or more")
+        if self.system_prompt is not None and not self.chat:
+            raise ConfigError("--system-prompt needs the chat template: drop --no-chat")
 
     @property
     def shard_rows(self) -> int:
@@ -355,7 +359,9 @@ def run_throughput(cfg: BenchConfig) -> dict[str, Any]:
 def _run_config(cfg: BenchConfig, src: Path, out: Path, rows_per_shard: int) -> RunConfig:
     return RunConfig(
         source=SourceConfig(parquet=str(src)),
-        prompt=PromptConfig(prompt_column="prompt", chat=cfg.chat),
+        prompt=PromptConfig(
+            prompt_column="prompt", chat=cfg.chat, system_prompt=cfg.system_prompt
+        ),
         engine=cfg.engine,
         sampling=SamplingConfig(
             max_tokens=cfg.max_tokens,
@@ -629,6 +635,8 @@ def _throughput_report(
         "same_work": "identical token ids, SamplingParams (per-row max_tokens, ignore_eos) and "
         "engine; output token counts checked equal",
         "chat_template": cfg.chat,
+        "system_prompt_chars": len(cfg.system_prompt or ""),
+        "prefix_caching": described.get("enable_prefix_caching"),
         "temperature": cfg.temperature,
         "rows_per_shard": cfg.shard_rows,
         "shards_per_run": shards,

@@ -489,6 +489,7 @@ Examples:
 # Flags of the throughput bench that mean nothing with --memory.
 _THROUGHPUT_ONLY = (
     "prompts",
+    "system_prompt",
     "min_tokens",
     "max_tokens",
     "min_prompt_tokens",
@@ -521,6 +522,11 @@ _THROUGHPUT_ONLY = (
     default=True,
     show_default=True,
     help="Render prompts through the chat template.",
+)
+@click.option(
+    "--system-prompt",
+    metavar="TEXT",
+    help="One system message for every prompt (a shared prefix, as prefix caching serves).",
 )
 @click.option(
     "--rounds",
@@ -618,6 +624,7 @@ def bench(ctx: click.Context, **kw: Any) -> None:
                 max_prompt_tokens=kw["max_prompt_tokens"],
                 temperature=kw["temperature"],
                 chat=kw["chat"],
+                system_prompt=kw["system_prompt"],
                 rounds=kw["rounds"],
                 budget_seconds=kw["budget_seconds"],
                 rows_per_shard=kw["rows_per_shard"],

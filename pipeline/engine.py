@@ -202,6 +202,8 @@ class VllmEngine:
         self.max_num_seqs = int(self.engine.vllm_config.scheduler_config.max_num_seqs)
         self.dtype = str(model_config.dtype).removeprefix("torch.")
         self.enforce_eager = enforce_eager
+        cache_config = getattr(self.engine.vllm_config, "cache_config", None)
+        self.prefix_caching = getattr(cache_config, "enable_prefix_caching", None)
         self.start_seconds = time.monotonic() - started
         self._counter = 0
         self.dead = False
@@ -227,6 +229,7 @@ class VllmEngine:
             "dtype": self.dtype,
             "max_model_len": self.max_model_len,
             "enforce_eager": self.enforce_eager,
+            "enable_prefix_caching": self.prefix_caching,
             "vllm": vllm.__version__,
             "transformers": transformers.__version__,
         }

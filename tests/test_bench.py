@@ -66,6 +66,16 @@ BAD_BENCH_FLAGS = [
     pytest.param(
         ["--rows-per-shard", "0"], "--rows-per-shard 0: must be at least 1", id="zero-shard"
     ),
+    pytest.param(
+        ["--system-prompt", "Be brief.", "--no-chat"],
+        "--system-prompt needs the chat template: drop --no-chat",
+        id="system-prompt-without-chat",
+    ),
+    pytest.param(
+        ["--memory", "--system-prompt", "Be brief."],
+        "--system-prompt: only for the throughput bench; drop --memory",
+        id="system-prompt-with-memory",
+    ),
 ]
 
 
@@ -146,10 +156,13 @@ def test_memory_bench_prints_a_table(tmp_path: Path) -> None:
 
 @pytest.mark.engine
 def test_bench_json_end_to_end_on_the_real_engine(tmp_path: Path) -> None:
-    """8 prompts x up to 8 tokens, one round: the whole bench runs and reports a ratio."""
+    """8 prompts x up to 8 tokens, one round: the whole bench runs and reports a ratio. With a
+    system prompt: the bench itself fails unless both sides send the same prompt tokens."""
     result = run_cli(
         "bench",
         *REAL_ENGINE,
+        "--system-prompt",
+        "You answer in one short sentence.",
         "--prompts",
         "8",
         "--min-tokens",
@@ -177,6 +190,8 @@ def test_bench_json_end_to_end_on_the_real_engine(tmp_path: Path) -> None:
     assert report["ratio_per_round"] == [report["ratio"]] == [report["ratio_of_medians"]]
     assert report["engine_start_s"] >= 0
     assert report["dtype"] == "float32" and report["max_model_len"] == 512
+    assert report["system_prompt_chars"] == len("You answer in one short sentence.")
+    assert isinstance(report["prefix_caching"], bool)
     assert report["shards_per_run"] == 8  # rows_per_shard 8 // 8 = 1
     assert len(report["rounds"]) == 1
     assert report["machine"]["vllm"]
