@@ -359,9 +359,7 @@ def run_throughput(cfg: BenchConfig) -> dict[str, Any]:
 def _run_config(cfg: BenchConfig, src: Path, out: Path, rows_per_shard: int) -> RunConfig:
     return RunConfig(
         source=SourceConfig(parquet=str(src)),
-        prompt=PromptConfig(
-            prompt_column="prompt", chat=cfg.chat, system_prompt=cfg.system_prompt
-        ),
+        prompt=PromptConfig(prompt_column="prompt", chat=cfg.chat, system_prompt=cfg.system_prompt),
         engine=cfg.engine,
         sampling=SamplingConfig(
             max_tokens=cfg.max_tokens,

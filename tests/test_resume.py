@@ -227,8 +227,13 @@ def test_overwrite_does_not_remove_a_live_rank_of_another_run(big_input, tmp_pat
     out = tmp_path / "out"
     ranks = ["--num-shards", "2", "--shard-index"]
     run_cli(*base_args(big_input, out), *ranks, "1")
+
     def files() -> dict[str, int]:  # shards and manifests; lock files change with holders
-        return {p.name: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.suffix != ".lock"}
+        return {
+            p.name: p.stat().st_mtime_ns
+            for p in out.rglob("*")
+            if p.is_file() and p.suffix != ".lock"
+        }
 
     before = files()
     with rank_lock_in_another_process(out, 1) as holder:
