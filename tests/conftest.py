@@ -15,6 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 from pipeline.cli import main
+from pipeline.sinks import TEST_PAUSE_ENV
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE = REPO / "data" / "prompts.parquet"
@@ -50,16 +51,77 @@ def read_output(out: Path) -> pa.Table:
     return pads.dataset(str(out), format="parquet").to_table()
 
 
-def write_prompts(path: Path, prompts: list[str | None], **extra: list) -> Path:
-    pq.write_table(pa.table({"prompt": prompts, **extra}), path)
+def write_prompts(
+    path: Path, prompts: list[str | None], row_group_size: int | None = None, **extra: list
+) -> Path:
+    """A Parquet file with a "prompt" column and the `extra` columns."""
+    pq.write_table(pa.table({"prompt": prompts, **extra}), path, row_group_size=row_group_size)
     return path
+
+
+def run_args(src: str | Path, out: str | Path, *extra: str, max_tokens: int = 8) -> list[str]:
+    """`batchgen run` on the "prompt" column of the Parquet file `src`, plus `extra`, into `out`."""
+    return [
+        "run",
+        "--parquet",
+        str(src),
+        "--prompt-column",
+        "prompt",
+        "--max-tokens",
+        str(max_tokens),
+        *extra,
+        "--output",
+        str(out),
+    ]
+
+
+def greedy_sample_args(out: str | Path) -> list[str]:
+    """The bundled sample, greedy chat on the real engine, 4-row shards: the run the resume
+    tests interrupt and compare with an uninterrupted one."""
+    return run_args(
+        SAMPLE,
+        out,
+        "--chat",
+        "--temperature",
+        "0",
+        "--rows-per-shard",
+        "4",
+        "--max-num-seqs",
+        "4",
+        *REAL_ENGINE,
+        max_tokens=16,
+    )
+
+
+@pytest.fixture(autouse=True)
+def no_slurm(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A test run inside a Slurm job must not pick up that job's rank, nor a kill test's pause."""
+    for name in ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT", "SLURM_PROCID", "SLURM_NTASKS"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.delenv(TEST_PAUSE_ENV, raising=False)
+
+
+@pytest.fixture
+def hf_offline(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """No network, and a datasets cache inside tmp_path.
+
+    `datasets` parses these variables when first imported, which may have happened already, so
+    the parsed values are patched too.
+    """
+    import datasets.config
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache")
 
 
 @pytest.fixture
 def prompts_file(tmp_path: Path) -> Path:
     """200 short distinct prompts in a 4-row-group Parquet file."""
     prompts = [f"Write one sentence about the number {i}." for i in range(200)]
-    table = pa.table({"prompt": prompts, "topic": [f"t{i % 7}" for i in range(200)]})
-    path = tmp_path / "in.parquet"
-    pq.write_table(table, path, row_group_size=50)
-    return path
+    topics = [f"t{i % 7}" for i in range(200)]
+    return write_prompts(tmp_path / "in.parquet", prompts, row_group_size=50, topic=topics)

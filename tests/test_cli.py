@@ -22,28 +22,6 @@ from pipeline.models import ensure_bundled_model
 from pipeline.prompts import load_tokenizer
 from pipeline.sinks import METADATA_KEY
 
-
-@pytest.fixture(autouse=True)
-def no_slurm(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A test run inside a Slurm job must not pick up that job's rank."""
-    for name in ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT", "SLURM_PROCID", "SLURM_NTASKS"):
-        monkeypatch.delenv(name, raising=False)
-
-
-@pytest.fixture
-def hf_offline(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """No network, and a datasets cache inside tmp_path (patched after import too)."""
-    import datasets.config
-    import huggingface_hub.constants
-
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache")
-
-
 RESERVED = "id, sample_index, text, finish_reason, prompt_tokens, completion_tokens, error, prompt"
 
 # (arguments after `run`, the exact error line). IN is the prompts file, OUT a fresh folder.

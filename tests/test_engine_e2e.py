@@ -15,7 +15,17 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import BATCHGEN, REAL_ENGINE, SAMPLE, read_output, run_cli, run_subprocess
+from conftest import (
+    BATCHGEN,
+    REAL_ENGINE,
+    SAMPLE,
+    greedy_sample_args,
+    read_output,
+    run_args,
+    run_cli,
+    run_subprocess,
+    write_prompts,
+)
 
 pytestmark = pytest.mark.engine
 
@@ -60,24 +70,10 @@ def transformers_greedy(
     "chat, prompts", [(True, CHAT_PROMPTS), (False, PLAIN_PROMPTS)], ids=["chat", "plain"]
 )
 def test_greedy_text_matches_transformers_generate(tmp_path, model_dir, chat, prompts):
-    src = tmp_path / "in.parquet"
-    pq.write_table(pa.table({"prompt": prompts}), src)
+    src = write_prompts(tmp_path / "in.parquet", prompts)
     out = tmp_path / "out"
-    run_cli(
-        "run",
-        "--parquet",
-        src,
-        "--prompt-column",
-        "prompt",
-        *(["--chat"] if chat else []),
-        "--temperature",
-        "0",
-        "--max-tokens",
-        "16",
-        "--output",
-        out,
-        *REAL_ENGINE,
-    )
+    chat_flag = ["--chat"] if chat else []
+    run_cli(*run_args(src, out, *chat_flag, "--temperature", "0", *REAL_ENGINE, max_tokens=16))
     got = read_output(out).sort_by("id").column("text").to_pylist()
     assert got == transformers_greedy(model_dir, prompts, chat, 16)
     if chat:
@@ -90,25 +86,20 @@ def test_parquet_sample_with_bad_rows_in_the_same_batch(tmp_path):
     bad = {3: "", 7: None, 11: "word " * 2000}
     for i, value in bad.items():
         prompts[i] = value
-    src = tmp_path / "mixed.parquet"
-    pq.write_table(pa.table({"prompt": prompts, "n": list(range(20))}), src)
+    src = write_prompts(tmp_path / "mixed.parquet", prompts, n=list(range(20)))
     out = tmp_path / "out"
     result = run_cli(
-        "run",
-        "--parquet",
-        src,
-        "--prompt-column",
-        "prompt",
-        "--chat",
-        "--temperature",
-        "0",
-        "--max-tokens",
-        "12",
-        "--keep-columns",
-        "n",
-        "--output",
-        out,
-        *REAL_ENGINE,
+        *run_args(
+            src,
+            out,
+            "--chat",
+            "--temperature",
+            "0",
+            "--keep-columns",
+            "n",
+            *REAL_ENGINE,
+            max_tokens=12,
+        )
     )
     assert "2 errors" in result.output
     rows = {r["n"]: r for r in read_output(out).to_pylist()}
@@ -130,23 +121,9 @@ def test_parquet_sample_with_bad_rows_in_the_same_batch(tmp_path):
 
 
 def test_plain_empty_prompt_is_an_error_row(tmp_path):
-    src = tmp_path / "in.parquet"
-    pq.write_table(pa.table({"prompt": ["", "Hello"]}), src)
+    src = write_prompts(tmp_path / "in.parquet", ["", "Hello"])
     out = tmp_path / "out"
-    run_cli(
-        "run",
-        "--parquet",
-        src,
-        "--prompt-column",
-        "prompt",
-        "--temperature",
-        "0",
-        "--max-tokens",
-        "4",
-        "--output",
-        out,
-        *REAL_ENGINE,
-    )
+    run_cli(*run_args(src, out, "--temperature", "0", *REAL_ENGINE, max_tokens=4))
     rows = read_output(out).sort_by("id").to_pylist()
     assert rows[0]["error"] == "the prompt is empty"
     assert rows[1]["error"] is None and rows[1]["completion_tokens"] == 4
@@ -277,28 +254,10 @@ def test_documented_command_then_sigterm_and_resume(tmp_path):
     # texts of an uninterrupted run. float32: in bfloat16 a different batch mix can flip a
     # greedy token, which says nothing about resume.
     resumed = tmp_path / "resumed"
-    args = [
-        "run",
-        "--parquet",
-        SAMPLE,
-        "--prompt-column",
-        "prompt",
-        "--chat",
-        "--temperature",
-        "0",
-        "--max-tokens",
-        "16",
-        "--rows-per-shard",
-        "4",
-        "--max-num-seqs",
-        "4",
-        *REAL_ENGINE,
-        "--output",
-        resumed,
-    ]
+    args = greedy_sample_args(resumed)
     reference = tmp_path / "reference"
-    run_cli(*args[:-1], reference)
-    proc = subprocess.Popen([str(BATCHGEN), *map(str, args)], stderr=subprocess.PIPE, text=True)
+    run_cli(*greedy_sample_args(reference))
+    proc = subprocess.Popen([str(BATCHGEN), *args], stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 600  # a slow CI box: the engine alone starts in ~40 s here
     while not list(resumed.glob("part-*.parquet")):
         assert proc.poll() is None and time.monotonic() < deadline

@@ -19,7 +19,7 @@ from types import SimpleNamespace
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import FAKE_ENGINE, read_output, run_cli
+from conftest import FAKE_ENGINE, read_output, run_args, run_cli, write_prompts
 from test_kill_harness import Victim, read_as_users_do, rows_by_key
 
 from pipeline import checkpoint, sinks
@@ -29,19 +29,10 @@ ROWS = 1000
 FIX = "and rerun the same command to resume"
 
 
-@pytest.fixture(autouse=True)
-def no_slurm(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT", "SLURM_PROCID", "SLURM_NTASKS"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.delenv(TEST_PAUSE_ENV, raising=False)
-
-
 @pytest.fixture(scope="module")
 def src(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("input") / "rows.parquet"
     prompts = [f"Question {i}: what is {i} plus {i}?" for i in range(ROWS)]
-    pq.write_table(pa.table({"prompt": prompts}), path, row_group_size=100)
-    return path
+    return write_prompts(tmp_path_factory.mktemp("input") / "rows.parquet", prompts, 100)
 
 
 @pytest.fixture(scope="module")
@@ -52,22 +43,7 @@ def reference(src: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 
 def args(src: Path, out: Path) -> list[str]:
-    return [
-        "run",
-        "--parquet",
-        str(src),
-        "--prompt-column",
-        "prompt",
-        "--max-tokens",
-        "8",
-        "--rows-per-shard",
-        "50",
-        "--max-num-seqs",
-        "16",
-        *FAKE_ENGINE,
-        "--output",
-        str(out),
-    ]
+    return run_args(src, out, "--rows-per-shard", "50", "--max-num-seqs", "16", *FAKE_ENGINE)
 
 
 def crashed_run(src: Path, out: Path, point: str = "after_rename:3") -> str:

@@ -27,7 +27,15 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
-from conftest import BATCHGEN, FAKE_ENGINE, REAL_ENGINE, SAMPLE, read_output, run_cli
+from conftest import (
+    BATCHGEN,
+    FAKE_ENGINE,
+    greedy_sample_args,
+    read_output,
+    run_args,
+    run_cli,
+    write_prompts,
+)
 
 from pipeline.sinks import TEST_PAUSE_ENV
 
@@ -45,20 +53,10 @@ KILL_KINDS = ["startup"] * 2 + ["engine"] * 4 + ["in_write"] * 2 + ["after_renam
 Key = tuple[str, int]  # (id, sample_index)
 
 
-@pytest.fixture(autouse=True)
-def no_slurm(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A test run inside a Slurm job must not pick up that job's rank."""
-    for name in ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT", "SLURM_PROCID", "SLURM_NTASKS"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.delenv(TEST_PAUSE_ENV, raising=False)
-
-
 @pytest.fixture(scope="module")
 def rows_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("input") / "rows.parquet"
     prompts = [f"Question {i}: what is {i} times {i % 13}?" for i in range(ROWS)]
-    pq.write_table(pa.table({"prompt": prompts}), path, row_group_size=500)
-    return path
+    return write_prompts(tmp_path_factory.mktemp("input") / "rows.parquet", prompts, 500)
 
 
 class Victim:
@@ -183,22 +181,8 @@ def assert_consistent(
     return seen
 
 
-def run_args(src: Path, out: Path, extra: list[str]) -> list[str]:
-    return [
-        "run",
-        "--parquet",
-        str(src),
-        "--prompt-column",
-        "prompt",
-        "--max-tokens",
-        "8",
-        "--max-num-seqs",
-        "16",
-        *FAKE_ENGINE,
-        *extra,
-        "--output",
-        str(out),
-    ]
+def fake_args(src: Path, out: Path, extra: list[str]) -> list[str]:
+    return run_args(src, out, "--max-num-seqs", "16", *FAKE_ENGINE, *extra)
 
 
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
@@ -209,7 +193,7 @@ def test_sigkill_at_random_instants_then_rerun_is_exactly_once(tmp_path, rows_fi
     kinds = KILL_KINDS[:]
     rng.shuffle(kinds)
     out, cache = tmp_path / "out", tmp_path / "hf-cache"
-    run_cli(*run_args(rows_file, tmp_path / "reference", extra))
+    run_cli(*fake_args(rows_file, tmp_path / "reference", extra))
     reference = rows_by_key(read_output(tmp_path / "reference"))
     assert len(reference) == ROWS * n
 
@@ -225,7 +209,7 @@ def test_sigkill_at_random_instants_then_rerun_is_exactly_once(tmp_path, rows_fi
             env[TEST_PAUSE_ENV] = f"{kind}:{nth}"
         delay = rng.uniform(0.3, 3.5) if kind == "startup" else rng.uniform(0.0, 0.8)
         before = len(shard_files(out))
-        victim = Victim(run_args(rows_file, out, extra), env)
+        victim = Victim(fake_args(rows_file, out, extra), env)
         if kind == "startup":
             time.sleep(delay)
             alive = victim.proc.poll() is None
@@ -259,7 +243,7 @@ def test_sigkill_at_random_instants_then_rerun_is_exactly_once(tmp_path, rows_fi
             landed["in engine work or start-up"] += 1
         pending = expected_notes(out, tmps, orphans)
 
-    final = Victim(run_args(rows_file, out, extra), {"BATCHGEN_FAKE_STEP_SECONDS": "0"})
+    final = Victim(fake_args(rows_file, out, extra), {"BATCHGEN_FAKE_STEP_SECONDS": "0"})
     assert final.finish() == 0, final.stderr
     assert "resuming rank 0:" in final.stderr
     assert not [note for note in pending if note not in final.stderr], final.stderr
@@ -284,12 +268,12 @@ def test_sampled_texts_survive_a_kill_and_a_resume_in_other_batches(tmp_path, ro
     """temperature > 0 with --seed: a row's samples depend on the run seed, its id and the sample
     index only, not on the batch it ran in or the process that ran it."""
     sampled = ["--temperature", "0.9", "--n", "3", "--seed", "42", "--rows-per-shard", "60"]
-    run_cli(*run_args(rows_file, tmp_path / "reference", sampled))
+    run_cli(*fake_args(rows_file, tmp_path / "reference", sampled))
     reference = rows_by_key(read_output(tmp_path / "reference"))
 
     out = tmp_path / "out"
     victim = Victim(
-        run_args(rows_file, out, sampled),
+        fake_args(rows_file, out, sampled),
         {"BATCHGEN_FAKE_STEP_SECONDS": STEP_SECONDS, TEST_PAUSE_ENV: "after_rename:3"},
     )
     assert wait_until(victim.paused.is_set, victim, 60, "pause")
@@ -298,14 +282,14 @@ def test_sampled_texts_survive_a_kill_and_a_resume_in_other_batches(tmp_path, ro
     assert len(committed) == 3 * 60
     # Resume with other batch sizes, so every remaining row meets other neighbours.
     result = run_cli(
-        *run_args(rows_file, out, sampled), "--max-num-seqs", "5", "--max-inflight", "7"
+        *fake_args(rows_file, out, sampled), "--max-num-seqs", "5", "--max-inflight", "7"
     )
     assert f"adopted {victim.paused_at} (60 rows), committed just before a crash" in result.output
     assert rows_by_key(read_output(out)) == reference
 
     texts = {k: v[0] for k, v in reference.items()}
     assert texts[("rows.parquet:0", 0)] != texts[("rows.parquet:0", 1)]  # samples differ
-    run_cli(*run_args(rows_file, tmp_path / "seed43", [*sampled[:-4], "--seed", "43"]))
+    run_cli(*fake_args(rows_file, tmp_path / "seed43", [*sampled[:-4], "--seed", "43"]))
     other = {k: v[0] for k, v in rows_by_key(read_output(tmp_path / "seed43")).items()}
     assert other.keys() == texts.keys()
     assert not [k for k in texts if texts[k] == other[k]]  # the seed decides every sample
@@ -316,44 +300,26 @@ def test_real_engine_killed_twice_resumes_to_the_uninterrupted_greedy_texts(tmp_
     """Two kills of the real engine: at a random moment of generation, and between a shard's
     rename and its manifest entry; the in-process resume (the session's engine) completes it."""
     rng = random.Random(f"{SEED}-real")
-    args = [
-        "run",
-        "--parquet",
-        str(SAMPLE),
-        "--prompt-column",
-        "prompt",
-        "--chat",
-        "--temperature",
-        "0",
-        "--max-tokens",
-        "16",
-        "--rows-per-shard",
-        "4",
-        "--max-num-seqs",
-        "4",
-        *REAL_ENGINE,
-        "--output",
-    ]
-    run_cli(*args, tmp_path / "reference")
+    run_cli(*greedy_sample_args(tmp_path / "reference"))
     reference = rows_by_key(read_output(tmp_path / "reference"))
     assert len(reference) == 48
     out, cache = tmp_path / "out", tmp_path / "hf-cache"
 
-    victim = Victim([*args, str(out)], {})
+    victim = Victim(greedy_sample_args(out), {})
     assert wait_until(lambda: bool(shard_files(out)), victim, 600, "first shard")
     time.sleep(rng.uniform(0.0, 1.5))
     assert victim.kill() == -signal.SIGKILL, victim.stderr
     seen = assert_consistent(out, cache, reference, 1, {}, "real engine, kill 1")
     assert 0 < len(seen) < 48
 
-    victim = Victim([*args, str(out)], {TEST_PAUSE_ENV: "after_rename:2"})
+    victim = Victim(greedy_sample_args(out), {TEST_PAUSE_ENV: "after_rename:2"})
     assert wait_until(victim.paused.is_set, victim, 600, "pause"), victim.stderr
     assert victim.kill() == -signal.SIGKILL
     seen = assert_consistent(out, cache, reference, 1, seen, "real engine, kill 2")
     tmps, orphans = crash_debris(out)
     assert orphans == [victim.paused_at]
 
-    result = run_cli(*args, out)
+    result = run_cli(*greedy_sample_args(out))
     assert f"adopted {victim.paused_at} (4 rows), committed just before a crash" in result.output
     assert f"resuming rank 0: {len(seen)} prompts already committed" in result.output
     assert rows_by_key(read_output(out)) == reference

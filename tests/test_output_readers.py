@@ -8,40 +8,18 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import FAKE_ENGINE, run_cli
+from conftest import FAKE_ENGINE, run_args, run_cli, write_prompts
 
 ROWS = 120
 
 
 @pytest.fixture
 def output(tmp_path: Path) -> Path:
-    src = tmp_path / "in.parquet"
-    pq.write_table(
-        pa.table(
-            {
-                "prompt": [f"prompt {i}" for i in range(ROWS)],
-                "lang": ["en", "fr", "de"] * (ROWS // 3),
-            }
-        ),
-        src,
-    )
+    prompts = [f"prompt {i}" for i in range(ROWS)]
+    src = write_prompts(tmp_path / "in.parquet", prompts, lang=["en", "fr", "de"] * (ROWS // 3))
     out = tmp_path / "out"
-    run_cli(
-        "run",
-        "--parquet",
-        src,
-        "--prompt-column",
-        "prompt",
-        "--max-tokens",
-        "4",
-        "--rows-per-shard",
-        "50",
-        "--keep-columns",
-        "lang",
-        "--output",
-        out,
-        *FAKE_ENGINE,
-    )
+    flags = ["--rows-per-shard", "50", "--keep-columns", "lang", *FAKE_ENGINE]
+    run_cli(*run_args(src, out, *flags, max_tokens=4))
     # What a crash mid-write leaves behind must not reach readers either.
     (out / ".tmp-part-00000-000009.parquet.999").write_bytes(b"PAR1 truncated")
     return out

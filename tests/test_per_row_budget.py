@@ -7,36 +7,19 @@ from __future__ import annotations
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
-from conftest import FAKE_ENGINE, read_output, run_cli
+from conftest import FAKE_ENGINE, read_output, run_args, run_cli, write_prompts
 
 from pipeline.config import SamplingConfig
 
 
 def budget_input(tmp_path: Path, budgets: pa.Array) -> Path:
-    path = tmp_path / "in.parquet"
     prompts = [f"Prompt number {i}" for i in range(len(budgets))]
-    pq.write_table(pa.table({"prompt": prompts, "budget": budgets}), path)
-    return path
+    return write_prompts(tmp_path / "in.parquet", prompts, budget=budgets)
 
 
-def run_args(src: Path, out: Path, *extra: str) -> list:
-    return [
-        "run",
-        "--parquet",
-        src,
-        "--prompt-column",
-        "prompt",
-        "--max-tokens",
-        "5",
-        "--max-tokens-column",
-        "budget",
-        "--output",
-        out,
-        *FAKE_ENGINE,
-        *extra,
-    ]
+def budget_args(src: Path, out: Path, *extra: str) -> list[str]:
+    return run_args(src, out, "--max-tokens-column", "budget", *FAKE_ENGINE, *extra, max_tokens=5)
 
 
 def rows_by_id(out: Path) -> list[dict]:
@@ -45,7 +28,7 @@ def rows_by_id(out: Path) -> list[dict]:
 
 def test_each_row_gets_its_own_budget(tmp_path: Path) -> None:
     src = budget_input(tmp_path, pa.array([3, None, 20, 0, -2], pa.int64()))
-    run_cli(*run_args(src, tmp_path / "out"))
+    run_cli(*budget_args(src, tmp_path / "out"))
     rows = rows_by_id(tmp_path / "out")
     got = [(r["completion_tokens"], r["finish_reason"], r["error"]) for r in rows]
     assert got == [
@@ -60,7 +43,7 @@ def test_each_row_gets_its_own_budget(tmp_path: Path) -> None:
 def test_whole_floats_count_as_budgets(tmp_path: Path) -> None:
     """pandas writes an integer column with nulls as float64."""
     src = budget_input(tmp_path, pa.array([4.0, 2.5, float("nan")], pa.float64()))
-    run_cli(*run_args(src, tmp_path / "out"))
+    run_cli(*budget_args(src, tmp_path / "out"))
     rows = rows_by_id(tmp_path / "out")
     assert rows[0]["completion_tokens"] == 4 and rows[0]["error"] is None
     assert rows[1]["error"] == (
@@ -73,7 +56,7 @@ def test_whole_floats_count_as_budgets(tmp_path: Path) -> None:
 
 def test_unknown_budget_column_is_a_usage_error(tmp_path: Path) -> None:
     src = budget_input(tmp_path, pa.array([3], pa.int64()))
-    args = run_args(src, tmp_path / "out")
+    args = budget_args(src, tmp_path / "out")
     args[args.index("budget")] = "budgt"
     result = run_cli(*args, expect=2)
     assert result.output.endswith(
@@ -93,11 +76,10 @@ def test_unknown_budget_column_is_a_usage_error(tmp_path: Path) -> None:
 def test_resume_refuses_a_changed_budget_setting(
     tmp_path: Path, change: list[str], line: str
 ) -> None:
-    path = tmp_path / "in.parquet"
-    pq.write_table(pa.table({"prompt": ["a", "b"], "budget": [1, 2], "other": [3, 4]}), path)
+    path = write_prompts(tmp_path / "in.parquet", ["a", "b"], budget=[1, 2], other=[3, 4])
     out = tmp_path / "out"
-    run_cli(*run_args(path, out))
-    args = run_args(path, out)
+    run_cli(*budget_args(path, out))
+    args = budget_args(path, out)
     if change[0] == "--max-tokens-column":
         args[args.index("budget")] = change[1]
     else:

@@ -15,36 +15,19 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import BATCHGEN, FAKE_ENGINE, read_output, run_cli
+from conftest import BATCHGEN, FAKE_ENGINE, read_output, run_args, run_cli, write_prompts
 
 ROWS = 1000
 
 
 @pytest.fixture
 def big_input(tmp_path: Path) -> Path:
-    path = tmp_path / "rows.parquet"
     prompts = [f"Question {i}: what is {i} plus {i}?" for i in range(ROWS)]
-    pq.write_table(pa.table({"prompt": prompts}), path, row_group_size=100)
-    return path
+    return write_prompts(tmp_path / "rows.parquet", prompts, 100)
 
 
 def base_args(src: Path, out: Path) -> list[str]:
-    return [
-        "run",
-        "--parquet",
-        str(src),
-        "--prompt-column",
-        "prompt",
-        "--max-tokens",
-        "8",
-        "--output",
-        str(out),
-        "--rows-per-shard",
-        "50",
-        *FAKE_ENGINE,
-        "--max-num-seqs",
-        "16",
-    ]
+    return run_args(src, out, "--rows-per-shard", "50", *FAKE_ENGINE, "--max-num-seqs", "16")
 
 
 def start(args: list[str], step_seconds: float) -> subprocess.Popen:

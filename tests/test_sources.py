@@ -277,24 +277,6 @@ def test_parquet_ranks_read_every_row_exactly_once(
 # --- Hugging Face datasets ---------------------------------------------------------------------
 
 
-@pytest.fixture
-def hf_offline(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """No network, and a datasets cache inside tmp_path.
-
-    `datasets` parses these variables when first imported, which may have happened already, so
-    the parsed values are patched too.
-    """
-    import datasets.config
-    import huggingface_hub.constants
-
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache")
-
-
 def _dataset(prefix: str, n: int):
     import datasets
 

@@ -15,19 +15,13 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import FAKE_ENGINE, run_cli
+from conftest import FAKE_ENGINE, run_args, run_cli
 
 from pipeline import status as status_mod
 
 ROWS = 600  # 200 prompts a rank, --n 2: 400 rows a rank in 4 shards of 100
 NOW = 1_800_000_000.0
 LAST_RUN = {"prompts": 200, "generate_seconds": 1.5, "output_tokens_per_second": 1234.5}
-
-
-@pytest.fixture(autouse=True)
-def no_slurm(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT", "SLURM_PROCID", "SLURM_NTASKS"):
-        monkeypatch.delenv(name, raising=False)
 
 
 @pytest.fixture(autouse=True)
@@ -46,26 +40,21 @@ def three_ranks(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = base / "out"
     for rank in range(3):
         run_cli(
-            "run",
-            "--parquet",
-            src,
-            "--prompt-column",
-            "prompt",
-            "--max-tokens",
-            "8",
-            "--n",
-            "2",
-            "--temperature",
-            "0.5",
-            "--rows-per-shard",
-            "100",
-            *FAKE_ENGINE,
-            "--num-shards",
-            "3",
-            "--shard-index",
-            str(rank),
-            "--output",
-            out,
+            *run_args(
+                src,
+                out,
+                "--n",
+                "2",
+                "--temperature",
+                "0.5",
+                "--rows-per-shard",
+                "100",
+                *FAKE_ENGINE,
+                "--num-shards",
+                "3",
+                "--shard-index",
+                str(rank),
+            )
         )
     return out
 
