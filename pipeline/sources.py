@@ -67,6 +67,7 @@ class _ParquetFile:
     num_rows: int
     row_group_rows: list[int]
     size: int
+    footer: str  # digest of the Parquet footer: changes when the data does, even at equal size
 
 
 class ParquetSource:
@@ -113,6 +114,7 @@ class ParquetSource:
                     num_rows=md.num_rows,
                     row_group_rows=[md.row_group(i).num_rows for i in range(md.num_row_groups)],
                     size=path.stat().st_size,
+                    footer=_footer_digest(path),
                 )
             )
             meta.close()
@@ -130,7 +132,7 @@ class ParquetSource:
         return {
             "kind": "parquet",
             "spec": self.spec,
-            "files": [[f.name, f.size, f.num_rows] for f in self.files],
+            "files": [[f.name, f.size, f.num_rows, f.footer] for f in self.files],
         }
 
     def iter_batches(self, columns: list[str], batch_rows: int) -> Iterator[Batch]:
@@ -339,6 +341,17 @@ def _streaming_total(ds, split: str) -> int | None:
     splits = getattr(info, "splits", None) or {}
     entry = splits.get(split) if hasattr(splits, "get") else None
     return getattr(entry, "num_examples", None) or None
+
+
+def _footer_digest(path: Path) -> str:
+    """A digest of a Parquet file's footer (schema, row groups, each column chunk's offsets,
+    sizes and min/max statistics): one small read at the end of the file, and different for
+    nearly any rewrite, including one that keeps the file's size and row count."""
+    with open(path, "rb") as fh:
+        fh.seek(-8, os.SEEK_END)
+        length = int.from_bytes(fh.read(4), "little")
+        fh.seek(-(8 + length), os.SEEK_END)
+        return hashlib.sha256(fh.read(length)).hexdigest()[:16]
 
 
 def _size_or_none(path: str) -> int | None:

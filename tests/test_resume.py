@@ -143,6 +143,23 @@ def test_changed_input_is_refused_and_overwrite_starts_afresh(big_input, tmp_pat
     assert_exactly_once(out, all_ids(big_input))
 
 
+def test_input_rewritten_at_the_same_size_and_row_count_is_refused(tmp_path):
+    """Sizes and row counts alone would miss this rewrite; the footer digest does not."""
+
+    def write(prompts: list[str]) -> None:  # fixed-width rows: only the letters differ
+        pq.write_table(pa.table({"prompt": prompts}), src, compression="none", use_dictionary=False)
+
+    src, out = tmp_path / "rows.parquet", tmp_path / "out"
+    write([f"Question {i:03d}: what is A?" for i in range(200)])
+    size = src.stat().st_size
+    run_cli(*base_args(src, out))
+    write([f"Question {i:03d}: what is B?" for i in range(200)])
+    assert src.stat().st_size == size and pq.ParquetFile(src).metadata.num_rows == 200
+    result = run_cli(*base_args(src, out), expect=1)
+    assert "holds an earlier run with different settings" in result.output
+    assert "input.files:" in result.output
+
+
 def test_shard_committed_before_manifest_update_is_adopted(big_input, tmp_path):
     """A crash between a shard's rename and the manifest write leaves a complete, unlisted shard."""
     out = tmp_path / "out"
