@@ -374,18 +374,10 @@ def _run_config(cfg: BenchConfig, src: Path, out: Path, rows_per_shard: int) -> 
 
 
 def _raw_params(engine: Any, sampling: dict[str, Any], rows: list, seed: int) -> list:
-    """One SamplingParams per prompt, built exactly as batchgen's engine builds them."""
-    from pipeline.config import row_seed
-
+    """One SamplingParams per prompt, built by the same code as batchgen's engine builds them."""
     base = engine.sampling_params(sampling)
-    params = []
-    for row in rows:
-        p = copy.copy(base)
-        p.max_tokens = row.max_tokens
-        if sampling["temperature"] > 0:
-            p.seed = row_seed(seed, row.id)
-        params.append(p)
-    return params
+    seeded = sampling["temperature"] > 0
+    return [engine.row_params(base, row, seed, seeded) for row in rows]
 
 
 def _warm_up(
@@ -520,12 +512,9 @@ class OtherCpuMeter:
 
 def _shutdown(engine: Any) -> None:
     """Stop vLLM's engine processes so the Transformers floor has the accelerator to itself."""
-    core = getattr(engine.engine, "engine_core", None)
-    if core is not None and hasattr(core, "shutdown"):
-        core.shutdown()
-    engine.dead = True
     import gc
 
+    engine.close()
     gc.collect()
 
 

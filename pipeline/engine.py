@@ -217,6 +217,7 @@ class VllmEngine:
                 # which says nothing about the batch that already committed.
                 logging.getLogger("vllm").setLevel(logging.ERROR)
             core.shutdown()
+        self.dead = True  # get_engine starts a new one if asked again
 
     def describe(self) -> dict[str, Any]:
         import transformers
@@ -252,6 +253,20 @@ class VllmEngine:
         params.output_kind = RequestOutputKind.FINAL_ONLY  # one output per request, no deltas
         return params
 
+    @staticmethod
+    def row_params(base: Any, row: PromptRow, seed: int, seeded: bool) -> Any:
+        """One row's SamplingParams: `base` itself, or a copy with the row's own seed and max
+        tokens (`seeded`: the run samples, temperature above 0)."""
+        if not seeded and row.max_tokens is None:
+            return base
+        params = copy.copy(base)
+        if seeded:
+            # Per-row seed: a row's samples do not depend on its batch, rank or resume.
+            params.seed = row_seed(seed, row.id)
+        if row.max_tokens is not None:
+            params.max_tokens = row.max_tokens
+        return params
+
     def generate(
         self,
         rows: Iterable[PromptRow | None],
@@ -266,14 +281,7 @@ class VllmEngine:
         engine = self.engine
 
         def add(row: PromptRow) -> str:
-            params = base
-            if seeded or row.max_tokens is not None:
-                params = copy.copy(base)
-                if seeded:
-                    # Per-row seed: a row's samples do not depend on its batch, rank or resume.
-                    params.seed = row_seed(seed, row.id)
-                if row.max_tokens is not None:
-                    params.max_tokens = row.max_tokens
+            params = self.row_params(base, row, seed, seeded)
             self._counter += 1
             request_id = str(self._counter)
             try:

@@ -5,9 +5,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
+from conftest import write_prompts
 
 from pipeline.config import PromptConfig
 from pipeline.engine import StopFlags
@@ -31,7 +30,7 @@ def test_a_busy_engine_at_the_end_of_the_input_loses_no_rows(
     feeder's 0.1 s put timeout to make room: the end marker must wait, not evict a batch (which
     once let a run finish "complete" without those rows)."""
     src = tmp_path / "in.parquet"
-    pq.write_table(pa.table({"prompt": [f"row {i}" for i in range(24)]}), src)
+    write_prompts(src, [f"row {i}" for i in range(24)])
     flags = StopFlags()
     feeder = Feeder(ParquetSource(str(src)), builder, set(), None, flags, batch_rows=4, depth=2)
     feeder.start()
@@ -51,7 +50,7 @@ def test_a_stopped_run_ends_the_feeder_even_with_a_full_queue(
     """Once the run stops, nobody reads the queue: the feeder must still end (rows it drops
     were never committed, so a resume redoes them)."""
     src = tmp_path / "in.parquet"
-    pq.write_table(pa.table({"prompt": [f"row {i}" for i in range(40)]}), src)
+    write_prompts(src, [f"row {i}" for i in range(40)])
     flags = StopFlags()
     feeder = Feeder(ParquetSource(str(src)), builder, set(), None, flags, batch_rows=4, depth=2)
     feeder.start()
@@ -86,7 +85,7 @@ def test_first_rows_reach_the_engine_in_small_chunks(
     """64 rows first (the engine starts after ~10 ms of tokenizing, not a whole batch's ~0.1 s),
     then doubling; rows keep their order and positions, and a resume still skips its rows."""
     src = tmp_path / "in.parquet"
-    pq.write_table(pa.table({"prompt": [f"row {i}" for i in range(300)]}), src)
+    write_prompts(src, [f"row {i}" for i in range(300)])
     done_ids = {f"in.parquet:{i}" for i in range(done)}
     feeder = Feeder(ParquetSource(str(src)), builder, done_ids, None, StopFlags())
     feeder.start()
