@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import socket
@@ -24,13 +25,27 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
+from pipeline.config import RunConfig
 from pipeline.errors import BatchgenError, OutputLocked, ResumeMismatch
-from pipeline.sinks import SHARD_RE, TMP_PREFIX, ShardInfo, fsync_dir, read_shard_metadata
+from pipeline.models import model_signature
+from pipeline.sinks import (
+    ShardInfo,
+    fsync_dir,
+    read_ids,
+    read_shard_info,
+    read_shard_metadata,
+    shard_files,
+    shard_seq,
+    stale_temp_paths,
+    temp_files,
+    temp_path,
+)
 
 STATE_DIR = ".batchgen"
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2
+# Manifest keys renamed in version 2, read from older manifests under their new names.
+_RENAMED_KEYS = {"num_shards": "num_ranks", "total_rows": "total_prompts"}
 # Fingerprint fields that name the rank rather than the run; every other field must agree
 # across all ranks writing one output folder.
 RANK_FIELDS = ("shard_index",)
@@ -55,11 +70,11 @@ class Manifest:
     """One rank's committed progress. Written atomically after every shard commit."""
 
     rank: int
-    num_shards: int
+    num_ranks: int
     fingerprint: dict[str, Any]
     status: str = "running"  # running | finished | interrupted | failed
-    total_rows: int | None = None  # input rows of this rank, when the source knows
-    shards: list[dict[str, Any]] = field(default_factory=list)
+    total_prompts: int | None = None  # input rows (prompts) of this rank, when the source knows
+    shards: list[dict[str, Any]] = field(default_factory=list)  # committed shard files
     started_at: float = 0.0
     updated_at: float = 0.0
     host: str = ""
@@ -90,13 +105,15 @@ class Manifest:
                 f"{path} is unreadable ({exc}); it is batchgen's resume state: restore it, or "
                 "pass --overwrite to start this rank afresh"
             ) from exc
+        data = {_RENAMED_KEYS.get(k, k): v for k, v in data.items()}
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        known["version"] = MANIFEST_VERSION
         return cls(**known)
 
     def save(self, out_dir: Path) -> None:
         self.updated_at = time.time()
         path = manifest_path(out_dir, self.rank)
-        tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}")
+        tmp = temp_path(path)
         try:
             with open(tmp, "w") as f:
                 json.dump(asdict(self), f, indent=1, sort_keys=True)
@@ -109,6 +126,48 @@ class Manifest:
                 tmp.unlink(missing_ok=True)
             raise
         fsync_dir(path.parent)
+
+
+def run_fingerprint(
+    cfg: RunConfig,
+    model: str,
+    input_identity: dict[str, Any],
+    chat_template: str | None,
+    sampling: dict[str, Any],
+) -> dict[str, Any]:
+    """Every setting that changes what a row's output is. A resume must match it exactly.
+
+    The keys are stored in manifests and shards; renaming one makes every earlier run
+    unresumable, so they keep their first spelling (`num_shards` is the rank count).
+    """
+    return {
+        "model": model,
+        "model_files": model_signature(model),
+        "model_impl": cfg.engine.model_impl,
+        "dtype": cfg.engine.dtype,
+        "max_model_len": cfg.engine.max_model_len,
+        "engine": cfg.engine.backend,
+        "prompt": {
+            "prompt_column": cfg.prompt.prompt_column,
+            "template": cfg.prompt.template,
+            "messages_column": cfg.prompt.messages_column,
+            "chat": cfg.prompt.chat,
+            "system_prompt": cfg.prompt.system_prompt,
+        },
+        "chat_template_sha256": hashlib.sha256(chat_template.encode()).hexdigest()[:16]
+        if chat_template
+        else None,
+        "sampling": sampling,
+        "seed": cfg.engine.seed,
+        "input": input_identity,
+        "id_column": cfg.source.id_column,
+        "columns": {
+            "keep_prompt": cfg.output.keep_prompt,
+            "keep_columns": list(cfg.output.keep_columns),
+        },
+        "num_shards": cfg.num_ranks,
+        "shard_index": cfg.rank,
+    }
 
 
 def diff_fingerprints(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
@@ -236,14 +295,14 @@ class ResumeState:
 class Checkpoint:
     """Owns one rank's manifest: opening (with the fingerprint check), commits and the final status."""
 
-    def __init__(self, out_dir: Path, rank: int, num_shards: int) -> None:
+    def __init__(self, out_dir: Path, rank: int, num_ranks: int) -> None:
         self.out_dir = out_dir
         self.rank = rank
-        self.num_shards = num_shards
+        self.num_ranks = num_ranks
         self.manifest: Manifest | None = None
 
     def open(
-        self, fingerprint: dict[str, Any], total_rows: int | None, overwrite: bool
+        self, fingerprint: dict[str, Any], total_prompts: int | None, overwrite: bool
     ) -> ResumeState:
         """Check the folder against this run's fingerprint and recover committed progress.
 
@@ -269,34 +328,33 @@ class Checkpoint:
                 )
         # Only this rank's: other ranks' temporary files may belong to their live writers.
         strays = [
-            *self.out_dir.glob(f"{TMP_PREFIX}part-{self.rank:05d}-*"),
-            *(self.out_dir / STATE_DIR).glob(f"{TMP_PREFIX}rank-{self.rank:05d}.json.*"),
+            *temp_files(self.out_dir, self.rank),
+            *stale_temp_paths(manifest_path(self.out_dir, self.rank)),
         ]
         for stray in sorted(strays):
             stray.unlink(missing_ok=True)
             notes.append(f"removed an unfinished temporary file from a crash: {stray.name}")
         manifest = old or Manifest(
             rank=self.rank,
-            num_shards=self.num_shards,
+            num_ranks=self.num_ranks,
             fingerprint=fingerprint,
             started_at=time.time(),
         )
         notes += self._reconcile(manifest, fingerprint)
         manifest.fingerprint = fingerprint
-        manifest.total_rows = total_rows
+        manifest.total_prompts = total_prompts
         manifest.host, manifest.pid = socket.gethostname(), os.getpid()
         done_ids: set[str] = set()
         for shard in manifest.shards:
             path = self.out_dir / shard["file"]
             try:
-                ids = pq.read_table(path, columns=["id"]).column("id")
+                done_ids.update(read_ids(path))
             except (pa.ArrowException, OSError) as exc:
                 raise BatchgenError(
                     f"{path} is committed but unreadable ({exc}); delete it and rerun to "
                     "generate its rows again"
                 ) from exc
-            done_ids.update(ids.to_pylist())
-        seqs = [int(SHARD_RE.match(s["file"]).group(2)) for s in manifest.shards]
+        seqs = [shard_seq(s["file"]) for s in manifest.shards]
         self.manifest = manifest
         return ResumeState(
             manifest=manifest,
@@ -311,11 +369,7 @@ class Checkpoint:
         rename, before the manifest write), forget ones that were deleted."""
         notes = []
         listed = {s["file"] for s in manifest.shards}
-        on_disk = {
-            p.name
-            for p in self.out_dir.glob(f"part-{self.rank:05d}-*.parquet")
-            if SHARD_RE.match(p.name)
-        }
+        on_disk = {p.name for p in shard_files(self.out_dir, self.rank)}
         for name in sorted(on_disk - listed):
             meta = read_shard_metadata(self.out_dir / name)
             if meta is None or diff_fingerprints(meta.get("fingerprint", {}), fingerprint):
@@ -323,8 +377,7 @@ class Checkpoint:
                     f"{self.out_dir / name} is not a shard of this run; move it away, or pass "
                     "--overwrite to start afresh"
                 )
-            table = pq.read_table(self.out_dir / name)
-            info = _shard_info_from_table(name, table)
+            info = read_shard_info(self.out_dir / name)
             manifest.shards.append(asdict(info))
             notes.append(f"adopted {name} ({info.rows} rows), committed just before a crash")
         missing = listed - on_disk
@@ -373,10 +426,10 @@ class Checkpoint:
                 )
         shards = manifests = 0
         for rank in sorted(ranks):
-            for p in self.out_dir.glob(f"part-{rank:05d}-*.parquet"):
+            for p in shard_files(self.out_dir, rank):
                 p.unlink()
                 shards += 1
-            for p in self.out_dir.glob(f"{TMP_PREFIX}part-{rank:05d}-*"):
+            for p in temp_files(self.out_dir, rank):
                 p.unlink()
             m = manifest_path(self.out_dir, rank)
             if m.exists():
@@ -401,25 +454,3 @@ class Checkpoint:
 
 def _shared(fingerprint: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in fingerprint.items() if k not in RANK_FIELDS}
-
-
-def _shard_info_from_table(name: str, table) -> ShardInfo:
-    from pipeline.records import ResultRow
-
-    cols = table.select(
-        ["id", "sample_index", "finish_reason", "prompt_tokens", "completion_tokens", "error"]
-    ).to_pylist()
-    rows = [
-        ResultRow(
-            id=c["id"],
-            seq=0,
-            sample_index=c["sample_index"],
-            text=None,
-            finish_reason=c["finish_reason"],
-            prompt_tokens=c["prompt_tokens"],
-            completion_tokens=c["completion_tokens"],
-            error=c["error"],
-        )
-        for c in cols
-    ]
-    return ShardInfo.of(name, rows)

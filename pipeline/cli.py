@@ -18,6 +18,7 @@ import click
 
 from pipeline import __version__
 from pipeline.errors import EXIT_INTERRUPTED, BatchgenError, ConfigError
+from pipeline.sampling import SAMPLING_OPTIONS, SamplingOption
 
 log = logging.getLogger("batchgen")
 
@@ -242,32 +243,25 @@ engine_options = _options(
     ),
 )
 
+
+def _sampling_option(option: SamplingOption) -> Callable:
+    """The click flag of one entry of pipeline.sampling.SAMPLING_OPTIONS."""
+    if option.switch:
+        return click.option(option.flag, is_flag=True, default=None, help=option.help)
+    if option.multiple:
+        return click.option(
+            option.flag, multiple=True, metavar=option.kind.__name__.upper(), help=option.help
+        )
+    shown = {"show_default": True, "default": option.neutral} if option.name == "n" else {}
+    return click.option(option.flag, type=option.kind, help=option.help, **shown)
+
+
 sampling_options = _options(
-    click.option(
-        "--max-tokens", type=int, help="Output tokens per sample [default: model's, else 256]."
-    ),
+    *(_sampling_option(o) for o in SAMPLING_OPTIONS),
     click.option(
         "--max-tokens-column",
         metavar="COL",
         help="Integer column with each row's own max tokens (null: --max-tokens).",
-    ),
-    click.option(
-        "--ignore-eos",
-        is_flag=True,
-        help="Generate past end-of-sequence up to the max tokens (fixed lengths, benchmarks).",
-    ),
-    click.option("--temperature", type=float, help="0 is greedy [default: model's, else 1.0]."),
-    click.option("--top-p", type=float),
-    click.option("--top-k", type=int),
-    click.option("--min-p", type=float),
-    click.option("--repetition-penalty", type=float),
-    click.option("--stop", multiple=True, metavar="TEXT", help="Stop string; repeatable."),
-    click.option(
-        "--n",
-        type=int,
-        default=1,
-        show_default=True,
-        help="Samples per prompt, one output row each.",
     ),
     click.option(
         "--seed",
@@ -395,13 +389,8 @@ def _engine_config(kw: dict[str, Any], backend: str):
 
 
 def _build_config(kw: dict[str, Any]):
-    from pipeline.config import (
-        OutputConfig,
-        PromptConfig,
-        RunConfig,
-        SamplingConfig,
-        SourceConfig,
-    )
+    from pipeline.config import OutputConfig, PromptConfig, RunConfig, SourceConfig
+    from pipeline.sampling import SamplingConfig
 
     keep = tuple(c.strip() for c in (kw["keep_columns"] or "").split(",") if c.strip())
     try:
@@ -425,28 +414,19 @@ def _build_config(kw: dict[str, Any]):
                 chat_template=kw["chat_template"],
             ),
             engine=_engine_config(kw, kw["backend"]),
-            sampling=SamplingConfig(
-                max_tokens=kw["max_tokens"],
-                temperature=kw["temperature"],
-                top_p=kw["top_p"],
-                top_k=kw["top_k"],
-                min_p=kw["min_p"],
-                repetition_penalty=kw["repetition_penalty"],
-                stop=tuple(kw["stop"]),
-                n=kw["n"],
-                ignore_eos=kw["ignore_eos"],
-                max_tokens_column=kw["max_tokens_column"],
+            sampling=SamplingConfig.of(
+                kw["max_tokens_column"], **{o.name: kw[o.name] for o in SAMPLING_OPTIONS}
             ),
             output=OutputConfig(
-                output=kw["output"],
+                path=kw["output"],
                 rows_per_shard=kw["rows_per_shard"],
                 checkpoint_seconds=kw["checkpoint_seconds"],
                 keep_prompt=kw["keep_prompt"],
                 keep_columns=keep,
                 overwrite=kw["overwrite"],
             ),
-            num_shards=kw["num_shards"],
-            shard_index=kw["shard_index"],
+            num_ranks=kw["num_shards"],
+            rank=kw["shard_index"],
             drain_seconds=kw["drain_seconds"],
             progress_seconds=kw["progress_seconds"],
             max_inflight=kw["max_inflight"],

@@ -2,22 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import string
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pipeline.errors import ConfigError
-
-# Sampling knobs a model's generation_config.json may set; vLLM reads the same subset.
-MODEL_DEFAULT_SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
-DEFAULT_MAX_TOKENS = 256
-_GREEDY_N = (
-    "--n {n} with greedy sampling (temperature 0) would repeat one text; "
-    "pass --temperature above 0 or --n 1"
-)
+from pipeline.sampling import SamplingConfig
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,78 +140,10 @@ class EngineConfig:
 
 
 @dataclass(frozen=True, slots=True)
-class SamplingConfig:
-    """Sampling flags as given; None means the model's generation_config, then vLLM's default."""
-
-    max_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    min_p: float | None = None
-    repetition_penalty: float | None = None
-    stop: tuple[str, ...] = ()
-    n: int = 1
-    # Generate past the end-of-sequence token up to the max tokens: every output's length is
-    # then fixed in advance, which a benchmark needs so that two runs do the same work.
-    ignore_eos: bool = False
-    # An integer input column with each row's own max tokens (a null falls back to
-    # --max-tokens), so one run can mix short and long outputs.
-    max_tokens_column: str | None = None
-
-    def __post_init__(self) -> None:
-        if self.max_tokens is not None and self.max_tokens < 1:
-            raise ConfigError(f"--max-tokens {self.max_tokens}: must be at least 1")
-        if self.temperature is not None and self.temperature < 0:
-            raise ConfigError(f"--temperature {self.temperature}: must be 0 (greedy) or more")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise ConfigError(f"--top-p {self.top_p}: must be in (0, 1]")
-        if self.min_p is not None and not 0 <= self.min_p <= 1:
-            raise ConfigError(f"--min-p {self.min_p}: must be in [0, 1]")
-        if self.repetition_penalty is not None and self.repetition_penalty <= 0:
-            raise ConfigError(f"--repetition-penalty {self.repetition_penalty}: must be above 0")
-        if self.n < 1:
-            raise ConfigError(f"--n {self.n}: must be at least 1")
-        if self.n > 1 and self.temperature == 0:
-            raise ConfigError(_GREEDY_N.format(n=self.n))
-
-    def resolve(self, model_defaults: dict[str, Any]) -> dict[str, Any]:
-        """The sampling actually used: flags, else the model's defaults, else vLLM's neutral ones.
-
-        The result is what goes to the engine, into the fingerprint and into every shard's
-        metadata, so the recorded sampling is the applied one whatever its source.
-        """
-        neutral = {
-            "temperature": 1.0,
-            "top_p": 1.0,
-            "top_k": 0,
-            "min_p": 0.0,
-            "repetition_penalty": 1.0,
-        }
-        resolved: dict[str, Any] = {}
-        for key in MODEL_DEFAULT_SAMPLING_KEYS:
-            flag = getattr(self, key)
-            value = flag if flag is not None else model_defaults.get(key, neutral[key])
-            resolved[key] = value
-        if resolved["top_k"] is None or resolved["top_k"] < 0:
-            resolved["top_k"] = 0  # vLLM's "no top-k" is 0 (older releases also took -1)
-        max_tokens = self.max_tokens or model_defaults.get("max_new_tokens") or DEFAULT_MAX_TOKENS
-        resolved.update(max_tokens=int(max_tokens), stop=list(self.stop), n=self.n)
-        # Recorded only when used, so the fingerprints of runs that never used them (and their
-        # resumes) are unchanged.
-        if self.ignore_eos:
-            resolved["ignore_eos"] = True
-        if self.max_tokens_column is not None:
-            resolved["max_tokens_column"] = self.max_tokens_column
-        if self.n > 1 and resolved["temperature"] == 0:
-            raise ConfigError(_GREEDY_N.format(n=self.n))
-        return resolved
-
-
-@dataclass(frozen=True, slots=True)
 class OutputConfig:
     """Where and how results are written."""
 
-    output: str
+    path: str
     # Rows per Parquet shard. A shard is the unit of commit: smaller ones lose less work to a
     # crash and show progress sooner; larger ones make fewer files for readers.
     rows_per_shard: int = 10_000
@@ -235,7 +158,7 @@ class OutputConfig:
             raise ConfigError(f"--rows-per-shard {self.rows_per_shard}: must be at least 1")
         if self.checkpoint_seconds <= 0:
             raise ConfigError("--checkpoint-seconds must be above 0")
-        from pipeline.sinks import RESERVED_COLUMNS
+        from pipeline.sinks import RESERVED_COLUMNS  # the sink owns the output schema
 
         clashes = [c for c in self.keep_columns if c in RESERVED_COLUMNS]
         if clashes:
@@ -256,8 +179,10 @@ class RunConfig:
     engine: EngineConfig
     sampling: SamplingConfig
     output: OutputConfig
-    num_shards: int = 1
-    shard_index: int = 0
+    # This process's rank and the run's rank count (the flags --shard-index / --num-shards,
+    # spelled as `datasets` and datatrove users know them).
+    num_ranks: int = 1
+    rank: int = 0
     # On a stop signal, wait this long for requests already running before aborting them.
     drain_seconds: float = 30.0
     progress_seconds: float | None = None  # None: 0.5 s on a terminal, 30 s in a log
@@ -266,12 +191,12 @@ class RunConfig:
     max_inflight: int | None = None
 
     def __post_init__(self) -> None:
-        if self.num_shards < 1:
-            raise ConfigError(f"--num-shards {self.num_shards}: must be at least 1")
-        if not 0 <= self.shard_index < self.num_shards:
+        if self.num_ranks < 1:
+            raise ConfigError(f"--num-shards {self.num_ranks}: must be at least 1")
+        if not 0 <= self.rank < self.num_ranks:
             raise ConfigError(
-                f"--shard-index {self.shard_index}: must be in 0..{self.num_shards - 1} "
-                f"for --num-shards {self.num_shards}"
+                f"--shard-index {self.rank}: must be in 0..{self.num_ranks - 1} "
+                f"for --num-shards {self.num_ranks}"
             )
         if self.max_inflight is not None and self.max_inflight < 1:
             raise ConfigError("--max-inflight must be at least 1")
@@ -282,14 +207,4 @@ class RunConfig:
 
     @property
     def output_dir(self) -> Path:
-        return Path(self.output.output)
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True, default=str)
-
-
-def row_seed(run_seed: int, row_id: str) -> int:
-    """The sampling seed of one row: fixed by the run seed and the row id alone, so a row's
-    samples are the same whatever batch, rank or resume it lands in."""
-    digest = hashlib.blake2b(f"{run_seed}\x00{row_id}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") & (2**63 - 1)
+        return Path(self.output.path)

@@ -11,6 +11,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from pipeline.errors import BatchgenError
 
@@ -128,3 +129,22 @@ def model_signature(model: str) -> dict[str, object]:
     }
     config = (path / "config.json").read_bytes()
     return {"config_sha256": hashlib.sha256(config).hexdigest()[:16], "files": files}
+
+
+def generation_defaults(model: str) -> dict[str, Any]:
+    """The sampling defaults a model ships in generation_config.json (vLLM applies the same)."""
+    path = Path(model) / "generation_config.json"
+    if path.is_file():
+        try:
+            return json.loads(path.read_text())
+        except json.JSONDecodeError:
+            log.warning("ignoring unreadable %s", path)
+            return {}
+    if Path(model).exists():
+        return {}
+    try:
+        from transformers import GenerationConfig
+
+        return GenerationConfig.from_pretrained(model).to_diff_dict()
+    except (OSError, ValueError):
+        return {}

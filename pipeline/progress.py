@@ -58,10 +58,6 @@ class Progress:
             self._last = now
             self._print(now)
 
-    @property
-    def elapsed(self) -> float:
-        return time.monotonic() - self.started
-
     def line(self, now: float | None = None) -> str:
         elapsed = max((now or time.monotonic()) - self.started, 1e-9)
         done = self.done_before + self.prompts
@@ -69,9 +65,9 @@ class Progress:
         if self.todo is not None:
             total = self.done_before + self.todo
             pct = 100.0 * done / total if total else 100.0
-            parts.append(f"{done:,}/{total:,} rows ({pct:.1f}%)")
+            parts.append(f"{done:,}/{total:,} prompts ({pct:.1f}%)")
         else:
-            parts.append(f"{done:,} rows")
+            parts.append(f"{done:,} prompts")
         parts.append(f"{self.completion_tokens / elapsed:,.0f} out tok/s")
         if self.errors:
             parts.append(f"{self.errors:,} errors")

@@ -1,4 +1,5 @@
-"""Rows to token ids, with the model's own tokenizer and chat template.
+"""Rows to requests: token ids from the model's own tokenizer and chat template, plus the
+sampling each row is sent with.
 
 batchgen tokenizes here, off the engine's critical path, and sends vLLM token ids. So the length
 check is token-exact (the same tokenizer and template vLLM would use), and a prompt the engine
@@ -14,6 +15,7 @@ from typing import Any
 from pipeline.config import PromptConfig
 from pipeline.errors import BatchgenError, ConfigError
 from pipeline.records import PromptRow
+from pipeline.sampling import row_seed
 
 _TOKENIZERS: dict[tuple[str, bool, str], Any] = {}
 
@@ -42,7 +44,11 @@ def load_tokenizer(model: str, trust_remote_code: bool = False):
 
 
 class PromptBuilder:
-    """Turns column batches into PromptRows carrying token ids, or an error for the row."""
+    """Turns column batches into PromptRows carrying token ids and sampling, or an error.
+
+    `sampling` is the run's resolved sampling record, given to every row; when it samples
+    (temperature above 0), each row gets its own seed from `seed` and its id.
+    """
 
     def __init__(
         self,
@@ -50,11 +56,16 @@ class PromptBuilder:
         tokenizer: Any,
         keep_columns: tuple[str, ...] = (),
         max_tokens_column: str | None = None,
+        sampling: dict[str, Any] | None = None,
+        seed: int = 0,
     ):
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.keep_columns = keep_columns
         self.max_tokens_column = max_tokens_column
+        self.sampling = sampling if sampling is not None else {}
+        self.seed = seed
+        self.seeded = self.sampling.get("temperature", 0) > 0
         self.max_model_len: int | None = None  # set once the engine reports it
         self.chat_template: str | None = None
         if cfg.uses_chat_template:
@@ -99,6 +110,9 @@ class PromptBuilder:
                 id=row_id,
                 seq=seqs[i],
                 passthrough={c: columns[c][i] for c in self.keep_columns},
+                sampling=self.sampling,
+                # Per-row seed: a row's samples do not depend on its batch, rank or resume.
+                seed=row_seed(self.seed, row_id) if self.seeded else None,
             )
             try:
                 self._render(row, {c: v[i] for c, v in columns.items()})

@@ -8,12 +8,14 @@ from typing import Any
 
 @dataclass(slots=True)
 class PromptRow:
-    """One input row on its way to the engine.
+    """One input row on its way to the engine: the request, built once per row.
 
     `seq` is the row's position in this rank's slice of the input; it orders rows in a shard.
     The prompt builder fills `prompt_text` and `token_ids`, or `error` when the row cannot be
     sent (null or malformed value, empty or over-long prompt): such a row becomes an error
-    result instead of failing its batch.
+    result instead of failing its batch. `sampling` is the resolved sampling record that applies
+    to the row (one shared dict for every row without overrides) and `seed` its own sampling
+    seed (None when decoding is greedy); engines send exactly these.
     """
 
     id: str
@@ -25,6 +27,12 @@ class PromptRow:
     token_ids: list[int] | None = None
     error: str | None = None
     max_tokens: int | None = None  # this row's own budget (--max-tokens-column), else the run's
+    sampling: dict[str, Any] = field(default_factory=dict)
+    seed: int | None = None
+
+    @property
+    def n(self) -> int:
+        return self.sampling.get("n", 1)
 
 
 @dataclass(slots=True)
@@ -43,8 +51,8 @@ class ResultRow:
     passthrough: dict[str, Any] = field(default_factory=dict)
 
 
-def error_results(row: PromptRow, error: str, n: int) -> list[ResultRow]:
-    """The `n` output rows of a prompt that never reached the engine (one per requested sample)."""
+def error_results(row: PromptRow, error: str) -> list[ResultRow]:
+    """The output rows of a prompt that never reached the engine (one per requested sample)."""
     tokens = len(row.token_ids) if row.token_ids is not None else None
     return [
         ResultRow(
@@ -59,5 +67,5 @@ def error_results(row: PromptRow, error: str, n: int) -> list[ResultRow]:
             prompt=row.prompt_text if row.prompt_text is not None else row.prompt,
             passthrough=row.passthrough,
         )
-        for i in range(n)
+        for i in range(row.n)
     ]

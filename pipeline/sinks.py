@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 import os
 import re
-import sys
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +19,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.errors import BatchgenError, storage_reason
 from pipeline.records import ResultRow
 
 RESERVED_COLUMNS = (
@@ -33,16 +34,41 @@ RESERVED_COLUMNS = (
 )
 METADATA_KEY = b"batchgen"
 SHARD_RE = re.compile(r"^part-(\d{5})-(\d{6})\.parquet$")
-TMP_PREFIX = ".tmp-"
-# Test-only fault injection for tests/test_kill_harness.py: "in_write:3" or "after_rename:3"
-# announces the third shard of this process on stderr at that point and then hangs, so the
-# test can SIGKILL it exactly inside the commit window it names. Unset in normal use.
-TEST_PAUSE_ENV = "BATCHGEN_TEST_PAUSE"
-_kill_test_pauses: dict[str, int] = {}
+TMP_PREFIX = ".tmp-"  # readers skip names that start with '.'
 
 
 def shard_name(rank: int, seq: int) -> str:
+    """The file name of a rank's seq-th shard; zero-padded so that names sort."""
     return f"part-{rank:05d}-{seq:06d}.parquet"
+
+
+def shard_seq(name: str) -> int:
+    """The seq of a shard file name made by `shard_name`."""
+    match = SHARD_RE.match(name)
+    if match is None:
+        raise ValueError(f"{name} is not a shard file name")
+    return int(match.group(2))
+
+
+def shard_files(out_dir: Path, rank: int | None = None) -> list[Path]:
+    """Committed shard files in `out_dir` (of one rank, or of all), sorted by name."""
+    pattern = "part-*.parquet" if rank is None else f"part-{rank:05d}-*.parquet"
+    return sorted(p for p in out_dir.glob(pattern) if SHARD_RE.match(p.name))
+
+
+def temp_files(out_dir: Path, rank: int) -> list[Path]:
+    """Temporary files of one rank's unfinished shard writes (a crash leaves them)."""
+    return sorted(out_dir.glob(f"{TMP_PREFIX}part-{rank:05d}-*"))
+
+
+def temp_path(final: Path) -> Path:
+    """Where a file is written before its atomic rename to `final` (unique per process)."""
+    return final.with_name(f"{TMP_PREFIX}{final.name}.{os.getpid()}")
+
+
+def stale_temp_paths(final: Path) -> list[Path]:
+    """`temp_path`s of `final` left by any process (a crash between write and rename)."""
+    return sorted(final.parent.glob(f"{TMP_PREFIX}{final.name}.*"))
 
 
 def output_schema(keep_prompt: bool, keep_fields: list[pa.Field]) -> pa.Schema:
@@ -73,38 +99,57 @@ class ShardInfo:
     finish_reasons: dict[str, int]
 
     @classmethod
-    def of(cls, file: str, rows: list[ResultRow]) -> ShardInfo:
-        reasons: dict[str, int] = {}
+    def of(cls, file: str, rows: Iterable[ResultRow | _Counted]) -> ShardInfo:
+        """Counts over a shard's rows: ResultRows, or a read shard's rows (`read_shard_info`)."""
+        info = cls(file, 0, 0, 0, 0, 0, {})
         for r in rows:
-            key = r.finish_reason if r.error is None else "error"
-            reasons[key] = reasons.get(key, 0) + 1
-        first_samples = [r for r in rows if r.sample_index == 0]
-        return cls(
-            file=file,
-            rows=len(rows),
-            prompts=len(first_samples),
-            errors=sum(1 for r in rows if r.error is not None),
-            prompt_tokens=sum(r.prompt_tokens or 0 for r in first_samples if r.error is None),
-            completion_tokens=sum(r.completion_tokens or 0 for r in rows),
-            finish_reasons=reasons,
-        )
+            info.rows += 1
+            error = r.error is not None
+            if r.sample_index == 0:
+                info.prompts += 1
+                if not error:
+                    info.prompt_tokens += r.prompt_tokens or 0
+            info.errors += error
+            info.completion_tokens += r.completion_tokens or 0
+            key = "error" if error else r.finish_reason
+            info.finish_reasons[key] = info.finish_reasons.get(key, 0) + 1
+        return info
+
+
+@dataclass(slots=True)
+class _Counted:
+    """The columns of a shard row that ShardInfo counts."""
+
+    sample_index: int
+    finish_reason: str | None
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    error: str | None
+
+
+def read_shard_info(path: Path) -> ShardInfo:
+    """The manifest entry of a committed shard file, counted from its columns."""
+    names = ["sample_index", "finish_reason", "prompt_tokens", "completion_tokens", "error"]
+    cols = pq.read_table(path, columns=names).to_pydict()
+    return ShardInfo.of(
+        path.name, (_Counted(*values) for values in zip(*cols.values(), strict=True))
+    )
+
+
+def read_ids(path: Path) -> Iterator[str]:
+    """The row ids of a committed shard file."""
+    yield from pq.read_table(path, columns=["id"]).column("id").to_pylist()
 
 
 class ParquetShardWriter:
     """Writes one rank's shards into the output folder, each committed atomically."""
 
     def __init__(
-        self,
-        out_dir: Path,
-        rank: int,
-        schema: pa.Schema,
-        metadata: dict[str, Any],
-        fsync: bool = True,
+        self, out_dir: Path, rank: int, schema: pa.Schema, metadata: dict[str, Any]
     ) -> None:
         self.out_dir = out_dir
         self.rank = rank
         self.schema = schema.with_metadata({METADATA_KEY: json.dumps(metadata, sort_keys=True)})
-        self.fsync = fsync
 
     def table(self, rows: list[ResultRow]) -> pa.Table:
         columns: dict[str, list[Any]] = {
@@ -126,36 +171,43 @@ class ParquetShardWriter:
 
     def write(self, rows: list[ResultRow], seq: int) -> ShardInfo:
         """Write, flush and rename one shard; the shard exists complete or not at all."""
-        name = shard_name(self.rank, seq)
-        final = self.out_dir / name
-        tmp = self.out_dir / f"{TMP_PREFIX}{name}.{os.getpid()}"
+        final = self.out_dir / shard_name(self.rank, seq)
+        tmp = temp_path(final)
         rows = sorted(rows, key=lambda r: (r.seq, r.sample_index))  # input order within a shard
         try:
-            with open(tmp, "wb") as f:
-                pq.write_table(self.table(rows), f, compression="zstd")
-                f.flush()
-                if self.fsync:
-                    os.fsync(f.fileno())
-            _kill_test_pause("in_write", name)
-            os.replace(tmp, final)
+            self._write_temp(rows, tmp)
+            self._publish(tmp, final)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        if self.fsync:
-            fsync_dir(self.out_dir)
-        _kill_test_pause("after_rename", name)
-        return ShardInfo.of(name, rows)
+        fsync_dir(self.out_dir)
+        return ShardInfo.of(final.name, rows)
+
+    # The two steps of a commit; the kill tests wrap each to stop a process between them.
+
+    def _write_temp(self, rows: list[ResultRow], tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            pq.write_table(self.table(rows), f, compression="zstd")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def _publish(self, tmp: Path, final: Path) -> None:
+        os.replace(tmp, final)
 
 
-def _kill_test_pause(point: str, name: str) -> None:
-    """See TEST_PAUSE_ENV: hang at the Nth shard's `point` of this process, for a kill test."""
-    spec = os.environ.get(TEST_PAUSE_ENV)
-    if not spec or not spec.startswith(point + ":"):
-        return
-    _kill_test_pauses[point] = count = _kill_test_pauses.get(point, 0) + 1
-    if count == int(spec.partition(":")[2]):
-        print(f"{TEST_PAUSE_ENV} {point} {name}", file=sys.stderr, flush=True)
-        time.sleep(600)
+def prepare_output_dir(out_dir: Path) -> None:
+    """Create the output folder and prove it writable before any other work."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / f".batchgen-write-test-{int(time.time() * 1e6)}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        reason, fix = storage_reason(exc, out_dir)
+        raise BatchgenError(
+            f"--output {out_dir}: cannot write there ({reason}); nothing in it was changed; "
+            f"{fix} and rerun, or choose another --output"
+        ) from exc
 
 
 def fsync_dir(path: Path) -> None:

@@ -16,7 +16,7 @@ from typing import Any
 from pipeline.checkpoint import STATE_DIR, Manifest, lock_holder, manifest_path
 from pipeline.errors import EXIT_OK, EXIT_STATUS_FAILED, EXIT_STATUS_INCOMPLETE, BatchgenError
 from pipeline.progress import fmt_duration
-from pipeline.sinks import SHARD_RE
+from pipeline.sinks import shard_files
 
 # A rank's state, and what `batchgen status` says about it.
 STATE_LABELS = {
@@ -27,10 +27,6 @@ STATE_LABELS = {
     "failed": "failed (fix the error below, then rerun to resume)",
     "not_started": "not started",
 }
-
-
-def _now() -> float:
-    return time.time()
 
 
 @dataclass(slots=True)
@@ -61,7 +57,7 @@ class RankStatus:
         out.update(
             manifest_status=m.status,
             prompts=m.prompts_committed,
-            total_prompts=m.total_rows,
+            total_prompts=m.total_prompts,
             rows=m.rows_committed,
             shards=len(m.shards),
             errors=m.errors,
@@ -83,7 +79,7 @@ class RunStatus:
     """Every rank of one output folder, as `batchgen status` reports it."""
 
     out_dir: Path
-    num_shards: int
+    num_ranks: int
     ranks: list[RankStatus]
     now: float
 
@@ -105,7 +101,9 @@ class RunStatus:
 
     def to_dict(self) -> dict[str, Any]:
         started = [r.manifest for r in self.ranks if r.manifest is not None]
-        known = all(m.total_rows is not None for m in started) and len(started) == len(self.ranks)
+        known = all(m.total_prompts is not None for m in started) and len(started) == len(
+            self.ranks
+        )
         counts: dict[str, int] = {}
         for r in self.ranks:
             counts[r.state] = counts.get(r.state, 0) + 1
@@ -113,11 +111,11 @@ class RunStatus:
             "output": str(self.out_dir),
             "state": self.state,
             "exit_code": self.exit_code,
-            "num_shards": self.num_shards,
+            "num_shards": self.num_ranks,  # the rank count, spelled like --num-shards
             "ranks": [r.to_dict(self.now) for r in self.ranks],
             "all": {
                 "prompts": sum(m.prompts_committed for m in started),
-                "total_prompts": sum(m.total_rows for m in started) if known else None,
+                "total_prompts": sum(m.total_prompts for m in started) if known else None,
                 "rows": sum(m.rows_committed for m in started),
                 "shards": sum(len(m.shards) for m in started),
                 "errors": sum(m.errors for m in started),
@@ -135,7 +133,7 @@ class RunStatus:
                 lines.append(f"rank {r.rank}: {r.label()}")
                 continue
             lines.append(
-                f"rank {r.rank}: {r.label()} | {_prompts(m.prompts_committed, m.total_rows)}, "
+                f"rank {r.rank}: {r.label()} | {_prompts(m.prompts_committed, m.total_prompts)}, "
                 f"{m.rows_committed:,} rows in {_plural(len(m.shards), 'shard')} | "
                 f"{_plural(m.errors, 'error')} | "
                 f"updated {fmt_duration(max(self.now - m.updated_at, 0.0))} ago"
@@ -195,14 +193,14 @@ def read_status(out_dir: Path) -> RunStatus:
             f"{out_dir}: no batchgen run there (no {STATE_DIR}/rank-*.json); give the "
             "--output folder of a run"
         )
-    now = _now()
+    now = time.time()
     ranks = {rank: _rank_status(out_dir, rank) for rank in sorted(found)}
-    num_shards = max(
-        [r.manifest.num_shards for r in ranks.values() if r.manifest is not None] + [max(found) + 1]
+    num_ranks = max(
+        [r.manifest.num_ranks for r in ranks.values() if r.manifest is not None] + [max(found) + 1]
     )
-    for rank in range(num_shards):  # ranks of the run that never wrote anything yet
+    for rank in range(num_ranks):  # ranks of the run that never wrote anything yet
         ranks.setdefault(rank, RankStatus(rank, "not_started", None, None))
-    return RunStatus(out_dir, num_shards, [ranks[k] for k in sorted(ranks)], now)
+    return RunStatus(out_dir, num_ranks, [ranks[k] for k in sorted(ranks)], now)
 
 
 def _rank_status(out_dir: Path, rank: int) -> RankStatus:
@@ -228,11 +226,7 @@ def _rank_status(out_dir: Path, rank: int) -> RankStatus:
     unlisted: list[str] = []
     if manifest is not None and state != "running":  # a live writer lists its shard a moment later
         listed = {s["file"] for s in manifest.shards}
-        unlisted = sorted(
-            p.name
-            for p in out_dir.glob(f"part-{rank:05d}-*.parquet")
-            if SHARD_RE.match(p.name) and p.name not in listed
-        )
+        unlisted = [p.name for p in shard_files(out_dir, rank) if p.name not in listed]
     return RankStatus(rank, state, manifest, holder, unlisted)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pyarrow as pa
@@ -13,13 +14,25 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
+from hooks import PAUSE_ENV, STEP_ENV
 
 from pipeline.cli import main
-from pipeline.sinks import TEST_PAUSE_ENV
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE = REPO / "data" / "prompts.parquet"
 BATCHGEN = Path(sys.executable).with_name("batchgen")
+
+
+def _hooked_launcher() -> Path:
+    """An executable `batchgen` with the tests' fault hooks (tests/hooks.py) installed: what the
+    subprocess tests run when they slow the fake engine or pause a commit to kill it there."""
+    path = Path(tempfile.mkdtemp(prefix="batchgen-hooked-")) / "batchgen"
+    path.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{REPO / "tests" / "hooks.py"}" "$@"\n')
+    path.chmod(0o755)
+    return path
+
+
+HOOKED_BATCHGEN = _hooked_launcher()
 # float32 so the fidelity test can compare with Transformers' own float32 generate exactly.
 REAL_ENGINE = ["--dtype", "float32", "--max-model-len", "512"]
 FAKE_ENGINE = ["--engine", "fake"]
@@ -95,10 +108,11 @@ def greedy_sample_args(out: str | Path) -> list[str]:
 
 @pytest.fixture(autouse=True)
 def no_slurm(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A test run inside a Slurm job must not pick up that job's rank, nor a kill test's pause."""
+    """A test run inside a Slurm job must not pick up that job's rank, nor a kill test's hooks."""
     for name in ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT", "SLURM_PROCID", "SLURM_NTASKS"):
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.delenv(TEST_PAUSE_ENV, raising=False)
+    monkeypatch.delenv(PAUSE_ENV, raising=False)
+    monkeypatch.delenv(STEP_ENV, raising=False)
 
 
 @pytest.fixture

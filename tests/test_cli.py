@@ -193,16 +193,16 @@ def test_config_file_keys_are_long_flag_names(tmp_path: Path, captured: list) ->
     assert cfg.source.parquet == "in.parquet"
     assert (cfg.prompt.prompt_column, cfg.prompt.chat) == ("prompt", True)
     assert cfg.prompt.system_prompt == "Be brief."
-    assert (cfg.sampling.max_tokens, cfg.sampling.temperature) == (64, 0.7)
-    assert cfg.sampling.stop == ("END",)
+    assert (cfg.sampling.get("max_tokens"), cfg.sampling.get("temperature")) == (64, 0.7)
+    assert cfg.sampling.get("stop") == ("END",)
     assert cfg.engine.engine_args == (
         ("enable_prefix_caching", True),
         ("max_num_batched_tokens", 4096),
     )
     assert cfg.engine.backend == "fake"
     assert cfg.output.keep_columns == ("topic", "source")
-    assert (cfg.num_shards, cfg.shard_index) == (4, 2)
-    assert cfg.output.output == "out/job"
+    assert (cfg.num_ranks, cfg.rank) == (4, 2)
+    assert cfg.output.path == "out/job"
 
 
 def test_flags_override_the_config_file(tmp_path: Path, captured: list) -> None:
@@ -219,10 +219,10 @@ def test_flags_override_the_config_file(tmp_path: Path, captured: list) -> None:
         "run", "--max-tokens", "8", "--config", config, "--stop", "C", "-o", tmp_path / "elsewhere"
     )
     (cfg,) = captured
-    assert cfg.sampling.max_tokens == 8  # flag, though given before --config
-    assert cfg.sampling.temperature == 0.7  # file
-    assert cfg.sampling.stop == ("C",)  # a repeatable flag replaces the file's list
-    assert cfg.output.output == str(tmp_path / "elsewhere")
+    assert cfg.sampling.get("max_tokens") == 8  # flag, though given before --config
+    assert cfg.sampling.get("temperature") == 0.7  # file
+    assert cfg.sampling.get("stop") == ("C",)  # a repeatable flag replaces the file's list
+    assert cfg.output.path == str(tmp_path / "elsewhere")
     assert cfg.source.parquet == "in.parquet"
 
 

@@ -20,10 +20,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import FAKE_ENGINE, read_output, run_args, run_cli, write_prompts
+from hooks import PAUSE_ENV as TEST_PAUSE_ENV
 from test_kill_harness import Victim, read_as_users_do, rows_by_key
 
 from pipeline import checkpoint, sinks
-from pipeline.sinks import TEST_PAUSE_ENV
 
 ROWS = 1000
 FIX = "and rerun the same command to resume"

@@ -9,11 +9,11 @@ import pytest
 from conftest import write_prompts
 
 from pipeline.config import PromptConfig
-from pipeline.engine import StopFlags
+from pipeline.engines import StopFlags
 from pipeline.models import ensure_bundled_model
 from pipeline.prompts import PromptBuilder, load_tokenizer
-from pipeline.runner import Feeder
-from pipeline.sources import ParquetSource
+from pipeline.sources.parquet import ParquetSource
+from pipeline.stages import Feeder
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +66,7 @@ def test_a_stopped_run_ends_the_feeder_even_with_a_full_queue(
 
 def drain(feeder: Feeder) -> list[list]:
     """The feeder's queue items (lists of PromptRow) up to its end marker."""
-    from pipeline.runner import _END
+    from pipeline.stages import _END
 
     items = []
     while (item := feeder.queue.get(timeout=10)) is not _END:

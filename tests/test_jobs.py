@@ -16,7 +16,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import BATCHGEN, REPO, read_output
+from conftest import BATCHGEN, HOOKED_BATCHGEN, REPO, read_output
 
 from pipeline.cli import _build_config, run
 
@@ -36,7 +36,7 @@ NODE_JOB = JOBS / "slurm" / "multi-gpu.sbatch"
 def env() -> dict[str, str]:
     """The environment outside any Slurm job."""
     clean = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-    clean["BATCHGEN"] = str(BATCHGEN)
+    clean["BATCHGEN"] = str(HOOKED_BATCHGEN)
     clean.pop("BATCHGEN_FAKE_STEP_SECONDS", None)
     return clean
 
@@ -51,7 +51,7 @@ def test_example_config_is_a_valid_run_config(path: Path):
     ctx = run.make_context("run", ["--config", str(path)])
     params = dict(ctx.params, num_shards=1, shard_index=0)
     cfg = _build_config(params)
-    assert cfg.output.output.startswith("out/")
+    assert cfg.output.path.startswith("out/")
 
 
 def test_sample_config_runs_the_bundled_sample(tmp_path: Path):

@@ -4,7 +4,7 @@ output exactly once, with the texts of an uninterrupted run, and no reader ever 
 Kill points come from a seeded RNG (BATCHGEN_KILL_SEED overrides the seed; a failure names the
 seed and the kill). Most are timed: at start-up or a random moment after the run's first new
 commit. To land kills inside the two short commit windows for certain, some runs set
-BATCHGEN_TEST_PAUSE (pipeline/sinks.py), which makes the Nth shard commit announce itself on
+BATCHGEN_TEST_PAUSE (tests/hooks.py, through the hooked launcher), which makes the Nth shard commit announce itself on
 stderr and hang either with the shard written under its temporary name ("in_write") or renamed
 but not yet in the manifest ("after_rename"); the harness kills it there. The whole process
 group is killed, as Slurm or the OOM killer would, so vLLM's engine process dies with it.
@@ -28,16 +28,15 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 from conftest import (
-    BATCHGEN,
     FAKE_ENGINE,
+    HOOKED_BATCHGEN,
     greedy_sample_args,
     read_output,
     run_args,
     run_cli,
     write_prompts,
 )
-
-from pipeline.sinks import TEST_PAUSE_ENV
+from hooks import PAUSE_ENV as TEST_PAUSE_ENV
 
 ROWS = 3000
 KILLS_PER_SCENARIO = 10  # two scenarios: 20 kills in all
@@ -60,11 +59,12 @@ def rows_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 class Victim:
-    """`batchgen run` in its own process group, its stderr collected line by line."""
+    """`batchgen run` (with the tests' hooks) in its own process group, its stderr collected line
+    by line."""
 
     def __init__(self, args: list[str], env: dict[str, str]) -> None:
         self.proc = subprocess.Popen(
-            [str(BATCHGEN), *args],
+            [str(HOOKED_BATCHGEN), *args],
             env={**os.environ, **env},
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
@@ -93,6 +93,7 @@ class Victim:
     def finish(self, timeout: float = 120) -> int:
         code = self.proc.wait(timeout=timeout)
         self._reader.join(timeout=30)
+        self.proc.stderr.close()
         return code
 
     @property

@@ -13,7 +13,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import BATCHGEN, read_output, run_cli
+from conftest import HOOKED_BATCHGEN, read_output, run_cli
 
 NIGHTLY = Path(__file__).resolve().parent.parent / "jobs" / "cron" / "nightly.sh"
 ROWS = 40
@@ -36,7 +36,7 @@ def config(tmp_path: Path) -> Path:
 def env(tmp_path: Path) -> dict[str, str]:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     clean.pop("BATCHGEN_FAKE_STEP_SECONDS", None)
-    return {**clean, "BATCHGEN": str(BATCHGEN), "NIGHTLY_ROOT": str(tmp_path / "nightly")}
+    return {**clean, "BATCHGEN": str(HOOKED_BATCHGEN), "NIGHTLY_ROOT": str(tmp_path / "nightly")}
 
 
 def nightly(config: Path, env: dict[str, str], date: str, *flags: str, **extra: str):
@@ -102,7 +102,9 @@ def test_interrupted_night_is_resumed_before_the_next_and_then_nights_run_alone(
     log = log_lines(env)
     tonight = log[next(i for i, x in enumerate(log) if "nightly run for 2026-01-03" in x) :]
     assert tonight[0].endswith(f"for 2026-01-03, config {config}, into {root}/2026-01-03")
-    assert tonight[1].endswith(f"] {BATCHGEN} run --config {config} --output {root}/2026-01-03")
+    assert tonight[1].endswith(
+        f"] {HOOKED_BATCHGEN} run --config {config} --output {root}/2026-01-03"
+    )
     assert tonight[-1].endswith("] exit 0")
     assert not any("resuming" in x for x in tonight)
 
@@ -124,7 +126,7 @@ def test_unresumable_earlier_run_is_reported_and_tonight_still_runs(config, env,
     old_batchgen.write_text(
         "#!/usr/bin/env bash\n"
         "if [[ $1 == status ]]; then echo \"Error: No such command 'status'.\" >&2; exit 2; fi\n"
-        f'exec {BATCHGEN} "$@"\n'
+        f'exec {HOOKED_BATCHGEN} "$@"\n'
     )
     old_batchgen.chmod(0o755)
     proc = nightly(config, env, "2026-01-02", BATCHGEN=str(old_batchgen))

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pytest
 from conftest import FAKE_ENGINE, read_output, run_args, run_cli, write_prompts
 
-from pipeline.config import SamplingConfig
+from pipeline.sampling import SamplingConfig
 
 
 def budget_input(tmp_path: Path, budgets: pa.Array) -> Path:
@@ -90,7 +90,7 @@ def test_resume_refuses_a_changed_budget_setting(
 
 def test_unused_budget_flags_leave_the_sampling_record_unchanged() -> None:
     """Runs that never use them keep the fingerprint they had before the flags existed."""
-    resolved = SamplingConfig(max_tokens=5, temperature=0.0).resolve({})
+    resolved = SamplingConfig.of(max_tokens=5, temperature=0.0).resolve({})
     assert "ignore_eos" not in resolved and "max_tokens_column" not in resolved
-    resolved = SamplingConfig(ignore_eos=True, max_tokens_column="b").resolve({})
+    resolved = SamplingConfig.of(ignore_eos=True, max_tokens_column="b").resolve({})
     assert resolved["ignore_eos"] is True and resolved["max_tokens_column"] == "b"

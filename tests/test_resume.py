@@ -15,7 +15,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import BATCHGEN, FAKE_ENGINE, read_output, run_args, run_cli, write_prompts
+from conftest import FAKE_ENGINE, HOOKED_BATCHGEN, read_output, run_args, run_cli, write_prompts
 
 ROWS = 1000
 
@@ -33,7 +33,11 @@ def base_args(src: Path, out: Path) -> list[str]:
 def start(args: list[str], step_seconds: float) -> subprocess.Popen:
     env = {**os.environ, "BATCHGEN_FAKE_STEP_SECONDS": str(step_seconds)}
     return subprocess.Popen(
-        [str(BATCHGEN), *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        [str(HOOKED_BATCHGEN), *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
 
 
@@ -93,7 +97,7 @@ def test_sigkill_then_rerun_exactly_once(big_input, tmp_path):
     proc = start(base_args(big_input, out), step_seconds=0.05)
     wait_for_shards(out, 3, proc)
     proc.kill()
-    proc.wait(timeout=30)
+    proc.communicate(timeout=30)
     assert proc.returncode == -signal.SIGKILL
     run_cli(*base_args(big_input, out))
     assert_exactly_once(out, all_ids(big_input))
@@ -209,7 +213,7 @@ def rank_lock_in_another_process(out: Path, rank: int):
         yield holder
     finally:
         holder.kill()
-        holder.wait()
+        holder.communicate()
 
 
 def test_second_process_on_same_rank_is_refused(big_input, tmp_path):

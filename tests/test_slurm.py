@@ -23,7 +23,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import BATCHGEN, REPO, read_output
+from conftest import HOOKED_BATCHGEN, REPO, read_output
 
 from pipeline.sources import rank_range
 
@@ -58,8 +58,7 @@ def job_env() -> dict[str, str]:
     """The environment sbatch passes to the job (sbatch's default --export=ALL)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     env.pop("BATCHGEN_FAKE_STEP_SECONDS", None)
-    if BATCHGEN != REPO / ".venv" / "bin" / "batchgen":
-        env["BATCHGEN"] = str(BATCHGEN)  # the job files' own default would not find it
+    env["BATCHGEN"] = str(HOOKED_BATCHGEN)  # batchgen with the tests' hooks (tests/hooks.py)
     return env
 
 

@@ -13,7 +13,9 @@ import pytest
 
 from pipeline.config import SourceConfig
 from pipeline.errors import BatchgenError, ConfigError
-from pipeline.sources import HFDatasetSource, ParquetSource, Source, rank_range
+from pipeline.sources import Source, rank_range
+from pipeline.sources.hf import HFDatasetSource
+from pipeline.sources.parquet import ParquetSource
 
 
 def read_rows(source: Source, columns: list[str], batch_rows: int = 1000) -> list[tuple]:

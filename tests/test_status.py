@@ -26,7 +26,7 @@ LAST_RUN = {"prompts": 200, "generate_seconds": 1.5, "output_tokens_per_second":
 
 @pytest.fixture(autouse=True)
 def fixed_clock(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(status_mod, "_now", lambda: NOW)
+    monkeypatch.setattr(status_mod.time, "time", lambda: NOW)
 
 
 @pytest.fixture(scope="module")
@@ -284,7 +284,7 @@ def test_running_needs_a_live_lock_holder_and_interrupted_names_its_signal(out):
     finally:
         for holder in holders:
             holder.kill()
-            holder.wait()
+            holder.communicate()
     # The holders are gone: a "running" manifest under a free lock is a crash.
     result = run_cli("status", out, expect=3)
     assert result.output.splitlines()[3].startswith("rank 1: crashed (rerun to resume) | ")

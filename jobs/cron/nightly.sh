@@ -145,8 +145,8 @@ from pathlib import Path
 
 manifests = [json.loads(p.read_text()) for p in Path(sys.argv[1], ".batchgen").glob("rank-*.json")]
 finished = {m["rank"] for m in manifests if m.get("status") == "finished"}
-num_shards = {m["num_shards"] for m in manifests}
-sys.exit(0 if len(num_shards) == 1 and finished == set(range(num_shards.pop())) else 1)
+num_ranks = {m.get("num_ranks", m.get("num_shards")) for m in manifests}
+sys.exit(0 if len(num_ranks) == 1 and finished == set(range(num_ranks.pop())) else 1)
 PY
 }
 

@@ -1,102 +1,33 @@
-"""`batchgen bench`: batchgen's throughput as a ratio to raw vLLM on the same work, and the I/O
-path's speed and memory with the fake engine.
+"""Throughput: raw vLLM vs batchgen on one engine, in alternating rounds.
 
-Throughput (`run_throughput`): one engine, started once, serves both sides in turns:
-  (a) raw `LLM.generate` over every prompt in one call, given the prompts as token ids;
+One engine, started once, serves both sides in turns:
+  (a) raw `LLM.generate` over every prompt in one call, given the prompts as token ids (the
+      engine module runs it: `VllmEngine.raw_generate`);
   (b) the full `batchgen run` (`pipeline.runner.run`) from a Parquet file of prompt text to
       Parquet shards, committing a shard (a checkpoint) every `rows_per_shard` rows;
   (c) optionally, a plain Transformers `generate` loop over a subset, as the floor.
 Prompts mix lengths, and every row has its own output budget with `ignore_eos`, so (a) and (b)
 generate exactly the same number of tokens (the bench checks it) while sequences finish at
 different times, which is where draining at batch or checkpoint boundaries would show.
-
-Memory (`run_memory`): the fake engine over generated Parquet inputs of several sizes, each in a
-fresh subprocess, reporting peak RSS and rows per second through read -> prompt building and
-tokenization -> engine -> Parquet shards.
 """
 
 from __future__ import annotations
 
-import copy
-import io
-import json
 import logging
-import math
-import os
-import platform
-import random
-import resource
 import shutil
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline import __version__
-from pipeline.config import (
-    EngineConfig,
-    OutputConfig,
-    PromptConfig,
-    RunConfig,
-    SamplingConfig,
-    SourceConfig,
-)
+from pipeline.bench.machine import OTHER_CPU_WARN, OtherCpuMeter, bench_folder, machine_info
+from pipeline.bench.workload import make_prompts, write_prompt_file
+from pipeline.config import EngineConfig, OutputConfig, PromptConfig, RunConfig, SourceConfig
 from pipeline.errors import BatchgenError, ConfigError
+from pipeline.sampling import SamplingConfig
 
 log = logging.getLogger("batchgen")
-
-# Real-looking prose the prompts are cut from: encyclopedia-style sentences on mixed topics.
-SENTENCES = (
-    "The Nile flows north for about 6,650 kilometres before it reaches the Mediterranean Sea.",
-    "Photosynthesis turns light, water and carbon dioxide into sugar and oxygen inside leaves.",
-    "In 1854 John Snow traced a cholera outbreak in London to a single water pump on Broad Street.",
-    "A prime number has exactly two divisors: one and itself.",
-    "The city council voted to extend the bike lane network by forty kilometres over three years.",
-    "Honeybees communicate the direction of food with a waggle dance on the comb.",
-    "Most of the salt in the Dead Sea arrives with the Jordan River and stays when water "
-    "evaporates.",
-    "The first transatlantic telegraph cable failed after three weeks of service in 1858.",
-    "A hash table trades memory for lookups that take constant time on average.",
-    "Glaciers carve U-shaped valleys, while rivers cut narrower V-shaped ones.",
-    "The committee postponed its decision until the spring, citing incomplete cost estimates.",
-    "Sourdough rises because wild yeast and lactic acid bacteria ferment the flour.",
-    "Octopuses have three hearts and blue blood that carries oxygen with copper.",
-    "Interest rates rose for the fourth quarter in a row as inflation stayed above target.",
-    "The Rosetta Stone carries one decree in hieroglyphic, demotic and ancient Greek script.",
-    "Garbage collectors free memory that a program can no longer reach.",
-    "A marathon covers 42.195 kilometres, a distance fixed at the 1908 London Olympics.",
-    "Lichens are partnerships between a fungus and an alga or a cyanobacterium.",
-    "The library extended its opening hours after students petitioned for evening access.",
-    "Copper conducts electricity well and resists corrosion, so it is common in wiring.",
-    "The Great Barrier Reef can be seen from low Earth orbit.",
-    "Supply chains lengthened during the decade as firms moved assembly to cheaper regions.",
-    "Compilers translate source code into instructions a processor can execute.",
-    "Volcanic ash can ground aircraft because it melts inside jet engines.",
-    "Mozart wrote more than six hundred works before he died at thirty-five.",
-    "Tides follow the Moon because its gravity pulls hardest on the nearest ocean.",
-    "The survey found that two thirds of commuters would cycle if routes felt safer.",
-    "A recipe for bread needs flour, water, salt and time more than skill.",
-    "Satellites in geostationary orbit circle the Earth once a day above the equator.",
-    "The museum returned the statue after records showed it had been taken in 1897.",
-)
-TASKS = (
-    "Summarize the following notes in a few sentences.",
-    "Write a short quiz with answers based on this text.",
-    "Explain the passage below to a ten-year-old.",
-    "List the facts in the text below as bullet points.",
-    "Translate the main idea of these notes into plain English.",
-    "Write a headline and a one-paragraph news story from these notes.",
-    "Which statement below is the most surprising, and why?",
-    "Rewrite the following text in a formal tone.",
-)
-OTHER_CPU_WARN = 0.05  # other processes' CPU share above which the figures are flagged
-CHARS_PER_TOKEN = 4.5  # English prose with a BPE tokenizer; only steers lengths, which are measured
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,62 +87,6 @@ class BenchConfig:
         return self.rows_per_shard or max(1, min(2000, self.prompts // 8))
 
 
-# ---------------------------------------------------------------------------------------------
-# The prompt set
-
-
-def make_prompts(
-    count: int,
-    min_prompt_tokens: int,
-    max_prompt_tokens: int,
-    min_tokens: int,
-    max_tokens: int,
-    seed: int = 0,
-) -> tuple[list[str], list[int]]:
-    """`count` prompt texts of log-uniformly spread lengths, and each one's output budget.
-
-    Deterministic for a seed, so every machine benchmarks the same prompts.
-    """
-    rng = random.Random(seed)
-    texts, budgets = [], []
-    for i in range(count):
-        target = _log_uniform(rng, min_prompt_tokens, max_prompt_tokens)
-        task = TASKS[rng.randrange(len(TASKS))]
-        parts = [f"{task} (note {i})"]
-        length = len(parts[0])
-        while length < target * CHARS_PER_TOKEN:
-            sentence = SENTENCES[rng.randrange(len(SENTENCES))]
-            parts.append(sentence)
-            length += len(sentence) + 1
-        text = " ".join(parts)
-        # Cut at a word boundary so the shortest prompts land near their target too.
-        limit = max(int(target * CHARS_PER_TOKEN), len(parts[0]))
-        if len(text) > limit:
-            text = text[:limit].rsplit(" ", 1)[0]
-        texts.append(text)
-        budgets.append(_log_uniform(rng, min_tokens, max_tokens))
-    return texts, budgets
-
-
-def _log_uniform(rng: random.Random, lo: int, hi: int) -> int:
-    if lo == hi:
-        return lo
-    return min(hi, int(math.exp(rng.uniform(math.log(lo), math.log(hi + 1)))))
-
-
-def write_prompt_file(path: Path, texts: list[str], budgets: list[int]) -> Path:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    table = pa.table({"prompt": texts, "max_tokens": pa.array(budgets, pa.int32())})
-    pq.write_table(table, path, row_group_size=8192)
-    return path
-
-
-# ---------------------------------------------------------------------------------------------
-# Throughput: raw vLLM vs batchgen on one engine
-
-
 @dataclass(slots=True)
 class Timing:
     """One timed pass over the whole prompt set."""
@@ -239,14 +114,13 @@ class Timing:
 
 def run_throughput(cfg: BenchConfig) -> dict[str, Any]:
     """Start one engine, time raw vLLM and batchgen over the same prompts, return the report."""
-    from pipeline.engine import VllmEngine, get_engine
-    from pipeline.models import resolve_model
+    from pipeline.engines import get_engine
+    from pipeline.models import generation_defaults, resolve_model
     from pipeline.prompts import PromptBuilder, load_tokenizer
-    from pipeline.runner import generation_defaults
 
     bench_start = time.monotonic()
     model = resolve_model(cfg.engine.model)
-    with _work_dir(cfg.work_dir) as work:
+    with bench_folder(cfg.work_dir) as work:
         texts, budgets = make_prompts(
             cfg.prompts,
             cfg.min_prompt_tokens,
@@ -261,7 +135,7 @@ def run_throughput(cfg: BenchConfig) -> dict[str, Any]:
 
         log.info("bench: starting the engine (%s)...", model)
         engine = get_engine(cfg.engine, model)
-        if not isinstance(engine, VllmEngine):
+        if not hasattr(engine, "raw_generate"):
             raise BatchgenError("the throughput bench needs the vllm engine")
         engine_start = engine.start_seconds
         limit = engine.max_model_len
@@ -275,7 +149,9 @@ def run_throughput(cfg: BenchConfig) -> dict[str, Any]:
         # The raw side gets the very token ids batchgen will send: same tokenizer, same template,
         # and the row ids batchgen gives these rows (`file:row`), so with --temperature above 0
         # the per-row seeds match too.
-        builder = PromptBuilder(run_cfg.prompt, load_tokenizer(model), (), "max_tokens")
+        builder = PromptBuilder(
+            run_cfg.prompt, load_tokenizer(model), (), "max_tokens", sampling, cfg.engine.seed
+        )
         builder.max_model_len = limit
         rows = builder.build(
             [f"{src.name}:{i}" for i in range(len(texts))],
@@ -287,9 +163,8 @@ def run_throughput(cfg: BenchConfig) -> dict[str, Any]:
             raise BatchgenError(f"bench prompt {bad[0].id} was refused: {bad[0].error}")
         token_ids = [r.token_ids for r in rows]
         prompt_lens = [len(t) for t in token_ids]
-        raw_params = _raw_params(engine, sampling, rows, cfg.engine.seed)
 
-        _warm_up(engine, cfg, work, token_ids, raw_params, prompt_lens)
+        _warm_up(engine, cfg, work, rows)
 
         timings: list[tuple[Timing, Timing]] = []
         shards: int | None = None
@@ -298,11 +173,11 @@ def run_throughput(cfg: BenchConfig) -> dict[str, Any]:
             # bench does not favour one side.
             run_cfg = _run_config(cfg, src, work / f"out-{i}", cfg.shard_rows)
             if i % 2 == 0:
-                raw = _time_raw(engine, token_ids, raw_params, prompt_lens)
+                raw = _time_raw(engine, rows)
                 ours, shards = _time_batchgen(engine, run_cfg, model)
             else:
                 ours, shards = _time_batchgen(engine, run_cfg, model)
-                raw = _time_raw(engine, token_ids, raw_params, prompt_lens)
+                raw = _time_raw(engine, rows)
             if raw.output_tokens != sum(budgets):
                 raise BatchgenError(
                     f"raw vLLM generated {raw.output_tokens} tokens, not the {sum(budgets)} the "
@@ -361,28 +236,19 @@ def _run_config(cfg: BenchConfig, src: Path, out: Path, rows_per_shard: int) -> 
         source=SourceConfig(parquet=str(src)),
         prompt=PromptConfig(prompt_column="prompt", chat=cfg.chat, system_prompt=cfg.system_prompt),
         engine=cfg.engine,
-        sampling=SamplingConfig(
+        sampling=SamplingConfig.of(
             max_tokens=cfg.max_tokens,
             temperature=cfg.temperature,
             ignore_eos=True,
             max_tokens_column="max_tokens",
         ),
-        output=OutputConfig(output=str(out), rows_per_shard=rows_per_shard, overwrite=True),
+        output=OutputConfig(path=str(out), rows_per_shard=rows_per_shard, overwrite=True),
         progress_seconds=3600.0,
         max_inflight=cfg.max_inflight,
     )
 
 
-def _raw_params(engine: Any, sampling: dict[str, Any], rows: list, seed: int) -> list:
-    """One SamplingParams per prompt, built by the same code as batchgen's engine builds them."""
-    base = engine.sampling_params(sampling)
-    seeded = sampling["temperature"] > 0
-    return [engine.row_params(base, row, seed, seeded) for row in rows]
-
-
-def _warm_up(
-    engine: Any, cfg: BenchConfig, work: Path, token_ids: list, raw_params: list, prompt_lens: list
-) -> None:
+def _warm_up(engine: Any, cfg: BenchConfig, work: Path, rows: list) -> None:
     """An untimed pass through both paths, so neither timed side pays first-call costs.
 
     The raw pass covers the whole prompt set: a short one left the first timed pass ~10% slower
@@ -395,37 +261,30 @@ def _warm_up(
 
     run(_run_config(cfg, src, work / "warmup-out", 4))
     shutil.rmtree(work / "warmup-out", ignore_errors=True)
-    log.info("bench: warm-up pass over all %d prompts (untimed)...", len(token_ids))
-    _time_raw(engine, token_ids, raw_params, prompt_lens)
+    log.info("bench: warm-up pass over all %d prompts (untimed)...", len(rows))
+    _time_raw(engine, rows)
 
 
-def _reset_prefix_cache(engine: Any) -> None:
+def _time_raw(engine: Any, rows: list) -> Timing:
+    """Raw vLLM: one `LLM.generate` call over the rows, with the SamplingParams batchgen sends."""
     # Both sides run the same prompts: without this, whichever runs second would find their
     # prefixes cached from the first and skip most of its prefill.
-    reset = getattr(engine.llm, "reset_prefix_cache", None)
-    if reset is not None and reset() is False:
-        log.warning("bench: vLLM could not reset its prefix cache; timings may favour one side")
-
-
-def _time_raw(engine: Any, token_ids: list, params: list, prompt_lens: list[int]) -> Timing:
-    _reset_prefix_cache(engine)
-    prompts = [{"prompt_token_ids": t} for t in token_ids]
-    params = [copy.copy(p) for p in params]  # LLM.generate may adjust them in place
+    engine.reset_prefix_cache()
     meter = OtherCpuMeter()
     started = time.monotonic()
-    outputs = engine.llm.generate(prompts, params, use_tqdm=False)
+    prompts, output_tokens = engine.raw_generate(rows)
     seconds = time.monotonic() - started
-    output_tokens = sum(len(c.token_ids) for o in outputs for c in o.outputs)
-    return Timing("raw", seconds, len(outputs), sum(prompt_lens), output_tokens, meter.share())
+    prompt_tokens = sum(len(r.token_ids) for r in rows)
+    return Timing("raw", seconds, prompts, prompt_tokens, output_tokens, meter.share())
 
 
 def _time_batchgen(engine: Any, run_cfg: RunConfig, model: str) -> tuple[Timing, int]:
     import pyarrow.parquet as pq
 
-    from pipeline.engine import get_engine
+    from pipeline.engines import get_engine
     from pipeline.runner import run
 
-    _reset_prefix_cache(engine)
+    engine.reset_prefix_cache()
     meter = OtherCpuMeter()
     started = time.monotonic()
     result = run(run_cfg)
@@ -453,61 +312,6 @@ def _time_batchgen(engine: Any, run_cfg: RunConfig, model: str) -> tuple[Timing,
     shards = result.report["committed"]["shards"]
     shutil.rmtree(run_cfg.output_dir, ignore_errors=True)
     return timing, shards
-
-
-class OtherCpuMeter:
-    """CPU time used by processes outside this one and its descendants (vLLM's engine
-    processes), as a share of the machine's capacity since the meter started. Linux only."""
-
-    def __init__(self) -> None:
-        self.tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-        self.cpus = os.cpu_count() or 1
-        self.start = self._sample()
-
-    def share(self) -> float | None:
-        end = self._sample()
-        if self.start is None or end is None:
-            return None
-        wall = end[0] - self.start[0]
-        busy = end[1] - self.start[1]
-        ours = end[2] - self.start[2]
-        if wall <= 0:
-            return None
-        return round(max(busy - ours, 0.0) / (wall * self.cpus), 3)
-
-    def _sample(self) -> tuple[float, float, float] | None:
-        try:
-            fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
-            # user nice system idle iowait irq softirq steal: all but idle and iowait are busy.
-            values = [int(v) for v in fields[:8]]
-            busy = (sum(values) - values[3] - values[4]) / self.tick
-            return time.monotonic(), busy, self._tree_seconds()
-        except (OSError, ValueError, IndexError):
-            return None
-
-    def _tree_seconds(self) -> float:
-        parents: dict[int, int] = {}
-        times: dict[int, float] = {}
-        for entry in os.scandir("/proc"):
-            if not entry.name.isdigit():
-                continue
-            try:
-                stat = Path(entry.path, "stat").read_text()
-            except OSError:
-                continue
-            rest = stat.rsplit(")", 1)[1].split()  # fields after the command name
-            pid = int(entry.name)
-            parents[pid] = int(rest[1])
-            times[pid] = (int(rest[11]) + int(rest[12])) / self.tick  # utime + stime
-        me = os.getpid()
-        total = 0.0
-        for pid, seconds in times.items():
-            p = pid
-            while p > 1 and p != me:
-                p = parents.get(p, 0)
-            if p == me:
-                total += seconds
-        return total
 
 
 def _shutdown(engine: Any) -> None:
@@ -648,73 +452,6 @@ def _throughput_report(
     return report
 
 
-def machine_info() -> dict[str, Any]:
-    """The machine and software a figure was measured on."""
-    info: dict[str, Any] = {
-        "cpu": _cpu_name(),
-        "cpu_cores": os.cpu_count(),
-        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "memory_gb": _memory_gb(),
-        "gpu": None,
-        "python": platform.python_version(),
-        "batchgen": __version__,
-    }
-    for name in ("vllm", "torch", "transformers", "pyarrow"):
-        info[name] = _version(name)
-    if info["torch"] is not None:
-        import torch
-
-        if torch.cuda.is_available():
-            count = torch.cuda.device_count()
-            info["gpu"] = f"{count} x {torch.cuda.get_device_name(0)}"
-    return info
-
-
-def _version(module: str) -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
-
-    for dist in (module, f"{module}-cpu"):
-        try:
-            return version(dist)
-        except PackageNotFoundError:
-            continue
-    return None
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _memory_gb() -> float | None:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                return round(int(line.split()[1]) / 1024**2, 1)
-    except OSError:
-        pass
-    return None
-
-
-@contextmanager
-def _work_dir(path: str | None) -> Iterator[Path]:
-    if path is not None:
-        folder = Path(path)
-        folder.mkdir(parents=True, exist_ok=True)
-        yield folder
-        return
-    folder = Path(tempfile.mkdtemp(prefix="batchgen-bench-"))
-    try:
-        yield folder
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
-
-
 def format_throughput(report: dict[str, Any]) -> str:
     """The throughput report as the lines `batchgen bench` prints."""
     m = report["machine"]
@@ -759,184 +496,3 @@ def format_throughput(report: dict[str, Any]) -> str:
             "timed passes; rerun on a quiet machine for figures to quote"
         )
     return "\n".join(lines)
-
-
-# ---------------------------------------------------------------------------------------------
-# Memory and the I/O path, with the fake engine
-
-
-def make_io_input(path: Path, rows: int, seed: int = 0) -> Path:
-    """A Parquet file of `rows` short, distinct prompts, written a row group at a time."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    rng = random.Random(seed)
-    schema = pa.schema([("prompt", pa.string())])
-    group = 65_536
-    with pq.ParquetWriter(path, schema, compression="zstd") as writer:
-        for lo in range(0, rows, group):
-            texts = []
-            for i in range(lo, min(rows, lo + group)):
-                a = SENTENCES[rng.randrange(len(SENTENCES))]
-                b = SENTENCES[rng.randrange(len(SENTENCES))]
-                texts.append(f"{TASKS[i % len(TASKS)]} (row {i}) {a} {b}")
-            writer.write_table(pa.table({"prompt": texts}, schema=schema))
-    return path
-
-
-def run_memory(
-    sizes: tuple[int, ...],
-    model: str | None = None,
-    chat: bool = True,
-    rows_per_shard: int = 2000,
-    work_dir: str | None = None,
-) -> dict[str, Any]:
-    """The fake engine over inputs of each size, each in a fresh subprocess: peak RSS, rows/s."""
-    from pipeline.models import resolve_model
-
-    model_path = resolve_model(model)
-    results = []
-    with _work_dir(work_dir) as work:
-        for rows in sorted(sizes):
-            src = make_io_input(work / f"io-{rows}.parquet", rows)
-            out = work / f"io-out-{rows}"
-            log.info("bench --memory: %s rows through the fake engine...", f"{rows:,}")
-            job = {
-                "input": str(src),
-                "output": str(out),
-                "model": model_path,
-                "chat": chat,
-                "rows_per_shard": rows_per_shard,
-            }
-            results.append(_io_subprocess(job))
-            shutil.rmtree(out, ignore_errors=True)
-            src.unlink()
-    peaks = [r["peak_rss_mb"] for r in results]
-    return {
-        "engine": "fake",
-        "chat_template": chat,
-        "rows_per_shard": rows_per_shard,
-        "sizes": results,
-        "peak_rss_mb_max": max(peaks),
-        "peak_rss_growth_mb": round(peaks[-1] - peaks[0], 1),
-        "io_rows_per_s": results[-1]["rows_per_s"],
-        "machine": machine_info(),
-    }
-
-
-def _io_subprocess(job: dict[str, Any]) -> dict[str, Any]:
-    package_root = str(Path(__file__).resolve().parent.parent)
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
-    proc = subprocess.run(
-        [sys.executable, "-m", "pipeline.bench", "io-child", json.dumps(job)],
-        capture_output=True,
-        text=True,
-        env=env,
-    )
-    if proc.returncode != 0:
-        raise BatchgenError(f"the I/O bench subprocess failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def io_child(job: dict[str, Any]) -> dict[str, Any]:
-    """One I/O-path run with the fake engine in this (fresh) process; peak RSS included."""
-    import pyarrow.parquet as pq
-
-    from pipeline.runner import run
-
-    rows = pq.ParquetFile(job["input"]).metadata.num_rows
-    cfg = RunConfig(
-        source=SourceConfig(parquet=job["input"]),
-        prompt=PromptConfig(prompt_column="prompt", chat=job["chat"]),
-        engine=EngineConfig(model=job["model"], backend="fake"),
-        sampling=SamplingConfig(max_tokens=8, temperature=0.0),
-        output=OutputConfig(output=job["output"], rows_per_shard=job["rows_per_shard"]),
-        progress_seconds=3600.0,
-    )
-    before = _status_mb("VmRSS")
-    started = time.monotonic()
-    result = run(cfg)
-    seconds = time.monotonic() - started
-    committed = result.report["committed"]
-    if result.status != "finished" or committed["prompts"] != rows:
-        raise BatchgenError(f"the fake run ended {result.status} with {committed} of {rows}")
-    return {
-        "rows": rows,
-        "seconds": round(seconds, 2),
-        "rows_per_s": round(rows / seconds),
-        "shards": committed["shards"],
-        "rss_before_run_mb": before,
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        "vm_hwm_mb": _status_mb("VmHWM"),
-    }
-
-
-def _status_mb(key: str) -> float | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return round(int(line.split()[1]) / 1024, 1)
-    except OSError:
-        pass
-    return None
-
-
-def format_memory(report: dict[str, Any]) -> str:
-    m = report["machine"]
-    lines = [
-        f"machine: {m['cpu']} ({m['cpus_usable']} usable cores), {m['memory_gb']} GB",
-        f"fake engine, chat template {'on' if report['chat_template'] else 'off'}, a shard every "
-        f"{report['rows_per_shard']:,} rows; each size in a fresh process",
-        "",
-        f"{'rows':>12}{'peak RSS MB':>14}{'RSS before run':>16}{'seconds':>10}{'rows/s':>10}",
-    ]
-    for r in report["sizes"]:
-        lines.append(
-            f"{r['rows']:>12,}{r['peak_rss_mb']:>14,.1f}{r['rss_before_run_mb']:>16,.1f}"
-            f"{r['seconds']:>10,.1f}{r['rows_per_s']:>10,}"
-        )
-    lines += [
-        "",
-        f"peak RSS growth from the smallest to the largest input: "
-        f"{report['peak_rss_growth_mb']:+.1f} MB",
-        f"I/O path (read -> prompt build/tokenize -> fake engine -> Parquet): "
-        f"{report['io_rows_per_s']:,} rows/s",
-    ]
-    return "\n".join(lines)
-
-
-def reserve_stdout() -> Callable[[str], None]:
-    """Route whatever else writes to stdout from now on (vLLM's logs, its engine processes'
-    too) to stderr, and return a writer to the real stdout, kept for the one JSON object."""
-    try:
-        fd = sys.stdout.fileno()
-        err = sys.stderr.fileno()
-    except (AttributeError, OSError, io.UnsupportedOperation):
-        return print  # a captured stream (a test runner): nothing else writes there
-    sys.stdout.flush()
-    real = os.fdopen(os.dup(fd), "w")
-    os.dup2(err, fd)
-
-    def write(text: str) -> None:
-        real.write(text + "\n")
-        real.flush()
-
-    return write
-
-
-def to_json(report: dict[str, Any]) -> str:
-    return json.dumps(report, sort_keys=True, default=str)
-
-
-if __name__ == "__main__":  # the fresh process of one memory measurement
-    if len(sys.argv) == 3 and sys.argv[1] == "io-child":
-        logging.basicConfig(level=logging.WARNING)
-        logging.getLogger("batchgen").setLevel(logging.WARNING)
-        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-        print(json.dumps(io_child(json.loads(sys.argv[2]))))
-    else:
-        sys.exit("usage: python -m pipeline.bench io-child JOB_JSON (used by batchgen bench)")
-
-
-__all__ = ["BenchConfig", "run_memory", "run_throughput"]

@@ -1,0 +1,44 @@
+"""Engines: where prompts become completions. `get_engine` picks and caches one.
+
+base.py   the Engine interface, stop flags and the continuous-admission loop
+vllm.py   vLLM in this process (the only module that imports vllm)
+fake.py   an instant stand-in for I/O, crash and scale tests
+"""
+
+from __future__ import annotations
+
+import atexit
+
+from pipeline.config import EngineConfig
+from pipeline.engines.base import Engine, RejectedPrompt, StopFlags
+
+_ENGINES: dict[tuple[EngineConfig, str], Engine] = {}
+
+
+def get_engine(cfg: EngineConfig, model: str) -> Engine:
+    """The engine for these settings, started once per process and reused by later runs.
+
+    Reuse is what lets one test session, or a script calling `run()` per dataset, pay the
+    engine's start (tens of seconds) once.
+    """
+    key = (cfg, model)
+    engine = _ENGINES.get(key)
+    if engine is not None and not getattr(engine, "dead", False):
+        return engine
+    if cfg.backend == "fake":
+        from pipeline.engines.fake import FakeEngine
+
+        engine = FakeEngine(cfg, model)
+    else:
+        from pipeline.engines.vllm import VllmEngine
+
+        # Only one vLLM engine fits in memory at a time: drop any other before starting.
+        for other in [k for k, e in _ENGINES.items() if k[0].backend == "vllm"]:
+            _ENGINES.pop(other).close()
+        engine = VllmEngine(cfg, model)
+        atexit.register(engine.close)
+    _ENGINES[key] = engine
+    return engine
+
+
+__all__ = ["Engine", "RejectedPrompt", "StopFlags", "get_engine"]

@@ -1,0 +1,91 @@
+"""An instant stand-in for vLLM, for I/O, crash and scale tests and for `batchgen bench`'s
+I/O-path figure. It runs the same admission loop as the real engine; its "text" is a digest of
+the prompt tokens (and, when sampling, of the row's seed and sample index), so outputs are
+deterministic and a resumed run can be compared row for row with an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import deque
+from typing import Any
+
+from pipeline import __version__
+from pipeline.config import EngineConfig
+from pipeline.engines.base import RejectedPrompt, SteppingEngine
+from pipeline.records import PromptRow, ResultRow
+
+FAKE_MAX_MODEL_LEN = 2048
+FAKE_COMPLETION_TOKENS = 8  # every fake sample is this long, or its budget if shorter
+
+
+class FakeEngine(SteppingEngine):
+    """Answers every queued request in the next step; `max_num_seqs` requests per step."""
+
+    def __init__(self, cfg: EngineConfig, model: str) -> None:
+        self.cfg = cfg
+        self.model = model
+        self.max_model_len = cfg.max_model_len or FAKE_MAX_MODEL_LEN
+        self.max_num_seqs = cfg.max_num_seqs or 256
+        self.start_seconds = 0.0
+        self._queue: deque[tuple[str, PromptRow]] = deque()
+        self._counter = 0
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "engine": "fake",
+            "model": self.model,
+            "model_impl": self.cfg.model_impl,
+            "dtype": self.cfg.dtype,
+            "max_model_len": self.max_model_len,
+            "vllm": None,
+            "transformers": None,
+            "batchgen": __version__,
+        }
+
+    def close(self) -> None:
+        self._queue.clear()
+
+    def _add(self, row: PromptRow) -> str:
+        assert row.token_ids is not None
+        if len(row.token_ids) >= self.max_model_len:
+            raise RejectedPrompt(f"prompt of {len(row.token_ids)} tokens is too long")
+        self._counter += 1
+        request_id = str(self._counter)
+        self._queue.append((request_id, row))
+        return request_id
+
+    def _step(self) -> list[tuple[str, Any]]:
+        done = []
+        for _ in range(min(self.max_num_seqs, len(self._queue))):
+            request_id, row = self._queue.popleft()
+            done.append((request_id, None))
+        return done
+
+    def _abort(self, request_ids: list[str]) -> None:
+        dropped = set(request_ids)
+        self._queue = deque(q for q in self._queue if q[0] not in dropped)
+
+    def _results(self, row: PromptRow, output: Any) -> list[ResultRow]:
+        assert row.token_ids is not None
+        base = hashlib.blake2b(repr(row.token_ids).encode(), digest_size=6).hexdigest()
+        budget = row.max_tokens or row.sampling["max_tokens"]
+        n_tokens = min(budget, FAKE_COMPLETION_TOKENS)
+        finish = "length" if n_tokens == budget else "stop"
+        results = []
+        for i in range(row.n):
+            salt = f" s{row.seed % 100_000}.{i}" if row.seed is not None else ""
+            results.append(
+                ResultRow(
+                    id=row.id,
+                    seq=row.seq,
+                    sample_index=i,
+                    text=f"fake {base}{salt}",
+                    finish_reason=finish,
+                    prompt_tokens=len(row.token_ids),
+                    completion_tokens=n_tokens,
+                    prompt=row.prompt_text,
+                    passthrough=row.passthrough,
+                )
+            )
+        return results

@@ -1,0 +1,81 @@
+"""The report of one run: what it did, how fast, and what its output folder now holds."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from pipeline.checkpoint import Checkpoint
+from pipeline.engines import Engine, StopFlags
+from pipeline.progress import Progress, fmt_duration
+
+log = logging.getLogger("batchgen")
+
+
+def run_report(
+    status: str,
+    progress: Progress,
+    engine: Engine,
+    gen_seconds: float,
+    wall_seconds: float,
+    checkpoint: Checkpoint,
+    flags: StopFlags,
+) -> dict[str, Any]:
+    """What a run did, as recorded in its manifest and shown by `batchgen status`."""
+    manifest = checkpoint.manifest
+    return {
+        "status": status,
+        "signal": flags.signal_name,
+        "this_run": {
+            "prompts": progress.prompts,
+            "rows": progress.rows,
+            "errors": progress.errors,
+            "prompt_tokens": progress.prompt_tokens,
+            "completion_tokens": progress.completion_tokens,
+            "finish_reasons": dict(sorted(progress.finish_reasons.items())),
+            "engine_start_seconds": round(engine.start_seconds, 2),
+            "generate_seconds": round(gen_seconds, 2),
+            "wall_seconds": round(wall_seconds, 2),
+            "output_tokens_per_second": round(progress.completion_tokens / gen_seconds, 1)
+            if gen_seconds > 0
+            else None,
+        },
+        "committed": {
+            "prompts": manifest.prompts_committed,
+            "rows": manifest.rows_committed,
+            "errors": manifest.errors,
+            "shards": len(manifest.shards),
+            "total_prompts": manifest.total_prompts,
+        },
+        "engine": engine.describe(),
+    }
+
+
+def log_summary(report: dict[str, Any], out_dir: Path) -> None:
+    """The run's last two log lines: what this run did, and what the folder holds."""
+    this, committed = report["this_run"], report["committed"]
+    reasons = ", ".join(f"{k} {v:,}" for k, v in this["finish_reasons"].items()) or "none"
+    log.info(
+        "%s: %s prompts this run (%s rows, %s errors) | %s prompt + %s output tokens | "
+        "generate %s, engine start %s, wall %s | %s output tok/s | finish reasons: %s",
+        report["status"],
+        f"{this['prompts']:,}",
+        f"{this['rows']:,}",
+        f"{this['errors']:,}",
+        f"{this['prompt_tokens']:,}",
+        f"{this['completion_tokens']:,}",
+        fmt_duration(this["generate_seconds"]),
+        fmt_duration(this["engine_start_seconds"]),
+        fmt_duration(this["wall_seconds"]),
+        f"{this['output_tokens_per_second'] or 0:,.1f}",
+        reasons,
+    )
+    total = committed["total_prompts"]
+    log.info(
+        "output: %s prompts committed%s in %d shard(s) under %s",
+        f"{committed['prompts']:,}",
+        f" of {total:,}" if total is not None else "",
+        committed["shards"],
+        out_dir,
+    )

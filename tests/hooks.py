@@ -1,0 +1,73 @@
+"""Fault injection for tests, installed by the tests' own launcher (`HOOKED_BATCHGEN` in
+conftest.py), never by batchgen itself: `batchgen` as users run it reads none of this.
+
+  BATCHGEN_FAKE_STEP_SECONDS=0.05   each fake-engine step takes this long, so a signal or a kill
+                                    lands in the middle of a run
+  BATCHGEN_TEST_PAUSE=in_write:3    the 3rd shard this process commits announces itself on
+  BATCHGEN_TEST_PAUSE=after_rename:3  stderr and hangs, written under its temporary name
+                                    (in_write) or renamed but not yet in the manifest
+                                    (after_rename), so a test can SIGKILL it exactly there
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+STEP_ENV = "BATCHGEN_FAKE_STEP_SECONDS"
+PAUSE_ENV = "BATCHGEN_TEST_PAUSE"
+PAUSE_POINTS = ("in_write", "after_rename")
+
+
+def install() -> None:
+    """Wrap the fake engine's step and the shard writer's rename as the environment asks."""
+    step = float(os.environ.get(STEP_ENV) or 0)
+    if step:
+        from pipeline.engines.fake import FakeEngine
+
+        fake_step = FakeEngine._step
+
+        def slow_step(self: FakeEngine):
+            time.sleep(step)
+            return fake_step(self)
+
+        FakeEngine._step = slow_step
+    spec = os.environ.get(PAUSE_ENV)
+    if spec:
+        point, _, nth = spec.partition(":")
+        assert point in PAUSE_POINTS and nth.isdigit(), f"{PAUSE_ENV}={spec!r}"
+        _pause_at_commit(point, int(nth))
+
+
+def _pause_at_commit(point: str, nth: int) -> None:
+    from pipeline.sinks import ParquetShardWriter
+
+    publish = ParquetShardWriter._publish
+    commits = 0
+
+    def pausing_publish(self: ParquetShardWriter, tmp: Path, final: Path) -> None:
+        nonlocal commits
+        commits += 1
+        if point == "in_write" and commits == nth:
+            _hang(point, final.name)
+        publish(self, tmp, final)
+        if point == "after_rename" and commits == nth:
+            _hang(point, final.name)
+
+    ParquetShardWriter._publish = pausing_publish
+
+
+def _hang(point: str, shard: str) -> None:
+    print(f"{PAUSE_ENV} {point} {shard}", file=sys.stderr, flush=True)
+    time.sleep(600)
+
+
+if __name__ == "__main__":  # the hooked launcher: `python tests/hooks.py run ...`
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    install()
+    from pipeline.cli import main
+
+    sys.argv[0] = "batchgen"
+    main()
