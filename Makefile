@@ -40,8 +40,19 @@ run: model
 	$(BIN)/batchgen run --parquet data/prompts.parquet --prompt-column prompt --chat \
 		--max-tokens 128 --output $(SAMPLE_OUT)
 
-test: model slurm
+test: model slurm test-tools
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Test tools from Debian's packages: shellcheck lints the job scripts (tests/test_jobs.py).
+.PHONY: test-tools
+test-tools:
+	@if command -v shellcheck >/dev/null; then :; \
+	elif [[ $$(id -u) == 0 ]] && command -v apt-get >/dev/null; then \
+		echo "test-tools: installing shellcheck..."; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq shellcheck >/dev/null; \
+	else \
+		echo "test-tools: shellcheck is missing and installing it needs root and apt-get; its tests will be skipped"; \
+	fi
 
 # The Slurm tests (pytest -m slurm) need the local single-node cluster; starting it needs root
 # and apt-get (to install slurm-wlm and munge). Idempotent when it is already up.

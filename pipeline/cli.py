@@ -323,6 +323,13 @@ scale_options = _options(
         "--max-inflight", type=int, help="Requests kept in the engine [default: 4 x max-num-seqs]."
     ),
     click.option(
+        "--max-error-rate",
+        type=float,
+        default=0.1,
+        show_default=True,
+        help="Exit 1 if more than this share of prompts became error rows (all are committed).",
+    ),
+    click.option(
         "--progress-seconds",
         type=float,
         help="Progress line interval [default: 0.5 s on a terminal, 30 s in logs].",
@@ -430,6 +437,7 @@ def _build_config(kw: dict[str, Any]):
             drain_seconds=kw["drain_seconds"],
             progress_seconds=kw["progress_seconds"],
             max_inflight=kw["max_inflight"],
+            max_error_rate=kw["max_error_rate"],
         )
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from exc

@@ -189,6 +189,10 @@ class RunConfig:
     # Requests kept inside the engine at once. More keeps the scheduler fed across long and
     # short sequences; fewer loses less queued work on a crash (queued work is only redone).
     max_inflight: int | None = None
+    # Error rows are data and are always committed, but a run whose share of error rows is above
+    # this ends with exit 1 (and, past 1,000 prompts at over 90%, stops early), so a cron job
+    # does not report success for a run that produced mostly errors.
+    max_error_rate: float = 0.1
 
     def __post_init__(self) -> None:
         if self.num_ranks < 1:
@@ -197,6 +201,10 @@ class RunConfig:
             raise ConfigError(
                 f"--shard-index {self.rank}: must be in 0..{self.num_ranks - 1} "
                 f"for --num-shards {self.num_ranks}"
+            )
+        if not 0 <= self.max_error_rate <= 1:
+            raise ConfigError(
+                f"--max-error-rate {self.max_error_rate}: must be a share in [0, 1], e.g. 0.1"
             )
         if self.max_inflight is not None and self.max_inflight < 1:
             raise ConfigError("--max-inflight must be at least 1")

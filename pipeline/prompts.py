@@ -9,8 +9,11 @@ would reject becomes an error row before it can fail a batch.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import pyarrow as pa
 
 from pipeline.config import PromptConfig
 from pipeline.errors import BatchgenError, ConfigError
@@ -100,6 +103,29 @@ class PromptBuilder:
             wanted.setdefault(self.max_tokens_column, "--max-tokens-column")
         return wanted
 
+    def check_types(self, field: Callable[[str], pa.Field]) -> None:
+        """Refuse, before any engine time, a column whose type can never give a prompt: an
+        integer --prompt-column would otherwise make every row an error row."""
+        cfg = self.cfg
+        checks = [
+            (cfg.prompt_column, "--prompt-column", _is_text, "text (string)"),
+            (cfg.messages_column, "--messages-column", _is_messages, "a list of messages or text"),
+            (self.max_tokens_column, "--max-tokens-column", _is_number, "whole numbers"),
+        ]
+        for column, flag, ok, expected in checks:
+            if column is None:
+                continue
+            kind = field(column).type
+            if not ok(kind):
+                fix = {
+                    "--prompt-column": f"use --template '{{{column}}}' to format it into text",
+                    "--messages-column": "store messages as [{role, content}, ...] or JSON text",
+                    "--max-tokens-column": "cast it to integers",
+                }[flag]
+                raise ConfigError(
+                    f"{flag} {column!r} has type {kind}, but it must hold {expected}; {fix}"
+                )
+
     def build(
         self, ids: list[str], columns: dict[str, list[Any]], seqs: list[int] | range
     ) -> list[PromptRow]:
@@ -143,9 +169,10 @@ class PromptBuilder:
                 if nulls:
                     raise _RowError(f"--template column(s) {', '.join(map(repr, nulls))} null")
                 text = cfg.template.format_map(values)
-            if text == "" and not cfg.chat:
+            if not cfg.chat and not text.strip():
                 # Checked on the text: a tokenizer that adds BOS would make '' one token long.
-                raise _RowError("the prompt is empty")
+                # (A chat message renders the template around it, so it is still a prompt.)
+                raise _RowError("the prompt is empty" if text == "" else "the prompt is blank")
             row.prompt = text
             if cfg.chat:
                 row.messages = [{"role": "user", "content": text}]
@@ -189,6 +216,21 @@ class PromptBuilder:
                 "which must hold the prompt and at least one output token"
             )
         return None
+
+
+def _is_text(t: pa.DataType) -> bool:
+    if pa.types.is_dictionary(t):
+        t = t.value_type
+    return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)
+
+
+def _is_messages(t: pa.DataType) -> bool:
+    lists = pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_list_view(t)
+    return lists or _is_text(t) or pa.types.is_null(t)
+
+
+def _is_number(t: pa.DataType) -> bool:
+    return pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_null(t)
 
 
 class _RowError(Exception):

@@ -33,6 +33,10 @@ from pipeline.stages import Committer, Feeder
 log = logging.getLogger("batchgen")
 
 STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1")
+# A run stops early once this many prompts are done and more than HOPELESS_RATE of them failed:
+# the rest of the input would most likely fail the same way.
+HOPELESS_AFTER = 1000
+HOPELESS_RATE = 0.9
 
 
 @dataclass(slots=True)
@@ -130,6 +134,7 @@ def _read_job(cfg: RunConfig) -> _Job:
     if cfg.source.id_column is not None:
         wanted[cfg.source.id_column] = "--id-column"
     require_columns(source, wanted)
+    builder.check_types(source.field)
     fingerprint = run_fingerprint(cfg, model, source.identity(), builder.chat_template, sampling)
     return _Job(model, source, builder, sampling, fingerprint)
 
@@ -216,6 +221,14 @@ def _generate(
                 if committer.error or feeder.error:
                     flags.stop.set()
                     flags.abort.set()
+                elif _hopeless(progress, cfg.max_error_rate) and not flags.stop.is_set():
+                    log.warning(
+                        "%s of the first %s prompts are error rows: stopping early, since the "
+                        "rest would most likely fail the same way",
+                        f"{progress.errors:,}",
+                        f"{progress.rows:,}",
+                    )
+                    flags.stop.set()
         except Exception as exc:  # the engine died (or was killed by the same signal)
             engine_error = exc
             if not flags.stop.is_set():
@@ -226,6 +239,13 @@ def _generate(
             committer.close()
     progress.close()
     return engine_error
+
+
+def _hopeless(progress: Progress, max_error_rate: float) -> bool:
+    """Enough prompts done, nearly all failed: the rest would fail the same way. (Past the
+    --max-error-rate too, so a stop here always ends as that failure.)"""
+    rate = progress.errors / max(progress.rows, 1)
+    return progress.prompts >= HOPELESS_AFTER and rate > max(HOPELESS_RATE, max_error_rate)
 
 
 def _failure(
@@ -274,9 +294,31 @@ def _failure(
             f"{manifest.prompts_committed:,} are committed in {out_dir}; this is a batchgen bug, "
             "please report it; rerun the same command to complete the missing rows"
         )
+    elif flags.signal_name is None and manifest.rows_committed:
+        failure = _error_rate_failure(
+            cfg, manifest.errors, manifest.rows_committed, stopped_early=not feeder.exhausted
+        )
     if failure is not None:
         failure.__cause__ = cause
     return failure
+
+
+def _error_rate_failure(
+    cfg: RunConfig, errors: int, rows: int, stopped_early: bool
+) -> BatchgenError | None:
+    """The run's end when error rows are over --max-error-rate (or hopeless: stopped early)."""
+    rate = errors / rows
+    if rate <= cfg.max_error_rate:
+        return None
+    out = cfg.output_dir
+    early = "stopped early: " if stopped_early else ""
+    return BatchgenError(
+        f"{early}{errors:,} of {rows:,} rows of rank {cfg.rank} ({rate:.1%}) are error rows, above "
+        f"--max-error-rate {cfg.max_error_rate:g}; every row is committed in {out}: see why in "
+        f"their `error` column (e.g. duckdb -c \"select error, count(*) from '{out}/*.parquet' "
+        'group by error"), fix the input or flags and rerun with --overwrite, or rerun with a '
+        "higher --max-error-rate to accept them"
+    )
 
 
 def _record_status(

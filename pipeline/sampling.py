@@ -140,6 +140,23 @@ SAMPLING_OPTIONS: tuple[SamplingOption, ...] = (
         "must be at least 1",
         neutral=1,
     ),
+    # Log probabilities are written as typed columns (see pipeline/sinks.py); each costs memory
+    # and disk in proportion to tokens x K.
+    SamplingOption(
+        "logprobs",
+        int,
+        "Per output token: its log probability and the top K alternatives (column logprobs).",
+        lambda v: v >= 0,
+        "must be 0 (the chosen token only) or more",
+    ),
+    SamplingOption(
+        "prompt_logprobs",
+        int,
+        "Per prompt token: its log probability and the top K alternatives (column "
+        "prompt_logprobs).",
+        lambda v: v >= 0,
+        "must be 0 (the prompt token only) or more",
+    ),
     # Generate past the end-of-sequence token up to the max tokens: every output's length is
     # then fixed in advance, which a benchmark needs so that two runs do the same work.
     SamplingOption(

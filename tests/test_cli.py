@@ -122,7 +122,7 @@ BAD_FLAGS = [
     ),
     pytest.param(
         ["--parquet", "IN", "--prompt-column", "promt", "-o", "OUT"],
-        "--prompt-column 'promt': no such column; the input's columns are: prompt, topic",
+        "--prompt-column 'promt': no such column (did you mean 'prompt'?); the input's columns are: prompt, topic",
         id="unknown-prompt-column",
     ),
     pytest.param(

@@ -123,7 +123,8 @@ def test_parquet_sample_with_bad_rows_in_the_same_batch(tmp_path):
 def test_plain_empty_prompt_is_an_error_row(tmp_path):
     src = write_prompts(tmp_path / "in.parquet", ["", "Hello"])
     out = tmp_path / "out"
-    run_cli(*run_args(src, out, "--temperature", "0", *REAL_ENGINE, max_tokens=4))
+    # One prompt of two is an error row: over the default --max-error-rate 0.1 (exit 1).
+    run_cli(*run_args(src, out, "--temperature", "0", *REAL_ENGINE, max_tokens=4), expect=1)
     rows = read_output(out).sort_by("id").to_pylist()
     assert rows[0]["error"] == "the prompt is empty"
     assert rows[1]["error"] is None and rows[1]["completion_tokens"] == 4

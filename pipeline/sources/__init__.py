@@ -9,6 +9,7 @@ time, an Arrow-backed `datasets.Dataset` is sliced (memory-mapped), a streaming 
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Iterator
 from typing import Any, Protocol
 
@@ -45,8 +46,10 @@ def require_columns(source: Source, wanted: dict[str, str]) -> None:
     """Fail before any engine time if a flag names a column the input lacks."""
     for name, flag in wanted.items():
         if name not in source.columns:
+            close = difflib.get_close_matches(name, source.columns, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ConfigError(
-                f"{flag} {name!r}: no such column; the input's columns are: "
+                f"{flag} {name!r}: no such column{hint}; the input's columns are: "
                 f"{', '.join(source.columns)}"
             )
 
