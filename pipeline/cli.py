@@ -248,6 +248,10 @@ def _sampling_option(option: SamplingOption) -> Callable:
     """The click flag of one entry of pipeline.sampling.SAMPLING_OPTIONS."""
     if option.switch:
         return click.option(option.flag, is_flag=True, default=None, help=option.help)
+    if option.from_file:
+        return click.option(
+            option.flag, metavar="FILE", type=click.Path(dir_okay=False), help=option.help
+        )
     if option.multiple:
         return click.option(
             option.flag, multiple=True, metavar=option.kind.__name__.upper(), help=option.help
@@ -262,6 +266,17 @@ sampling_options = _options(
         "--max-tokens-column",
         metavar="COL",
         help="Integer column with each row's own max tokens (null: --max-tokens).",
+    ),
+    click.option(
+        "--json-schema-column",
+        metavar="COL",
+        help="Column with each row's own JSON Schema (JSON text or struct).",
+    ),
+    click.option(
+        "--sampling-column",
+        metavar="COL",
+        help="Column of per-row settings overriding the flags (JSON text or struct), e.g. "
+        '{"temperature": 0.7, "n": 2, "seed": 5}.',
     ),
     click.option(
         "--seed",
@@ -422,7 +437,10 @@ def _build_config(kw: dict[str, Any]):
             ),
             engine=_engine_config(kw, kw["backend"]),
             sampling=SamplingConfig.of(
-                kw["max_tokens_column"], **{o.name: kw[o.name] for o in SAMPLING_OPTIONS}
+                kw["max_tokens_column"],
+                kw["json_schema_column"],
+                kw["sampling_column"],
+                **{o.name: kw[o.name] for o in SAMPLING_OPTIONS},
             ),
             output=OutputConfig(
                 path=kw["output"],

@@ -15,10 +15,11 @@ from typing import Any
 
 import pyarrow as pa
 
+from pipeline import structured
 from pipeline.config import PromptConfig
 from pipeline.errors import BatchgenError, ConfigError
 from pipeline.records import PromptRow
-from pipeline.sampling import row_seed
+from pipeline.sampling import engine_params, row_sampling, row_seed
 
 _TOKENIZERS: dict[tuple[str, bool, str], Any] = {}
 
@@ -101,6 +102,9 @@ class PromptBuilder:
             wanted.setdefault(name, "--keep-columns")
         if self.max_tokens_column is not None:
             wanted.setdefault(self.max_tokens_column, "--max-tokens-column")
+        for key in ("json_schema_column", "sampling_column"):
+            if key in self.sampling:
+                wanted.setdefault(self.sampling[key], "--" + key.replace("_", "-"))
         return wanted
 
     def check_types(self, field: Callable[[str], pa.Field]) -> None:
@@ -111,6 +115,18 @@ class PromptBuilder:
             (cfg.prompt_column, "--prompt-column", _is_text, "text (string)"),
             (cfg.messages_column, "--messages-column", _is_messages, "a list of messages or text"),
             (self.max_tokens_column, "--max-tokens-column", _is_number, "whole numbers"),
+            (
+                self.sampling.get("json_schema_column"),
+                "--json-schema-column",
+                _is_object,
+                "JSON Schemas as JSON text or structs",
+            ),
+            (
+                self.sampling.get("sampling_column"),
+                "--sampling-column",
+                _is_object,
+                "settings as structs or JSON text",
+            ),
         ]
         for column, flag, ok, expected in checks:
             if column is None:
@@ -121,6 +137,8 @@ class PromptBuilder:
                     "--prompt-column": f"use --template '{{{column}}}' to format it into text",
                     "--messages-column": "store messages as [{role, content}, ...] or JSON text",
                     "--max-tokens-column": "cast it to integers",
+                    "--json-schema-column": "store each schema as JSON text",
+                    "--sampling-column": 'store settings as JSON text, e.g. {"temperature": 0.7}',
                 }[flag]
                 raise ConfigError(
                     f"{flag} {column!r} has type {kind}, but it must hold {expected}; {fix}"
@@ -140,13 +158,51 @@ class PromptBuilder:
                 # Per-row seed: a row's samples do not depend on its batch, rank or resume.
                 seed=row_seed(self.seed, row_id) if self.seeded else None,
             )
+            values = {c: v[i] for c, v in columns.items()}
             try:
-                self._render(row, {c: v[i] for c, v in columns.items()})
+                self._request(row, values)
+                self._render(row, values)
             except _RowError as exc:
                 row.error = str(exc)
             rows.append(row)
         self._tokenize([r for r in rows if r.error is None])
         return rows
+
+    def _request(self, row: PromptRow, values: dict[str, Any]) -> None:
+        """The row's own request settings: its schema (--json-schema-column) or its overrides
+        (--sampling-column), and the seed that goes with them."""
+        schema_column = self.sampling.get("json_schema_column")
+        if schema_column is not None:
+            value = values[schema_column]
+            if value is None:
+                raise _RowError(f"--json-schema-column {schema_column!r} is null for this row")
+            try:
+                schema = structured.parse_schema(value)
+            except ValueError as exc:
+                raise _RowError(f"--json-schema-column {schema_column!r}: {exc}") from exc
+            row.sampling = {**self.sampling, "json_schema": schema}
+        sampling_column = self.sampling.get("sampling_column")
+        if sampling_column is not None and values[sampling_column] is not None:
+            try:
+                row.sampling, seed = row_sampling(
+                    row.sampling, values[sampling_column], sampling_column
+                )
+            except ValueError as exc:
+                raise _RowError(str(exc)) from exc
+            if seed is not None:
+                row.seed = seed
+            elif row.sampling["temperature"] > 0:
+                row.seed = row_seed(self.seed, row.id)
+            else:
+                row.seed = None
+        if sampling_column is not None:
+            own = {k: v for k, v in engine_params(row.sampling).items()}
+            if row.seed is not None:
+                own["seed"] = row.seed
+            constraint = structured.constraint(row.sampling)
+            if constraint is not None:
+                own[constraint[0]] = constraint[1]
+            row.sampling_note = json.dumps(own, sort_keys=True)
 
     def _render(self, row: PromptRow, values: dict[str, Any]) -> None:
         cfg = self.cfg
@@ -227,6 +283,10 @@ def _is_text(t: pa.DataType) -> bool:
 def _is_messages(t: pa.DataType) -> bool:
     lists = pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_list_view(t)
     return lists or _is_text(t) or pa.types.is_null(t)
+
+
+def _is_object(t: pa.DataType) -> bool:
+    return pa.types.is_struct(t) or _is_text(t) or pa.types.is_null(t)
 
 
 def _is_number(t: pa.DataType) -> bool:

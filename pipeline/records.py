@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from pipeline import structured
+
 
 @dataclass(slots=True)
 class PromptRow:
@@ -29,6 +31,8 @@ class PromptRow:
     max_tokens: int | None = None  # this row's own budget (--max-tokens-column), else the run's
     sampling: dict[str, Any] = field(default_factory=dict)
     seed: int | None = None
+    # The row's own settings as JSON, written to the `sampling` column (--sampling-column runs).
+    sampling_note: str | None = None
 
     @property
     def n(self) -> int:
@@ -49,23 +53,52 @@ class ResultRow:
     error: str | None = None
     prompt: str | None = None
     passthrough: dict[str, Any] = field(default_factory=dict)
+    # Structured output: the (option, value) constraint the text was generated under.
+    constraint: tuple[str, Any] | None = None
+    # Per output token: (token id, token text, logprob, top alternatives as (id, text, logprob)).
+    logprobs: list[tuple[int, str | None, float, list[tuple[int, str | None, float]]]] | None = None
+    cumulative_logprob: float | None = None
+    # Per prompt token, the same; the first prompt token has no logprob (None).
+    prompt_logprobs: list[tuple[int, str | None, float | None, list]] | None = None
+    sampling: str | None = None  # the row's own settings (--sampling-column), as JSON
+
+    @classmethod
+    def of(cls, row: PromptRow, sample_index: int, **fields: Any) -> ResultRow:
+        """A result of `row`: the row's id, order, prompt, passthrough columns and request
+        settings, plus the engine's `fields`."""
+        return cls(
+            id=row.id,
+            seq=row.seq,
+            sample_index=sample_index,
+            prompt=row.prompt_text if row.prompt_text is not None else row.prompt,
+            passthrough=row.passthrough,
+            constraint=structured.constraint(row.sampling),
+            sampling=row.sampling_note,
+            **fields,
+        )
+
+    @property
+    def weight(self) -> int:
+        """What the row costs to hold before its shard is written: 1, plus its logprob entries."""
+        weight = 1
+        for entries in (self.logprobs, self.prompt_logprobs):
+            if entries:
+                weight += sum(1 + len(e[3]) for e in entries)
+        return weight
 
 
 def error_results(row: PromptRow, error: str) -> list[ResultRow]:
     """The output rows of a prompt that never reached the engine (one per requested sample)."""
     tokens = len(row.token_ids) if row.token_ids is not None else None
     return [
-        ResultRow(
-            id=row.id,
-            seq=row.seq,
-            sample_index=i,
+        ResultRow.of(
+            row,
+            i,
             text=None,
             finish_reason=None,
             prompt_tokens=tokens,
             completion_tokens=None,
             error=error,
-            prompt=row.prompt_text if row.prompt_text is not None else row.prompt,
-            passthrough=row.passthrough,
         )
         for i in range(row.n)
     ]

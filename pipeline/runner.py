@@ -21,7 +21,7 @@ from pipeline import __version__
 from pipeline.checkpoint import Checkpoint, RankLock, ResumeState, manifest_path, run_fingerprint
 from pipeline.config import RunConfig
 from pipeline.engines import Engine, StopFlags, get_engine
-from pipeline.errors import BatchgenError, committed_note, storage_failure
+from pipeline.errors import BatchgenError, ConfigError, committed_note, storage_failure
 from pipeline.models import generation_defaults, resolve_model
 from pipeline.progress import Progress, fmt_duration
 from pipeline.prompts import PromptBuilder, load_tokenizer
@@ -83,9 +83,12 @@ def _run_locked(cfg: RunConfig, wall_start: float) -> RunResult:
     if state is None:
         return RunResult("noop", cfg.output_dir, checkpoint.manifest.report)
     engine = get_engine(cfg.engine, job.model)
+    problem = engine.check_sampling(job.sampling)
+    if problem:
+        raise ConfigError(problem)
     job.builder.max_model_len = engine.max_model_len
     writer = ParquetShardWriter(
-        cfg.output_dir, cfg.rank, _schema(cfg, job.source), _metadata(cfg, job, engine)
+        cfg.output_dir, cfg.rank, _schema(cfg, job), _metadata(cfg, job, engine)
     )
     todo = None if job.source.total_rows is None else job.source.total_rows - len(state.done_ids)
     progress = Progress(todo, state.manifest.prompts_committed, interval=cfg.progress_seconds)
@@ -178,8 +181,9 @@ def _resume_state(cfg: RunConfig, job: _Job, checkpoint: Checkpoint) -> ResumeSt
     return state
 
 
-def _schema(cfg: RunConfig, source: Source):
-    return output_schema(cfg.output.keep_prompt, [source.field(c) for c in cfg.output.keep_columns])
+def _schema(cfg: RunConfig, job: _Job):
+    keep = [job.source.field(c) for c in cfg.output.keep_columns]
+    return output_schema(cfg.output.keep_prompt, keep, job.sampling)
 
 
 def _metadata(cfg: RunConfig, job: _Job, engine: Engine) -> dict[str, Any]:

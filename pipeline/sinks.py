@@ -19,9 +19,24 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline import structured
 from pipeline.errors import BatchgenError, storage_reason
 from pipeline.records import ResultRow
 
+_TOKEN = pa.struct([("token_id", pa.int32()), ("token", pa.string()), ("logprob", pa.float32())])
+# One position of a completion or prompt: the token, its logprob and the top-k alternatives.
+LOGPROB_ENTRY = pa.struct([*_TOKEN, pa.field("top", pa.list_(_TOKEN))])
+# Columns present only in runs that ask for them, with the sampling keys that ask.
+OPTIONAL_COLUMNS: dict[str, tuple[pa.DataType, tuple[str, ...]]] = {
+    "parsed_ok": (
+        pa.bool_(),
+        ("json_schema", "choice", "regex", "grammar", "json_schema_column", "sampling_column"),
+    ),
+    "logprobs": (pa.list_(LOGPROB_ENTRY), ("logprobs", "sampling_column")),
+    "cumulative_logprob": (pa.float64(), ("logprobs", "sampling_column")),
+    "prompt_logprobs": (pa.list_(LOGPROB_ENTRY), ("prompt_logprobs", "sampling_column")),
+    "sampling": (pa.string(), ("sampling_column",)),
+}
 RESERVED_COLUMNS = (
     "id",
     "sample_index",
@@ -31,6 +46,7 @@ RESERVED_COLUMNS = (
     "completion_tokens",
     "error",
     "prompt",
+    *OPTIONAL_COLUMNS,
 )
 METADATA_KEY = b"batchgen"
 SHARD_RE = re.compile(r"^part-(\d{5})-(\d{6})\.parquet$")
@@ -71,7 +87,11 @@ def stale_temp_paths(final: Path) -> list[Path]:
     return sorted(final.parent.glob(f"{TMP_PREFIX}{final.name}.*"))
 
 
-def output_schema(keep_prompt: bool, keep_fields: list[pa.Field]) -> pa.Schema:
+def output_schema(
+    keep_prompt: bool, keep_fields: list[pa.Field], sampling: dict[str, Any] | None = None
+) -> pa.Schema:
+    """The explicit schema of every shard of a run; `sampling` (the run's resolved sampling
+    record) decides which optional columns it has."""
     fields = [
         pa.field("id", pa.string(), nullable=False),
         pa.field("sample_index", pa.int32(), nullable=False),
@@ -83,6 +103,9 @@ def output_schema(keep_prompt: bool, keep_fields: list[pa.Field]) -> pa.Schema:
     ]
     if keep_prompt:
         fields.append(pa.field("prompt", pa.string()))
+    for name, (kind, keys) in OPTIONAL_COLUMNS.items():
+        if sampling and any(k in sampling for k in keys):
+            fields.append(pa.field(name, kind))
     return pa.schema(fields + [f.with_nullable(True) for f in keep_fields])
 
 
@@ -164,6 +187,10 @@ class ParquetShardWriter:
         for f in self.schema:
             if f.name == "prompt":
                 columns["prompt"] = [r.prompt for r in rows]
+            elif f.name == "parsed_ok":
+                columns["parsed_ok"] = [_parsed_ok(r) for r in rows]
+            elif f.name in OPTIONAL_COLUMNS:
+                columns[f.name] = [getattr(r, f.name) for r in rows]
             elif f.name not in columns:
                 columns[f.name] = [r.passthrough.get(f.name) for r in rows]
         arrays = [pa.array(columns[f.name], type=f.type) for f in self.schema]
@@ -193,6 +220,12 @@ class ParquetShardWriter:
 
     def _publish(self, tmp: Path, final: Path) -> None:
         os.replace(tmp, final)
+
+
+def _parsed_ok(row: ResultRow) -> bool | None:
+    if row.constraint is None or row.error is not None:
+        return None
+    return structured.parsed_ok(*row.constraint, row.text, row.finish_reason)
 
 
 def prepare_output_dir(out_dir: Path) -> None:

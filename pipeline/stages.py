@@ -23,6 +23,9 @@ from pipeline.sources import Source
 
 READ_BATCH_ROWS = 1024
 FIRST_CHUNK_ROWS = 64
+# Logprob entries (tokens and their top-k alternatives) a shard may hold before it is committed
+# whatever its row count: ~150 MB of Python objects, so --logprobs 20 on long outputs stays flat.
+MAX_SHARD_ENTRIES = 1_000_000
 
 _END = object()
 
@@ -168,6 +171,7 @@ class Committer(threading.Thread):
 
     def run(self) -> None:
         buffer: list[ResultRow] = []
+        weight = 0  # logprob entries held, besides the rows themselves
         last_commit = time.monotonic()
         while True:
             try:
@@ -180,15 +184,20 @@ class Committer(threading.Thread):
                 continue  # a failed disk: drop results (they are redone on resume), keep draining
             if item:
                 buffer.extend(item)
+                weight += sum(r.weight for r in item) - len(item)
             try:
                 while len(buffer) >= self.rows_per_shard:
                     cut = _prompt_boundary(buffer, self.rows_per_shard)
                     self._commit(buffer[:cut])
+                    weight -= sum(r.weight - 1 for r in buffer[:cut])
                     del buffer[:cut]
                     last_commit = time.monotonic()
-                if buffer and time.monotonic() - last_commit >= self.checkpoint_seconds:
+                # Logprobs can make rows large: a shard is cut early rather than let them fill
+                # memory (each put holds whole prompts, so the buffer ends on a prompt boundary).
+                full = weight >= MAX_SHARD_ENTRIES
+                if buffer and (full or time.monotonic() - last_commit >= self.checkpoint_seconds):
                     self._commit(buffer)
-                    buffer = []
+                    buffer, weight = [], 0
                     last_commit = time.monotonic()
             except BaseException as exc:
                 self.error = exc

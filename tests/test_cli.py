@@ -22,7 +22,10 @@ from pipeline.models import ensure_bundled_model
 from pipeline.prompts import load_tokenizer
 from pipeline.sinks import METADATA_KEY
 
-RESERVED = "id, sample_index, text, finish_reason, prompt_tokens, completion_tokens, error, prompt"
+RESERVED = (
+    "id, sample_index, text, finish_reason, prompt_tokens, completion_tokens, error, prompt, "
+    "parsed_ok, logprobs, cumulative_logprob, prompt_logprobs, sampling"
+)
 
 # (arguments after `run`, the exact error line). IN is the prompts file, OUT a fresh folder.
 BAD_FLAGS = [

@@ -52,6 +52,10 @@ class Engine(Protocol):
         """Release the engine's processes and memory."""
         ...
 
+    def check_sampling(self, sampling: dict[str, Any]) -> str | None:
+        """Why the engine would refuse every request with this sampling record, or None."""
+        ...
+
 
 class SteppingEngine(ABC):
     """An engine driven by add / step / abort calls from this thread (vLLM, the fake).
@@ -82,6 +86,9 @@ class SteppingEngine(ABC):
 
     def default_inflight(self) -> int:
         return 4 * self.max_num_seqs
+
+    def check_sampling(self, sampling: dict[str, Any]) -> str | None:
+        return None
 
     def generate(
         self, rows: Iterable[PromptRow | None], flags: StopFlags, max_inflight: int | None = None

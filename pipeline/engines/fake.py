@@ -72,20 +72,50 @@ class FakeEngine(SteppingEngine):
         budget = row.max_tokens or row.sampling["max_tokens"]
         n_tokens = min(budget, FAKE_COMPLETION_TOKENS)
         finish = "length" if n_tokens == budget else "stop"
+        k = row.sampling.get("logprobs")
         results = []
         for i in range(row.n):
             salt = f" s{row.seed % 100_000}.{i}" if row.seed is not None else ""
+            text = f"fake {base}{salt}"
+            choices = row.sampling.get("choice")
+            if choices:  # a constrained answer is one of the choices
+                text = choices[int(base, 16) % len(choices)]
+            logprobs = None if k is None else _fake_logprobs(base, n_tokens, k)
             results.append(
-                ResultRow(
-                    id=row.id,
-                    seq=row.seq,
-                    sample_index=i,
-                    text=f"fake {base}{salt}",
+                ResultRow.of(
+                    row,
+                    i,
+                    text=text,
                     finish_reason=finish,
                     prompt_tokens=len(row.token_ids),
                     completion_tokens=n_tokens,
-                    prompt=row.prompt_text,
-                    passthrough=row.passthrough,
+                    logprobs=logprobs,
+                    cumulative_logprob=None if logprobs is None else sum(e[2] for e in logprobs),
+                    prompt_logprobs=_fake_prompt_logprobs(row, row.sampling.get("prompt_logprobs")),
                 )
             )
         return results
+
+
+def _fake_logprobs(base: str, n_tokens: int, k: int) -> list:
+    """Deterministic stand-in logprobs: token i is id i, with alternatives i+1..i+k."""
+    seed = int(base[:4], 16)
+    return [
+        (
+            seed + i,
+            f"t{seed + i}",
+            -0.5 - i / 10,
+            [(seed + i + j, f"t{seed + i + j}", -1.0 - j) for j in range(k)],
+        )
+        for i in range(n_tokens)
+    ]
+
+
+def _fake_prompt_logprobs(row: PromptRow, k: int | None) -> list | None:
+    if k is None:
+        return None
+    assert row.token_ids is not None
+    return [
+        (t, f"t{t}", None if i == 0 else -0.25, [] if i == 0 else [(t, f"t{t}", -0.25)][:k])
+        for i, t in enumerate(row.token_ids)
+    ]

@@ -14,6 +14,7 @@ import os
 import time
 from typing import Any
 
+from pipeline import structured
 from pipeline.config import EngineConfig
 from pipeline.engines.base import RejectedPrompt, SteppingEngine
 from pipeline.errors import BatchgenError
@@ -129,6 +130,8 @@ class VllmEngine(SteppingEngine):
         seed and max tokens when it has them."""
         cached = self._params.get(id(row.sampling))
         if cached is None:
+            if len(self._params) >= 64:  # rows with their own settings: keep the cache small
+                self._params.clear()
             cached = (row.sampling, self._sampling_params(row.sampling))
             self._params[id(row.sampling)] = cached
         base = cached[1]
@@ -144,13 +147,41 @@ class VllmEngine(SteppingEngine):
     @staticmethod
     def _sampling_params(sampling: dict[str, Any]) -> Any:
         from vllm import SamplingParams
-        from vllm.sampling_params import RequestOutputKind
+        from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
         kwargs = engine_params(sampling)
         kwargs["stop"] = kwargs.get("stop") or None
+        constraint = structured.constraint(sampling)
+        if constraint is not None:
+            name, value = constraint
+            kwargs["structured_outputs"] = StructuredOutputsParams(
+                **{structured.ENGINE_NAMES[name]: copy.deepcopy(value)}
+            )
         params = SamplingParams(**kwargs)
         params.output_kind = RequestOutputKind.FINAL_ONLY  # one output per request, no deltas
         return params
+
+    def check_sampling(self, sampling: dict[str, Any]) -> str | None:
+        """Why vLLM would refuse every request of this sampling record (a schema, regex or
+        grammar it cannot compile, logprobs above its cap), or None; asked once per run, so a
+        bad run-wide setting is a usage error rather than a run of error rows."""
+        from vllm.exceptions import VLLMClientError
+
+        try:
+            params = self._sampling_params(sampling)
+            cap = self.engine.model_config.max_logprobs
+            for key in ("logprobs", "prompt_logprobs"):
+                wanted = getattr(params, key)
+                if wanted is not None and cap != -1 and wanted > cap:
+                    return (
+                        f"--{key.replace('_', '-')} {wanted}: vLLM allows at most {cap} "
+                        f"(pass --engine-arg max_logprobs={wanted} to raise the cap)"
+                    )
+            if params.structured_outputs is not None:
+                _check_structured(params)
+        except (VLLMClientError, ValueError) as exc:
+            return f"vLLM refuses the sampling settings: {exc}"
+        return None
 
     def _add(self, row: PromptRow) -> str:
         self._counter += 1
@@ -170,18 +201,26 @@ class VllmEngine(SteppingEngine):
         self.engine.abort_request(request_ids)
 
     def _results(self, row: PromptRow, output: Any) -> list[ResultRow]:
-        prompt_tokens = len(output.prompt_token_ids or row.token_ids or ())
+        prompt_ids = output.prompt_token_ids or row.token_ids or []
+        k = row.sampling.get("logprobs")
+        prompt_logprobs = None
+        if output.prompt_logprobs is not None:
+            prompt_logprobs = _logprob_entries(
+                prompt_ids, output.prompt_logprobs, row.sampling.get("prompt_logprobs") or 0
+            )
         return [
-            ResultRow(
-                id=row.id,
-                seq=row.seq,
-                sample_index=c.index,
+            ResultRow.of(
+                row,
+                c.index,
                 text=c.text,
                 finish_reason=c.finish_reason,
-                prompt_tokens=prompt_tokens,
+                prompt_tokens=len(prompt_ids),
                 completion_tokens=len(c.token_ids),
-                prompt=row.prompt_text,
-                passthrough=row.passthrough,
+                logprobs=None
+                if c.logprobs is None
+                else _logprob_entries(c.token_ids, c.logprobs, k),
+                cumulative_logprob=c.cumulative_logprob,
+                prompt_logprobs=prompt_logprobs,
             )
             for c in sorted(output.outputs, key=lambda c: c.index)
         ]
@@ -208,6 +247,45 @@ class VllmEngine(SteppingEngine):
         params = [copy.copy(self.params(r)) for r in rows]  # generate may adjust them in place
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
         return len(outputs), sum(len(c.token_ids) for o in outputs for c in o.outputs)
+
+
+def _check_structured(params: Any) -> None:
+    """Compile a structured-output constraint as vLLM's default backend choice would: xgrammar,
+    else guidance. Raises vLLM's validation error naming the problem."""
+    from vllm.exceptions import VLLMClientError
+    from vllm.v1.structured_output.backend_guidance import validate_guidance_grammar
+    from vllm.v1.structured_output.backend_xgrammar import validate_xgrammar_grammar
+
+    params = copy.deepcopy(params)  # the validators rewrite what they check
+    try:
+        validate_xgrammar_grammar(params)
+    except VLLMClientError:
+        validate_guidance_grammar(params, tokenizer=None)
+
+
+def _logprob_entries(token_ids: Any, positions: Any, k: int | None) -> list:
+    """vLLM's per-position {token id: Logprob} dicts as (id, text, logprob, top-k) tuples: the
+    chosen token first with its own logprob, then the k likeliest tokens by rank. A position
+    without logprobs (the first prompt token) has logprob None."""
+    entries = []
+    for token_id, position in zip(token_ids, positions, strict=True):
+        if not position:
+            entries.append((token_id, None, None, []))
+            continue
+        chosen = position.get(token_id)
+        top = sorted(
+            ((t, lp) for t, lp in position.items() if lp.rank is not None and lp.rank <= (k or 0)),
+            key=lambda item: item[1].rank,
+        )
+        entries.append(
+            (
+                token_id,
+                chosen.decoded_token if chosen else None,
+                chosen.logprob if chosen else None,
+                [(t, lp.decoded_token, lp.logprob) for t, lp in top],
+            )
+        )
+    return entries
 
 
 def _rejection_types() -> tuple[type[BaseException], ...]:
