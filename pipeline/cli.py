@@ -338,6 +338,20 @@ scale_options = _options(
         "--max-inflight", type=int, help="Requests kept in the engine [default: 4 x max-num-seqs]."
     ),
     click.option(
+        "--engine-restarts",
+        type=int,
+        default=2,
+        show_default=True,
+        help="Engine deaths (killed, out of memory, crash) survived by restarting it.",
+    ),
+    click.option(
+        "--stall-seconds",
+        type=float,
+        default=600.0,
+        show_default=True,
+        help="A step producing nothing this long is a stall, handled like a death.",
+    ),
+    click.option(
         "--max-error-rate",
         type=float,
         default=0.1,
@@ -456,6 +470,8 @@ def _build_config(kw: dict[str, Any]):
             progress_seconds=kw["progress_seconds"],
             max_inflight=kw["max_inflight"],
             max_error_rate=kw["max_error_rate"],
+            engine_restarts=kw["engine_restarts"],
+            stall_seconds=kw["stall_seconds"],
         )
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from exc

@@ -193,6 +193,12 @@ class RunConfig:
     # this ends with exit 1 (and, past 1,000 prompts at over 90%, stops early), so a cron job
     # does not report success for a run that produced mostly errors.
     max_error_rate: float = 0.1
+    # Engine deaths (killed, out of memory, a CUDA error, an exception on a step) survived by
+    # starting a new engine; past them the run stops, committed work kept, exit 1.
+    engine_restarts: int = 2
+    # A step that produces nothing for this long is a stall, handled like a death. Generous: a
+    # step only waits this long when the engine is hung or stopped, never on long outputs.
+    stall_seconds: float = 600.0
 
     def __post_init__(self) -> None:
         if self.num_ranks < 1:
@@ -206,6 +212,10 @@ class RunConfig:
             raise ConfigError(
                 f"--max-error-rate {self.max_error_rate}: must be a share in [0, 1], e.g. 0.1"
             )
+        if self.engine_restarts < 0:
+            raise ConfigError(f"--engine-restarts {self.engine_restarts}: must be 0 or more")
+        if self.stall_seconds <= 0:
+            raise ConfigError(f"--stall-seconds {self.stall_seconds:g}: must be above 0")
         if self.max_inflight is not None and self.max_inflight < 1:
             raise ConfigError("--max-inflight must be at least 1")
         if self.source.id_column is not None and self.source.id_column in self.output.keep_columns:

@@ -20,7 +20,7 @@ from typing import Any
 from pipeline import __version__
 from pipeline.checkpoint import Checkpoint, RankLock, ResumeState, manifest_path, run_fingerprint
 from pipeline.config import RunConfig
-from pipeline.engines import Engine, StopFlags, get_engine
+from pipeline.engines import Engine, EngineGaveUp, FaultPolicy, StopFlags, get_engine
 from pipeline.errors import BatchgenError, ConfigError, committed_note, storage_failure
 from pipeline.models import generation_defaults, resolve_model
 from pipeline.progress import Progress, fmt_duration
@@ -98,6 +98,7 @@ def _run_locked(cfg: RunConfig, wall_start: float) -> RunResult:
         writer, checkpoint, state.next_seq, cfg.output.rows_per_shard, cfg.output.checkpoint_seconds
     )
     gen_start = time.monotonic()
+    failures_before = len(engine.failures)
     engine_error = _generate(cfg, engine, feeder, committer, progress, flags)
     gen_seconds = time.monotonic() - gen_start
 
@@ -111,6 +112,7 @@ def _run_locked(cfg: RunConfig, wall_start: float) -> RunResult:
     report = run_report(
         status, progress, engine, gen_seconds, time.monotonic() - wall_start, checkpoint, flags
     )
+    report["engine_failures"] = engine.failures[failures_before:]
     if failure is not None:
         report["error"] = str(failure)  # for `batchgen status`
     log_summary(report, cfg.output_dir)
@@ -219,7 +221,8 @@ def _generate(
         feeder.start()
         committer.start()
         try:
-            for results in engine.generate(feeder.feed(), flags, cfg.max_inflight):
+            faults = FaultPolicy(cfg.engine_restarts, cfg.stall_seconds)
+            for results in engine.generate(feeder.feed(), flags, cfg.max_inflight, faults):
                 committer.put(results)
                 progress.add(results)
                 if committer.error or feeder.error:
@@ -280,6 +283,9 @@ def _failure(
         if isinstance(cause, BatchgenError):
             return cause
         failure = BatchgenError(f"reading the input failed: {cause}; {committed}")
+    elif isinstance(engine_error, EngineGaveUp):
+        cause = engine_error
+        failure = BatchgenError(f"{engine_error}; {committed}; rerun the same command to resume")
     elif engine_error is not None and flags.signal_name is None:
         cause = engine_error
         failure = BatchgenError(

@@ -69,6 +69,7 @@ class RankStatus:
             pid=m.pid,
             error=report.get("error"),
             last_run=report.get("this_run"),
+            engine_failures=report.get("engine_failures", []),
             unlisted_shards=self.unlisted,
         )
         return out
@@ -152,6 +153,13 @@ class RunStatus:
                     f"last run: {this_run['prompts']:,} prompts in "
                     f"{_seconds(this_run['generate_seconds'])} of generation, "
                     f"{this_run['output_tokens_per_second'] or 0:,.1f} output tok/s"
+                )
+            deaths = (m.report or {}).get("engine_failures") or []
+            if deaths:
+                restarted = sum(1 for d in deaths if d.get("restarted"))
+                detail.append(
+                    f"engine died {_plural(len(deaths), 'time')} in the last run, restarted "
+                    f"{restarted}; last cause: {deaths[-1]['cause']}"
                 )
             if r.unlisted:
                 detail.append(

@@ -10,7 +10,13 @@ from __future__ import annotations
 import atexit
 
 from pipeline.config import EngineConfig
-from pipeline.engines.base import Engine, RejectedPrompt, StopFlags
+from pipeline.engines.base import (
+    Engine,
+    EngineGaveUp,
+    FaultPolicy,
+    RejectedPrompt,
+    StopFlags,
+)
 
 _ENGINES: dict[tuple[EngineConfig, str], Engine] = {}
 
@@ -41,4 +47,11 @@ def get_engine(cfg: EngineConfig, model: str) -> Engine:
     return engine
 
 
-__all__ = ["Engine", "RejectedPrompt", "StopFlags", "get_engine"]
+__all__ = [
+    "Engine",
+    "EngineGaveUp",
+    "FaultPolicy",
+    "RejectedPrompt",
+    "StopFlags",
+    "get_engine",
+]

@@ -8,14 +8,23 @@ ResultRows; whatever type an engine library uses stays inside that engine's modu
 from __future__ import annotations
 
 import logging
+import math
 import threading
+import time
 from abc import ABC, abstractmethod
+from collections import deque
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from pipeline.errors import BatchgenError
 from pipeline.records import PromptRow, ResultRow, error_results
 
 log = logging.getLogger("batchgen")
+
+# Rows that kill the engine each time, left out of one run as error rows before it concludes
+# that the engine itself is broken and stops (a rerun continues).
+MAX_POISON_ROWS = 2
 
 
 class StopFlags:
@@ -32,6 +41,34 @@ class RejectedPrompt(Exception):
     """The engine refused one prompt; it becomes an error row."""
 
 
+class EngineDied(Exception):
+    """The engine's process died, raised on a step or stalled; `cause` says how, as far as it
+    can be known. Requests in flight are lost; finished ones were already yielded."""
+
+    def __init__(self, cause: str) -> None:
+        super().__init__(cause)
+        self.cause = cause
+
+
+class EngineGaveUp(BatchgenError):
+    """The engine died more often than --engine-restarts allows; the run stops (committing
+    what finished) and a rerun resumes."""
+
+
+@dataclass(frozen=True, slots=True)
+class FaultPolicy:
+    """How a run copes with engine deaths and stalls (flags --engine-restarts, --stall-seconds).
+
+    `restarts`: engine deaths survived by starting a new engine; past them the run stops.
+    Deaths while a suspected poison row is being isolated (in flight alone or in a shrinking
+    group) do not count: they are bounded by the halving. `stall_seconds`: a step that
+    produces nothing for this long is treated as a death.
+    """
+
+    restarts: int = 2
+    stall_seconds: float = 600.0
+
+
 class Engine(Protocol):
     """What the runner needs from an engine."""
 
@@ -43,10 +80,16 @@ class Engine(Protocol):
         ...
 
     def generate(
-        self, rows: Iterable[PromptRow | None], flags: StopFlags, max_inflight: int | None = None
+        self,
+        rows: Iterable[PromptRow | None],
+        flags: StopFlags,
+        max_inflight: int | None = None,
+        faults: FaultPolicy | None = None,
     ) -> Iterator[list[ResultRow]]:
         """Results for `rows` (None: nothing ready yet) as they finish, in any order."""
         ...
+
+    failures: list[dict[str, Any]]  # the engine deaths survived or not, for the run's report
 
     def close(self) -> None:
         """Release the engine's processes and memory."""
@@ -61,20 +104,26 @@ class SteppingEngine(ABC):
     """An engine driven by add / step / abort calls from this thread (vLLM, the fake).
 
     `generate` keeps up to `max_inflight` requests inside the engine and yields each step's
-    finished results at once: there is no batch boundary at which the engine drains.
+    finished results at once: there is no batch boundary at which the engine drains. When the
+    engine dies (`EngineDied`), it restarts it and sends the lost requests again, in halving
+    groups run alone until a row that kills the engine on its own is found: that row, and only
+    it, becomes an error row.
     """
 
     max_model_len: int
     max_num_seqs: int  # requests the engine runs at once; the rest wait in its queue
     start_seconds: float
+    failures: list[dict[str, Any]]
 
     @abstractmethod
     def _add(self, row: PromptRow) -> str:
-        """Queue one request; its id. Raises RejectedPrompt for a row the engine refuses."""
+        """Queue one request; its id. Raises RejectedPrompt for a row the engine refuses, and
+        EngineDied if the engine is dead."""
 
     @abstractmethod
     def _step(self) -> list[tuple[str, Any]]:
-        """Run one engine step; the (request id, output) of every request it finished."""
+        """Run one engine step; the (request id, output) of every request it finished. Raises
+        EngineDied if the engine died or stalled."""
 
     @abstractmethod
     def _abort(self, request_ids: list[str]) -> None:
@@ -84,6 +133,10 @@ class SteppingEngine(ABC):
     def _results(self, row: PromptRow, output: Any) -> list[ResultRow]:
         """A finished request's output as one ResultRow per sample."""
 
+    @abstractmethod
+    def _restart(self) -> None:
+        """Replace a dead engine with a new one of the same settings."""
+
     def default_inflight(self) -> int:
         return 4 * self.max_num_seqs
 
@@ -91,59 +144,176 @@ class SteppingEngine(ABC):
         return None
 
     def generate(
-        self, rows: Iterable[PromptRow | None], flags: StopFlags, max_inflight: int | None = None
+        self,
+        rows: Iterable[PromptRow | None],
+        flags: StopFlags,
+        max_inflight: int | None = None,
+        faults: FaultPolicy | None = None,
     ) -> Iterator[list[ResultRow]]:
-        """Continuous admission.
+        """Continuous admission, surviving engine deaths as `faults` allows.
 
         On `flags.stop`, admission ends, requests still queued beyond the `max_num_seqs` that
         run at once are dropped (they are redone on resume), and the running ones may finish.
         On `flags.abort`, everything still in the engine is dropped.
         """
-        limit = max_inflight or self.default_inflight()
-        pending: dict[str, PromptRow] = {}
-        feed = iter(rows)
+        run = _Admission(self, flags, max_inflight or self.default_inflight(), faults)
+        yield from run.loop(iter(rows))
+
+
+@dataclass(slots=True)
+class _Admission:
+    """The state of one `SteppingEngine.generate` call."""
+
+    engine: SteppingEngine
+    flags: StopFlags
+    limit: int
+    faults: FaultPolicy | None
+    pending: dict[str, PromptRow] = field(default_factory=dict)
+    # Rows that were in flight at an engine death, in groups to run alone, smallest first.
+    quarantine: deque[list[PromptRow]] = field(default_factory=deque)
+    isolating: list[PromptRow] | None = None  # the quarantine group now in the engine
+    strikes: dict[str, int] = field(default_factory=dict)  # deaths each row was in flight at
+    counted_deaths: int = 0
+    all_deaths: int = 0
+    poisoned: int = 0  # rows left out as killers of the engine
+
+    def loop(self, feed: Iterator[PromptRow | None]) -> Iterator[list[ResultRow]]:
+        flags = self.flags
         exhausted = trimmed = False
         while True:
             if flags.stop.is_set() and not trimmed:
                 # Requests are scheduled first come, first served: the oldest `max_num_seqs`
                 # are the ones generating now. Drop the queued rest at once; only those drain.
                 trimmed = True
-                queued = list(pending)[self.max_num_seqs :]
+                self.quarantine.clear()  # never admitted again this run: redone on resume
+                queued = list(self.pending)[self.engine.max_num_seqs :]
                 if queued:
-                    self._abort(queued)
+                    self.engine._abort(queued)
                     for request_id in queued:
-                        del pending[request_id]
-            while not exhausted and not flags.stop.is_set() and len(pending) < limit:
-                try:
-                    row = next(feed)
-                except StopIteration:
-                    exhausted = True
-                    break
-                if row is None:
-                    if pending:
-                        break  # nothing ready; step the engine instead of waiting
+                        del self.pending[request_id]
+            try:
+                idle = self.isolating is None and not self.pending
+                if idle and self.quarantine and not flags.stop.is_set():
+                    self.isolating = self.quarantine.popleft()
+                    yield from self._admit(self.isolating)
+                while (
+                    self.isolating is None
+                    and not self.quarantine
+                    and not exhausted
+                    and not flags.stop.is_set()
+                    and len(self.pending) < self.limit
+                ):
+                    try:
+                        row = next(feed)
+                    except StopIteration:
+                        exhausted = True
+                        break
+                    if row is None:
+                        if self.pending:
+                            break  # nothing ready; step the engine instead of waiting
+                        continue
+                    yield from self._admit([row])
+                if not self.pending:
+                    self.isolating = None
+                    if self.quarantine and not flags.stop.is_set():
+                        continue
+                    if exhausted or flags.stop.is_set():
+                        return
                     continue
-                if row.error is not None:
-                    yield error_results(row, row.error)
-                    continue
-                try:
-                    pending[self._add(row)] = row
-                except RejectedPrompt as exc:
-                    yield error_results(row, str(exc))
-            if not pending:
-                if exhausted or flags.stop.is_set():
+                if flags.abort.is_set():
+                    self.engine._abort(list(self.pending))
+                    log.warning(
+                        "aborted %d unfinished requests; they will run again on resume",
+                        len(self.pending),
+                    )
                     return
+                finished: list[ResultRow] = []
+                for request_id, output in self.engine._step():
+                    row = self.pending.pop(request_id, None)
+                    if row is not None:
+                        finished.extend(self.engine._results(row, output))
+                if finished:
+                    yield finished
+            except EngineDied as death:
+                yield from self._survive(death)
+
+    def _admit(self, rows: list[PromptRow]) -> Iterator[list[ResultRow]]:
+        for row in rows:
+            if row.error is not None:
+                yield error_results(row, row.error)
                 continue
-            if flags.abort.is_set():
-                self._abort(list(pending))
-                log.warning(
-                    "aborted %d unfinished requests; they will run again on resume", len(pending)
-                )
-                return
-            finished: list[ResultRow] = []
-            for request_id, output in self._step():
-                row = pending.pop(request_id, None)
-                if row is not None:
-                    finished.extend(self._results(row, output))
-            if finished:
-                yield finished
+            try:
+                self.pending[self.engine._add(row)] = row
+            except RejectedPrompt as exc:
+                yield error_results(row, str(exc))
+
+    def _survive(self, death: EngineDied) -> Iterator[list[ResultRow]]:
+        """Record a death, isolate the rows it may be due to, restart or give up."""
+        lost = list(self.pending.values()) + [r for group in self.quarantine for r in group]
+        lost_now = list(self.pending.values())
+        alone = self.isolating is not None
+        self.pending.clear()
+        self.all_deaths += 1
+        for row in lost_now:
+            self.strikes[row.id] = self.strikes.get(row.id, 0) + 1
+        record = {
+            "at": round(time.time(), 3),
+            "cause": death.cause,
+            "in_flight": len(lost_now),
+            "isolating": alone,
+        }
+        self.engine.failures.append(record)
+        policy = self.faults or FaultPolicy()
+        if not alone:
+            self.counted_deaths += 1
+        # Halving groups end in a row alone within log2(in flight) deaths per suspect; past
+        # that bound (or the budget), the engine itself is failing, not a row.
+        bound = policy.restarts + 2 * math.ceil(math.log2(self.limit + 1)) + 4
+        killer = alone and len(lost_now) == 1 and self.strikes[lost_now[0].id] >= 2
+        if killer and self.poisoned >= MAX_POISON_ROWS:
+            record["restarted"] = False
+            raise EngineGaveUp(
+                f"the engine died ({death.cause}) with {self.poisoned + 1} different rows run "
+                "alone this run: the engine, not those rows, looks broken; the rows it died on "
+                "are error rows, the rest run again on resume"
+            ) from death
+        if policy.restarts == 0 or self.counted_deaths > policy.restarts or self.all_deaths > bound:
+            record["restarted"] = False
+            raise EngineGaveUp(
+                f"the engine died ({death.cause}) {self.all_deaths} time(s) this run, more than "
+                f"--engine-restarts {policy.restarts} allows; {len(lost)} request(s) in flight "
+                "were not committed and run again on resume"
+            ) from death
+        if killer:
+            row = lost_now[0]
+            self.poisoned += 1
+            log.warning(
+                "row %s was in flight at %d engine deaths, the last alone; it becomes an error "
+                "row so that the others can run",
+                row.id,
+                self.strikes[row.id],
+            )
+            yield error_results(
+                row,
+                f"the engine died each time this row was in it ({death.cause}); left out so "
+                "the other rows could run",
+            )
+        elif len(lost_now) == 1:
+            self.quarantine.appendleft(lost_now)  # once more, alone
+        elif lost_now:
+            half = len(lost_now) // 2
+            self.quarantine.extendleft([lost_now[half:], lost_now[:half]])
+        self.isolating = None
+        log.warning(
+            "the engine died (%s) with %d request(s) in flight; restarting it (%d of "
+            "--engine-restarts %d used) and running them again%s",
+            death.cause,
+            len(lost_now),
+            self.counted_deaths,
+            policy.restarts,
+            " in smaller groups to find a row that kills it" if lost_now else "",
+        )
+        started = time.monotonic()
+        self.engine._restart()
+        record["restarted"] = True
+        record["restart_seconds"] = round(time.monotonic() - started, 1)

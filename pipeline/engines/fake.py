@@ -30,6 +30,7 @@ class FakeEngine(SteppingEngine):
         self.start_seconds = 0.0
         self._queue: deque[tuple[str, PromptRow]] = deque()
         self._counter = 0
+        self.failures: list[dict[str, Any]] = []
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -44,6 +45,9 @@ class FakeEngine(SteppingEngine):
         }
 
     def close(self) -> None:
+        self._queue.clear()
+
+    def _restart(self) -> None:
         self._queue.clear()
 
     def _add(self, row: PromptRow) -> str:

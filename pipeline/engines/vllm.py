@@ -8,15 +8,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import os
+import signal
+import threading
 import time
 from typing import Any
 
 from pipeline import structured
 from pipeline.config import EngineConfig
-from pipeline.engines.base import RejectedPrompt, SteppingEngine
+from pipeline.engines.base import EngineDied, FaultPolicy, RejectedPrompt, SteppingEngine
 from pipeline.errors import BatchgenError
 from pipeline.records import PromptRow, ResultRow
 from pipeline.sampling import engine_params
@@ -72,13 +75,10 @@ class VllmEngine(SteppingEngine):
             cfg.model_impl,
             enforce_eager,
         )
-        try:
-            self.llm = vllm.LLM(**kwargs)
-        except TypeError as exc:
-            raise BatchgenError(
-                f"vLLM rejected an engine argument: {exc}; check --engine-arg"
-            ) from exc
-        self.engine = self.llm.llm_engine
+        self._kwargs = kwargs
+        self.failures: list[dict[str, Any]] = []
+        self.stall_seconds = 0.0  # set per generate() from its FaultPolicy
+        self._start()
         model_config = self.engine.model_config
         self.max_model_len = int(model_config.max_model_len)
         self.max_num_seqs = int(self.engine.vllm_config.scheduler_config.max_num_seqs)
@@ -94,15 +94,42 @@ class VllmEngine(SteppingEngine):
         self._rejected = _rejection_types()
         self.dead = False
 
+    def _start(self) -> None:
+        """Start vLLM (again, after a death) and the watchdog that notices when it dies."""
+        import vllm
+
+        try:
+            self.llm = vllm.LLM(**self._kwargs)
+        except TypeError as exc:
+            raise BatchgenError(
+                f"vLLM rejected an engine argument: {exc}; check --engine-arg"
+            ) from exc
+        self.engine = self.llm.llm_engine
+        self._params = {}
+        self._watchdog = _Watchdog(self.engine.engine_core, self)
+
+    def _restart(self) -> None:
+        self.close()
+        self._start()
+        self.dead = False
+
     def close(self) -> None:
-        """Stop the engine's processes now (otherwise vLLM's own exit hooks do, noisily)."""
+        """Stop the engine's processes now (otherwise vLLM's own exit hooks do, noisily), and
+        make sure none outlives this call, even a stopped or hung one."""
+        watchdog = getattr(self, "_watchdog", None)
+        if watchdog is not None:
+            watchdog.stop()
         core = getattr(self.engine, "engine_core", None)
         if core is not None and hasattr(core, "shutdown"):
             if os.environ.get("VLLM_LOGGING_LEVEL", "").upper() == "WARNING":
                 # A busy engine process may need a kill at shutdown; vLLM warns about that,
                 # which says nothing about the batch that already committed.
                 logging.getLogger("vllm").setLevel(logging.ERROR)
+            if watchdog is not None and watchdog.death is not None:
+                _kill_tree(watchdog.processes)  # a hung or stopped core never answers shutdown
             core.shutdown()
+        if watchdog is not None:
+            _kill_tree(watchdog.processes)
         self.dead = True  # get_engine starts a new one if asked again
 
     def describe(self) -> dict[str, Any]:
@@ -192,10 +219,20 @@ class VllmEngine(SteppingEngine):
             )
         except self._rejected as exc:
             raise RejectedPrompt(f"vLLM rejected the prompt: {exc}") from exc
+        except Exception as exc:
+            raise EngineDied(self._watchdog.death or _describe(exc)) from exc
         return request_id
 
     def _step(self) -> list[tuple[str, Any]]:
-        return [(o.request_id, o) for o in self.engine.step() if o.finished]
+        watchdog = self._watchdog
+        watchdog.step_started = time.monotonic()
+        try:
+            outputs = self.engine.step()
+        except Exception as exc:  # the engine died, or raised on this step: both end it
+            raise EngineDied(watchdog.death or _describe(exc)) from exc
+        finally:
+            watchdog.step_started = None
+        return [(o.request_id, o) for o in outputs if o.finished]
 
     def _abort(self, request_ids: list[str]) -> None:
         self.engine.abort_request(request_ids)
@@ -225,9 +262,16 @@ class VllmEngine(SteppingEngine):
             for c in sorted(output.outputs, key=lambda c: c.index)
         ]
 
-    def generate(self, *args: Any, **kwargs: Any):
+    def generate(
+        self,
+        rows: Any,
+        flags: Any,
+        max_inflight: int | None = None,
+        faults: FaultPolicy | None = None,
+    ):
+        self.stall_seconds = (faults or FaultPolicy()).stall_seconds
         try:
-            yield from super().generate(*args, **kwargs)
+            yield from super().generate(rows, flags, max_inflight, faults)
         except Exception:
             self.dead = True
             raise
@@ -247,6 +291,84 @@ class VllmEngine(SteppingEngine):
         params = [copy.copy(self.params(r)) for r in rows]  # generate may adjust them in place
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
         return len(outputs), sum(len(c.token_ids) for o in outputs for c in o.outputs)
+
+
+class _Watchdog(threading.Thread):
+    """Notices, within a second, that vLLM's engine process died (vLLM itself marks the engine
+    dead but leaves `step()` waiting forever for output) or that a step has produced nothing for
+    `stall_seconds` (then it kills the engine's processes); either way it records the cause and
+    wakes the waiting step with vLLM's EngineDeadError."""
+
+    def __init__(self, core: Any, engine: VllmEngine) -> None:
+        super().__init__(name="batchgen-engine-watchdog", daemon=True)
+        self.core, self.engine = core, engine
+        manager = getattr(getattr(core, "resources", None), "engine_manager", None)
+        self.processes = list(getattr(manager, "processes", None) or [])
+        self.death: str | None = None
+        self.step_started: float | None = None
+        self._stopped = threading.Event()
+        self.start()
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+    def run(self) -> None:
+        while not self._stopped.wait(0.5) and self.death is None:
+            cause = self._cause()
+            if cause is not None:
+                self.death = cause
+                self._wake()
+
+    def _cause(self) -> str | None:
+        for proc in self.processes:
+            if proc.exitcode is not None:
+                return _exit_cause(proc.exitcode)
+        if getattr(self.core.resources, "engine_dead", False):
+            return "the engine process reported a fatal error (its log above says which)"
+        stall = self.engine.stall_seconds
+        started = self.step_started
+        if stall and started is not None and time.monotonic() - started > stall:
+            _kill_tree(self.processes)
+            return (
+                f"stalled: no output for {stall:g} s (--stall-seconds); its processes were killed"
+            )
+        return None
+
+    def _wake(self) -> None:
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        outputs = getattr(self.core, "outputs_queue", None)
+        if outputs is not None:
+            outputs.put_nowait(EngineDeadError())
+
+
+def _exit_cause(code: int) -> str:
+    if code >= 0:
+        return f"the engine process exited with code {code}"
+    name = signal.Signals(-code).name if -code in signal.valid_signals() else f"signal {-code}"
+    if -code == signal.SIGKILL:
+        return f"the engine process was killed by {name} (out of memory? see `dmesg`)"
+    return f"the engine process was killed by {name}"
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _kill_tree(processes: list[Any]) -> None:
+    """SIGKILL vLLM's engine processes and their children (workers), stopped or not."""
+    import psutil
+
+    for proc in processes:
+        try:
+            root = psutil.Process(proc.pid)
+            victims = [root, *root.children(recursive=True)]
+        except (psutil.NoSuchProcess, ValueError, TypeError):
+            continue
+        for victim in victims:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                victim.kill()
+        psutil.wait_procs(victims, timeout=5)
 
 
 def _check_structured(params: Any) -> None:

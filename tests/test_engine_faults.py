@@ -1,0 +1,115 @@
+"""Engine deaths on the fake engine (the real engine's are in test_engine_faults_e2e.py): a row
+that kills the engine each time it is in flight becomes the only error row; a passing death is
+survived by a restart; past --engine-restarts, or with a broken engine, the run stops with the
+cause named, commits what finished, and a rerun completes exactly once."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import FAKE_ENGINE, read_output, run_args, run_cli, write_prompts
+
+from pipeline.engines.base import EngineDied
+from pipeline.engines.fake import FakeEngine
+
+ROWS = 120
+
+
+@pytest.fixture
+def src(tmp_path: Path) -> Path:
+    return write_prompts(tmp_path / "in.parquet", [f"Question {i}?" for i in range(ROWS)], 40)
+
+
+def args(src: Path, out: Path, *extra: str) -> list[str]:
+    return run_args(src, out, *FAKE_ENGINE, "--max-num-seqs", "8", "--rows-per-shard", "16", *extra)
+
+
+def manifest(out: Path) -> dict:
+    return json.loads((out / ".batchgen" / "rank-00000.json").read_text())
+
+
+def dying_step(monkeypatch, should_die) -> list[int]:
+    """Make the fake engine die on a step when `should_die(step number, queued rows)` says so."""
+    real_step = FakeEngine._step
+    steps = [0]
+
+    def step(self: FakeEngine):
+        steps[0] += 1
+        if should_die(steps[0], [row for _, row in self._queue]):
+            raise EngineDied("killed by SIGKILL (test)")
+        return real_step(self)
+
+    monkeypatch.setattr(FakeEngine, "_step", step)
+    return steps
+
+
+def assert_exactly_once(out: Path) -> list[dict]:
+    rows = read_output(out).to_pylist()
+    ids = [r["id"] for r in rows]
+    assert len(ids) == len(set(ids)) == ROWS
+    return rows
+
+
+def test_a_poison_row_alone_becomes_an_error_row_and_every_other_row_is_done(
+    src, tmp_path, monkeypatch
+):
+    poison = "in.parquet:37"
+    dying_step(monkeypatch, lambda n, queued: any(r.id == poison for r in queued))
+    out = tmp_path / "out"
+    result = run_cli(*args(src, out))
+    rows = assert_exactly_once(out)
+    errors = {r["id"]: r["error"] for r in rows if r["error"]}
+    assert errors == {
+        poison: "the engine died each time this row was in it (killed by SIGKILL (test)); left "
+        "out so the other rows could run"
+    }
+    deaths = manifest(out)["report"]["engine_failures"]
+    assert 2 <= len(deaths) <= 8 and all(d["restarted"] for d in deaths)
+    assert deaths[0]["isolating"] is False and deaths[-1]["in_flight"] == 1
+    assert f"row {poison} was in flight at " in result.output
+    status = run_cli("status", out, expect=0).output
+    assert f"engine died {len(deaths)} times in the last run, restarted {len(deaths)}" in status
+
+
+def test_a_passing_death_is_survived_by_a_restart_with_no_error_row(src, tmp_path, monkeypatch):
+    dying_step(monkeypatch, lambda n, queued: n == 3)
+    out = tmp_path / "out"
+    result = run_cli(*args(src, out))
+    rows = assert_exactly_once(out)
+    assert not [r for r in rows if r["error"]]
+    assert (
+        "the engine died (killed by SIGKILL (test)) with 32 request(s) in flight; restarting"
+        in (result.output)
+    )
+    assert [d["isolating"] for d in manifest(out)["report"]["engine_failures"]] == [False]
+
+
+def test_no_restarts_allowed_stops_at_the_first_death_and_a_rerun_completes(
+    src, tmp_path, monkeypatch
+):
+    steps = dying_step(monkeypatch, lambda n, queued: n == 4)
+    out = tmp_path / "out"
+    result = run_cli(*args(src, out, "--engine-restarts", "0"), expect=1)
+    last = result.output.splitlines()[-1]
+    assert last.startswith(
+        "Error: the engine died (killed by SIGKILL (test)) 1 time(s) this run, more than "
+        "--engine-restarts 0 allows; "
+    ), last
+    assert last.endswith("are safe; rerun the same command to resume"), last
+    state = manifest(out)
+    assert state["status"] == "failed" and 0 < sum(s["prompts"] for s in state["shards"]) < ROWS
+    assert run_cli("status", out, expect=4)
+    steps[0] = 10**9  # the engine is well again
+    run_cli(*args(src, out, "--engine-restarts", "0"))
+    assert_exactly_once(out)
+
+
+def test_a_broken_engine_is_given_up_after_two_rows_alone_not_every_row(src, tmp_path, monkeypatch):
+    dying_step(monkeypatch, lambda n, queued: n >= 2)  # every step after the first
+    out = tmp_path / "out"
+    result = run_cli(*args(src, out, "--engine-restarts", "5"), expect=1)
+    assert "the engine, not those rows, looks broken" in result.output.splitlines()[-1]
+    errors = [r for r in read_output(out).to_pylist() if r["error"]]
+    assert len(errors) <= 2

@@ -1,0 +1,115 @@
+"""Engine faults on the real vLLM engine: its engine process SIGKILLed mid-run (as the OOM
+killer does) is noticed and restarted, and the run completes exactly once with the texts of an
+uninterrupted run; with --engine-restarts 0 the run stops within seconds naming the cause,
+leaves no process behind and a rerun completes; a stopped (SIGSTOPped) engine is a stall."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from conftest import greedy_sample_args, read_output, run_cli
+from test_kill_harness import Victim, rows_by_key, shard_files, wait_until
+
+pytestmark = pytest.mark.engine
+
+
+def engine_core(root_pid: int, timeout: float = 60) -> psutil.Process:
+    """vLLM's engine-core process under `root_pid`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for proc in psutil.Process(root_pid).children(recursive=True):
+            try:
+                if proc.name().startswith("VLLM::EngineCor"):
+                    return proc
+            except psutil.NoSuchProcess:
+                continue
+        time.sleep(0.2)
+    raise AssertionError(f"no VLLM::EngineCore under pid {root_pid}")
+
+
+def vllm_processes_outside(root_pid: int) -> list[str]:
+    """vLLM processes alive that are not this test process's own (its shared engine)."""
+    ours = {p.pid for p in psutil.Process(root_pid).children(recursive=True)}
+    found = []
+    for proc in psutil.process_iter(["pid", "name"]):
+        if (proc.info["name"] or "").startswith("VLLM::") and proc.info["pid"] not in ours:
+            found.append(f"{proc.info['pid']} {proc.info['name']}")
+    return found
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    out = tmp_path_factory.mktemp("reference") / "out"
+    run_cli(*greedy_sample_args(out))
+    return rows_by_key(read_output(out))
+
+
+def run_in_thread(args: list[str]) -> tuple[threading.Thread, dict]:
+    box: dict = {}
+    thread = threading.Thread(target=lambda: box.update(result=run_cli(*args, expect=None)))
+    thread.start()
+    return thread, box
+
+
+def report(out: Path) -> dict:
+    return json.loads((out / ".batchgen" / "rank-00000.json").read_text())["report"]
+
+
+@pytest.mark.parametrize("fault", ["sigkill", "sigstop"])
+def test_a_dead_or_stopped_engine_is_restarted_and_the_run_completes(tmp_path, reference, fault):
+    out = tmp_path / "out"
+    args = greedy_sample_args(out) + ["--stall-seconds", "8"]
+    thread, box = run_in_thread(args)
+    deadline = time.monotonic() + 600
+    while not shard_files(out):
+        assert time.monotonic() < deadline and thread.is_alive(), "no first shard"
+        time.sleep(0.05)
+    core = engine_core(os.getpid())
+    os.kill(core.pid, signal.SIGKILL if fault == "sigkill" else signal.SIGSTOP)
+    started = time.monotonic()
+    thread.join(timeout=900)
+    assert not thread.is_alive()
+    result = box["result"]
+    assert result.exit_code == 0, result.output
+    assert rows_by_key(read_output(out)) == reference  # exactly once, uninterrupted texts
+    deaths = report(out)["engine_failures"]
+    assert len(deaths) == 1 and deaths[0]["restarted"] is True
+    if fault == "sigkill":
+        assert deaths[0]["cause"] == (
+            "the engine process was killed by SIGKILL (out of memory? see `dmesg`)"
+        )
+    else:
+        assert deaths[0]["cause"].startswith("stalled: no output for 8 s (--stall-seconds)")
+    assert not psutil.pid_exists(core.pid) or core.status() == psutil.STATUS_ZOMBIE
+    assert time.monotonic() - started < 600
+
+
+def test_no_restarts_stops_within_seconds_leaves_nothing_behind_and_a_rerun_completes(
+    tmp_path, reference
+):
+    out = tmp_path / "out"
+    victim = Victim(greedy_sample_args(out) + ["--engine-restarts", "0"], {})
+    assert wait_until(lambda: bool(shard_files(out)), victim, 600, "first shard"), victim.stderr
+    core = engine_core(victim.proc.pid)
+    core.kill()
+    killed = time.monotonic()
+    code = victim.finish(timeout=60)
+    assert time.monotonic() - killed < 30, "the death was not noticed in time"
+    assert code == 1, victim.stderr
+    assert victim.stderr.splitlines()[-1].startswith(
+        "Error: the engine died (the engine process was killed by SIGKILL (out of memory? see "
+        "`dmesg`)) 1 time(s) this run, more than --engine-restarts 0 allows; "
+    ), victim.stderr
+    time.sleep(2)
+    assert vllm_processes_outside(os.getpid()) == []
+    assert not [line for line in victim.lines if "leaked shared_memory" in line]
+    run_cli("status", out, expect=4)  # failed, and the lock is free (not "running")
+    run_cli(*greedy_sample_args(out))
+    assert rows_by_key(read_output(out)) == reference
