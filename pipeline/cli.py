@@ -244,6 +244,98 @@ engine_options = _options(
 )
 
 
+server_options = _options(
+    click.option(
+        "--server",
+        metavar="URL",
+        help="Generate on this OpenAI-compatible server (vllm serve) instead of in this "
+        "process; its base URL, e.g. http://gpu7:8000/v1. --model then names the served model.",
+    ),
+    click.option(
+        "--tokenizer",
+        metavar="PATH",
+        help="With --server: the model's tokenizer folder [default: the model folder when it is "
+        "on this machine, else the server's /tokenize].",
+    ),
+    click.option(
+        "--api-key-env",
+        metavar="NAME",
+        default="OPENAI_API_KEY",
+        show_default=True,
+        help="With --server: the environment variable holding the API key (never logged).",
+    ),
+    click.option(
+        "--prompt-form",
+        type=click.Choice(["auto", "token_ids", "text", "chat"]),
+        default="auto",
+        show_default=True,
+        help="With --server: send token ids, the rendered text, or chat messages [auto: token "
+        "ids where the server takes them].",
+    ),
+    click.option(
+        "--max-retries",
+        type=int,
+        default=5,
+        show_default=True,
+        help="With --server: retries per row of a transient failure (refused or reset "
+        "connection, timeout, HTTP 408/429/5xx).",
+    ),
+    click.option(
+        "--retry-backoff-seconds",
+        type=float,
+        default=1.0,
+        show_default=True,
+        help="With --server: the first retry's wait, doubled each time (jittered; the "
+        "server's Retry-After wins).",
+    ),
+    click.option(
+        "--request-timeout",
+        type=float,
+        default=600.0,
+        show_default=True,
+        help="With --server: seconds one request may take before it is retried.",
+    ),
+    click.option(
+        "--server-fail-seconds",
+        type=float,
+        default=300.0,
+        show_default=True,
+        help="With --server: when no request succeeds for this long, stop, commit and exit 75.",
+    ),
+)
+
+# The --server flags and the ServerConfig field each sets.
+_SERVER_FIELDS = {
+    "api_key_env": "api_key_env",
+    "tokenizer": "tokenizer",
+    "prompt_form": "prompt_form",
+    "max_retries": "max_retries",
+    "retry_backoff_seconds": "retry_backoff_seconds",
+    "request_timeout": "request_timeout",
+    "server_fail_seconds": "fail_seconds",
+}
+
+
+def _server_config(kw: dict[str, Any]):
+    """ServerConfig from the --server flags; None without --server, where the others are refused."""
+    from pipeline.config import ServerConfig
+
+    values = {field: kw[flag] for flag, field in _SERVER_FIELDS.items()}
+    if kw["server"] is None:
+        defaults = ServerConfig("http://localhost/v1")
+        given = [
+            f for f, field in _SERVER_FIELDS.items() if values[field] != getattr(defaults, field)
+        ]
+        if given:
+            flags = ", ".join("--" + f.replace("_", "-") for f in given)
+            raise click.UsageError(f"{flags}: only with --server URL")
+        return None
+    try:
+        return ServerConfig(url=kw["server"], **values)
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from exc
+
+
 def _sampling_option(option: SamplingOption) -> Callable:
     """The click flag of one entry of pipeline.sampling.SAMPLING_OPTIONS."""
     if option.switch:
@@ -379,6 +471,7 @@ scale_options = _options(
 @input_options
 @prompt_options
 @engine_options
+@server_options
 @sampling_options
 @output_options
 @scale_options
@@ -404,7 +497,7 @@ def run(**kw: Any) -> None:
         sys.exit(EXIT_INTERRUPTED)
 
 
-def _engine_config(kw: dict[str, Any], backend: str):
+def _engine_config(kw: dict[str, Any], backend: str, server: Any = None):
     """EngineConfig from the engine flags shared by `run` and `bench`."""
     from pipeline.config import EngineConfig
 
@@ -421,6 +514,7 @@ def _engine_config(kw: dict[str, Any], backend: str):
         seed=kw["seed"],
         engine_args=_engine_args(kw["engine_arg"]),
         backend=backend,
+        server=server,
     )
 
 
@@ -449,7 +543,7 @@ def _build_config(kw: dict[str, Any]):
                 system_prompt=kw["system_prompt"],
                 chat_template=kw["chat_template"],
             ),
-            engine=_engine_config(kw, kw["backend"]),
+            engine=_engine_config(kw, kw["backend"], _server_config(kw)),
             sampling=SamplingConfig.of(
                 kw["max_tokens_column"],
                 kw["json_schema_column"],

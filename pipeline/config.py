@@ -6,6 +6,7 @@ import string
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from pipeline.errors import ConfigError
 from pipeline.sampling import SamplingConfig
@@ -107,6 +108,68 @@ class PromptConfig:
         return fields
 
 
+# Prompt forms a server can be sent (--prompt-form): token ids on the completions endpoint (what
+# vLLM accepts: the prompt is exactly what batchgen rendered and counted), the rendered text on
+# the completions endpoint, or the messages on the chat endpoint (the server renders them).
+PROMPT_FORMS = ("auto", "token_ids", "text", "chat")
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    """An OpenAI-compatible server (`vllm serve`) that generates instead of an in-process engine.
+
+    The API key is never held here: only the name of the environment variable it is read from,
+    so no config, fingerprint or log can carry it.
+    """
+
+    url: str  # the base URL of the OpenAI API, e.g. http://gpu7:8000/v1
+    api_key_env: str = "OPENAI_API_KEY"
+    tokenizer: str | None = None  # a local tokenizer folder; None: the model folder, else /tokenize
+    prompt_form: str = "auto"  # one of PROMPT_FORMS; auto: token ids where the server takes them
+    # Requests kept in flight come from --max-inflight; each transient failure (connection
+    # refused or reset, timeout, HTTP 408, 429, 500, 502, 503, 504) is retried up to this many
+    # times per row, waiting retry_backoff_seconds, doubled each time (with jitter), or the
+    # server's Retry-After. More retries ride out longer hiccups; fewer turn a sick row into an
+    # error row sooner.
+    max_retries: int = 5
+    retry_backoff_seconds: float = 1.0
+    # A response slower than this is a timeout (retried). Generous: it bounds one whole
+    # generation, which on a busy server can take minutes.
+    request_timeout: float = 600.0
+    # When no request has succeeded for this long (the server is gone), the run stops like a
+    # graceful stop: it commits what finished and exits 75, instead of erroring every row.
+    fail_seconds: float = 300.0
+
+    def __post_init__(self) -> None:
+        parts = urlsplit(self.url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError(
+                f"--server {self.url!r}: expected the server's base URL, e.g. http://gpu7:8000/v1"
+            )
+        if parts.username is not None or parts.password is not None:
+            raise ConfigError(
+                "--server: the URL carries credentials; give the URL without them and the key "
+                "in the environment variable named by --api-key-env"
+            )
+        if not self.api_key_env or not self.api_key_env.replace("_", "").isalnum():
+            raise ConfigError(
+                f"--api-key-env {self.api_key_env!r}: expected an environment variable name, "
+                "e.g. OPENAI_API_KEY"
+            )
+        if self.prompt_form not in PROMPT_FORMS:
+            raise ConfigError(
+                f"--prompt-form {self.prompt_form!r}: expected one of {', '.join(PROMPT_FORMS)}"
+            )
+        if self.max_retries < 0:
+            raise ConfigError(f"--max-retries {self.max_retries}: must be 0 or more")
+        if self.retry_backoff_seconds < 0:
+            raise ConfigError("--retry-backoff-seconds must be 0 or more")
+        if self.request_timeout <= 0:
+            raise ConfigError("--request-timeout must be above 0")
+        if self.fail_seconds <= 0:
+            raise ConfigError("--server-fail-seconds must be above 0")
+
+
 @dataclass(frozen=True, slots=True)
 class EngineConfig:
     """How the vLLM engine is built. None means: let vLLM (or the platform rule) decide."""
@@ -125,10 +188,13 @@ class EngineConfig:
     seed: int = 0
     engine_args: tuple[tuple[str, Any], ...] = ()
     backend: str = "vllm"  # "fake": an instant engine for I/O, crash and scale tests
+    server: ServerConfig | None = None  # generate on this server instead of in this process
 
     def __post_init__(self) -> None:
         if self.backend not in ("vllm", "fake"):
             raise ConfigError(f"--engine {self.backend!r}: expected vllm or fake")
+        if self.server is not None:
+            self._check_server_flags()
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ConfigError(f"--max-model-len {self.max_model_len}: must be at least 2")
         if self.tensor_parallel_size < 1:
@@ -137,6 +203,33 @@ class EngineConfig:
             raise ConfigError("--gpu-memory-utilization must be in (0, 1]")
         if self.max_num_seqs is not None and self.max_num_seqs < 1:
             raise ConfigError("--max-num-seqs must be at least 1")
+
+    def _check_server_flags(self) -> None:
+        """With --server, the server's own flags decide how the model runs: refuse ours."""
+        defaults = EngineConfig()
+        given = [
+            "--" + name.replace("_", "-")
+            for name in (
+                "model_impl",
+                "dtype",
+                "max_model_len",
+                "tensor_parallel_size",
+                "gpu_memory_utilization",
+                "max_num_seqs",
+                "enforce_eager",
+            )
+            if getattr(self, name) != getattr(defaults, name)
+        ]
+        if self.engine_args:
+            given.append("--engine-arg")
+        if self.backend != "vllm":
+            given.append("--engine")
+        if given:
+            raise ConfigError(
+                f"{', '.join(given)}: engine settings of the in-process engine; with --server "
+                "the server's own flags decide them (e.g. vllm serve MODEL --model-impl "
+                "transformers --dtype float32 --max-model-len 4096); drop them here"
+            )
 
 
 @dataclass(frozen=True, slots=True)

@@ -72,7 +72,9 @@ class PromptBuilder:
         self.seeded = self.sampling.get("temperature", 0) > 0
         self.max_model_len: int | None = None  # set once the engine reports it
         self.chat_template: str | None = None
-        if cfg.uses_chat_template:
+        # No tokenizer (a --server run with neither a local one nor the server's /tokenize):
+        # rows keep their text or messages, unrendered and uncounted, for the server to handle.
+        if cfg.uses_chat_template and tokenizer is not None:
             if cfg.chat_template is not None:
                 path = Path(cfg.chat_template)
                 if not path.is_file():
@@ -236,6 +238,9 @@ class PromptBuilder:
             messages = row.messages
             if cfg.system_prompt is not None and messages and messages[0]["role"] != "system":
                 messages = [{"role": "system", "content": cfg.system_prompt}, *messages]
+            row.messages = messages  # as rendered: what a server's chat endpoint is sent
+            if self.tokenizer is None:
+                return
             try:
                 row.prompt_text = self.tokenizer.apply_chat_template(
                     messages,
@@ -249,6 +254,8 @@ class PromptBuilder:
             row.prompt_text = row.prompt
 
     def _tokenize(self, rows: list[PromptRow]) -> None:
+        if self.tokenizer is None:
+            return
         # A rendered chat prompt already holds the template's special tokens (BOS included);
         # adding them again would double the BOS. Plain prompts get them, as vLLM would add.
         for chat in (True, False):

@@ -24,9 +24,10 @@ def run_report(
 ) -> dict[str, Any]:
     """What a run did, as recorded in its manifest and shown by `batchgen status`."""
     manifest = checkpoint.manifest
-    return {
+    report = {
         "status": status,
         "signal": flags.signal_name,
+        "stop_reason": flags.reason,
         "this_run": {
             "prompts": progress.prompts,
             "rows": progress.rows,
@@ -50,6 +51,10 @@ def run_report(
         },
         "engine": engine.describe(),
     }
+    request_stats = getattr(engine, "request_stats", None)  # engines that make requests
+    if request_stats is not None:
+        report["this_run"]["requests"] = request_stats()
+    return report
 
 
 def log_summary(report: dict[str, Any], out_dir: Path) -> None:
@@ -71,6 +76,9 @@ def log_summary(report: dict[str, Any], out_dir: Path) -> None:
         f"{this['output_tokens_per_second'] or 0:,.1f}",
         reasons,
     )
+    requests = this.get("requests")
+    if requests:
+        log.info("server requests: %s", requests_line(requests))
     total = committed["total_prompts"]
     log.info(
         "output: %s prompts committed%s in %d shard(s) under %s",
@@ -78,4 +86,15 @@ def log_summary(report: dict[str, Any], out_dir: Path) -> None:
         f" of {total:,}" if total is not None else "",
         committed["shards"],
         out_dir,
+    )
+
+
+def requests_line(requests: dict[str, Any]) -> str:
+    """A server run's requests in one line: sent, retried (by reason), rows the server failed."""
+    reasons = ", ".join(f"{k} {v:,}" for k, v in requests["retry_reasons"].items())
+    return (
+        f"{requests['requests']:,} sent, {requests['retries']:,} retried"
+        + (f" ({reasons})" if reasons else "")
+        + f", {requests['refused_rows']:,} row(s) refused, {requests['failed_rows']:,} row(s) "
+        "failed after retries"
     )

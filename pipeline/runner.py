@@ -63,26 +63,33 @@ def run(cfg: RunConfig) -> RunResult:
     """Run (or resume) one rank of a batch job; see the module docstring for the threads."""
     wall_start = time.monotonic()
     out_dir = cfg.output_dir
-    prepare_output_dir(out_dir)
+    # A server is asked who it is before the output is touched: an unreachable one, or one
+    # serving another model, is refused with nothing written; its answers enter the fingerprint.
+    server = get_engine(cfg.engine, cfg.engine.model) if cfg.engine.server is not None else None
     try:
-        lock = RankLock(out_dir, cfg.rank).acquire()
-    except OSError as exc:
-        raise BatchgenError(
-            storage_failure(f"locking rank {cfg.rank} of {out_dir}", exc, out_dir)
-        ) from exc
-    try:
-        return _run_locked(cfg, wall_start)
+        prepare_output_dir(out_dir)
+        try:
+            lock = RankLock(out_dir, cfg.rank).acquire()
+        except OSError as exc:
+            raise BatchgenError(
+                storage_failure(f"locking rank {cfg.rank} of {out_dir}", exc, out_dir)
+            ) from exc
+        try:
+            return _run_locked(cfg, wall_start, server)
+        finally:
+            lock.release()
     finally:
-        lock.release()
+        if server is not None:
+            server.close()
 
 
-def _run_locked(cfg: RunConfig, wall_start: float) -> RunResult:
-    job = _read_job(cfg)
+def _run_locked(cfg: RunConfig, wall_start: float, server: Any = None) -> RunResult:
+    job = _read_job(cfg, server)
     checkpoint = Checkpoint(cfg.output_dir, cfg.rank, cfg.num_ranks)
     state = _resume_state(cfg, job, checkpoint)
     if state is None:
         return RunResult("noop", cfg.output_dir, checkpoint.manifest.report)
-    engine = get_engine(cfg.engine, job.model)
+    engine = server if server is not None else get_engine(cfg.engine, job.model)
     problem = engine.check_sampling(job.sampling)
     if problem:
         raise ConfigError(problem)
@@ -105,7 +112,7 @@ def _run_locked(cfg: RunConfig, wall_start: float) -> RunResult:
     failure = _failure(cfg, checkpoint, feeder, committer, engine_error, flags)
     if failure is not None:
         status = "failed"
-    elif flags.signal_name is not None or not feeder.exhausted:
+    elif flags.interrupted or not feeder.exhausted:
         status = "interrupted"
     else:
         status = "finished"
@@ -122,14 +129,20 @@ def _run_locked(cfg: RunConfig, wall_start: float) -> RunResult:
     return RunResult(status, cfg.output_dir, report)
 
 
-def _read_job(cfg: RunConfig) -> _Job:
-    """Model, input, prompt builder, sampling and fingerprint; fails before any engine time."""
-    model = resolve_model(cfg.engine.model)
+def _read_job(cfg: RunConfig, server: Any = None) -> _Job:
+    """Model, input, prompt builder, sampling and fingerprint; fails before any engine time.
+    With a server, the model is the served one and the tokenizer the one it found."""
+    if server is None:
+        model = resolve_model(cfg.engine.model)
+        tokenizer = load_tokenizer(model, cfg.engine.trust_remote_code)
+        defaults = generation_defaults(model)
+    else:
+        model, tokenizer, defaults = server.model, server.tokenizer, server.generation_defaults()
     source = open_source(cfg.source, cfg.num_ranks, cfg.rank)
-    sampling = cfg.sampling.resolve(generation_defaults(model))
+    sampling = cfg.sampling.resolve(defaults)
     builder = PromptBuilder(
         cfg.prompt,
-        load_tokenizer(model, cfg.engine.trust_remote_code),
+        tokenizer,
         cfg.output.keep_columns,
         cfg.sampling.max_tokens_column,
         sampling,
@@ -140,7 +153,10 @@ def _read_job(cfg: RunConfig) -> _Job:
         wanted[cfg.source.id_column] = "--id-column"
     require_columns(source, wanted)
     builder.check_types(source.field)
-    fingerprint = run_fingerprint(cfg, model, source.identity(), builder.chat_template, sampling)
+    server_settings = None if server is None else server.settings(cfg.prompt.uses_chat_template)
+    fingerprint = run_fingerprint(
+        cfg, model, source.identity(), builder.chat_template, sampling, server_settings
+    )
     return _Job(model, source, builder, sampling, fingerprint)
 
 
@@ -196,7 +212,7 @@ def _metadata(cfg: RunConfig, job: _Job, engine: Engine) -> dict[str, Any]:
         "vllm": described.get("vllm"),
         "transformers": described.get("transformers"),
         "model": job.model,
-        "model_impl": cfg.engine.model_impl,
+        "model_impl": described.get("model_impl"),
         "dtype": described.get("dtype"),
         "sampling": job.sampling,
         "seed": cfg.engine.seed,
@@ -286,14 +302,14 @@ def _failure(
     elif isinstance(engine_error, EngineGaveUp):
         cause = engine_error
         failure = BatchgenError(f"{engine_error}; {committed}; rerun the same command to resume")
-    elif engine_error is not None and flags.signal_name is None:
+    elif engine_error is not None and not flags.interrupted:
         cause = engine_error
         failure = BatchgenError(
             f"the engine failed: {type(cause).__name__}: {cause}; {committed}; "
             "rerun the same command to resume"
         )
     elif (
-        flags.signal_name is None
+        not flags.interrupted
         and feeder.exhausted
         and manifest.total_prompts is not None
         and manifest.prompts_committed != manifest.total_prompts
@@ -304,7 +320,7 @@ def _failure(
             f"{manifest.prompts_committed:,} are committed in {out_dir}; this is a batchgen bug, "
             "please report it; rerun the same command to complete the missing rows"
         )
-    elif flags.signal_name is None and manifest.rows_committed:
+    elif not flags.interrupted and manifest.rows_committed:
         failure = _error_rate_failure(
             cfg, manifest.errors, manifest.rows_committed, stopped_early=not feeder.exhausted
         )

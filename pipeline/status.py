@@ -16,6 +16,7 @@ from typing import Any
 from pipeline.checkpoint import STATE_DIR, Manifest, lock_holder, manifest_path
 from pipeline.errors import EXIT_OK, EXIT_STATUS_FAILED, EXIT_STATUS_INCOMPLETE, BatchgenError
 from pipeline.progress import fmt_duration
+from pipeline.report import requests_line
 from pipeline.sinks import shard_files
 
 # A rank's state, and what `batchgen status` says about it.
@@ -46,6 +47,12 @@ class RankStatus:
             return f"running ({self.holder})"
         if self.state == "interrupted" and self.manifest and self.manifest.report.get("signal"):
             return f"interrupted by {self.manifest.report['signal']} (rerun to resume)"
+        if (
+            self.state == "interrupted"
+            and self.manifest
+            and self.manifest.report.get("stop_reason")
+        ):
+            return "interrupted by batchgen itself (rerun to resume)"
         return STATE_LABELS[self.state]
 
     def to_dict(self, now: float) -> dict[str, Any]:
@@ -154,6 +161,11 @@ class RunStatus:
                     f"{_seconds(this_run['generate_seconds'])} of generation, "
                     f"{this_run['output_tokens_per_second'] or 0:,.1f} output tok/s"
                 )
+            requests = (this_run or {}).get("requests")
+            if requests:
+                detail.append(f"server requests in the last run: {requests_line(requests)}")
+            if r.state == "interrupted" and (m.report or {}).get("stop_reason"):
+                detail.append(f"stopped because {m.report['stop_reason']}")
             deaths = (m.report or {}).get("engine_failures") or []
             if deaths:
                 restarted = sum(1 for d in deaths if d.get("restarted"))

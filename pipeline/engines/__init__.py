@@ -1,8 +1,9 @@
 """Engines: where prompts become completions. `get_engine` picks and caches one.
 
-base.py   the Engine interface, stop flags and the continuous-admission loop
-vllm.py   vLLM in this process (the only module that imports vllm)
-fake.py   an instant stand-in for I/O, crash and scale tests
+base.py    the Engine interface, stop flags and the continuous-admission loop
+vllm.py    vLLM in this process (the only module that imports vllm)
+server.py  an OpenAI-compatible server (`vllm serve`) over HTTP
+fake.py    an instant stand-in for I/O, crash and scale tests
 """
 
 from __future__ import annotations
@@ -21,12 +22,19 @@ from pipeline.engines.base import (
 _ENGINES: dict[tuple[EngineConfig, str], Engine] = {}
 
 
-def get_engine(cfg: EngineConfig, model: str) -> Engine:
+def get_engine(cfg: EngineConfig, model: str | None) -> Engine:
     """The engine for these settings, started once per process and reused by later runs.
 
     Reuse is what lets one test session, or a script calling `run()` per dataset, pay the
-    engine's start (tens of seconds) once.
+    engine's start (tens of seconds) once. A server engine (`cfg.server`) is not cached: it
+    costs one request to make, and each run must ask the server afresh who it is; `model` is
+    then the served model id (None: the server's only one), and the caller closes it.
     """
+    if cfg.server is not None:
+        from pipeline.engines.server import ServerEngine
+
+        return ServerEngine(cfg, model)
+    assert model is not None
     key = (cfg, model)
     engine = _ENGINES.get(key)
     if engine is not None and not getattr(engine, "dead", False):

@@ -35,6 +35,13 @@ class StopFlags:
         self.stop = threading.Event()
         self.abort = threading.Event()
         self.signal_name: str | None = None  # the signal that asked for the stop, if any
+        # Why an engine stopped the run itself, like a signal would (the server is gone).
+        self.reason: str | None = None
+
+    @property
+    def interrupted(self) -> bool:
+        """A stop that ends the run as interrupted (exit 75): a signal, or an engine's reason."""
+        return self.signal_name is not None or self.reason is not None
 
 
 class RejectedPrompt(Exception):
