@@ -598,6 +598,9 @@ Examples:
   python3 -m pipeline bench --model /root/models/llama-8b-shape --engine-arg load_format=dummy \\
       --prompts 2048 --max-tokens 512 --json
 \b
+  # what the HTTP hop costs: side (b) sends its rows to `vllm serve` of the same model
+  batchgen bench --server http://127.0.0.1:8000/v1 --dtype float32
+\b
   # peak memory and the I/O path's rows/s with the fake engine, 250k and 1M input rows
   batchgen bench --memory
 """
@@ -616,11 +619,13 @@ _THROUGHPUT_ONLY = (
     "max_inflight",
     "with_transformers",
     "transformers_prompts",
+    "server",
 )
 
 
 @main.command(epilog=BENCH_EXAMPLES)
 @engine_options
+@server_options
 @click.option("--prompts", type=int, default=256, show_default=True, help="Prompts per pass.")
 @click.option(
     "--max-tokens",
@@ -749,6 +754,7 @@ def bench(ctx: click.Context, **kw: Any) -> None:
                 transformers_prompts=kw["transformers_prompts"],
                 seed=kw["seed"],
                 work_dir=kw["work_dir"],
+                server=_server_config(kw),
             )
             report = benchmod.run_throughput(cfg)
             text = benchmod.format_throughput(report)

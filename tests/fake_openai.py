@@ -167,6 +167,16 @@ class FakeOpenAI:
                 if body.get("return_token_ids"):
                     choice["token_ids"] = list(range(produced))
                     choice["prompt_token_ids"] = body["prompt"]
+                if body.get("logprobs") is not None:
+                    choice["logprobs"] = _logprobs(produced)
+                if body.get("prompt_logprobs") is not None:
+                    choice["prompt_logprobs"] = [None] + [
+                        {
+                            str(t): {"logprob": -1.0, "rank": 2, "decoded_token": f"p{t}"},
+                            "7": {"logprob": -0.1, "rank": 1, "decoded_token": "seven"},
+                        }
+                        for t in body["prompt"][1:]
+                    ]
             choices.append(choice)
         with contextlib.suppress(OSError):
             _send(
@@ -195,6 +205,20 @@ class FakeOpenAI:
 
     def requests_for(self, key: str) -> list[dict[str, Any]]:
         return [e for e in self.log if e.get("key") == key]
+
+
+def _logprobs(produced: int) -> dict[str, Any]:
+    """Legacy completions logprobs as vLLM sends them with return_tokens_as_token_ids: token t
+    (logprob -0.5) ranks second behind t+100 (-0.25); t+200 (-3.0) is third."""
+    return {
+        "tokens": [f"token_id:{t}" for t in range(produced)],
+        "token_logprobs": [-0.5] * produced,
+        "top_logprobs": [
+            {f"token_id:{t}": -0.5, f"token_id:{t + 100}": -0.25, f"token_id:{t + 200}": -3.0}
+            for t in range(produced)
+        ],
+        "text_offset": list(range(produced)),
+    }
 
 
 def _drop(h: BaseHTTPRequestHandler) -> None:

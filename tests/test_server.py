@@ -309,3 +309,54 @@ def test_flag_combinations_are_usage_errors(tmp_path, src, flags, message):
     result = run_cli(*run_args(src, tmp_path / "out", *flags), expect=2)
     assert message in result.output
     assert "pw" not in result.output.replace(message, "")
+
+
+def test_logprobs_map_to_token_ids_and_the_tokenizers_text(tmp_path, src, tokenizer):
+    out = tmp_path / "out"
+    with FakeOpenAI(decode=decoder(tokenizer)) as fake:
+        flags = server_args(fake, "--logprobs", "1", "--prompt-logprobs", "1")
+        run_cli(*run_args(src, out, *flags))
+    body = next(e["body"] for e in fake.log if "body" in e)
+    assert (body["logprobs"], body["prompt_logprobs"]) == (1, 1)
+    assert body["return_tokens_as_token_ids"] is True
+    row = by_id(out)["in.parquet:0"]
+    text = tokenizer.decode
+    assert row["logprobs"] == [
+        {
+            "token_id": t,
+            "token": text([t]),
+            "logprob": -0.5,
+            "top": [{"token_id": t + 100, "token": text([t + 100]), "logprob": -0.25}],
+        }
+        for t in range(3)
+    ]
+    assert row["cumulative_logprob"] == pytest.approx(-1.5)
+    ids = tokenizer(PROMPTS[0])["input_ids"]
+    assert row["prompt_logprobs"][0] == {
+        "token_id": ids[0],
+        "token": None,
+        "logprob": None,
+        "top": [],
+    }
+    assert row["prompt_logprobs"][1:] == [
+        {
+            "token_id": t,
+            "token": f"p{t}",
+            "logprob": -1.0,
+            "top": [{"token_id": 7, "token": "seven", "logprob": pytest.approx(-0.1)}],
+        }
+        for t in ids[1:]
+    ]
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--memory", "--server", "http://127.0.0.1:9/v1"],
+         "Error: --server: only for the throughput bench; drop --memory"),
+        (["--server", "http://127.0.0.1:9/v1", "--with-transformers"],
+         "Error: --with-transformers stops the engine; drop it with --server"),
+    ],
+)  # fmt: skip
+def test_bench_server_flag_combinations(flags, message):
+    assert message in run_cli("bench", *flags, expect=2).output

@@ -4,7 +4,9 @@ One engine, started once, serves both sides in turns:
   (a) raw `LLM.generate` over every prompt in one call, given the prompts as token ids (the
       engine module runs it: `VllmEngine.raw_generate`);
   (b) the full `batchgen run` (`pipeline.runner.run`) from a Parquet file of prompt text to
-      Parquet shards, committing a shard (a checkpoint) every `rows_per_shard` rows;
+      Parquet shards, committing a shard (a checkpoint) every `rows_per_shard` rows; with a
+      server (`--server URL`, `vllm serve` of the same model on this machine) this side sends
+      its rows there, so the ratio shows what the HTTP hop costs;
   (c) optionally, a plain Transformers `generate` loop over a subset, as the floor.
 Prompts mix lengths, and every row has its own output budget with `ignore_eos`, so (a) and (b)
 generate exactly the same number of tokens (the bench checks it) while sequences finish at
@@ -23,7 +25,14 @@ from typing import Any
 
 from pipeline.bench.machine import OTHER_CPU_WARN, OtherCpuMeter, bench_folder, machine_info
 from pipeline.bench.workload import make_prompts, write_prompt_file
-from pipeline.config import EngineConfig, OutputConfig, PromptConfig, RunConfig, SourceConfig
+from pipeline.config import (
+    EngineConfig,
+    OutputConfig,
+    PromptConfig,
+    RunConfig,
+    ServerConfig,
+    SourceConfig,
+)
 from pipeline.errors import BatchgenError, ConfigError
 from pipeline.sampling import SamplingConfig
 
@@ -55,6 +64,8 @@ class BenchConfig:
     transformers_prompts: int = 32
     seed: int = 0
     work_dir: str | None = None  # None: a temporary folder, removed at the end
+    # Side (b) runs on this server (the same model, on this machine) instead of in process.
+    server: ServerConfig | None = None
 
     def __post_init__(self) -> None:
         if self.prompts < 1:
@@ -81,6 +92,19 @@ class BenchConfig:
             raise ConfigError(f"--temperature {self.temperature}: must be 0 (greedy) or more")
         if self.system_prompt is not None and not self.chat:
             raise ConfigError("--system-prompt needs the chat template: drop --no-chat")
+        if self.server is not None and self.with_transformers:
+            raise ConfigError("--with-transformers stops the engine; drop it with --server")
+
+    @property
+    def batchgen_engine(self) -> EngineConfig:
+        """The engine settings of side (b): the in-process engine's, or the server's."""
+        if self.server is None:
+            return self.engine
+        return EngineConfig(
+            seed=self.engine.seed,
+            trust_remote_code=self.engine.trust_remote_code,
+            server=self.server,
+        )
 
     @property
     def shard_rows(self) -> int:
@@ -138,6 +162,7 @@ def run_throughput(cfg: BenchConfig) -> dict[str, Any]:
         if not hasattr(engine, "raw_generate"):
             raise BatchgenError("the throughput bench needs the vllm engine")
         engine_start = engine.start_seconds
+        server = _open_server(cfg, model)
         limit = engine.max_model_len
         if cfg.max_prompt_tokens + cfg.max_tokens > limit:
             raise ConfigError(
@@ -174,9 +199,9 @@ def run_throughput(cfg: BenchConfig) -> dict[str, Any]:
             run_cfg = _run_config(cfg, src, work / f"out-{i}", cfg.shard_rows)
             if i % 2 == 0:
                 raw = _time_raw(engine, rows)
-                ours, shards = _time_batchgen(engine, run_cfg, model)
+                ours, shards = _time_batchgen(engine, run_cfg, model, server)
             else:
-                ours, shards = _time_batchgen(engine, run_cfg, model)
+                ours, shards = _time_batchgen(engine, run_cfg, model, server)
                 raw = _time_raw(engine, rows)
             if raw.output_tokens != sum(budgets):
                 raise BatchgenError(
@@ -227,6 +252,19 @@ def run_throughput(cfg: BenchConfig) -> dict[str, Any]:
         report = _throughput_report(
             cfg, engine, engine_start, timings, prompt_lens, budgets, shards, floor
         )
+        if server is not None:
+            report["server"] = {
+                "url": server.url,
+                "vllm": server.version,
+                "model": server.model,
+                "prefix_cache_reset": server.prefix_cache_resets > 0,
+            }
+            report["batchgen_input"] += f", sent to {server.url} as token ids over HTTP"
+            # The server's processes are "other processes" to this bench while (b) runs.
+            report["other_cpu_max"] = max(
+                (r.other_cpu for r, _ in timings if r.other_cpu is not None), default=None
+            )
+            server.close()
         report["bench_seconds"] = round(time.monotonic() - bench_start, 1)
         return report
 
@@ -235,7 +273,7 @@ def _run_config(cfg: BenchConfig, src: Path, out: Path, rows_per_shard: int) -> 
     return RunConfig(
         source=SourceConfig(parquet=str(src)),
         prompt=PromptConfig(prompt_column="prompt", chat=cfg.chat, system_prompt=cfg.system_prompt),
-        engine=cfg.engine,
+        engine=cfg.batchgen_engine,
         sampling=SamplingConfig.of(
             max_tokens=cfg.max_tokens,
             temperature=cfg.temperature,
@@ -278,19 +316,46 @@ def _time_raw(engine: Any, rows: list) -> Timing:
     return Timing("raw", seconds, prompts, prompt_tokens, output_tokens, meter.share())
 
 
-def _time_batchgen(engine: Any, run_cfg: RunConfig, model: str) -> tuple[Timing, int]:
+def _open_server(cfg: BenchConfig, model: str) -> Any:
+    """The server of side (b), checked to serve the raw side's model; None without --server."""
+    if cfg.server is None:
+        return None
+    from pipeline.engines import get_engine
+
+    server = get_engine(cfg.batchgen_engine, None)
+    if server.model_dir != model:
+        server.close()
+        raise BatchgenError(
+            f"--server {server.url} serves {server.model}, not the raw side's {model}: start it "
+            f"on the same model (vllm serve {model} --model-impl transformers ...), or pass "
+            "that model's folder as --model"
+        )
+    if not server.reset_prefix_cache():
+        log.warning(
+            "bench: the server cannot reset its prefix cache (start it with "
+            "VLLM_SERVER_DEV_MODE=1, or with --no-enable-prefix-caching): from the second "
+            "round on it may find the prompts cached, which favours side (b)"
+        )
+    return server
+
+
+def _time_batchgen(
+    engine: Any, run_cfg: RunConfig, model: str, server: Any = None
+) -> tuple[Timing, int]:
     import pyarrow.parquet as pq
 
     from pipeline.engines import get_engine
     from pipeline.runner import run
 
     engine.reset_prefix_cache()
+    if server is not None:
+        server.reset_prefix_cache()
     meter = OtherCpuMeter()
     started = time.monotonic()
     result = run(run_cfg)
     seconds = time.monotonic() - started
     other_cpu = meter.share()
-    if get_engine(run_cfg.engine, model) is not engine:
+    if server is None and get_engine(run_cfg.engine, model) is not engine:
         raise BatchgenError("batchgen started a second engine; the comparison would be unfair")
     if result.status != "finished":
         raise BatchgenError(f"the batchgen run ended {result.status}")
@@ -474,9 +539,18 @@ def format_throughput(report: dict[str, Any]) -> str:
         f"{'':24}{'output tok/s':>14}{'prompt+output tok/s':>22}",
         f"{'(a) raw LLM.generate':24}{report['raw_output_tok_s']:>14,.1f}"
         f"{report['raw_total_tok_s']:>22,.1f}",
-        f"{'(b) batchgen run':24}{report['batchgen_output_tok_s']:>14,.1f}"
+        f"{'(b) batchgen run' + (' --server' if report.get('server') else ''):24}"
+        f"{report['batchgen_output_tok_s']:>14,.1f}"
         f"{report['batchgen_total_tok_s']:>22,.1f}",
     ]
+    server = report.get("server")
+    if server:
+        reset = "yes" if server["prefix_cache_reset"] else "no (it may favour (b))"
+        lines.insert(
+            5,
+            f"server: {server['url']} (vLLM {server['vllm']}), {server['model']}; its prefix "
+            f"cache reset before each pass: {reset}",
+        )
     floor = report.get("transformers_floor")
     if floor:
         lines.append(

@@ -98,6 +98,7 @@ class ServerEngine:
         self.failures: list[dict[str, Any]] = []  # engine deaths: a server has none of ours
         self.dead = False
         self.closed = False
+        self.prefix_cache_resets = 0
 
         import httpx
 
@@ -656,6 +657,19 @@ class ServerEngine:
     def _token_text(self, token_id: int) -> str | None:
         decode = getattr(self.tokenizer, "decode", None)
         return decode([token_id]) if decode is not None else None
+
+    def reset_prefix_cache(self) -> bool:
+        """Ask the server to forget cached prompt prefixes (for `batchgen bench`); whether it
+        did. vLLM serves POST /reset_prefix_cache only when started with VLLM_SERVER_DEV_MODE=1."""
+        import httpx
+
+        try:
+            response = self._sync.post(f"{self.root}/reset_prefix_cache")
+        except httpx.HTTPError:
+            return False
+        if response.status_code == 200:
+            self.prefix_cache_resets += 1
+        return response.status_code == 200
 
     def close(self) -> None:
         """Close the probe client; a server is someone else's to stop."""
