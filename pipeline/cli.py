@@ -36,6 +36,10 @@ Examples:
   batchgen run --dataset json --data-files 'chats/*.jsonl' --messages-column messages \\
       --temperature 0.8 --n 4 --seed 1 --output out/chats
 \b
+  # on a running server (vllm serve MODEL --model-impl transformers); key from $OPENAI_API_KEY
+  batchgen run --server http://gpu7:8000/v1 --model Qwen/Qwen2.5-7B-Instruct \\
+      --parquet data/prompts.parquet --prompt-column prompt --chat --output out/served
+\b
   # everything from a job config; flags given on the command line win
   batchgen run --config jobs/examples/sample.toml --max-tokens 64
 \b

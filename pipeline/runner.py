@@ -15,7 +15,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipeline import __version__
 from pipeline.checkpoint import Checkpoint, RankLock, ResumeState, manifest_path, run_fingerprint
@@ -29,6 +29,9 @@ from pipeline.report import log_summary, run_report
 from pipeline.sinks import ParquetShardWriter, output_schema, prepare_output_dir
 from pipeline.sources import Source, open_source, require_columns
 from pipeline.stages import Committer, Feeder
+
+if TYPE_CHECKING:
+    from pipeline.engines.server import ServerEngine
 
 log = logging.getLogger("batchgen")
 
@@ -83,7 +86,7 @@ def run(cfg: RunConfig) -> RunResult:
             server.close()
 
 
-def _run_locked(cfg: RunConfig, wall_start: float, server: Any = None) -> RunResult:
+def _run_locked(cfg: RunConfig, wall_start: float, server: ServerEngine | None = None) -> RunResult:
     job = _read_job(cfg, server)
     checkpoint = Checkpoint(cfg.output_dir, cfg.rank, cfg.num_ranks)
     state = _resume_state(cfg, job, checkpoint)
@@ -129,7 +132,7 @@ def _run_locked(cfg: RunConfig, wall_start: float, server: Any = None) -> RunRes
     return RunResult(status, cfg.output_dir, report)
 
 
-def _read_job(cfg: RunConfig, server: Any = None) -> _Job:
+def _read_job(cfg: RunConfig, server: ServerEngine | None = None) -> _Job:
     """Model, input, prompt builder, sampling and fingerprint; fails before any engine time.
     With a server, the model is the served one and the tokenizer the one it found."""
     if server is None:

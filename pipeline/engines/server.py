@@ -349,11 +349,13 @@ class ServerEngine:
         On `flags.stop` no row is admitted and requests in flight may finish (retries too); on
         `flags.abort` they are cancelled (their rows run again on resume). When nothing has
         succeeded for `fail_seconds`, this sets `flags.stop` with `flags.reason` itself.
+        `faults` (engine restarts, stalls) does not apply: a server's failures follow the
+        ServerConfig's retry rules.
         """
         limit = max_inflight or DEFAULT_INFLIGHT
         loop = _LoopThread()
         done: queue.Queue[tuple[PromptRow, Future]] = queue.Queue()
-        inflight: dict[int, tuple[PromptRow, Future]] = {}
+        inflight: set[Future] = set()
         feed = iter(rows)
         exhausted = False
         client = None
@@ -375,15 +377,14 @@ class ServerEngine:
                         yield error_results(row, row.error)
                         continue
                     future = loop.submit(self._row(client, row))
-                    key = id(future)
-                    inflight[key] = (row, future)
+                    inflight.add(future)
                     future.add_done_callback(lambda f, r=row: done.put((r, f)))
                 if not inflight:
                     if exhausted or flags.stop.is_set():
                         return
                     continue
                 if flags.abort.is_set():
-                    for _, future in inflight.values():
+                    for future in inflight:
                         future.cancel()
                     log.warning(
                         "aborted %d unfinished requests; they will run again on resume",
@@ -396,14 +397,14 @@ class ServerEngine:
                     item = done.get(timeout=0.05)
                     while True:
                         row, future = item
-                        inflight.pop(id(future), None)
+                        inflight.discard(future)
                         if not future.cancelled():
                             finished.extend(self._outcome(row, future))
                         item = done.get_nowait()
                 if finished:
                     yield finished
         finally:
-            for _, future in inflight.values():
+            for future in inflight:
                 future.cancel()
             loop.close(client)
 
