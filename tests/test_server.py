@@ -151,12 +151,12 @@ def test_retry_after_is_honoured_and_backoff_grows(tmp_path, src, tokenizer):
         flags[flags.index("--retry-backoff-seconds") + 1] = "0.4"
         run_cli(*run_args(src, tmp_path / "out", *flags))
     first = [e["at"] for e in fake.requests_for(PROMPTS[0])]
-    assert 1.5 <= first[1] - first[0] < 3.0
+    assert 1.5 <= first[1] - first[0] < 6.0  # without Retry-After: 0.2-0.4 s
     times = [e["at"] for e in fake.requests_for(PROMPTS[1])]
     waits = [b - a for a, b in zip(times, times[1:], strict=False)]
-    # 0.4, 0.8, 1.6 s, each jittered into its upper half
+    # 0.4, 0.8, 1.6 s, each jittered into its upper half (the slack is for a loaded machine)
     for wait, base in zip(waits, (0.4, 0.8, 1.6), strict=True):
-        assert 0.5 * base - 0.05 <= wait <= base + 0.5
+        assert 0.5 * base - 0.05 <= wait <= base + 1.5
 
 
 def test_a_server_that_goes_away_stops_the_run_with_75_and_a_rerun_finishes(
@@ -360,3 +360,22 @@ def test_logprobs_map_to_token_ids_and_the_tokenizers_text(tmp_path, src, tokeni
 )  # fmt: skip
 def test_bench_server_flag_combinations(flags, message):
     assert message in run_cli("bench", *flags, expect=2).output
+
+
+@pytest.mark.parametrize(
+    ("header", "seconds"),
+    [("2", 2.0), ("0.5", 0.5), ("-3", 0.0), ("soon", None), (None, None)],
+)
+def test_retry_after_values(header, seconds):
+    from pipeline.engines.server import _retry_after
+
+    assert _retry_after(header) == seconds
+
+
+def test_retry_after_as_an_http_date():
+    import email.utils
+
+    from pipeline.engines.server import _retry_after
+
+    when = email.utils.formatdate(time.time() + 30, usegmt=True)
+    assert 28 <= _retry_after(when) <= 30
