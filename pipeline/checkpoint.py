@@ -26,6 +26,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from pipeline.adapters import Adapter
 from pipeline.config import RunConfig
 from pipeline.errors import BatchgenError, OutputLocked, ResumeMismatch
 from pipeline.models import model_signature
@@ -134,13 +135,14 @@ def run_fingerprint(
     input_identity: dict[str, Any],
     chat_template: str | None,
     sampling: dict[str, Any],
+    adapters: list[Adapter] = (),
 ) -> dict[str, Any]:
     """Every setting that changes what a row's output is. A resume must match it exactly.
 
     The keys are stored in manifests and shards; renaming one makes every earlier run
     unresumable, so they keep their first spelling (`num_shards` is the rank count).
     """
-    return {
+    fingerprint = {
         "model": model,
         "model_files": model_signature(model),
         "model_impl": cfg.engine.model_impl,
@@ -168,6 +170,15 @@ def run_fingerprint(
         "num_shards": cfg.num_ranks,
         "shard_index": cfg.rank,
     }
+    # Recorded only when used, so the fingerprints of runs that never used them are unchanged.
+    if cfg.prompt.chat_template_kwargs:
+        fingerprint["prompt"]["chat_template_kwargs"] = dict(cfg.prompt.chat_template_kwargs)
+    if adapters:
+        fingerprint["adapters"] = {a.name: a.sha256 for a in adapters}
+        fingerprint["lora_column"] = cfg.lora_column
+    if cfg.engine.reasoning_parser:
+        fingerprint["reasoning_parser"] = cfg.engine.reasoning_parser
+    return fingerprint
 
 
 def diff_fingerprints(old: dict[str, Any], new: dict[str, Any]) -> list[str]:

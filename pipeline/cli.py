@@ -99,14 +99,16 @@ def _load_config_file(ctx: click.Context, _param: click.Parameter, value: str | 
     return value
 
 
-def _engine_args(values: tuple[str, ...]) -> tuple[tuple[str, Any], ...]:
+def _key_values(
+    values: tuple[str, ...], flag: str = "--engine-arg", example: str = "enable_prefix_caching=true"
+) -> tuple[tuple[str, Any], ...]:
+    """KEY=VALUE flags, values parsed as JSON where they parse (`true`, `0.5`, `{...}`)."""
     parsed = []
     for item in values:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise click.BadParameter(
-                f"{item!r}: expected KEY=VALUE, e.g. --engine-arg enable_prefix_caching=true",
-                param_hint="--engine-arg",
+                f"{item!r}: expected KEY=VALUE, e.g. {flag} {example}", param_hint=flag
             )
         try:
             value = json.loads(raw)
@@ -192,6 +194,12 @@ prompt_options = _options(
     click.option(
         "--chat-template", metavar="FILE", help="Jinja chat template replacing the model's own."
     ),
+    click.option(
+        "--chat-template-kwarg",
+        multiple=True,
+        metavar="KEY=VALUE",
+        help="A variable for the chat template, e.g. enable_thinking=false; JSON values.",
+    ),
 )
 
 engine_options = _options(
@@ -241,6 +249,18 @@ engine_options = _options(
     click.option(
         "--engine", "backend", type=click.Choice(["vllm", "fake"]), default="vllm", hidden=True
     ),
+    click.option(
+        "--lora",
+        multiple=True,
+        metavar="NAME=PATH",
+        help="A LoRA adapter (PEFT folder) to serve beside the base model; repeatable.",
+    ),
+    click.option(
+        "--reasoning-parser",
+        metavar="NAME",
+        help="vLLM reasoning parser (e.g. deepseek_r1, qwen3): thinking goes to column "
+        "'reasoning', the answer to 'text'.",
+    ),
 )
 
 
@@ -271,6 +291,11 @@ sampling_options = _options(
         "--json-schema-column",
         metavar="COL",
         help="Column with each row's own JSON Schema (JSON text or struct).",
+    ),
+    click.option(
+        "--lora-column",
+        metavar="COL",
+        help="Column naming each row's --lora adapter (null: the base model).",
     ),
     click.option(
         "--sampling-column",
@@ -406,6 +431,7 @@ def run(**kw: Any) -> None:
 
 def _engine_config(kw: dict[str, Any], backend: str):
     """EngineConfig from the engine flags shared by `run` and `bench`."""
+    from pipeline.adapters import parse_lora_flags
     from pipeline.config import EngineConfig
 
     return EngineConfig(
@@ -419,8 +445,10 @@ def _engine_config(kw: dict[str, Any], backend: str):
         enforce_eager=kw["enforce_eager"],
         trust_remote_code=kw["trust_remote_code"],
         seed=kw["seed"],
-        engine_args=_engine_args(kw["engine_arg"]),
+        engine_args=_key_values(kw["engine_arg"]),
         backend=backend,
+        loras=parse_lora_flags(tuple(kw["lora"])),
+        reasoning_parser=kw["reasoning_parser"],
     )
 
 
@@ -448,6 +476,9 @@ def _build_config(kw: dict[str, Any]):
                 chat=kw["chat"],
                 system_prompt=kw["system_prompt"],
                 chat_template=kw["chat_template"],
+                chat_template_kwargs=_key_values(
+                    kw["chat_template_kwarg"], "--chat-template-kwarg", "enable_thinking=false"
+                ),
             ),
             engine=_engine_config(kw, kw["backend"]),
             sampling=SamplingConfig.of(
@@ -470,6 +501,7 @@ def _build_config(kw: dict[str, Any]):
             progress_seconds=kw["progress_seconds"],
             max_inflight=kw["max_inflight"],
             max_error_rate=kw["max_error_rate"],
+            lora_column=kw["lora_column"],
             engine_restarts=kw["engine_restarts"],
             stall_seconds=kw["stall_seconds"],
         )

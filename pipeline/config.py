@@ -48,6 +48,9 @@ class PromptConfig:
     chat: bool = False
     system_prompt: str | None = None
     chat_template: str | None = None  # path to a Jinja file replacing the model's own
+    # Variables for the chat template (--chat-template-kwarg enable_thinking=false): they
+    # change the prompt tokens, so they are part of the run's settings.
+    chat_template_kwargs: tuple[tuple[str, Any], ...] = ()
 
     def __post_init__(self) -> None:
         given = [
@@ -72,6 +75,8 @@ class PromptConfig:
             raise ConfigError("--system-prompt needs --chat or --messages-column")
         if self.chat_template is not None and not self.uses_chat_template:
             raise ConfigError("--chat-template needs --chat or --messages-column")
+        if self.chat_template_kwargs and not self.uses_chat_template:
+            raise ConfigError("--chat-template-kwarg needs --chat or --messages-column")
         if self.template is not None:
             self.template_fields()  # raises on a malformed template
 
@@ -125,6 +130,11 @@ class EngineConfig:
     seed: int = 0
     engine_args: tuple[tuple[str, Any], ...] = ()
     backend: str = "vllm"  # "fake": an instant engine for I/O, crash and scale tests
+    # LoRA adapters (name, absolute folder), served beside the base model.
+    loras: tuple[tuple[str, str], ...] = ()
+    # vLLM's reasoning parser: splits thinking from the answer, and makes structured output
+    # apply to the answer only.
+    reasoning_parser: str | None = None
 
     def __post_init__(self) -> None:
         if self.backend not in ("vllm", "fake"):
@@ -193,6 +203,8 @@ class RunConfig:
     # this ends with exit 1 (and, past 1,000 prompts at over 90%, stops early), so a cron job
     # does not report success for a run that produced mostly errors.
     max_error_rate: float = 0.1
+    # An input column naming each row's LoRA adapter (null: the base model).
+    lora_column: str | None = None
     # Engine deaths (killed, out of memory, a CUDA error, an exception on a step) survived by
     # starting a new engine; past them the run stops, committed work kept, exit 1.
     engine_restarts: int = 2
@@ -211,6 +223,14 @@ class RunConfig:
         if not 0 <= self.max_error_rate <= 1:
             raise ConfigError(
                 f"--max-error-rate {self.max_error_rate}: must be a share in [0, 1], e.g. 0.1"
+            )
+        if self.lora_column is not None and not self.engine.loras:
+            raise ConfigError("--lora-column needs the adapters it names: --lora NAME=PATH")
+        if len(self.engine.loras) > 1 and self.lora_column is None:
+            names = ", ".join(n for n, _ in self.engine.loras)
+            raise ConfigError(
+                f"--lora {names}: with several adapters, name each row's adapter with "
+                "--lora-column COL (one adapter alone applies to every row)"
             )
         if self.engine_restarts < 0:
             raise ConfigError(f"--engine-restarts {self.engine_restarts}: must be 0 or more")

@@ -18,9 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import __version__
+from pipeline.adapters import check_adapters
 from pipeline.checkpoint import Checkpoint, RankLock, ResumeState, manifest_path, run_fingerprint
 from pipeline.config import RunConfig
-from pipeline.engines import Engine, EngineGaveUp, FaultPolicy, StopFlags, get_engine
+from pipeline.engines import Engine, EngineGaveUp, FaultPolicy, StopFlags, get_engine, preflight
 from pipeline.errors import BatchgenError, ConfigError, committed_note, storage_failure
 from pipeline.models import generation_defaults, resolve_model
 from pipeline.progress import Progress, fmt_duration
@@ -127,6 +128,8 @@ def _read_job(cfg: RunConfig) -> _Job:
     model = resolve_model(cfg.engine.model)
     source = open_source(cfg.source, cfg.num_ranks, cfg.rank)
     sampling = cfg.sampling.resolve(generation_defaults(model))
+    adapters = check_adapters(cfg.engine.loras, model) if cfg.engine.loras else []
+    preflight(cfg.engine, model)
     builder = PromptBuilder(
         cfg.prompt,
         load_tokenizer(model, cfg.engine.trust_remote_code),
@@ -134,13 +137,17 @@ def _read_job(cfg: RunConfig) -> _Job:
         cfg.sampling.max_tokens_column,
         sampling,
         cfg.engine.seed,
+        adapters=tuple(a.name for a in adapters),
+        lora_column=cfg.lora_column,
     )
     wanted = builder.columns()
     if cfg.source.id_column is not None:
         wanted[cfg.source.id_column] = "--id-column"
     require_columns(source, wanted)
     builder.check_types(source.field)
-    fingerprint = run_fingerprint(cfg, model, source.identity(), builder.chat_template, sampling)
+    fingerprint = run_fingerprint(
+        cfg, model, source.identity(), builder.chat_template, sampling, adapters
+    )
     return _Job(model, source, builder, sampling, fingerprint)
 
 
@@ -185,7 +192,12 @@ def _resume_state(cfg: RunConfig, job: _Job, checkpoint: Checkpoint) -> ResumeSt
 
 def _schema(cfg: RunConfig, job: _Job):
     keep = [job.source.field(c) for c in cfg.output.keep_columns]
-    return output_schema(cfg.output.keep_prompt, keep, job.sampling)
+    asks = set(job.sampling)
+    if cfg.engine.loras:
+        asks.add("lora")
+    if cfg.engine.reasoning_parser:
+        asks.add("reasoning_parser")
+    return output_schema(cfg.output.keep_prompt, keep, asks)
 
 
 def _metadata(cfg: RunConfig, job: _Job, engine: Engine) -> dict[str, Any]:

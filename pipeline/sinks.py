@@ -36,6 +36,10 @@ OPTIONAL_COLUMNS: dict[str, tuple[pa.DataType, tuple[str, ...]]] = {
     "cumulative_logprob": (pa.float64(), ("logprobs", "sampling_column")),
     "prompt_logprobs": (pa.list_(LOGPROB_ENTRY), ("prompt_logprobs", "sampling_column")),
     "sampling": (pa.string(), ("sampling_column",)),
+    "adapter": (pa.string(), ("lora",)),
+    "reasoning": (pa.string(), ("reasoning_parser",)),
+    "reasoning_tokens": (pa.int32(), ("reasoning_parser",)),
+    "reasoning_ended": (pa.bool_(), ("reasoning_parser",)),
 }
 RESERVED_COLUMNS = (
     "id",
@@ -88,10 +92,12 @@ def stale_temp_paths(final: Path) -> list[Path]:
 
 
 def output_schema(
-    keep_prompt: bool, keep_fields: list[pa.Field], sampling: dict[str, Any] | None = None
+    keep_prompt: bool, keep_fields: list[pa.Field], asks: Iterable[str] = ()
 ) -> pa.Schema:
-    """The explicit schema of every shard of a run; `sampling` (the run's resolved sampling
-    record) decides which optional columns it has."""
+    """The explicit schema of every shard of a run; `asks` (the keys of the run's resolved
+    sampling record, plus "lora" and "reasoning_parser" when used) decides which optional
+    columns it has."""
+    asks = set(asks)
     fields = [
         pa.field("id", pa.string(), nullable=False),
         pa.field("sample_index", pa.int32(), nullable=False),
@@ -104,7 +110,7 @@ def output_schema(
     if keep_prompt:
         fields.append(pa.field("prompt", pa.string()))
     for name, (kind, keys) in OPTIONAL_COLUMNS.items():
-        if sampling and any(k in sampling for k in keys):
+        if asks & set(keys):
             fields.append(pa.field(name, kind))
     return pa.schema(fields + [f.with_nullable(True) for f in keep_fields])
 

@@ -17,8 +17,19 @@ from pipeline.engines.base import (
     RejectedPrompt,
     StopFlags,
 )
+from pipeline.errors import ConfigError
 
 _ENGINES: dict[tuple[EngineConfig, str], Engine] = {}
+
+
+def preflight(cfg: EngineConfig, model: str) -> None:
+    """Refuse, before an engine starts, engine settings this model cannot run (ConfigError)."""
+    if cfg.backend == "vllm" and cfg.reasoning_parser is not None:
+        from pipeline.engines.vllm import reasoning_problem
+
+        problem = reasoning_problem(cfg.reasoning_parser, model)
+        if problem:
+            raise ConfigError(problem)
 
 
 def get_engine(cfg: EngineConfig, model: str) -> Engine:
@@ -54,4 +65,5 @@ __all__ = [
     "RejectedPrompt",
     "StopFlags",
     "get_engine",
+    "preflight",
 ]

@@ -80,7 +80,8 @@ class FakeEngine(SteppingEngine):
         results = []
         for i in range(row.n):
             salt = f" s{row.seed % 100_000}.{i}" if row.seed is not None else ""
-            text = f"fake {base}{salt}"
+            adapter = f" [{row.adapter}]" if row.adapter else ""  # each adapter answers its own
+            text = f"fake {base}{salt}{adapter}"
             choices = row.sampling.get("choice")
             if choices:  # a constrained answer is one of the choices
                 text = choices[int(base, 16) % len(choices)]

@@ -18,6 +18,8 @@ import time
 from typing import Any
 
 from pipeline import structured
+from pipeline.adapters import check_adapters
+from pipeline.adapters import engine_args as lora_engine_args
 from pipeline.config import EngineConfig
 from pipeline.engines.base import EngineDied, FaultPolicy, RejectedPrompt, SteppingEngine
 from pipeline.errors import BatchgenError
@@ -68,7 +70,12 @@ class VllmEngine(SteppingEngine):
         ):
             if value is not None:
                 kwargs[key] = value
-        kwargs.update(dict(cfg.engine_args))
+        if cfg.loras:
+            adapters = check_adapters(cfg.loras, model)
+            kwargs.update(lora_engine_args(adapters))
+        if cfg.reasoning_parser:
+            kwargs["reasoning_parser"] = cfg.reasoning_parser
+        kwargs.update(dict(cfg.engine_args))  # --engine-arg overrides what batchgen derives
         log.info(
             "starting vLLM %s (model_impl=%s, enforce_eager=%s)...",
             vllm.__version__,
@@ -107,6 +114,25 @@ class VllmEngine(SteppingEngine):
         self.engine = self.llm.llm_engine
         self._params = {}
         self._watchdog = _Watchdog(self.engine.engine_core, self)
+        self._loras = self._load_loras()
+        self._reasoning = None
+        if self.cfg.reasoning_parser:
+            self._reasoning = _ReasoningSplit(self.cfg.reasoning_parser, self.model)
+
+    def _load_loras(self) -> dict[str, Any]:
+        """A LoRARequest per --lora adapter, each loaded now: vLLM otherwise loads an adapter
+        when a batch first uses it, and a bad one then kills the engine."""
+        from vllm.lora.request import LoRARequest
+
+        requests = {}
+        for i, (name, path) in enumerate(self.cfg.loras, start=1):
+            request = LoRARequest(name, i, path)
+            try:
+                self.engine.add_lora(request)
+            except Exception as exc:  # vLLM raises a bare Exception naming the worker's error
+                raise BatchgenError(f"--lora {name}={path}: vLLM could not load it: {exc}") from exc
+            requests[name] = request
+        return requests
 
     def _restart(self) -> None:
         self.close()
@@ -215,7 +241,10 @@ class VllmEngine(SteppingEngine):
         request_id = str(self._counter)
         try:
             self.engine.add_request(
-                request_id, {"prompt_token_ids": row.token_ids}, self.params(row)
+                request_id,
+                {"prompt_token_ids": row.token_ids},
+                self.params(row),
+                lora_request=self._loras.get(row.adapter) if row.adapter else None,
             )
         except self._rejected as exc:
             raise RejectedPrompt(f"vLLM rejected the prompt: {exc}") from exc
@@ -245,22 +274,24 @@ class VllmEngine(SteppingEngine):
             prompt_logprobs = _logprob_entries(
                 prompt_ids, output.prompt_logprobs, row.sampling.get("prompt_logprobs") or 0
             )
-        return [
-            ResultRow.of(
+        results = []
+        for c in sorted(output.outputs, key=lambda c: c.index):
+            logprobs = None if c.logprobs is None else _logprob_entries(c.token_ids, c.logprobs, k)
+            result = ResultRow.of(
                 row,
                 c.index,
                 text=c.text,
                 finish_reason=c.finish_reason,
                 prompt_tokens=len(prompt_ids),
                 completion_tokens=len(c.token_ids),
-                logprobs=None
-                if c.logprobs is None
-                else _logprob_entries(c.token_ids, c.logprobs, k),
+                logprobs=logprobs,
                 cumulative_logprob=c.cumulative_logprob,
                 prompt_logprobs=prompt_logprobs,
             )
-            for c in sorted(output.outputs, key=lambda c: c.index)
-        ]
+            if self._reasoning is not None:
+                self._reasoning.split(result, prompt_ids, list(c.token_ids))
+            results.append(result)
+        return results
 
     def generate(
         self,
@@ -291,6 +322,101 @@ class VllmEngine(SteppingEngine):
         params = [copy.copy(self.params(r)) for r in rows]  # generate may adjust them in place
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
         return len(outputs), sum(len(c.token_ids) for o in outputs for c in o.outputs)
+
+
+def reasoning_problem(name: str, model: str) -> str | None:
+    """Why vLLM's reasoning parser `name` cannot split this model's outputs, or None. Asked
+    before the engine starts: vLLM itself would fail its start, or (for parsers that look for
+    their markers as text) silently never find where thinking ends."""
+    from vllm.reasoning import ReasoningParserManager
+
+    names = sorted(ReasoningParserManager.list_registered())
+    if name not in names:
+        return f"--reasoning-parser {name!r}: vLLM has no such parser; its parsers are: {', '.join(names)}"
+    tokenizer = _tokenizer(model)
+    problem = _parser_problem(ReasoningParserManager.get_reasoning_parser(name), tokenizer)
+    if problem is None:
+        return None
+    fits = [
+        n
+        for n in names
+        if _parser_problem(ReasoningParserManager.get_reasoning_parser(n), tokenizer) is None
+    ]
+    return (
+        f"--reasoning-parser {name}: {problem}, so this model does not think the way that "
+        f"parser reads; drop --reasoning-parser for a model that does not think. Parsers whose "
+        f"markers this model's tokenizer has: {', '.join(fits) or 'none'}"
+    )
+
+
+def _tokenizer(model: str) -> Any:
+    from vllm.tokenizers import get_tokenizer
+
+    return get_tokenizer(model)
+
+
+def _parser_problem(cls: Any, tokenizer: Any) -> str | None:
+    try:
+        parser = cls(tokenizer)
+    except Exception as exc:  # parsers raise RuntimeError or ValueError naming what is missing
+        return f"the model's tokenizer lacks its think markers as tokens ({exc})"
+    if getattr(parser, "end_token_id", None) is None and not getattr(
+        parser, "reasoning_end_token_ids", None
+    ):
+        return "the model's tokenizer has no single token for where thinking ends"
+    return None
+
+
+class _ReasoningSplit:
+    """Splits a completion into its thinking and its answer by token ids, with vLLM's parser's
+    markers: text before the end marker is reasoning, text after it the answer. A completion
+    that never thinks (no marker, and the prompt did not open a thinking block) keeps all its
+    text as the answer; one whose thinking never ended has no answer (text None,
+    reasoning_ended False), whatever its finish reason."""
+
+    def __init__(self, name: str, model: str) -> None:
+        from vllm.reasoning import ReasoningParserManager
+
+        self.tokenizer = _tokenizer(model)
+        parser = ReasoningParserManager.get_reasoning_parser(name)(self.tokenizer)
+        self.start = getattr(parser, "start_token_id", None)
+        self.end = getattr(parser, "end_token_id", None)
+        if self.end is None:  # parsers that read their markers as text (qwen3, glm45, ...)
+            ends = getattr(parser, "reasoning_end_token_ids", None) or ()
+            self.end = next(iter(ends), None)
+        if self.start is None:
+            start = getattr(parser, "reasoning_start_str", None)
+            self.start = self.tokenizer.get_vocab().get(start) if start else None
+
+    def split(self, result: ResultRow, prompt_ids: list[int], ids: list[int]) -> None:
+        opened = self.start is not None and self._open(prompt_ids)
+        if not opened and self.start not in ids and self.end not in ids:
+            result.reasoning, result.reasoning_tokens, result.reasoning_ended = None, 0, None
+            return
+        if self.end in ids:
+            cut = ids.index(self.end)
+            thought, answer = ids[:cut], ids[cut + 1 :]
+            result.text = self._decode(answer)
+            result.reasoning_ended = True
+        else:
+            thought = ids
+            result.text = None
+            result.reasoning_ended = False
+        thought = [t for t in thought if t != self.start]
+        result.reasoning = self._decode(thought)
+        result.reasoning_tokens = len(thought)
+
+    def _open(self, prompt_ids: list[int]) -> bool:
+        """Whether the prompt ends inside a thinking block (its template opened one)."""
+        for token in reversed(prompt_ids):
+            if token == self.end:
+                return False
+            if token == self.start:
+                return True
+        return False
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
 
 
 class _Watchdog(threading.Thread):
