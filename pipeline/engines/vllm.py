@@ -12,9 +12,11 @@ import contextlib
 import copy
 import logging
 import os
+import re
 import signal
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 from pipeline import structured
@@ -114,6 +116,7 @@ class VllmEngine(SteppingEngine):
         self.engine = self.llm.llm_engine
         self._params = {}
         self._watchdog = _Watchdog(self.engine.engine_core, self)
+        self._shared_memory = _shared_memory_of(self._watchdog.processes)
         self._loras = self._load_loras()
         self._reasoning = None
         if self.cfg.reasoning_parser:
@@ -135,7 +138,16 @@ class VllmEngine(SteppingEngine):
         return requests
 
     def _restart(self) -> None:
+        old = self.engine.engine_core
         self.close()
+        # vLLM leaves the dead client's ZMQ context to the garbage collector, which then warns
+        # mid-run; its sockets are closed and its output thread gone, so end it now.
+        thread = getattr(old, "output_queue_thread", None)
+        if thread is not None:
+            thread.join(timeout=5)
+        ctx = getattr(getattr(old, "resources", None), "ctx", None)
+        if ctx is not None:
+            ctx.destroy(linger=0)
         self._start()
         self.dead = False
 
@@ -156,6 +168,7 @@ class VllmEngine(SteppingEngine):
             core.shutdown()
         if watchdog is not None:
             _kill_tree(watchdog.processes)
+        _release_shared_memory(getattr(self, "_shared_memory", []))
         self.dead = True  # get_engine starts a new one if asked again
 
     def describe(self) -> dict[str, Any]:
@@ -495,6 +508,41 @@ def _kill_tree(processes: list[Any]) -> None:
             with contextlib.suppress(psutil.NoSuchProcess):
                 victim.kill()
         psutil.wait_procs(victims, timeout=5)
+
+
+def _shared_memory_of(processes: list[Any]) -> list[str]:
+    """The POSIX shared-memory segments (/dev/shm/psm_*) vLLM's engine processes map."""
+    import psutil
+
+    names: set[str] = set()
+    for proc in processes:
+        try:
+            root = psutil.Process(proc.pid)
+            tree = [root, *root.children(recursive=True)]
+        except (psutil.NoSuchProcess, ValueError, TypeError):
+            continue
+        for member in tree:
+            try:
+                maps = Path(f"/proc/{member.pid}/maps").read_text()
+            except OSError:
+                continue
+            names.update(re.findall(r"/dev/shm/(psm_\w+)", maps))
+    return sorted(names)
+
+
+def _release_shared_memory(names: list[str]) -> None:
+    """Remove the segments of engine processes that were killed (or force-killed by vLLM's own
+    shutdown) before they could: otherwise Python's resource tracker removes them at exit
+    with a "leaked shared_memory objects" warning."""
+    from multiprocessing import resource_tracker
+
+    for name in names:
+        path = Path("/dev/shm") / name
+        if not path.exists():
+            continue  # its creator removed it (and unregistered it) itself
+        with contextlib.suppress(OSError):
+            path.unlink()
+        resource_tracker.unregister(f"/{name}", "shared_memory")
 
 
 def _check_structured(params: Any) -> None:
