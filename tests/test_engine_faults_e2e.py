@@ -113,3 +113,16 @@ def test_no_restarts_stops_within_seconds_leaves_nothing_behind_and_a_rerun_comp
     run_cli("status", out, expect=4)  # failed, and the lock is free (not "running")
     run_cli(*greedy_sample_args(out))
     assert rows_by_key(read_output(out)) == reference
+
+
+def test_a_sigkilled_batchgen_leaves_no_engine_process_behind(tmp_path):
+    """vLLM's engine processes watch nothing: batchgen's reaper kills them when it dies."""
+    out = tmp_path / "out"
+    victim = Victim(greedy_sample_args(out), {})
+    assert wait_until(lambda: bool(shard_files(out)), victim, 600, "first shard"), victim.stderr
+    engine = [engine_core(victim.proc.pid)]
+    engine += engine[0].children(recursive=True)
+    os.kill(victim.proc.pid, signal.SIGKILL)  # batchgen alone, not its process group
+    victim.finish()
+    gone, alive = psutil.wait_procs(engine, timeout=15)
+    assert not alive, [p.pid for p in alive]

@@ -14,6 +14,8 @@ import logging
 import os
 import re
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -117,6 +119,7 @@ class VllmEngine(SteppingEngine):
         self._params = {}
         self._watchdog = _Watchdog(self.engine.engine_core, self)
         self._shared_memory = _shared_memory_of(self._watchdog.processes)
+        self._reaper = _Reaper(self._watchdog.processes)
         self._loras = self._load_loras()
         self._reasoning = None
         if self.cfg.reasoning_parser:
@@ -169,6 +172,9 @@ class VllmEngine(SteppingEngine):
         if watchdog is not None:
             _kill_tree(watchdog.processes)
         _release_shared_memory(getattr(self, "_shared_memory", []))
+        reaper = getattr(self, "_reaper", None)
+        if reaper is not None:
+            reaper.release()
         self.dead = True  # get_engine starts a new one if asked again
 
     def describe(self) -> dict[str, Any]:
@@ -274,7 +280,13 @@ class VllmEngine(SteppingEngine):
             raise EngineDied(watchdog.death or _describe(exc)) from exc
         finally:
             watchdog.step_started = None
-        return [(o.request_id, o) for o in outputs if o.finished]
+        finished = [(o.request_id, o) for o in outputs if o.finished]
+        aborted = [o for _, o in finished if any(c.finish_reason == "abort" for c in o.outputs)]
+        if aborted:
+            # Only the engine itself aborts a request batchgen did not: its process got a
+            # signal (a job's whole process group does). Partial texts are never results.
+            raise EngineDied(f"the engine aborted {len(aborted)} running request(s) itself")
+        return finished
 
     def _abort(self, request_ids: list[str]) -> None:
         self.engine.abort_request(request_ids)
@@ -508,6 +520,57 @@ def _kill_tree(processes: list[Any]) -> None:
             with contextlib.suppress(psutil.NoSuchProcess):
                 victim.kill()
         psutil.wait_procs(victims, timeout=5)
+
+
+_REAPER_CODE = """
+import os, signal, sys
+pids = []
+for line in sys.stdin:
+    if line.strip() == "done":
+        sys.exit(0)
+    pids.append(int(line))
+for pid in pids:  # end of input without "done": batchgen died without closing its engine
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            if f.read().startswith("VLLM"):
+                os.kill(pid, signal.SIGKILL)
+    except OSError:
+        pass
+"""
+
+
+class _Reaper:
+    """A tiny process in its own session holding a pipe from this one: if batchgen dies
+    without closing its engine (SIGKILL, the OOM killer), the pipe closes and the reaper kills
+    vLLM's engine processes, which watch nothing and would otherwise idle on, holding memory
+    (and a GPU) for good."""
+
+    def __init__(self, processes: list[Any]) -> None:
+        import psutil
+
+        pids = []
+        for proc in processes:
+            with contextlib.suppress(psutil.NoSuchProcess, ValueError, TypeError):
+                root = psutil.Process(proc.pid)
+                pids += [root.pid, *(c.pid for c in root.children(recursive=True))]
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", _REAPER_CODE],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+            text=True,
+        )
+        self.proc.stdin.write("".join(f"{pid}\n" for pid in pids))
+        self.proc.stdin.flush()
+
+    def release(self) -> None:
+        """The engine is closed: the reaper exits without killing anything."""
+        with contextlib.suppress(OSError, ValueError):
+            self.proc.stdin.write("done\n")
+            self.proc.stdin.close()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=10)
 
 
 def _shared_memory_of(processes: list[Any]) -> list[str]:
