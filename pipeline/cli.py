@@ -554,6 +554,9 @@ _THROUGHPUT_ONLY = (
     "max_inflight",
     "with_transformers",
     "transformers_prompts",
+    "json_schema",
+    "choice",
+    "logprobs",
 )
 
 
@@ -612,6 +615,14 @@ _THROUGHPUT_ONLY = (
     show_default=True,
     help="Prompts for --with-transformers.",
 )
+@click.option(
+    "--json-schema",
+    metavar="FILE",
+    type=click.Path(dir_okay=False),
+    help="Both sides constrain their outputs to this JSON Schema.",
+)
+@click.option("--choice", multiple=True, help="Both sides answer with one of these; repeatable.")
+@click.option("--logprobs", type=int, help="Both sides return the top K logprobs per token.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Prompt set and run seed.")
 @click.option(
     "--memory", is_flag=True, help="Measure peak RSS and I/O rows/s with the fake engine instead."
@@ -687,6 +698,11 @@ def bench(ctx: click.Context, **kw: Any) -> None:
                 transformers_prompts=kw["transformers_prompts"],
                 seed=kw["seed"],
                 work_dir=kw["work_dir"],
+                request=tuple(
+                    (k, tuple(v) if isinstance(v, tuple | list) else v)
+                    for k in ("json_schema", "choice", "logprobs")
+                    if (v := kw[k]) not in (None, ())
+                ),
             )
             report = benchmod.run_throughput(cfg)
             text = benchmod.format_throughput(report)

@@ -25,7 +25,7 @@ from pipeline.bench.machine import OTHER_CPU_WARN, OtherCpuMeter, bench_folder, 
 from pipeline.bench.workload import make_prompts, write_prompt_file
 from pipeline.config import EngineConfig, OutputConfig, PromptConfig, RunConfig, SourceConfig
 from pipeline.errors import BatchgenError, ConfigError
-from pipeline.sampling import SamplingConfig
+from pipeline.sampling import OPTIONS_BY_NAME, SamplingConfig
 
 log = logging.getLogger("batchgen")
 
@@ -55,6 +55,21 @@ class BenchConfig:
     transformers_prompts: int = 32
     seed: int = 0
     work_dir: str | None = None  # None: a temporary folder, removed at the end
+    # The job's own request options (pipeline.sampling names: json_schema, choice, logprobs...),
+    # sent by both sides. A constrained output ends when its grammar completes, so these runs
+    # do without ignore_eos and compare tok/s over what each side generated.
+    request: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def constrained(self) -> bool:
+        return any(OPTIONS_BY_NAME[k].structured for k, _ in self.request)
+
+    def adapters(self, count: int) -> list[str | None] | None:
+        """Each prompt's adapter in a LoRA bench: the base model and each adapter in turn."""
+        if not self.engine.loras:
+            return None
+        names = [None, *(n for n, _ in self.engine.loras)]
+        return [names[i % len(names)] for i in range(count)]
 
     def __post_init__(self) -> None:
         if self.prompts < 1:
@@ -81,6 +96,7 @@ class BenchConfig:
             raise ConfigError(f"--temperature {self.temperature}: must be 0 (greedy) or more")
         if self.system_prompt is not None and not self.chat:
             raise ConfigError("--system-prompt needs the chat template: drop --no-chat")
+        SamplingConfig.of(**dict(self.request))  # a bad schema or choice list: refused now
 
     @property
     def shard_rows(self) -> int:
@@ -129,7 +145,8 @@ def run_throughput(cfg: BenchConfig) -> dict[str, Any]:
             cfg.max_tokens,
             cfg.seed,
         )
-        src = write_prompt_file(work / "prompts.parquet", texts, budgets)
+        adapters = cfg.adapters(len(texts))
+        src = write_prompt_file(work / "prompts.parquet", texts, budgets, adapters)
         run_cfg = _run_config(cfg, src, work / "out", cfg.shard_rows)
         sampling = run_cfg.sampling.resolve(generation_defaults(model))
 
@@ -150,13 +167,21 @@ def run_throughput(cfg: BenchConfig) -> dict[str, Any]:
         # and the row ids batchgen gives these rows (`file:row`), so with --temperature above 0
         # the per-row seeds match too.
         builder = PromptBuilder(
-            run_cfg.prompt, load_tokenizer(model), (), "max_tokens", sampling, cfg.engine.seed
+            run_cfg.prompt,
+            load_tokenizer(model),
+            (),
+            "max_tokens",
+            sampling,
+            cfg.engine.seed,
+            adapters=tuple(n for n, _ in cfg.engine.loras),
+            lora_column=run_cfg.lora_column,
         )
         builder.max_model_len = limit
+        columns = {"prompt": texts, "max_tokens": budgets}
+        if adapters is not None:
+            columns["adapter"] = adapters
         rows = builder.build(
-            [f"{src.name}:{i}" for i in range(len(texts))],
-            {"prompt": texts, "max_tokens": budgets},
-            range(len(texts)),
+            [f"{src.name}:{i}" for i in range(len(texts))], columns, range(len(texts))
         )
         bad = [r for r in rows if r.error is not None]
         if bad:
@@ -178,12 +203,15 @@ def run_throughput(cfg: BenchConfig) -> dict[str, Any]:
             else:
                 ours, shards = _time_batchgen(engine, run_cfg, model)
                 raw = _time_raw(engine, rows)
-            if raw.output_tokens != sum(budgets):
+            if not cfg.constrained and raw.output_tokens != sum(budgets):
                 raise BatchgenError(
                     f"raw vLLM generated {raw.output_tokens} tokens, not the {sum(budgets)} the "
                     "budgets ask for: this vLLM does not honour ignore_eos/max_tokens"
                 )
-            if (ours.prompt_tokens, ours.output_tokens) != (raw.prompt_tokens, raw.output_tokens):
+            same = ours.prompt_tokens == raw.prompt_tokens and (
+                cfg.constrained or ours.output_tokens == raw.output_tokens
+            )
+            if not same:
                 raise BatchgenError(
                     "raw vLLM and batchgen did different work: "
                     f"{raw.prompt_tokens}+{raw.output_tokens} vs "
@@ -239,12 +267,15 @@ def _run_config(cfg: BenchConfig, src: Path, out: Path, rows_per_shard: int) -> 
         sampling=SamplingConfig.of(
             max_tokens=cfg.max_tokens,
             temperature=cfg.temperature,
-            ignore_eos=True,
+            ignore_eos=not cfg.constrained,
             max_tokens_column="max_tokens",
+            **dict(cfg.request),
         ),
         output=OutputConfig(path=str(out), rows_per_shard=rows_per_shard, overwrite=True),
         progress_seconds=3600.0,
         max_inflight=cfg.max_inflight,
+        lora_column="adapter" if cfg.engine.loras else None,
+        max_error_rate=0.0,
     )
 
 
@@ -256,7 +287,7 @@ def _warm_up(engine: Any, cfg: BenchConfig, work: Path, rows: list) -> None:
     whichever side goes second.
     """
     texts, budgets = make_prompts(16, 8, 32, 1, 8, seed=cfg.seed + 1)
-    src = write_prompt_file(work / "warmup.parquet", texts, budgets)
+    src = write_prompt_file(work / "warmup.parquet", texts, budgets, cfg.adapters(len(texts)))
     from pipeline.runner import run
 
     run(_run_config(cfg, src, work / "warmup-out", 4))
@@ -402,6 +433,8 @@ def _throughput_report(
                 "raw_s": round(r.seconds, 2),
                 "batchgen_s": round(b.seconds, 2),
                 "raw_output_tok_s": round(r.output_tok_s, 1),
+                "raw_output_tokens": r.output_tokens,
+                "batchgen_output_tokens": b.output_tokens,
                 "batchgen_output_tok_s": round(b.output_tok_s, 1),
                 "raw_other_cpu": r.other_cpu,
                 "batchgen_other_cpu": b.other_cpu,
@@ -410,7 +443,7 @@ def _throughput_report(
         ],
         "prompts": len(prompt_lens),
         "prompt_tokens": sum(prompt_lens),
-        "output_tokens": sum(budgets),
+        "output_tokens": sum(budgets) if not cfg.constrained else timings[-1][0].output_tokens,
         "prompt_tokens_min_mean_max": [
             min(prompt_lens),
             round(statistics.fmean(prompt_lens), 1),
@@ -424,7 +457,12 @@ def _throughput_report(
         "raw_input": "token ids (TokensPrompt dicts), tokenized before timing",
         "batchgen_input": "prompt text in Parquet, read and tokenized inside the timed run",
         "same_work": "identical token ids, SamplingParams (per-row max_tokens, ignore_eos) and "
-        "engine; output token counts checked equal",
+        "engine; output token counts checked equal"
+        if not cfg.constrained
+        else "identical token ids, SamplingParams (structured output, per-row max_tokens) and "
+        "engine; constrained outputs end with their grammar, so each side's own tokens count",
+        "request": {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.request},
+        "loras": [name for name, _ in cfg.engine.loras],
         "chat_template": cfg.chat,
         "system_prompt_chars": len(cfg.system_prompt or ""),
         "prefix_caching": described.get("enable_prefix_caching"),

@@ -345,7 +345,10 @@ class VllmEngine(SteppingEngine):
         them; the (prompts, output tokens) it returned."""
         prompts = [{"prompt_token_ids": r.token_ids} for r in rows]
         params = [copy.copy(self.params(r)) for r in rows]  # generate may adjust them in place
-        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        loras = [self._loras.get(r.adapter) if r.adapter else None for r in rows]
+        outputs = self.llm.generate(
+            prompts, params, use_tqdm=False, lora_request=loras if any(loras) else None
+        )
         return len(outputs), sum(len(c.token_ids) for o in outputs for c in o.outputs)
 
 
