@@ -62,6 +62,11 @@ def manifest_path(out_dir: Path, rank: int) -> Path:
     return out_dir / STATE_DIR / f"rank-{rank:05d}.json"
 
 
+def engine_log_path(out_dir: Path, rank: int) -> Path:
+    """Where a rank's engine writes its own log (vLLM's lines), appended across resumes."""
+    return out_dir / STATE_DIR / "logs" / f"engine-rank-{rank:05d}.log"
+
+
 def lock_path(out_dir: Path, rank: int) -> Path:
     return out_dir / STATE_DIR / f"rank-{rank:05d}.lock"
 

@@ -388,7 +388,13 @@ scale_options = _options(
         type=float,
         help="Progress line interval [default: 0.5 s on a terminal, 30 s in logs].",
     ),
-    click.option("-v", "--verbose", count=True, help="More logging (-v: vLLM's too)."),
+    click.option(
+        "-v",
+        "--verbose",
+        count=True,
+        help="More logging: -v shows vLLM's own log on the terminal (else it goes to "
+        "OUT/.batchgen/logs/engine-rank-N.log).",
+    ),
 )
 
 
@@ -409,7 +415,9 @@ scale_options = _options(
 @scale_options
 def run(**kw: Any) -> None:
     """Generate completions for every row of a dataset into sharded Parquet."""
-    _setup_logging(kw.pop("verbose"))
+    verbose = kw.pop("verbose")
+    kw["engine_log"] = verbose == 0
+    _setup_logging(verbose)
     if not kw["output"]:
         raise click.UsageError("Missing option '--output' / '-o' (or `output` in --config).")
     if kw["num_shards"] is None and kw["shard_index"] is None:
@@ -502,6 +510,7 @@ def _build_config(kw: dict[str, Any]):
             max_inflight=kw["max_inflight"],
             max_error_rate=kw["max_error_rate"],
             lora_column=kw["lora_column"],
+            engine_log=kw.get("engine_log", True),
             engine_restarts=kw["engine_restarts"],
             stall_seconds=kw["stall_seconds"],
         )

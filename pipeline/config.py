@@ -203,6 +203,9 @@ class RunConfig:
     # this ends with exit 1 (and, past 1,000 prompts at over 90%, stops early), so a cron job
     # does not report success for a run that produced mostly errors.
     max_error_rate: float = 0.1
+    # vLLM's own log (its start-up chatter, its processes' warnings) goes to a file beside the
+    # run's state instead of the terminal; batchgen -v shows it on the terminal instead.
+    engine_log: bool = True
     # An input column naming each row's LoRA adapter (null: the base model).
     lora_column: str | None = None
     # Engine deaths (killed, out of memory, a CUDA error, an exception on a step) survived by

@@ -19,7 +19,14 @@ from typing import Any
 
 from pipeline import __version__
 from pipeline.adapters import check_adapters
-from pipeline.checkpoint import Checkpoint, RankLock, ResumeState, manifest_path, run_fingerprint
+from pipeline.checkpoint import (
+    Checkpoint,
+    RankLock,
+    ResumeState,
+    engine_log_path,
+    manifest_path,
+    run_fingerprint,
+)
 from pipeline.config import RunConfig
 from pipeline.engines import Engine, EngineGaveUp, FaultPolicy, StopFlags, get_engine, preflight
 from pipeline.errors import BatchgenError, ConfigError, committed_note, storage_failure
@@ -83,7 +90,10 @@ def _run_locked(cfg: RunConfig, wall_start: float) -> RunResult:
     state = _resume_state(cfg, job, checkpoint)
     if state is None:
         return RunResult("noop", cfg.output_dir, checkpoint.manifest.report)
-    engine = get_engine(cfg.engine, job.model)
+    log_path = engine_log_path(cfg.output_dir, cfg.rank) if cfg.engine_log else None
+    if log_path is not None and cfg.engine.backend == "vllm":
+        log.info("vLLM's own log: %s", log_path)
+    engine = get_engine(cfg.engine, job.model, log_path)
     problem = engine.check_sampling(job.sampling)
     if problem:
         raise ConfigError(problem)

@@ -8,6 +8,7 @@ fake.py   an instant stand-in for I/O, crash and scale tests
 from __future__ import annotations
 
 import atexit
+from pathlib import Path
 
 from pipeline.config import EngineConfig
 from pipeline.engines.base import (
@@ -32,11 +33,12 @@ def preflight(cfg: EngineConfig, model: str) -> None:
             raise ConfigError(problem)
 
 
-def get_engine(cfg: EngineConfig, model: str) -> Engine:
+def get_engine(cfg: EngineConfig, model: str, log_path: Path | None = None) -> Engine:
     """The engine for these settings, started once per process and reused by later runs.
 
     Reuse is what lets one test session, or a script calling `run()` per dataset, pay the
-    engine's start (tens of seconds) once.
+    engine's start (tens of seconds) once. With `log_path`, a new engine's own output (vLLM's
+    log lines, its processes' warnings) goes to that file instead of the terminal.
     """
     key = (cfg, model)
     engine = _ENGINES.get(key)
@@ -52,7 +54,7 @@ def get_engine(cfg: EngineConfig, model: str) -> Engine:
         # Only one vLLM engine fits in memory at a time: drop any other before starting.
         for other in [k for k, e in _ENGINES.items() if k[0].backend == "vllm"]:
             _ENGINES.pop(other).close()
-        engine = VllmEngine(cfg, model)
+        engine = VllmEngine(cfg, model, log_path)
         atexit.register(engine.close)
     _ENGINES[key] = engine
     return engine

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,10 +43,12 @@ INSTALL_HINT = (
 class VllmEngine(SteppingEngine):
     """`vllm.LLM` with the Transformers modeling backend by default."""
 
-    def __init__(self, cfg: EngineConfig, model: str) -> None:
+    def __init__(self, cfg: EngineConfig, model: str, log_path: Path | None = None) -> None:
         started = time.monotonic()
+        self.log_path = log_path
         try:
-            import vllm
+            with _engine_output(log_path):
+                import vllm
         except ImportError as exc:
             raise BatchgenError(f"{INSTALL_HINT} ({exc})") from exc
         from vllm.platforms import current_platform
@@ -110,7 +113,8 @@ class VllmEngine(SteppingEngine):
         import vllm
 
         try:
-            self.llm = vllm.LLM(**self._kwargs)
+            with _engine_output(self.log_path):
+                self.llm = vllm.LLM(**self._kwargs)
         except TypeError as exc:
             raise BatchgenError(
                 f"vLLM rejected an engine argument: {exc}; check --engine-arg"
@@ -523,6 +527,41 @@ def _kill_tree(processes: list[Any]) -> None:
             with contextlib.suppress(psutil.NoSuchProcess):
                 victim.kill()
         psutil.wait_procs(victims, timeout=5)
+
+
+_SINKS: dict[Path, Any] = {}
+
+
+@contextlib.contextmanager
+def _engine_output(path: Path | None) -> Iterator[None]:
+    """Send what vLLM prints while it imports and starts to `path` (appended): its processes
+    inherit the file as their stdout and stderr for their whole life, and its logger in this
+    process writes there from now on. Without `path` (batchgen run -v), nothing changes."""
+    if path is None:
+        yield
+        return
+    sink = _SINKS.get(path)
+    if sink is None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Held open for the process's life: vLLM's logger writes to it (a restarted engine
+        # appends to the same file).
+        sink = _SINKS[path] = open(path, "a", buffering=1)  # noqa: SIM115
+    for handler in logging.getLogger("vllm").handlers:
+        if isinstance(handler, logging.StreamHandler):
+            handler.setStream(sink)
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    saved = [os.dup(1), os.dup(2)]
+    os.dup2(sink.fileno(), 1)
+    os.dup2(sink.fileno(), 2)
+    try:
+        yield
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        for fd, copy_of in zip((1, 2), saved, strict=True):
+            os.dup2(copy_of, fd)
+            os.close(copy_of)
 
 
 _REAPER_CODE = """
