@@ -183,6 +183,8 @@ def run_fingerprint(
         fingerprint["lora_column"] = cfg.lora_column
     if cfg.engine.reasoning_parser:
         fingerprint["reasoning_parser"] = cfg.engine.reasoning_parser
+    if cfg.engine.batch_invariant:
+        fingerprint["batch_invariant"] = True
     return fingerprint
 
 

@@ -256,6 +256,12 @@ engine_options = _options(
         help="A LoRA adapter (PEFT folder) to serve beside the base model; repeatable.",
     ),
     click.option(
+        "--batch-invariant",
+        is_flag=True,
+        help="vLLM's batch-invariant kernels (GPU): outputs independent of batch neighbours, "
+        "so a resumed bf16 run equals an uninterrupted one; slower.",
+    ),
+    click.option(
         "--reasoning-parser",
         metavar="NAME",
         help="vLLM reasoning parser (e.g. deepseek_r1, qwen3): thinking goes to column "
@@ -457,6 +463,7 @@ def _engine_config(kw: dict[str, Any], backend: str):
         backend=backend,
         loras=parse_lora_flags(tuple(kw["lora"])),
         reasoning_parser=kw["reasoning_parser"],
+        batch_invariant=kw["batch_invariant"],
     )
 
 

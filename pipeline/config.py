@@ -135,6 +135,9 @@ class EngineConfig:
     # vLLM's reasoning parser: splits thinking from the answer, and makes structured output
     # apply to the answer only.
     reasoning_parser: str | None = None
+    # vLLM's batch-invariant kernels (CUDA GPUs): a row's output no longer depends on its batch
+    # neighbours, so a resumed bf16 run equals an uninterrupted one; slower.
+    batch_invariant: bool = False
 
     def __post_init__(self) -> None:
         if self.backend not in ("vllm", "fake"):

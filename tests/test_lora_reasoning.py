@@ -243,3 +243,13 @@ def test_the_split_on_recorded_token_sequences(tmp_path, parser):
     assert run(opened_prompt, words) == ("two plus two", None, len(words), False)
     # no thinking at all: the whole text is the answer
     assert run(plain_prompt, answer) == (None, "raw", 0, None)
+
+
+def test_batch_invariant_mode_is_refused_on_a_cpu_naming_the_exact_alternative(tmp_path):
+    src = write_prompts(tmp_path / "in.parquet", ["hi"])
+    result = run_cli(*run_args(src, tmp_path / "out", "--batch-invariant"), expect=2)
+    assert result.output.splitlines()[-1] == (
+        "Error: --batch-invariant needs a GPU: vLLM's batch-invariant kernels exist for CUDA, "
+        "ROCm and XPU only; on this CPU use --dtype float32, whose greedy outputs are already "
+        "the same whatever the batch, so a resumed run equals an uninterrupted one"
+    )

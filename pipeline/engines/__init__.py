@@ -25,6 +25,12 @@ _ENGINES: dict[tuple[EngineConfig, str], Engine] = {}
 
 def preflight(cfg: EngineConfig, model: str) -> None:
     """Refuse, before an engine starts, engine settings this model cannot run (ConfigError)."""
+    if cfg.backend == "vllm" and cfg.batch_invariant:
+        from pipeline.engines.vllm import batch_invariant_problem
+
+        problem = batch_invariant_problem()
+        if problem:
+            raise ConfigError(problem)
     if cfg.backend == "vllm" and cfg.reasoning_parser is not None:
         from pipeline.engines.vllm import reasoning_problem
 

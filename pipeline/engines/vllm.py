@@ -82,6 +82,8 @@ class VllmEngine(SteppingEngine):
             kwargs.update(lora_engine_args(adapters))
         if cfg.reasoning_parser:
             kwargs["reasoning_parser"] = cfg.reasoning_parser
+        if cfg.batch_invariant:
+            os.environ["VLLM_BATCH_INVARIANT"] = "1"  # read by vLLM and its engine processes
         kwargs.update(dict(cfg.engine_args))  # --engine-arg overrides what batchgen derives
         log.info(
             "starting vLLM %s (model_impl=%s, enforce_eager=%s)...",
@@ -354,6 +356,19 @@ class VllmEngine(SteppingEngine):
             prompts, params, use_tqdm=False, lora_request=loras if any(loras) else None
         )
         return len(outputs), sum(len(c.token_ids) for o in outputs for c in o.outputs)
+
+
+def batch_invariant_problem() -> str | None:
+    """Why vLLM's batch-invariant mode cannot run here, or None."""
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cuda_alike() or current_platform.is_xpu():
+        return None
+    return (
+        "--batch-invariant needs a GPU: vLLM's batch-invariant kernels exist for CUDA, ROCm and "
+        "XPU only; on this CPU use --dtype float32, whose greedy outputs are already the same "
+        "whatever the batch, so a resumed run equals an uninterrupted one"
+    )
 
 
 def reasoning_problem(name: str, model: str) -> str | None:
