@@ -572,7 +572,6 @@ _THROUGHPUT_ONLY = (
     "transformers_prompts",
     "json_schema",
     "choice",
-    "logprobs",
 )
 
 
@@ -693,6 +692,7 @@ def bench(ctx: click.Context, **kw: Any) -> None:
                 chat=kw["chat"],
                 rows_per_shard=kw["rows_per_shard"] or 2000,
                 work_dir=kw["work_dir"],
+                logprobs=kw["logprobs"],
             )
             text = benchmod.format_memory(report)
         else:
