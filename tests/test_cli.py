@@ -24,7 +24,8 @@ from pipeline.sinks import METADATA_KEY
 
 RESERVED = (
     "id, sample_index, text, finish_reason, prompt_tokens, completion_tokens, error, prompt, "
-    "parsed_ok, logprobs, cumulative_logprob, prompt_logprobs, sampling"
+    "parsed_ok, logprobs, cumulative_logprob, prompt_logprobs, sampling, adapter, reasoning, "
+    "reasoning_tokens, reasoning_ended"
 )
 
 # (arguments after `run`, the exact error line). IN is the prompts file, OUT a fresh folder.
