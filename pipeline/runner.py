@@ -99,7 +99,12 @@ def _run_locked(
         cfg.output_dir, cfg.rank, _schema(cfg, job.source), _metadata(cfg, job, engine)
     )
     todo = None if job.source.total_rows is None else job.source.total_rows - len(state.done_ids)
-    progress = Progress(todo, state.manifest.prompts_committed, interval=cfg.progress_seconds)
+    progress = Progress(
+        todo,
+        state.manifest.prompts_committed,
+        interval=cfg.progress_seconds,
+        report_fd=cfg.progress_fd,
+    )
     feeder = Feeder(job.source, job.builder, state.done_ids, cfg.source.id_column, flags)
     committer = Committer(
         writer, checkpoint, state.next_seq, cfg.output.rows_per_shard, cfg.output.checkpoint_seconds
