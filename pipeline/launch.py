@@ -150,8 +150,14 @@ def plan_node(
             Slot({"CUDA_VISIBLE_DEVICES": ",".join(g)}, None, f"GPU {','.join(g)}") for g in chosen
         )
     else:
-        plan = _cpu_slots(slots, env, sorted(os.sched_getaffinity(0)) if cpus is None else cpus)
+        plan = _cpu_slots(slots, env, _usable_cpus() if cpus is None else cpus)
     return NodePlan(num_ranks or slots, plan)
+
+
+def _usable_cpus() -> list[int]:
+    if hasattr(os, "sched_getaffinity"):  # Linux: the cores this process may run on
+        return sorted(os.sched_getaffinity(0))
+    return list(range(os.cpu_count() or 1))
 
 
 def _cpu_slots(slots: int, env: Mapping[str, str], cpus: list[int]) -> tuple[Slot, ...]:
@@ -238,7 +244,7 @@ def _rank_setup(parent: int, cpus: tuple[int, ...] | None) -> Callable[[], None]
             _LIBC.prctl(PR_SET_PDEATHSIG, deathsig, 0, 0, 0)
         if os.getppid() != parent:  # the launcher died before the prctl
             os._exit(EXIT_INTERRUPTED)
-        if cpus:
+        if cpus and hasattr(os, "sched_setaffinity"):
             os.sched_setaffinity(0, cpus)
 
     return setup
@@ -254,18 +260,12 @@ class _RankProcess:
     code: int = 0  # its exit code, or -N for signal N, as settled by `settle`
     error: str | None = None  # the error its manifest records, if it recorded a failure
 
-    def settle(self, out_dir: Path) -> None:
+    def settle(self, manifest: Manifest | None) -> None:
         """Its outcome. Killed by a signal, a rank may still have recorded how its run ended: a
         stop signal that lands while a finished rank's interpreter shuts down (seconds, with
         torch loaded) kills it after its work is done, and the manifest tells that apart."""
         self.code = self.proc.returncode
-        if self.code >= 0:
-            return
-        try:
-            manifest = Manifest.load(manifest_path(out_dir, self.rank))
-        except BatchgenError:
-            return
-        if manifest is None:
+        if self.code >= 0 or manifest is None:
             return
         if manifest.status == "finished":  # whichever process recorded it: the rank is done
             self.code = EXIT_OK
@@ -470,9 +470,16 @@ class NodeRun:
     def _ended(self, child: _RankProcess) -> None:
         if child.output is not None:
             child.output.join(timeout=2.0)  # its last lines first, then this one
-        child.settle(self.out_dir)
+        try:
+            manifest = Manifest.load(manifest_path(self.out_dir, child.rank))
+        except BatchgenError:
+            manifest = None
+        child.settle(manifest)
         self.ended[child.rank] = child
-        self.progress.rank_ended(child.rank)
+        if manifest is not None and manifest.status == "finished":
+            self.progress.rank_ended(child.rank, manifest.prompts_committed)
+        else:
+            self.progress.rank_ended(child.rank)
         self.leftovers.append((child.rank, child.proc.pid, time.monotonic() + LEFTOVER_SECONDS))
         level = logging.WARNING if child.code != EXIT_OK else logging.INFO
         log.log(level, "rank %d of %d %s", child.rank, self.plan.num_ranks, child.outcome())

@@ -194,6 +194,7 @@ class NodeProgress:
         self.counts: dict[int, _RankCounts] = {}
         self.running: set[int] = set()
         self.ended: set[int] = set()
+        self.finished: dict[int, int] = {}  # rank: prompts, of ranks that ended finished
         self._lock = threading.Lock()
         self._last = time.monotonic()  # the first line after one interval, not at once
         self._shown = ""  # the live line now on the terminal
@@ -202,10 +203,14 @@ class NodeProgress:
         with self._lock:
             self.running.add(rank)
 
-    def rank_ended(self, rank: int) -> None:
+    def rank_ended(self, rank: int, finished_prompts: int | None = None) -> None:
+        """A rank's process ended; `finished_prompts`: it is finished and holds that many (what
+        a rank with nothing left to do, which sends no counts, adds to the line)."""
         with self._lock:
             self.running.discard(rank)
             self.ended.add(rank)
+            if finished_prompts is not None:
+                self.finished[rank] = finished_prompts
 
     def update(self, rank: int, snapshot: dict[str, Any]) -> None:
         now = time.monotonic()
@@ -252,13 +257,14 @@ class NodeProgress:
         if not self.counts:
             return f"starting the ranks | {state} | elapsed {fmt_duration(elapsed)}"
         snaps = [c.snapshot for c in self.counts.values()]
-        done = sum(s["done_before"] + s["prompts"] for s in snaps)
-        # A rank that ended without a snapshot had nothing to do (already complete).
-        silent = self.ended - set(self.counts)
+        # A rank that ended without counts had nothing to do (already complete): its prompts
+        # are done and part of the total.
+        silent = [self.finished[r] for r in self.ended - set(self.counts) if r in self.finished]
+        done = sum(s["done_before"] + s["prompts"] for s in snaps) + sum(silent)
         known = all(s["todo"] is not None for s in snaps) and (
             len(self.counts) + len(silent) == self.num_ranks
         )
-        total = sum(s["done_before"] + s["todo"] for s in snaps) if known else None
+        total = sum(s["done_before"] + s["todo"] for s in snaps) + sum(silent) if known else None
         # Rates of the ranks generating now (a final snapshot: that rank has stopped).
         active = [
             c for r, c in self.counts.items() if r in self.running and not c.snapshot["final"]

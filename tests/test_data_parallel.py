@@ -542,21 +542,21 @@ def test_the_progress_line_sums_the_ranks():
         progress.rank_started(r)
     progress.update(0, snapshot(100, 50, 400, 10.0))
     progress.update(1, snapshot(100, 25, 200, 10.0, done_before=20, errors=3))
-    progress.rank_ended(2)  # already complete: it sent nothing
+    progress.rank_ended(2, finished_prompts=80)  # already complete: it sent nothing
     assert progress._line(t0 + 20) == (
-        "95 prompts | 2 of 4 ranks running, 1 ended, 1 waiting | 60 out tok/s | 3 errors | "
+        "175 prompts | 2 of 4 ranks running, 1 ended, 1 waiting | 60 out tok/s | 3 errors | "
         "elapsed 20s"
     )
     progress.rank_started(3)
     progress.update(3, snapshot(100, 0, 0, 0.5))
     # The total once every rank has told its own; 225 to go at 5 + 2.5 + 0 prompts/s.
     assert progress._line(t0 + 20) == (
-        "95/320 prompts (29.7%) | 3 of 4 ranks running, 1 ended | 60 out tok/s | 3 errors | "
+        "175/400 prompts (43.8%) | 3 of 4 ranks running, 1 ended | 60 out tok/s | 3 errors | "
         "ETA 30s | elapsed 20s"
     )
     progress.update(0, snapshot(100, 100, 800, 12.0, final=True))  # done, exiting: no rate
     assert progress._line(t0 + 20) == (
-        "145/320 prompts (45.3%) | 3 of 4 ranks running, 1 ended | 20 out tok/s | 3 errors | "
+        "225/400 prompts (56.2%) | 3 of 4 ranks running, 1 ended | 20 out tok/s | 3 errors | "
         "ETA 1m10s | elapsed 20s"
     )
     assert progress.totals()["prompts"] == 125 and progress.totals()["errors"] == 3
