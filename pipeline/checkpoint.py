@@ -31,6 +31,7 @@ from pipeline.config import RunConfig
 from pipeline.errors import BatchgenError, OutputLocked, ResumeMismatch
 from pipeline.models import model_signature
 from pipeline.sinks import (
+    SHARD_RE,
     ShardInfo,
     fsync_dir,
     read_ids,
@@ -299,6 +300,58 @@ def lock_holder(out_dir: Path, rank: int) -> str | None:
     return None
 
 
+def recorded_ranks(out_dir: Path) -> dict[int, int]:
+    """{rank: the rank count its manifest records} for every rank manifest in `out_dir`."""
+    found = {}
+    for path in sorted((out_dir / STATE_DIR).glob("rank-*.json")):
+        manifest = Manifest.load(path)
+        if manifest is not None:
+            found[manifest.rank] = manifest.num_ranks
+    return found
+
+
+def remove_run(out_dir: Path) -> str:
+    """--overwrite of a whole run at once (what `--data-parallel` does before starting its
+    ranks, which would otherwise race to remove each other's old files): every rank's shards,
+    temporary files and manifests. Refuses, removing nothing, while any rank's lock is held.
+    What was removed, in words ("" if nothing)."""
+    state = out_dir / STATE_DIR
+    ranks = {int(m.group(1)) for p in shard_files(out_dir) if (m := SHARD_RE.match(p.name))}
+    ranks |= {
+        int(p.stem.removeprefix("rank-"))
+        for pattern in ("rank-*.json", "rank-*.lock")
+        for p in state.glob(pattern)
+        if p.stem.removeprefix("rank-").isdigit()
+    }
+    for rank in sorted(ranks):
+        holder = lock_holder(out_dir, rank)
+        if holder is not None:
+            raise OutputLocked(
+                f"--overwrite would remove rank {rank} of {out_dir}, which {holder} is writing "
+                "now; stop it first (a killed process releases its lock at once), or write to "
+                "another --output"
+            )
+    return _remove_ranks(out_dir, ranks)
+
+
+def _remove_ranks(out_dir: Path, ranks: set[int]) -> str:
+    """Remove these ranks' shards, temporary files and manifests; what was removed, in words."""
+    shards = manifests = 0
+    for rank in sorted(ranks):
+        for p in shard_files(out_dir, rank):
+            p.unlink()
+            shards += 1
+        for p in temp_files(out_dir, rank):
+            p.unlink()
+        m = manifest_path(out_dir, rank)
+        if m.exists():
+            m.unlink()
+            manifests += 1
+    if not shards and not manifests:
+        return ""
+    return f"{shards} shard(s) and {manifests} manifest(s) of rank(s) {', '.join(map(str, sorted(ranks)))}"
+
+
 @dataclass(slots=True)
 class ResumeState:
     """What a starting run inherits from earlier runs of the same rank."""
@@ -442,20 +495,7 @@ class Checkpoint:
                     f"settings that {holder} is writing now; stop it first (a killed process "
                     "releases its lock at once), or write to another --output"
                 )
-        shards = manifests = 0
-        for rank in sorted(ranks):
-            for p in shard_files(self.out_dir, rank):
-                p.unlink()
-                shards += 1
-            for p in temp_files(self.out_dir, rank):
-                p.unlink()
-            m = manifest_path(self.out_dir, rank)
-            if m.exists():
-                m.unlink()
-                manifests += 1
-        if not shards and not manifests:
-            return ""
-        return f"{shards} shard(s) and {manifests} manifest(s) of rank(s) {', '.join(map(str, sorted(ranks)))}"
+        return _remove_ranks(self.out_dir, ranks)
 
     def commit(self, info: ShardInfo) -> None:
         assert self.manifest is not None

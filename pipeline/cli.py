@@ -18,6 +18,7 @@ import click
 
 from pipeline import __version__
 from pipeline.errors import EXIT_INTERRUPTED, BatchgenError, ConfigError
+from pipeline.ranks import launcher_rank, resolve_rank
 from pipeline.sampling import SAMPLING_OPTIONS, SamplingOption
 
 log = logging.getLogger("batchgen")
@@ -38,6 +39,9 @@ Examples:
 \b
   # everything from a job config; flags given on the command line win
   batchgen run --config jobs/examples/sample.toml --max-tokens 64
+\b
+  # every GPU of this node, one rank per GPU (pairs of GPUs with --tensor-parallel-size 2)
+  batchgen run --config jobs/examples/summarize.toml --data-parallel auto
 \b
 Rerunning the same command resumes an interrupted run; rerunning a finished one does nothing.
 Exit codes: 0 done, 1 failed, 2 bad usage, 75 interrupted by a signal (rerun to resume).
@@ -116,25 +120,6 @@ def _key_values(
             value = raw
         parsed.append((key.replace("-", "_"), value))
     return tuple(parsed)
-
-
-def _slurm_rank() -> tuple[int, int] | None:
-    """(shard_index, num_shards) from a Slurm array task or an srun task, if running under one."""
-    env = os.environ
-    if "SLURM_ARRAY_TASK_ID" in env and "SLURM_ARRAY_TASK_COUNT" in env:
-        task_id, count = int(env["SLURM_ARRAY_TASK_ID"]), int(env["SLURM_ARRAY_TASK_COUNT"])
-        offset = task_id - int(env.get("SLURM_ARRAY_TASK_MIN", "0"))
-        step = int(env.get("SLURM_ARRAY_TASK_STEP", "1")) or 1
-        if offset < 0 or offset % step or offset // step >= count:
-            raise click.UsageError(
-                f"Slurm array task {task_id} is not task number (id - min) / step of a plain "
-                f"range of {count} tasks (e.g. --array=0-{count - 1} or a range with a step); "
-                "for other arrays pass --num-shards N --shard-index I yourself"
-            )
-        return offset // step, count
-    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
-        return int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"])
-    return None
 
 
 def _options(*decorators: Callable) -> Callable:
@@ -349,14 +334,41 @@ output_options = _options(
     ),
 )
 
+
+class _DataParallel(click.ParamType):
+    """--data-parallel: a number of ranks, or `auto`."""
+
+    name = "N|auto"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            return "auto"
+        try:
+            number = int(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r}: expected a number of ranks, e.g. 4, or auto", param, ctx)
+        if number < 1:
+            self.fail(f"{number}: must be at least 1 (or auto)", param, ctx)
+        return number
+
+
 scale_options = _options(
+    click.option(
+        "--data-parallel",
+        type=_DataParallel(),
+        help="Run the input as N ranks on this node, one process each on its own GPUs "
+        "(auto: visible GPUs / --tensor-parallel-size; 1 on CPU).",
+    ),
     click.option(
         "--num-shards",
         type=int,
-        help="Split the input into this many ranks [default: from Slurm, else 1].",
+        help="Split the input into this many ranks [default: from the launcher, else 1].",
     ),
     click.option(
-        "--shard-index", type=int, help="This process's rank [default: from Slurm, else 0]."
+        "--shard-index",
+        type=int,
+        help="This process's rank [default: from Slurm, torchrun, MPI or a Kubernetes "
+        "Indexed Job, else 0].",
     ),
     click.option(
         "--drain-seconds",
@@ -401,6 +413,7 @@ scale_options = _options(
         help="More logging: -v shows vLLM's own log on the terminal (else it goes to "
         "OUT/.batchgen/logs/engine-rank-N.log).",
     ),
+    click.option("--progress-fd", type=int, hidden=True),  # a --data-parallel rank's progress pipe
 )
 
 
@@ -421,16 +434,30 @@ scale_options = _options(
 @scale_options
 def run(**kw: Any) -> None:
     """Generate completions for every row of a dataset into sharded Parquet."""
+    ctx = click.get_current_context()
     verbose = kw.pop("verbose")
     kw["engine_log"] = verbose == 0
     _setup_logging(verbose)
     if not kw["output"]:
         raise click.UsageError("Missing option '--output' / '-o' (or `output` in --config).")
-    if kw["num_shards"] is None and kw["shard_index"] is None:
-        kw["shard_index"], kw["num_shards"] = _slurm_rank() or (0, 1)
-    elif kw["num_shards"] is None or kw["shard_index"] is None:
-        raise click.UsageError("--num-shards and --shard-index go together.")
+    data_parallel = kw.pop("data_parallel")
+    if data_parallel is not None:
+        node = _node_plan(kw, data_parallel)
+        if node is not None:
+            _run_node(ctx, kw, node)
+            return
+    try:
+        rank = resolve_rank(kw["num_shards"], kw["shard_index"])
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from exc
+    kw["shard_index"], kw["num_shards"] = rank.index, rank.count
     cfg = _build_config(kw)
+    if rank.from_launcher:
+        from pipeline.launch import pin_local_gpus
+
+        pinned = pin_local_gpus(rank, cfg.engine.tensor_parallel_size)
+        if pinned:
+            log.info("%s", pinned)
     from pipeline.runner import run as run_pipeline
 
     try:
@@ -441,6 +468,92 @@ def run(**kw: Any) -> None:
         raise click.ClickException(str(exc)) from exc
     if result.status == "interrupted":
         sys.exit(EXIT_INTERRUPTED)
+
+
+def _node_plan(kw: dict[str, Any], data_parallel: int | str):
+    """The ranks and slots of `--data-parallel`; None when that is one rank in this process."""
+    if kw["shard_index"] is not None:
+        raise click.UsageError(
+            f"--data-parallel {data_parallel} starts every rank itself; drop --shard-index "
+            "(--num-shards N alone with --data-parallel runs the N ranks, that many at a time)"
+        )
+    try:
+        found = launcher_rank(kw["num_shards"], os.environ)
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from exc
+    if found is not None:
+        raise click.UsageError(
+            f"--data-parallel {data_parallel} starts its own ranks, but {found.origin} already "
+            f"made this process rank {found.index} of {found.count}; drop --data-parallel "
+            "and let the launcher start the ranks, or start batchgen outside the launcher"
+        )
+    from pipeline.launch import plan_node
+
+    try:
+        plan = plan_node(data_parallel, kw["num_shards"], kw["tensor_parallel_size"])
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from exc
+    if plan.num_ranks == 1 and kw["num_shards"] is None:
+        return None
+    return plan
+
+
+def _run_node(ctx: click.Context, kw: dict[str, Any], plan: Any) -> None:
+    """Start the ranks of `plan`; exit as the README's exit-code table says."""
+    from pathlib import Path
+
+    from pipeline.launch import NodeRun
+
+    kw["num_shards"], kw["shard_index"] = plan.num_ranks, 0
+    _build_config(kw)  # every flag checked once here, before any rank starts
+    node = NodeRun(
+        _rank_flags(ctx), plan, Path(kw["output"]), kw["overwrite"], kw["progress_seconds"]
+    )
+    try:
+        code = node.run()
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from exc
+    except BatchgenError as exc:
+        raise click.ClickException(str(exc)) from exc
+    if code:
+        sys.exit(code)
+
+
+# Not handed to the ranks --data-parallel starts: each gets its own rank, the launcher does
+# --overwrite for all of them at once, and --config's values are handed on as flags.
+_NOT_FOR_RANKS = (
+    "config",
+    "data_parallel",
+    "num_shards",
+    "shard_index",
+    "overwrite",
+    "progress_fd",
+)
+
+
+def _rank_flags(ctx: click.Context) -> list[str]:
+    """Flags that give a rank this command's settings, from the command line and --config alike."""
+    flags: list[str] = []
+    for param in ctx.command.params:
+        if not isinstance(param, click.Option) or param.name in _NOT_FOR_RANKS:
+            continue
+        source = ctx.get_parameter_source(param.name)
+        if source in (None, click.core.ParameterSource.DEFAULT):
+            continue
+        value = ctx.params[param.name]
+        flag = next(o for o in param.opts if o.startswith("--"))
+        if param.count:
+            flags += [flag] * value
+        elif param.is_flag:
+            if value:
+                flags.append(flag)
+            elif value is False and param.secondary_opts:
+                flags.append(param.secondary_opts[0])
+        elif param.multiple:
+            flags += [f"{flag}={v}" for v in value]
+        elif value is not None:
+            flags.append(f"{flag}={value}")
+    return flags
 
 
 def _engine_config(kw: dict[str, Any], backend: str):
@@ -514,6 +627,7 @@ def _build_config(kw: dict[str, Any]):
             rank=kw["shard_index"],
             drain_seconds=kw["drain_seconds"],
             progress_seconds=kw["progress_seconds"],
+            progress_fd=kw["progress_fd"],
             max_inflight=kw["max_inflight"],
             max_error_rate=kw["max_error_rate"],
             lora_column=kw["lora_column"],

@@ -199,6 +199,9 @@ class RunConfig:
     # On a stop signal, wait this long for requests already running before aborting them.
     drain_seconds: float = 30.0
     progress_seconds: float | None = None  # None: 0.5 s on a terminal, 30 s in a log
+    # A rank started by --data-parallel sends its progress as JSON lines to this inherited file
+    # descriptor, for the launcher's combined line, instead of printing its own (hidden flag).
+    progress_fd: int | None = None
     # Requests kept inside the engine at once. More keeps the scheduler fed across long and
     # short sequences; fewer loses less queued work on a crash (queued work is only redone).
     max_inflight: int | None = None

@@ -78,22 +78,33 @@ def run(cfg: RunConfig) -> RunResult:
         raise BatchgenError(
             storage_failure(f"locking rank {cfg.rank} of {out_dir}", exc, out_dir)
         ) from exc
+    flags = StopFlags()
     try:
-        return _run_locked(cfg, wall_start)
+        with _stop_on_signals(flags, cfg.drain_seconds) as phase:
+            return _run_locked(cfg, wall_start, flags, phase)
     finally:
         lock.release()
 
 
-def _run_locked(cfg: RunConfig, wall_start: float) -> RunResult:
-    job = _read_job(cfg)
+def _run_locked(
+    cfg: RunConfig, wall_start: float, flags: StopFlags, phase: _SignalPhase
+) -> RunResult:
     checkpoint = Checkpoint(cfg.output_dir, cfg.rank, cfg.num_ranks)
-    state = _resume_state(cfg, job, checkpoint)
-    if state is None:
-        return RunResult("noop", cfg.output_dir, checkpoint.manifest.report)
-    log_path = engine_log_path(cfg.output_dir, cfg.rank) if cfg.engine_log else None
-    if log_path is not None and cfg.engine.backend == "vllm":
-        log.info("vLLM's own log: %s", log_path)
-    engine = get_engine(cfg.engine, job.model, log_path)
+    try:
+        job = _read_job(cfg)
+        state = _resume_state(cfg, job, checkpoint)
+        if state is None:
+            return RunResult("noop", cfg.output_dir, checkpoint.manifest.report)
+        log_path = engine_log_path(cfg.output_dir, cfg.rank) if cfg.engine_log else None
+        if log_path is not None and cfg.engine.backend == "vllm":
+            log.info("vLLM's own log: %s", log_path)
+        engine = get_engine(cfg.engine, job.model, log_path)
+    except BaseException:
+        if flags.signal_name is None:
+            raise
+        # Whatever the start raised, the stop signal's exception was at its origin.
+        return _stopped_before_generation(cfg, checkpoint, flags.signal_name)
+    phase.starting = False
     problem = engine.check_sampling(job.sampling)
     if problem:
         raise ConfigError(problem)
@@ -102,8 +113,12 @@ def _run_locked(cfg: RunConfig, wall_start: float) -> RunResult:
         cfg.output_dir, cfg.rank, _schema(cfg, job), _metadata(cfg, job, engine)
     )
     todo = None if job.source.total_rows is None else job.source.total_rows - len(state.done_ids)
-    progress = Progress(todo, state.manifest.prompts_committed, interval=cfg.progress_seconds)
-    flags = StopFlags()
+    progress = Progress(
+        todo,
+        state.manifest.prompts_committed,
+        interval=cfg.progress_seconds,
+        report_fd=cfg.progress_fd,
+    )
     feeder = Feeder(job.source, job.builder, state.done_ids, cfg.source.id_column, flags)
     committer = Committer(
         writer, checkpoint, state.next_seq, cfg.output.rows_per_shard, cfg.output.checkpoint_seconds
@@ -131,6 +146,23 @@ def _run_locked(cfg: RunConfig, wall_start: float) -> RunResult:
     if failure is not None:
         raise failure
     return RunResult(status, cfg.output_dir, report)
+
+
+def _stopped_before_generation(
+    cfg: RunConfig, checkpoint: Checkpoint, signal_name: str
+) -> RunResult:
+    """A stop signal while reading the input or starting the engine: nothing ran, so nothing
+    is lost; the start was unwound (vLLM stops the engine processes it had started)."""
+    log.warning(
+        "%s received before generation began: stopped; nothing was generating, exiting with "
+        "code 75; rerun the same command to resume",
+        signal_name,
+    )
+    report: dict[str, Any] = {}
+    if checkpoint.manifest is not None:  # its status says "running" by now
+        report = {**checkpoint.manifest.report, "status": "interrupted", "signal": signal_name}
+        _record_status(cfg, checkpoint, "interrupted", report, None)
+    return RunResult("interrupted", cfg.output_dir, report)
 
 
 def _read_job(cfg: RunConfig) -> _Job:
@@ -239,33 +271,32 @@ def _generate(
     """Feed the engine and commit its results until the input ends or a stop; the engine's
     exception, if it raised one."""
     engine_error: BaseException | None = None
-    with _stop_on_signals(flags, cfg.drain_seconds):
-        feeder.start()
-        committer.start()
-        try:
-            faults = FaultPolicy(cfg.engine_restarts, cfg.stall_seconds)
-            for results in engine.generate(feeder.feed(), flags, cfg.max_inflight, faults):
-                committer.put(results)
-                progress.add(results)
-                if committer.error or feeder.error:
-                    flags.stop.set()
-                    flags.abort.set()
-                elif _hopeless(progress, cfg.max_error_rate) and not flags.stop.is_set():
-                    log.warning(
-                        "%s of the first %s prompts are error rows: stopping early, since the "
-                        "rest would most likely fail the same way",
-                        f"{progress.errors:,}",
-                        f"{progress.rows:,}",
-                    )
-                    flags.stop.set()
-        except Exception as exc:  # the engine died (or was killed by the same signal)
-            engine_error = exc
-            if not flags.stop.is_set():
-                time.sleep(0.2)  # let a signal that also reached us be handled first
-        finally:
-            flags.stop.set()
-            feeder.join()
-            committer.close()
+    feeder.start()
+    committer.start()
+    try:
+        faults = FaultPolicy(cfg.engine_restarts, cfg.stall_seconds)
+        for results in engine.generate(feeder.feed(), flags, cfg.max_inflight, faults):
+            committer.put(results)
+            progress.add(results)
+            if committer.error or feeder.error:
+                flags.stop.set()
+                flags.abort.set()
+            elif _hopeless(progress, cfg.max_error_rate) and not flags.stop.is_set():
+                log.warning(
+                    "%s of the first %s prompts are error rows: stopping early, since the "
+                    "rest would most likely fail the same way",
+                    f"{progress.errors:,}",
+                    f"{progress.rows:,}",
+                )
+                flags.stop.set()
+    except Exception as exc:  # the engine died (or was killed by the same signal)
+        engine_error = exc
+        if not flags.stop.is_set():
+            time.sleep(0.2)  # let a signal that also reached us be handled first
+    finally:
+        flags.stop.set()
+        feeder.join()
+        committer.close()
     progress.close()
     return engine_error
 
@@ -377,17 +408,38 @@ def _record_status(
         )
 
 
+class _SignalPhase:
+    """Whether the run is still starting (reading its input, starting the engine)."""
+
+    starting = True
+
+
+class _StopBeforeGeneration(BaseException):
+    """Raised by a stop signal before generation began, to unwind the start at once. A
+    BaseException, so no `except Exception` on the way (in vLLM's start, say) swallows it."""
+
+
 @contextmanager
 def _stop_on_signals(flags: StopFlags, drain_seconds: float):
     """SIGTERM, SIGINT, SIGUSR1 (Slurm's warning before a time limit): stop admitting, let running
-    requests finish for up to `drain_seconds`, commit, exit 75. A second signal aborts at once."""
+    requests finish for up to `drain_seconds`, commit, exit 75. A second signal aborts at once.
+
+    For the whole run, not only while generating: a signal while the engine starts unwinds the
+    start (the default action would kill this process and orphan vLLM's engine processes)."""
+    phase = _SignalPhase()
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield phase
         return
     previous = {}
 
     def handler(signum: int, _frame: Any) -> None:
         name = signal.Signals(signum).name
+        if phase.starting:
+            if flags.signal_name is None:
+                flags.signal_name = name
+                flags.stop.set()
+                raise _StopBeforeGeneration(name)
+            return  # already unwinding
         if flags.signal_name is None:
             flags.signal_name = name
             flags.stop.set()
@@ -408,7 +460,7 @@ def _stop_on_signals(flags: StopFlags, drain_seconds: float):
         signum = getattr(signal, name)
         previous[signum] = signal.signal(signum, handler)
     try:
-        yield
+        yield phase
     finally:
         for signum, old in previous.items():
             signal.signal(signum, old)

