@@ -20,7 +20,7 @@ from typing import Any
 from pipeline import __version__
 from pipeline.adapters import check_adapters
 from pipeline.checkpoint import Checkpoint, RankLock, ResumeState, manifest_path, run_fingerprint
-from pipeline.config import RunConfig
+from pipeline.config import EngineConfig, RunConfig
 from pipeline.engines import Engine, EngineGaveUp, FaultPolicy, StopFlags, get_engine, preflight
 from pipeline.errors import BatchgenError, ConfigError, committed_note, storage_failure
 from pipeline.models import generation_defaults, resolve_model
@@ -50,7 +50,7 @@ class RunResult:
 
 
 @dataclass(slots=True)
-class _Job:
+class Job:
     """What a run reads before it touches the output: the model, input and requests."""
 
     model: str
@@ -78,16 +78,12 @@ def run(cfg: RunConfig) -> RunResult:
 
 
 def _run_locked(cfg: RunConfig, wall_start: float) -> RunResult:
-    job = _read_job(cfg)
+    job = read_job(cfg)
     checkpoint = Checkpoint(cfg.output_dir, cfg.rank, cfg.num_ranks)
     state = _resume_state(cfg, job, checkpoint)
     if state is None:
         return RunResult("noop", cfg.output_dir, checkpoint.manifest.report)
-    engine = get_engine(cfg.engine, job.model)
-    problem = engine.check_sampling(job.sampling)
-    if problem:
-        raise ConfigError(problem)
-    job.builder.max_model_len = engine.max_model_len
+    engine = start_engine(cfg.engine, job)
     writer = ParquetShardWriter(
         cfg.output_dir, cfg.rank, _schema(cfg, job), _metadata(cfg, job, engine)
     )
@@ -123,8 +119,11 @@ def _run_locked(cfg: RunConfig, wall_start: float) -> RunResult:
     return RunResult(status, cfg.output_dir, report)
 
 
-def _read_job(cfg: RunConfig) -> _Job:
-    """Model, input, prompt builder, sampling and fingerprint; fails before any engine time."""
+def read_job(cfg: RunConfig) -> Job:
+    """Model, input, prompt builder, sampling and fingerprint; fails before any engine time.
+
+    `batchgen tune` reads its sample through this too, so it times the requests a run sends.
+    """
     model = resolve_model(cfg.engine.model)
     source = open_source(cfg.source, cfg.num_ranks, cfg.rank)
     sampling = cfg.sampling.resolve(generation_defaults(model))
@@ -148,10 +147,21 @@ def _read_job(cfg: RunConfig) -> _Job:
     fingerprint = run_fingerprint(
         cfg, model, source.identity(), builder.chat_template, sampling, adapters
     )
-    return _Job(model, source, builder, sampling, fingerprint)
+    return Job(model, source, builder, sampling, fingerprint)
 
 
-def _resume_state(cfg: RunConfig, job: _Job, checkpoint: Checkpoint) -> ResumeState | None:
+def start_engine(engine_cfg: EngineConfig, job: Job) -> Engine:
+    """The job's engine (started, or the one this process already runs with these settings),
+    checked against the job's sampling; sizes the prompt builder's length check to it."""
+    engine = get_engine(engine_cfg, job.model)
+    problem = engine.check_sampling(job.sampling)
+    if problem:
+        raise ConfigError(problem)
+    job.builder.max_model_len = engine.max_model_len
+    return engine
+
+
+def _resume_state(cfg: RunConfig, job: Job, checkpoint: Checkpoint) -> ResumeState | None:
     """What earlier runs committed; None when the rank is already finished."""
     out_dir, rank = cfg.output_dir, cfg.rank
     try:
@@ -190,7 +200,7 @@ def _resume_state(cfg: RunConfig, job: _Job, checkpoint: Checkpoint) -> ResumeSt
     return state
 
 
-def _schema(cfg: RunConfig, job: _Job):
+def _schema(cfg: RunConfig, job: Job):
     keep = [job.source.field(c) for c in cfg.output.keep_columns]
     asks = set(job.sampling)
     if cfg.engine.loras:
@@ -200,7 +210,7 @@ def _schema(cfg: RunConfig, job: _Job):
     return output_schema(cfg.output.keep_prompt, keep, asks)
 
 
-def _metadata(cfg: RunConfig, job: _Job, engine: Engine) -> dict[str, Any]:
+def _metadata(cfg: RunConfig, job: Job, engine: Engine) -> dict[str, Any]:
     """What every shard records about how it was made."""
     described = engine.describe()
     return {
