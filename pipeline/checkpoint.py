@@ -178,6 +178,11 @@ def run_fingerprint(
         fingerprint["lora_column"] = cfg.lora_column
     if cfg.engine.reasoning_parser:
         fingerprint["reasoning_parser"] = cfg.engine.reasoning_parser
+    # Speculative decoding changes what is sampled for a given seed (greedy texts only up to
+    # floating-point effects): a resume must keep it, unlike the engine's batch limits.
+    speculative = dict(cfg.engine.engine_args).get("speculative_config")
+    if speculative is not None:
+        fingerprint["speculative_config"] = speculative
     return fingerprint
 
 
