@@ -205,7 +205,7 @@ class VllmEngine(SteppingEngine):
             "enable_prefix_caching": bool(cache.enable_prefix_caching),
             "speculative_config": None if speculative is None else speculative.method,
             "gpu_memory_utilization": None if self.on_cpu else cache.gpu_memory_utilization,
-            "max_cudagraph_capture_size": compilation.max_cudagraph_capture_size
+            "max_cudagraph_capture_size": getattr(compilation, "max_cudagraph_capture_size", None)
             if graphs
             else None,
         }

@@ -63,15 +63,15 @@ class Knob:
 
 KNOBS: tuple[Knob, ...] = (
     Knob(
-        "max_num_seqs",
-        "sequences the engine runs at once (vLLM's default: 256 on CPU, 1024 on an H100/H200)",
-        SPEED_ONLY,
-    ),
-    Knob(
         "speculative_config",
         "ngram speculative decoding with drafts of 2, 4 or 6 tokens",
         SPECULATIVE_OUTPUTS,
         changes_outputs=True,
+    ),
+    Knob(
+        "max_num_seqs",
+        "sequences the engine runs at once (vLLM's default: 256 on CPU, 1024 on an H100/H200)",
+        SPEED_ONLY,
     ),
     Knob(
         "max_num_batched_tokens",
