@@ -554,6 +554,7 @@ _THROUGHPUT_ONLY = (
     "max_inflight",
     "with_transformers",
     "transformers_prompts",
+    "raw_defaults",
 )
 
 
@@ -602,6 +603,12 @@ _THROUGHPUT_ONLY = (
     help="Commit a shard every this many rows [default: prompts/8, at most 2000; --memory: 2000].",
 )
 @click.option("--max-inflight", type=int, help="As for `batchgen run`.")
+@click.option(
+    "--raw-defaults",
+    is_flag=True,
+    help="Time raw vLLM on its own engine with vLLM's defaults for the settings `batchgen tune` "
+    "searches; batchgen on the engine these flags describe.",
+)
 @click.option(
     "--with-transformers", is_flag=True, help="Also time plain Transformers generate (the floor)."
 )
@@ -669,8 +676,16 @@ def bench(ctx: click.Context, **kw: Any) -> None:
             )
             text = benchmod.format_memory(report)
         else:
+            engine = _engine_config(kw, "vllm")
+            if kw["raw_defaults"]:
+                from pipeline.tune import baseline_engine
+
+                raw_engine = baseline_engine(engine)
+            else:
+                raw_engine = None
             cfg = benchmod.BenchConfig(
-                engine=_engine_config(kw, "vllm"),
+                engine=engine,
+                raw_engine=raw_engine,
                 prompts=kw["prompts"],
                 min_tokens=kw["min_tokens"],
                 max_tokens=kw["max_tokens"],

@@ -580,6 +580,15 @@ def test_bad_tune_flags_are_usage_errors(tmp_path: Path, args: list[str], messag
     assert result.output.endswith(f"\nError: {message}\n"), result.output
 
 
+def test_bench_raw_defaults_needs_tuned_settings() -> None:
+    result = run_cli("bench", "--raw-defaults", expect=2)
+    assert "\nError: --raw-defaults: the engine flags set none of the settings" in result.output
+    result = run_cli("bench", "--memory", "--raw-defaults", expect=2)
+    assert result.output.endswith(
+        "\nError: --raw-defaults: only for the throughput bench; drop --memory\n"
+    )
+
+
 # --- the fingerprint -----------------------------------------------------------------------
 
 
