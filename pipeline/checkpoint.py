@@ -186,6 +186,11 @@ def run_fingerprint(
         fingerprint["reasoning_parser"] = cfg.engine.reasoning_parser
     if cfg.engine.batch_invariant:
         fingerprint["batch_invariant"] = True
+    # Speculative decoding changes what is sampled for a given seed (greedy texts only up to
+    # floating-point effects): a resume must keep it, unlike the engine's batch limits.
+    speculative = dict(cfg.engine.engine_args).get("speculative_config")
+    if speculative is not None:
+        fingerprint["speculative_config"] = speculative
     return fingerprint
 
 

@@ -686,6 +686,7 @@ _THROUGHPUT_ONLY = (
     "transformers_prompts",
     "json_schema",
     "choice",
+    "raw_defaults",
 )
 
 
@@ -734,6 +735,12 @@ _THROUGHPUT_ONLY = (
     help="Commit a shard every this many rows [default: prompts/8, at most 2000; --memory: 2000].",
 )
 @click.option("--max-inflight", type=int, help="As for `batchgen run`.")
+@click.option(
+    "--raw-defaults",
+    is_flag=True,
+    help="Time raw vLLM on its own engine with vLLM's defaults for the settings `batchgen tune` "
+    "searches; batchgen on the engine these flags describe.",
+)
 @click.option(
     "--with-transformers", is_flag=True, help="Also time plain Transformers generate (the floor)."
 )
@@ -810,8 +817,16 @@ def bench(ctx: click.Context, **kw: Any) -> None:
             )
             text = benchmod.format_memory(report)
         else:
+            engine = _engine_config(kw, "vllm")
+            if kw["raw_defaults"]:
+                from pipeline.tune import baseline_engine
+
+                raw_engine = baseline_engine(engine)
+            else:
+                raw_engine = None
             cfg = benchmod.BenchConfig(
-                engine=_engine_config(kw, "vllm"),
+                engine=engine,
+                raw_engine=raw_engine,
                 prompts=kw["prompts"],
                 min_tokens=kw["min_tokens"],
                 max_tokens=kw["max_tokens"],
@@ -856,6 +871,165 @@ def _memory_sizes(value: str | None) -> tuple[int, ...]:
             param_hint="--memory-rows",
         )
     return sizes
+
+
+TUNE_EXAMPLES = """\b
+Examples:
+  # the job's own config; write the fastest engine settings found as a new job config
+  batchgen tune --config job.toml --budget-seconds 1800 --write-config job.tuned.toml
+  batchgen run --config job.tuned.toml
+\b
+  # the same flags as `batchgen run` (no --output needed); only these values, as JSON
+  batchgen tune --parquet data/prompts.parquet --prompt-column prompt --chat --max-tokens 64 \\
+      --dtype float32 --try max_num_seqs=16 --try max_num_seqs=32 --json
+\b
+Exit codes: 0 done (also when nothing beat the baseline), 1 failed, 2 bad usage.
+"""
+
+# Options of `tune` itself; every other option is one of `batchgen run`'s and goes into the
+# job config --write-config writes.
+_TUNE_ONLY = (
+    "sample",
+    "repeats",
+    "budget_seconds",
+    "min_gain",
+    "try_values",
+    "allow_output_changes",
+    "write_config",
+    "as_json",
+    "verbose",
+)
+
+
+@main.command(epilog=TUNE_EXAMPLES)
+@click.option(
+    "--config",
+    metavar="FILE",
+    callback=_load_config_file,
+    is_eager=True,
+    expose_value=False,
+    help="The job's TOML config, as for `batchgen run` (flags override it).",
+)
+@input_options
+@prompt_options
+@engine_options
+@sampling_options
+@output_options
+@scale_options
+@click.option(
+    "--sample",
+    type=int,
+    default=256,
+    show_default=True,
+    help="Rows from the start of the input timed in every trial; more than --max-num-seqs.",
+)
+@click.option(
+    "--repeats",
+    type=int,
+    default=3,
+    show_default=True,
+    help="Timed passes per trial, after one untimed warm-up pass.",
+)
+@click.option(
+    "--budget-seconds",
+    type=float,
+    default=1800.0,
+    show_default=True,
+    help="Start no trial that would end later (engine starts count; 0: no limit).",
+)
+@click.option(
+    "--min-gain",
+    type=float,
+    default=0.03,
+    show_default=True,
+    help="Share by which a setting must beat the best so far (and beyond the passes' spread).",
+)
+@click.option(
+    "--try",
+    "try_values",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Try only these values (repeatable; JSON values), e.g. max_num_seqs=64.",
+)
+@click.option(
+    "--allow-output-changes",
+    is_flag=True,
+    help="Accept a faster setting whose texts on the sample differ from the baseline's.",
+)
+@click.option(
+    "--write-config",
+    metavar="FILE",
+    type=click.Path(dir_okay=False),
+    help="Write the job config with the winning engine settings here.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.pass_context
+def tune(ctx: click.Context, **kw: Any) -> None:
+    """Find the engine settings that run this job fastest here, on a sample of its rows.
+
+    Takes the same input, prompt, engine and sampling flags as `batchgen run` (or its
+    --config), times short trials of vLLM settings against the job's own (vLLM's defaults
+    for whatever it leaves out), each on its own engine, and reports every trial's output tok/s,
+    its spread and the gain; --write-config writes the winner as a job config.
+    """
+    job_keys = _given_options(ctx, skip=_TUNE_ONLY)
+    _setup_logging(kw.pop("verbose"))
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
+    # Tuning reads the start of the whole input and writes no output.
+    kw["shard_index"], kw["num_shards"] = 0, 1
+    from pipeline import tune as tunemod
+    from pipeline.bench import reserve_stdout, to_json
+
+    try:
+        cfg = tunemod.TuneConfig(
+            run=_build_config(kw),
+            sample=kw["sample"],
+            repeats=kw["repeats"],
+            budget_seconds=kw["budget_seconds"],
+            min_gain=kw["min_gain"],
+            tries=_key_values(kw["try_values"], "--try", "max_num_seqs=64"),
+            allow_output_changes=kw["allow_output_changes"],
+        )
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from exc
+    emit = reserve_stdout() if kw["as_json"] else click.echo
+    try:
+        report = tunemod.tune_report(cfg, tunemod.run_tune(cfg))
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from exc
+    except BatchgenError as exc:
+        raise click.ClickException(str(exc)) from exc
+    report["config_written"] = None
+    if kw["write_config"]:
+        from pathlib import Path
+
+        path = Path(kw["write_config"])
+        try:
+            tunemod.write_job_config(path, job_keys, report)
+        except OSError as exc:
+            emit(to_json(report) if kw["as_json"] else tunemod.format_tune(report))
+            raise click.ClickException(
+                f"--write-config {path}: cannot write it ({exc.strerror}); the tune's results "
+                "are above"
+            ) from exc
+        report["config_written"] = str(path)
+    emit(to_json(report) if kw["as_json"] else tunemod.format_tune(report))
+
+
+def _given_options(ctx: click.Context, skip: tuple[str, ...]) -> dict[str, Any]:
+    """The options given on the command line or in --config (not their defaults), keyed by
+    long flag name as a job config writes them; lists for repeatable flags."""
+    given: dict[str, Any] = {}
+    for param in ctx.command.params:
+        if not isinstance(param, click.Option) or param.name in skip or param.name == "config":
+            continue
+        source = ctx.get_parameter_source(param.name)
+        if source in (None, click.core.ParameterSource.DEFAULT):
+            continue
+        value = ctx.params[param.name]
+        flag = next(opt[2:] for opt in param.opts if opt.startswith("--"))
+        given[flag] = list(value) if param.multiple else value
+    return given
 
 
 STATUS_EPILOG = """\b

@@ -27,7 +27,7 @@ from pipeline.checkpoint import (
     manifest_path,
     run_fingerprint,
 )
-from pipeline.config import RunConfig
+from pipeline.config import EngineConfig, RunConfig
 from pipeline.engines import Engine, EngineGaveUp, FaultPolicy, StopFlags, get_engine, preflight
 from pipeline.errors import BatchgenError, ConfigError, committed_note, storage_failure
 from pipeline.models import generation_defaults, resolve_model
@@ -57,7 +57,7 @@ class RunResult:
 
 
 @dataclass(slots=True)
-class _Job:
+class Job:
     """What a run reads before it touches the output: the model, input and requests."""
 
     model: str
@@ -91,24 +91,20 @@ def _run_locked(
 ) -> RunResult:
     checkpoint = Checkpoint(cfg.output_dir, cfg.rank, cfg.num_ranks)
     try:
-        job = _read_job(cfg)
+        job = read_job(cfg)
         state = _resume_state(cfg, job, checkpoint)
         if state is None:
             return RunResult("noop", cfg.output_dir, checkpoint.manifest.report)
         log_path = engine_log_path(cfg.output_dir, cfg.rank) if cfg.engine_log else None
         if log_path is not None and cfg.engine.backend == "vllm":
             log.info("vLLM's own log: %s", log_path)
-        engine = get_engine(cfg.engine, job.model, log_path)
+        engine = start_engine(cfg.engine, job, log_path)
     except BaseException:
         if flags.signal_name is None:
             raise
         # Whatever the start raised, the stop signal's exception was at its origin.
         return _stopped_before_generation(cfg, checkpoint, flags.signal_name)
     phase.starting = False
-    problem = engine.check_sampling(job.sampling)
-    if problem:
-        raise ConfigError(problem)
-    job.builder.max_model_len = engine.max_model_len
     writer = ParquetShardWriter(
         cfg.output_dir, cfg.rank, _schema(cfg, job), _metadata(cfg, job, engine)
     )
@@ -165,8 +161,11 @@ def _stopped_before_generation(
     return RunResult("interrupted", cfg.output_dir, report)
 
 
-def _read_job(cfg: RunConfig) -> _Job:
-    """Model, input, prompt builder, sampling and fingerprint; fails before any engine time."""
+def read_job(cfg: RunConfig) -> Job:
+    """Model, input, prompt builder, sampling and fingerprint; fails before any engine time.
+
+    `batchgen tune` reads its sample through this too, so it times the requests a run sends.
+    """
     model = resolve_model(cfg.engine.model)
     source = open_source(cfg.source, cfg.num_ranks, cfg.rank)
     sampling = cfg.sampling.resolve(generation_defaults(model))
@@ -190,10 +189,22 @@ def _read_job(cfg: RunConfig) -> _Job:
     fingerprint = run_fingerprint(
         cfg, model, source.identity(), builder.chat_template, sampling, adapters
     )
-    return _Job(model, source, builder, sampling, fingerprint)
+    return Job(model, source, builder, sampling, fingerprint)
 
 
-def _resume_state(cfg: RunConfig, job: _Job, checkpoint: Checkpoint) -> ResumeState | None:
+def start_engine(engine_cfg: EngineConfig, job: Job, log_path: Path | None = None) -> Engine:
+    """The job's engine (started, or the one this process already runs with these settings),
+    checked against the job's sampling; sizes the prompt builder's length check to it. With
+    `log_path`, a new engine's own output goes to that file."""
+    engine = get_engine(engine_cfg, job.model, log_path)
+    problem = engine.check_sampling(job.sampling)
+    if problem:
+        raise ConfigError(problem)
+    job.builder.max_model_len = engine.max_model_len
+    return engine
+
+
+def _resume_state(cfg: RunConfig, job: Job, checkpoint: Checkpoint) -> ResumeState | None:
     """What earlier runs committed; None when the rank is already finished."""
     out_dir, rank = cfg.output_dir, cfg.rank
     try:
@@ -232,7 +243,7 @@ def _resume_state(cfg: RunConfig, job: _Job, checkpoint: Checkpoint) -> ResumeSt
     return state
 
 
-def _schema(cfg: RunConfig, job: _Job):
+def _schema(cfg: RunConfig, job: Job):
     keep = [job.source.field(c) for c in cfg.output.keep_columns]
     asks = set(job.sampling)
     if cfg.engine.loras:
@@ -242,7 +253,7 @@ def _schema(cfg: RunConfig, job: _Job):
     return output_schema(cfg.output.keep_prompt, keep, asks)
 
 
-def _metadata(cfg: RunConfig, job: _Job, engine: Engine) -> dict[str, Any]:
+def _metadata(cfg: RunConfig, job: Job, engine: Engine) -> dict[str, Any]:
     """What every shard records about how it was made."""
     described = engine.describe()
     return {

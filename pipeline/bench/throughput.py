@@ -1,6 +1,7 @@
 """Throughput: raw vLLM vs batchgen on one engine, in alternating rounds.
 
-One engine, started once, serves both sides in turns:
+One engine, started once, serves both sides in turns (with `raw_engine`, each side has its
+own engine, started in turn: see `_Sides`):
   (a) raw `LLM.generate` over every prompt in one call, given the prompts as token ids (the
       engine module runs it: `VllmEngine.raw_generate`);
   (b) the full `batchgen run` (`pipeline.runner.run`) from a Parquet file of prompt text to
@@ -35,6 +36,9 @@ class BenchConfig:
     """What `batchgen bench` measures; the engine settings are those of `batchgen run`."""
 
     engine: EngineConfig = field(default_factory=EngineConfig)
+    # The raw side's own engine (`--raw-defaults`: vLLM's defaults for the settings batchgen
+    # tune searches), so tuned batchgen is compared with untuned vLLM. None: one shared engine.
+    raw_engine: EngineConfig | None = None
     prompts: int = 256
     # Each prompt's output budget is drawn log-uniformly from [min_tokens, max_tokens] and is
     # generated in full (ignore_eos): many short outputs, a few long ones.
@@ -190,19 +194,22 @@ def run_throughput(cfg: BenchConfig) -> dict[str, Any]:
         prompt_lens = [len(t) for t in token_ids]
 
         _warm_up(engine, cfg, work, rows)
+        sides = _Sides(cfg, model, engine, rows)
 
         timings: list[tuple[Timing, Timing]] = []
         shards: int | None = None
         for i in range(cfg.rounds):
             # Alternate which side goes first (ABBA), so drift in the machine's speed over the
-            # bench does not favour one side.
+            # bench does not favour one side. With two engines the first round starts on
+            # batchgen's (warm) one, and the one switch of each round falls inside it.
             run_cfg = _run_config(cfg, src, work / f"out-{i}", cfg.shard_rows)
-            if i % 2 == 0:
-                raw = _time_raw(engine, rows)
-                ours, shards = _time_batchgen(engine, run_cfg, model)
+            raw_first = (i % 2 == 0) == (cfg.raw_engine is None)
+            if raw_first:
+                raw = _time_raw(sides.engine("raw"), rows)
+                ours, shards = _time_batchgen(sides.engine("batchgen"), run_cfg, model)
             else:
-                ours, shards = _time_batchgen(engine, run_cfg, model)
-                raw = _time_raw(engine, rows)
+                ours, shards = _time_batchgen(sides.engine("batchgen"), run_cfg, model)
+                raw = _time_raw(sides.engine("raw"), rows)
             if not cfg.constrained and raw.output_tokens != sum(budgets):
                 raise BatchgenError(
                     f"raw vLLM generated {raw.output_tokens} tokens, not the {sum(budgets)} the "
@@ -223,7 +230,7 @@ def run_throughput(cfg: BenchConfig) -> dict[str, Any]:
                 "(%.1f out tok/s), ratio %.3f; other processes' CPU share %s / %s",
                 i + 1,
                 cfg.rounds,
-                "raw" if i % 2 == 0 else "batchgen",
+                "raw" if raw_first else "batchgen",
                 raw.seconds,
                 raw.output_tok_s,
                 ours.seconds,
@@ -233,7 +240,7 @@ def run_throughput(cfg: BenchConfig) -> dict[str, Any]:
                 ours.other_cpu,
             )
             elapsed = time.monotonic() - bench_start
-            pair = raw.seconds + ours.seconds
+            pair = raw.seconds + ours.seconds + sides.switch_seconds()
             if (
                 cfg.budget_seconds
                 and i + 1 < cfg.rounds
@@ -247,16 +254,60 @@ def run_throughput(cfg: BenchConfig) -> dict[str, Any]:
                 break
 
         floor = None
+        engine = sides.last["batchgen"]  # its settings are what the report describes
         if cfg.with_transformers:
             described = engine.describe()
-            _shutdown(engine)
+            _shutdown(sides.current)
             floor = _time_transformers(cfg, model, token_ids, budgets, described["dtype"])
 
         report = _throughput_report(
             cfg, engine, engine_start, timings, prompt_lens, budgets, shards, floor
         )
+        report["engine_starts_s"] = [round(s, 1) for s in sides.starts]
+        report["tunables"] = sides.tunables
         report["bench_seconds"] = round(time.monotonic() - bench_start, 1)
         return report
+
+
+class _Sides:
+    """The engine each side runs on. One shared engine; or, with `raw_engine`, the raw side's
+    and batchgen's in turn (only one vLLM engine fits at a time, so a switch closes the other
+    and starts this one). A fresh engine gets an untimed raw warm-up pass over every prompt
+    first, as the shared one did: its first pass runs ~10% slow on CPU."""
+
+    def __init__(self, cfg: BenchConfig, model: str, engine: Any, rows: list) -> None:
+        self.cfg, self.model, self.rows = cfg, model, rows
+        self.current = engine  # batchgen's engine, started and warmed up by the caller
+        self.last = {"batchgen": engine, "raw": engine}  # each side's latest engine
+        self.starts = [engine.start_seconds]
+        self.warm_ups: list[float] = []
+        self.tunables: dict[str, Any] = {"batchgen": engine.tunables()}
+        if cfg.raw_engine is None:
+            self.tunables["raw"] = self.tunables["batchgen"]
+
+    def engine(self, side: str) -> Any:
+        config = self.cfg.raw_engine if side == "raw" else self.cfg.engine
+        if config is None:
+            return self.current
+        from pipeline.engines import get_engine
+
+        engine = get_engine(config, self.model)
+        self.last[side] = engine
+        if engine is not self.current:
+            self.current = engine
+            self.starts.append(engine.start_seconds)
+            self.tunables[side] = engine.tunables()
+            log.info(
+                "bench: %s engine started in %.1f s; warm-up pass...", side, engine.start_seconds
+            )
+            self.warm_ups.append(_time_raw(engine, self.rows).seconds)
+        return engine
+
+    def switch_seconds(self) -> float:
+        """What one switch of engines costs (start and warm-up pass); 0 with one engine."""
+        if self.cfg.raw_engine is None or not self.warm_ups:
+            return 0.0
+        return statistics.fmean(self.starts[1:]) + statistics.fmean(self.warm_ups)
 
 
 def _run_config(cfg: BenchConfig, src: Path, out: Path, rows_per_shard: int) -> RunConfig:
@@ -477,6 +528,12 @@ def _throughput_report(
         "enforce_eager": described.get("enforce_eager"),
         "max_num_seqs": getattr(engine, "max_num_seqs", None),
         "engine_args": {k: v for k, v in cfg.engine.engine_args},
+        # --raw-defaults: the raw side ran on its own engine with these settings.
+        "raw_defaults": cfg.raw_engine is not None,
+        "raw_max_num_seqs": None if cfg.raw_engine is None else cfg.raw_engine.max_num_seqs,
+        "raw_engine_args": None
+        if cfg.raw_engine is None
+        else {k: v for k, v in cfg.raw_engine.engine_args},
         "machine": machine_info(),
         "transformers_floor": None,
     }
@@ -502,11 +559,21 @@ def format_throughput(report: dict[str, Any]) -> str:
         f"work: {report['prompts']} prompts, {report['prompt_tokens']:,} prompt tokens "
         f"(min/mean/max {p[0]}/{p[1]}/{p[2]}), {report['output_tokens']:,} output tokens "
         f"(min/mean/max {o[0]}/{o[1]}/{o[2]}, ignore_eos), temperature {report['temperature']}",
-        f"raw vLLM: LLM.generate, one call, {report['raw_input']}",
+        f"raw vLLM: LLM.generate, one call, {report['raw_input']}"
+        + (
+            f"; on its own engine: vLLM's defaults for the tuned settings (engine args "
+            f"{report['raw_engine_args'] or 'none'})"
+            if report.get("raw_defaults")
+            else ""
+        ),
         f"batchgen: runner.run, {report['batchgen_input']}, a shard every "
         f"{report['rows_per_shard']} rows ({report['shards_per_run']} per run)",
-        f"engine start (once, shared, not in any figure): {report['engine_start_s']} s; "
-        f"batchgen's time outside its generate loop (in its figure): "
+        (
+            f"engine starts (raw and batchgen in turn, in no figure): {report['engine_starts_s']} s; "
+            if report.get("raw_defaults")
+            else f"engine start (once, shared, not in any figure): {report['engine_start_s']} s; "
+        )
+        + f"batchgen's time outside its generate loop (in its figure): "
         f"{report['batchgen_outside_generate_s']} s",
         "",
         f"{'':24}{'output tok/s':>14}{'prompt+output tok/s':>22}",

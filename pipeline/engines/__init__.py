@@ -8,6 +8,8 @@ fake.py   an instant stand-in for I/O, crash and scale tests
 from __future__ import annotations
 
 import atexit
+import dataclasses
+import json
 from pathlib import Path
 
 from pipeline.config import EngineConfig
@@ -20,7 +22,9 @@ from pipeline.engines.base import (
 )
 from pipeline.errors import ConfigError
 
-_ENGINES: dict[tuple[EngineConfig, str], Engine] = {}
+# Keyed by (backend, settings as JSON, model): an engine arg may hold a dict
+# (--engine-arg 'speculative_config={...}'), so EngineConfig itself does not hash.
+_ENGINES: dict[tuple[str, str, str], Engine] = {}
 
 
 def preflight(cfg: EngineConfig, model: str) -> None:
@@ -46,7 +50,8 @@ def get_engine(cfg: EngineConfig, model: str, log_path: Path | None = None) -> E
     engine's start (tens of seconds) once. With `log_path`, a new engine's own output (vLLM's
     log lines, its processes' warnings) goes to that file instead of the terminal.
     """
-    key = (cfg, model)
+    settings = json.dumps(dataclasses.asdict(cfg), sort_keys=True, default=str)
+    key = (cfg.backend, settings, model)
     engine = _ENGINES.get(key)
     if engine is not None and not getattr(engine, "dead", False):
         return engine
@@ -58,7 +63,7 @@ def get_engine(cfg: EngineConfig, model: str, log_path: Path | None = None) -> E
         from pipeline.engines.vllm import VllmEngine
 
         # Only one vLLM engine fits in memory at a time: drop any other before starting.
-        for other in [k for k, e in _ENGINES.items() if k[0].backend == "vllm"]:
+        for other in [k for k in _ENGINES if k[0] == "vllm"]:
             _ENGINES.pop(other).close()
         engine = VllmEngine(cfg, model, log_path)
         atexit.register(engine.close)

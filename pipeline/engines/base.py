@@ -99,6 +99,17 @@ class Engine(Protocol):
         """Why the engine would refuse every request with this sampling record, or None."""
         ...
 
+    # What `batchgen tune` needs besides a run's calls.
+
+    def tunables(self) -> dict[str, Any]:
+        """The effective values of the settings `batchgen tune` searches (engine defaults
+        resolved), plus `device` and `max_model_len`."""
+        ...
+
+    def reset_prefix_cache(self) -> None:
+        """Forget cached prompt prefixes, so a second pass over the same prompts prefills anew."""
+        ...
+
 
 class SteppingEngine(ABC):
     """An engine driven by add / step / abort calls from this thread (vLLM, the fake).

@@ -203,6 +203,28 @@ class VllmEngine(SteppingEngine):
             "transformers": transformers.__version__,
         }
 
+    def tunables(self) -> dict[str, Any]:
+        """The values this engine runs with for the settings `batchgen tune` searches, as vLLM
+        resolved them (its defaults for whatever was not given)."""
+        config = self.engine.vllm_config
+        scheduler, cache = config.scheduler_config, config.cache_config
+        compilation = config.compilation_config
+        speculative = config.speculative_config
+        graphs = not self.on_cpu and not self.enforce_eager
+        return {
+            "device": "cpu" if self.on_cpu else "gpu",
+            "max_model_len": self.max_model_len,
+            "max_num_seqs": self.max_num_seqs,
+            "max_num_batched_tokens": int(scheduler.max_num_batched_tokens),
+            "enable_chunked_prefill": bool(scheduler.enable_chunked_prefill),
+            "enable_prefix_caching": bool(cache.enable_prefix_caching),
+            "speculative_config": None if speculative is None else speculative.method,
+            "gpu_memory_utilization": None if self.on_cpu else cache.gpu_memory_utilization,
+            "max_cudagraph_capture_size": getattr(compilation, "max_cudagraph_capture_size", None)
+            if graphs
+            else None,
+        }
+
     def default_inflight(self) -> int:
         return max(4 * self.max_num_seqs, 256)
 
