@@ -268,8 +268,6 @@ class VllmEngine(SteppingEngine):
         """Why vLLM would refuse every request of this sampling record (a schema, regex or
         grammar it cannot compile, logprobs above its cap), or None; asked once per run, so a
         bad run-wide setting is a usage error rather than a run of error rows."""
-        from vllm.exceptions import VLLMClientError
-
         try:
             params = self._sampling_params(sampling)
             cap = self.engine.model_config.max_logprobs
@@ -282,7 +280,7 @@ class VllmEngine(SteppingEngine):
                     )
             if params.structured_outputs is not None:
                 _check_structured(params)
-        except (VLLMClientError, ValueError) as exc:
+        except self._rejected as exc:
             return f"vLLM refuses the sampling settings: {exc}"
         return None
 
@@ -693,14 +691,13 @@ def _release_shared_memory(names: list[str]) -> None:
 def _check_structured(params: Any) -> None:
     """Compile a structured-output constraint as vLLM's default backend choice would: xgrammar,
     else guidance. Raises vLLM's validation error naming the problem."""
-    from vllm.exceptions import VLLMClientError
     from vllm.v1.structured_output.backend_guidance import validate_guidance_grammar
     from vllm.v1.structured_output.backend_xgrammar import validate_xgrammar_grammar
 
     params = copy.deepcopy(params)  # the validators rewrite what they check
     try:
         validate_xgrammar_grammar(params)
-    except VLLMClientError:
+    except _rejection_types():
         validate_guidance_grammar(params, tokenizer=None)
 
 
