@@ -18,16 +18,15 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import __version__
-from pipeline.checkpoint import Checkpoint, RankLock, ResumeState, manifest_path, run_fingerprint
+from pipeline.checkpoint import Checkpoint, RankLock, ResumeState, manifest_path
 from pipeline.config import RunConfig
 from pipeline.engines import Engine, StopFlags, get_engine
 from pipeline.errors import BatchgenError, committed_note, storage_failure
-from pipeline.models import generation_defaults, resolve_model
+from pipeline.job import Job, read_job
 from pipeline.progress import Progress, fmt_duration
-from pipeline.prompts import PromptBuilder, load_tokenizer
 from pipeline.report import log_summary, run_report
 from pipeline.sinks import ParquetShardWriter, output_schema, prepare_output_dir
-from pipeline.sources import Source, open_source, require_columns
+from pipeline.sources import Source
 from pipeline.stages import Committer, Feeder
 
 log = logging.getLogger("batchgen")
@@ -48,17 +47,6 @@ class RunResult:
     report: dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass(slots=True)
-class _Job:
-    """What a run reads before it touches the output: the model, input and requests."""
-
-    model: str
-    source: Source
-    builder: PromptBuilder
-    sampling: dict[str, Any]
-    fingerprint: dict[str, Any]
-
-
 def run(cfg: RunConfig) -> RunResult:
     """Run (or resume) one rank of a batch job; see the module docstring for the threads."""
     wall_start = time.monotonic()
@@ -77,7 +65,7 @@ def run(cfg: RunConfig) -> RunResult:
 
 
 def _run_locked(cfg: RunConfig, wall_start: float) -> RunResult:
-    job = _read_job(cfg)
+    job = read_job(cfg)
     checkpoint = Checkpoint(cfg.output_dir, cfg.rank, cfg.num_ranks)
     state = _resume_state(cfg, job, checkpoint)
     if state is None:
@@ -117,29 +105,7 @@ def _run_locked(cfg: RunConfig, wall_start: float) -> RunResult:
     return RunResult(status, cfg.output_dir, report)
 
 
-def _read_job(cfg: RunConfig) -> _Job:
-    """Model, input, prompt builder, sampling and fingerprint; fails before any engine time."""
-    model = resolve_model(cfg.engine.model)
-    source = open_source(cfg.source, cfg.num_ranks, cfg.rank)
-    sampling = cfg.sampling.resolve(generation_defaults(model))
-    builder = PromptBuilder(
-        cfg.prompt,
-        load_tokenizer(model, cfg.engine.trust_remote_code),
-        cfg.output.keep_columns,
-        cfg.sampling.max_tokens_column,
-        sampling,
-        cfg.engine.seed,
-    )
-    wanted = builder.columns()
-    if cfg.source.id_column is not None:
-        wanted[cfg.source.id_column] = "--id-column"
-    require_columns(source, wanted)
-    builder.check_types(source.field)
-    fingerprint = run_fingerprint(cfg, model, source.identity(), builder.chat_template, sampling)
-    return _Job(model, source, builder, sampling, fingerprint)
-
-
-def _resume_state(cfg: RunConfig, job: _Job, checkpoint: Checkpoint) -> ResumeState | None:
+def _resume_state(cfg: RunConfig, job: Job, checkpoint: Checkpoint) -> ResumeState | None:
     """What earlier runs committed; None when the rank is already finished."""
     out_dir, rank = cfg.output_dir, cfg.rank
     try:
@@ -182,7 +148,7 @@ def _schema(cfg: RunConfig, source: Source):
     return output_schema(cfg.output.keep_prompt, [source.field(c) for c in cfg.output.keep_columns])
 
 
-def _metadata(cfg: RunConfig, job: _Job, engine: Engine) -> dict[str, Any]:
+def _metadata(cfg: RunConfig, job: Job, engine: Engine) -> dict[str, Any]:
     """What every shard records about how it was made."""
     described = engine.describe()
     return {
