@@ -171,6 +171,7 @@ class Committer(threading.Thread):
         self.error: BaseException | None = None
         self.step = "committing a shard"  # what it was doing, for the message if it fails
         self.committed: list[ShardInfo] = []
+        self.started = time.monotonic()  # made just as the run starts generating
 
     def put(self, results: list[ResultRow]) -> None:
         self.queue.put(results)
@@ -215,6 +216,8 @@ class Committer(threading.Thread):
         name = shard_name(self.writer.rank, self.seq)
         self.step = f"writing shard {name} in {self.writer.out_dir}"
         info = self.writer.write(rows, self.seq)
+        info.committed_at = round(time.time(), 3)
+        info.generate_seconds = round(time.monotonic() - self.started, 3)
         # From here the shard is committed on disk: if recording it fails, the next run adopts it.
         self.step = (
             f"recording shard {name} in {manifest_path(self.writer.out_dir, self.writer.rank)}"
