@@ -338,8 +338,7 @@ scale_options = _options(
 )
 
 
-@main.command(epilog=RUN_EXAMPLES)
-@click.option(
+config_option = click.option(
     "--config",
     metavar="FILE",
     callback=_load_config_file,
@@ -347,6 +346,10 @@ scale_options = _options(
     expose_value=False,
     help="TOML job config; keys are long flag names (flags override it).",
 )
+
+
+@main.command(epilog=RUN_EXAMPLES)
+@config_option
 @input_options
 @prompt_options
 @engine_options
@@ -358,10 +361,7 @@ def run(**kw: Any) -> None:
     _setup_logging(kw.pop("verbose"))
     if not kw["output"]:
         raise click.UsageError("Missing option '--output' / '-o' (or `output` in --config).")
-    if kw["num_shards"] is None and kw["shard_index"] is None:
-        kw["shard_index"], kw["num_shards"] = _slurm_rank() or (0, 1)
-    elif kw["num_shards"] is None or kw["shard_index"] is None:
-        raise click.UsageError("--num-shards and --shard-index go together.")
+    _set_rank(kw)
     cfg = _build_config(kw)
     from pipeline.runner import run as run_pipeline
 
@@ -373,6 +373,14 @@ def run(**kw: Any) -> None:
         raise click.ClickException(str(exc)) from exc
     if result.status == "interrupted":
         sys.exit(EXIT_INTERRUPTED)
+
+
+def _set_rank(kw: dict[str, Any]) -> None:
+    """--shard-index and --num-shards: given together, else from Slurm, else rank 0 of 1."""
+    if kw["num_shards"] is None and kw["shard_index"] is None:
+        kw["shard_index"], kw["num_shards"] = _slurm_rank() or (0, 1)
+    elif kw["num_shards"] is None or kw["shard_index"] is None:
+        raise click.UsageError("--num-shards and --shard-index go together.")
 
 
 def _engine_config(kw: dict[str, Any], backend: str):
@@ -676,3 +684,67 @@ def status(output: str, as_json: bool) -> None:
         raise click.ClickException(str(exc)) from exc
     click.echo(json.dumps(report.to_dict(), sort_keys=True) if as_json else report.render())
     sys.exit(report.exit_code)
+
+
+PLAN_EPILOG = """\b
+Examples:
+  # what the sample job would do: prompts, error rows, tokens, the output-token ceiling
+  batchgen plan --parquet data/prompts.parquet --prompt-column prompt --chat \\
+      --max-tokens 128 --output out/sample
+\b
+  # every rank of a 4-rank job, with an ETA measured on this machine for 30 s
+  batchgen plan --config jobs/examples/sample.toml --num-shards 4 --shard-index 0 \\
+      --all-ranks --calibrate 30
+\b
+Takes the flags of `batchgen run` (or its --config). Without --calibrate no engine starts;
+the ETA then comes from the last run recorded in --output, or none is given.
+Exit codes: 0 the job can run, 1 it cannot (the reason is printed), 2 bad usage.
+"""
+
+
+@main.command(epilog=PLAN_EPILOG)
+@config_option
+@input_options
+@prompt_options
+@engine_options
+@sampling_options
+@output_options
+@scale_options
+@click.option(
+    "--all-ranks", is_flag=True, help="Plan every rank of --num-shards, not only this one."
+)
+@click.option(
+    "--calibrate",
+    type=click.FloatRange(min=0, min_open=True),
+    metavar="SECONDS",
+    help="Run the real engine on a sample of the prompts this long, for an ETA on this machine.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object, for scripts.")
+def plan(**kw: Any) -> None:
+    """Say what `batchgen run` with these flags would do, without running it.
+
+    Reads the input, renders and tokenizes every prompt as the run would, and reports prompts,
+    rows already committed in --output, error rows by kind, prompt tokens, the output-token
+    ceiling, and, when measured, the expected output tokens and an ETA.
+    """
+    _setup_logging(kw.pop("verbose"))
+    _set_rank(kw)
+    if kw["output"] is None:
+        kw["output"] = ""  # plan without an output folder: nothing committed
+    cfg = _build_config(kw)
+    from pipeline.plan import make_plan
+
+    emit = click.echo
+    if kw["as_json"] and kw["calibrate"]:
+        os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
+        from pipeline.bench.machine import reserve_stdout
+
+        emit = reserve_stdout()
+    try:
+        result = make_plan(cfg, all_ranks=kw["all_ranks"], calibrate=kw["calibrate"])
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from exc
+    except BatchgenError as exc:
+        raise click.ClickException(str(exc)) from exc
+    emit(json.dumps(result.to_dict(), sort_keys=True) if kw["as_json"] else result.render())
+    sys.exit(result.exit_code)
