@@ -810,3 +810,28 @@ def show(
         click.echo_via_pager(text)
     else:
         click.echo(text)
+
+
+@main.command()
+@click.argument("output", type=click.Path(file_okay=False))
+@click.option(
+    "--html",
+    "html",
+    required=True,
+    metavar="FILE",
+    help="Write the report here: one self-contained HTML page.",
+)
+def report(output: str, html: str) -> None:
+    """Write an HTML report of an --output folder: settings, progress, tokens, errors, samples.
+
+    Built from what is committed, so it can be made while the job runs; the page needs no
+    network to view (example: batchgen report out/sample --html out/sample-report.html).
+    """
+    from pathlib import Path
+
+    from pipeline.htmlreport import write_report
+
+    try:
+        click.echo(write_report(Path(output), Path(html)))
+    except BatchgenError as exc:
+        raise click.ClickException(str(exc)) from exc
