@@ -5,7 +5,8 @@ through the run's own code (pipeline/job.py, then stages.request_batches), witho
 and counts: prompts, what --output already holds, error rows by kind, prompt tokens and their
 percentiles, and the output-token ceiling. Memory stays flat in the input's size: counters, an
 exact histogram of prompt lengths (at most one entry per length up to the context), a few
-example ids and, for --calibrate, a fixed-size sample of requests.
+example ids and, for --calibrate, a fixed-size sample of requests. (As in a run, the ids
+committed in --output, and with --id-column the ids read so far, are held too.)
 
 Expected output tokens and an ETA are given only from a measurement: --calibrate SECONDS (the
 real engine on a sample of these prompts, on this machine), else the last run recorded in
@@ -24,7 +25,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline.checkpoint import lock_holder, preview_resume
+from pipeline.checkpoint import Manifest, lock_holder, preview_resume
 from pipeline.config import RunConfig
 from pipeline.errors import BatchgenError
 from pipeline.progress import fmt_duration
@@ -215,17 +216,23 @@ class RankPlan:
 
 @dataclass(slots=True)
 class Calibration:
-    """The real engine on a sample of the prompts to do, on this machine, for a while."""
+    """The real engine on a sample of the prompts to do, on this machine, for a while.
 
-    seconds: float  # the measured span: from the first admission to the stop or the last result
+    The rate is completed prompts over the time to the last completion: work still running at
+    the stop is not counted, and its time is not either. An engine that runs its whole batch in
+    step finishes prompts in waves; a span that ends on a completion holds whole waves, so the
+    rate is a job's rate. The spread comes from windows cut at completions, each ending on one.
+    """
+
+    seconds: float  # from the first admission to the last completion
+    budget: float  # --calibrate SECONDS
     sample: int  # requests in the sample
     prompts: int  # sample prompts completed
     samples: int  # their output rows
     output_tokens: int
-    first_seconds: float  # until the first completion: a run pays it once
-    rate: float  # prompts per second after the first completion
-    windows: list[float]  # prompts per second in each window
-    window_seconds: float
+    first_seconds: float  # until the first completion
+    events: int  # engine steps that finished prompts
+    windows: list[tuple[float, int]]  # (seconds, prompts completed) of each window
     whole: bool  # the sample was every prompt to do, and all of it finished
     engine_start_seconds: float
     engine_max_model_len: int
@@ -235,40 +242,39 @@ class Calibration:
     stop_tokens: int
     finish_reasons: dict[str, int]
 
-    def eta(self, prompts: int) -> tuple[float, float | None, float | None]:
-        """(estimate, low, high) seconds for `prompts` engine prompts on this machine."""
+    @property
+    def rate(self) -> float:
+        """Prompts per second."""
+        return self.prompts / self.seconds
+
+    def window_rates(self) -> list[float]:
+        return [n / s for s, n in self.windows if s > 0]
+
+    def eta(self, prompts: int) -> tuple[float, float, float]:
+        """(estimate, low, high) seconds for `prompts` engine prompts on this machine; low and
+        high at the fastest and slowest window's rate."""
         if self.whole and prompts == self.sample:
             return self.seconds, self.seconds, self.seconds
-        fastest, slowest = max(self.windows), min(self.windows)
-        return (
-            self.first_seconds + prompts / self.rate,
-            self.first_seconds + prompts / fastest if fastest > 0 else None,
-            self.first_seconds + prompts / slowest if slowest > 0 else None,
-        )
-
-    def spread(self) -> float:
-        """The windows' rates' relative standard deviation."""
-        mean = sum(self.windows) / len(self.windows)
-        if mean <= 0:
-            return 0.0
-        var = sum((w - mean) ** 2 for w in self.windows) / len(self.windows)
-        return var**0.5 / mean
+        rates = self.window_rates() or [self.rate]
+        return prompts / self.rate, prompts / max(rates), prompts / min(rates)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "seconds": round(self.seconds, 2),
+            "budget_seconds": self.budget,
             "sample_prompts": self.sample,
             "completed_prompts": self.prompts,
             "completed_rows": self.samples,
             "output_tokens": self.output_tokens,
             "first_result_seconds": round(self.first_seconds, 2),
+            "completion_steps": self.events,
             "prompts_per_second": round(self.rate, 3),
-            "output_tokens_per_second": round(self.output_tokens / self.seconds, 1)
-            if self.seconds > 0
-            else None,
-            "window_seconds": round(self.window_seconds, 2),
-            "window_prompts_per_second": [round(w, 3) for w in self.windows],
-            "spread": round(self.spread(), 3),
+            "output_tokens_per_second": round(self.output_tokens / self.seconds, 1),
+            "windows": [
+                {"seconds": round(s, 2), "prompts": n, "prompts_per_second": round(n / s, 3)}
+                for s, n in self.windows
+                if s > 0
+            ],
             "whole_job": self.whole,
             "engine_start_seconds": round(self.engine_start_seconds, 2),
             "engine_max_model_len": self.engine_max_model_len,
@@ -524,15 +530,20 @@ class Plan:
         c = self.calibration
         if c is None:
             return []
-        windows = ", ".join(f"{w:,.2f}" for w in c.windows)
+        overdue = (
+            f" (longer than --calibrate {c.budget:g}s: the first prompt took "
+            f"{c.first_seconds:,.1f}s to finish, and a calibration runs at least twice that)"
+            if 2 * c.first_seconds > c.budget and not c.whole
+            else ""
+        )
+        rates = ", ".join(f"{r:,.2f}" for r in c.window_rates())
         lines = [
-            f"  calibration: {c.prompts:,} of {_plural(c.sample, 'sampled prompt')} done in "
-            f"{c.seconds:,.1f}s on this machine (engine start {c.engine_start_seconds:,.1f}s, "
-            f"not counted): {c.rate:,.2f} prompts/s, "
-            f"{c.output_tokens / max(c.seconds, 1e-9):,.1f} output tok/s; first result after "
-            f"{c.first_seconds:,.1f}s",
-            f"    spread: {len(c.windows)} windows of {c.window_seconds:,.1f}s at {windows} "
-            f"prompts/s (+-{c.spread():.0%})",
+            f"  calibration: {c.prompts:,} of {_plural(c.sample, 'sampled prompt')} finished in "
+            f"{c.seconds:,.1f}s on this machine{overdue}: {c.rate:,.2f} prompts/s, "
+            f"{c.output_tokens / c.seconds:,.1f} output tok/s; engine start "
+            f"{c.engine_start_seconds:,.1f}s, not counted",
+            f"    spread: {_plural(c.events, 'engine step')} finished prompts; in "
+            f"{_plural(len(c.windows), 'window')} ending on one: {rates} prompts/s",
         ]
         if c.whole:
             lines.append(
@@ -547,15 +558,13 @@ class Plan:
         if eta["from"] == "calibration":
             source = "from --calibrate on this machine"
         else:
+            assert self.history is not None and self.history.rate is not None
             source = (
-                f"from the last run's {self.history.rate:,.2f} prompts/s in "  # type: ignore[union-attr]
-                f"{self.cfg.output.path}"
+                f"from the last run's {self.history.rate:,.2f} prompts/s in {self.cfg.output.path}"
             )
         span = ""
-        if eta["low"] is not None and eta["high"] is not None and eta["low"] != eta["high"]:
+        if eta["low"] is not None and eta["low"] != eta["high"]:
             span = f" ({_dur(eta['low'])} to {_dur(eta['high'])} at the windows' rates)"
-        elif eta["from"] == "calibration" and eta["high"] is None:
-            span = f" (at least {_dur(eta['low'])}; a window finished nothing)"
         who = "all ranks on one such machine" if self.all_ranks else "generation"
         lines = [
             f"  ETA: {_dur(eta['seconds'])} of {who}{span}, {source}; engine start not included"
@@ -660,7 +669,7 @@ def _rank_plan(
     return rank_plan
 
 
-def _history(manifest: Any, n: int) -> History:
+def _history(manifest: Manifest, n: int) -> History:
     """Stop behaviour over every committed shard, and the last run's rate."""
     h = History()
     for s in manifest.shards:
@@ -682,7 +691,6 @@ class _Reservoir:
         self.size = size
         self.rows: list[PromptRow] = []
         self.seen = 0
-        self._ids: set[str] = set()
         self._random = random.Random(seed)
 
     def add(self, rows: list[PromptRow]) -> None:
@@ -701,7 +709,9 @@ class _Reservoir:
 def calibrate_engine(
     cfg: RunConfig, model: str, sample: list[PromptRow], seconds: float, whole: bool
 ) -> Calibration:
-    """Run `sample` through the real engine for up to `seconds` and measure the rate."""
+    """Run `sample` through the real engine for `seconds`, and for at least twice the time its
+    first prompt took to finish (so the span holds more than the first requests' lifetime), and
+    measure the rate."""
     from pipeline.engines import StopFlags, get_engine
 
     engine = get_engine(cfg.engine, model)
@@ -710,77 +720,76 @@ def calibrate_engine(
     random.Random(0).shuffle(order)
     rows = [dataclasses.replace(row, id=str(i)) for i, row in enumerate(order)]
     flags = StopFlags()
+    events: list[tuple[float, list[ResultRow]]] = []
+    first: list[float] = []  # when the first prompt finished
+    started = time.monotonic()
 
-    def stop() -> None:
-        flags.stop.set()
-        flags.abort.set()
+    def watch() -> None:
+        while not flags.stop.is_set():
+            elapsed = time.monotonic() - started
+            if elapsed >= seconds and first and elapsed >= 2 * first[0]:
+                flags.stop.set()
+                flags.abort.set()
+            time.sleep(0.05)
 
     log.info(
-        "calibrating: %s sampled prompts through the engine for up to %s...",
+        "calibrating: %s sampled prompts through the engine for %s...",
         f"{len(rows):,}",
         _dur(seconds),
     )
-    events: list[tuple[float, list[ResultRow]]] = []
-    timer = threading.Timer(seconds, stop)
-    timer.daemon = True
-    started = time.monotonic()
-    timer.start()
+    watcher = threading.Thread(target=watch, name="batchgen-calibrate", daemon=True)
+    watcher.start()
     try:
         for results in engine.generate(iter(rows), flags, cfg.max_inflight):
-            events.append((time.monotonic() - started, results))
+            at = time.monotonic() - started
+            events.append((at, results))
+            if not first and any(r.error is None for r in results):
+                first.append(at)
     except Exception as exc:
         raise BatchgenError(f"--calibrate: the engine failed: {type(exc).__name__}: {exc}") from exc
     finally:
-        timer.cancel()
-    ended = time.monotonic() - started
+        flags.stop.set()
+        watcher.join()
+    log.info("calibration done; its unfinished requests were dropped (nothing was written)")
     # Calibration's prompts must not make a later run in this process look faster.
     reset = getattr(engine, "reset_prefix_cache", None)
     if reset is not None:
         reset()
-    return _measure(events, ended, seconds, len(rows), whole, engine)
+    return _measure(events, seconds, len(rows), whole, engine)
 
 
 def _measure(
     events: list[tuple[float, list[ResultRow]]],
-    ended: float,
-    seconds: float,
+    budget: float,
     sample: int,
     whole: bool,
     engine: Any,
 ) -> Calibration:
-    done_at: list[float] = []  # completion time of each completed prompt
+    steps: list[tuple[float, int]] = []  # (time, prompts completed) per engine step
     finished: dict[int, tuple[int, int, Counter[str]]] = {}  # prompt -> (samples, tokens, reasons)
     output_tokens = samples = 0
     for at, results in events:
+        done = 0
         for r in results:
-            if r.error is not None:
+            if r.error is not None:  # refused by the engine: no time spent
                 continue
             samples += 1
             output_tokens += r.completion_tokens or 0
-            entry = finished.setdefault(int(r.id), (0, 0, Counter()))
-            reasons = entry[2]
+            count, tokens, reasons = finished.get(int(r.id), (0, 0, Counter()))
             reasons[r.finish_reason or "unknown"] += 1
-            finished[int(r.id)] = (entry[0] + 1, entry[1] + (r.completion_tokens or 0), reasons)
-            if r.sample_index == 0:
-                done_at.append(at)
-    if not done_at:
-        raise BatchgenError(
-            f"--calibrate {seconds:g}: no prompt finished in that time; calibrate for longer"
-        )
-    complete = len(done_at) == sample
-    span = done_at[-1] if complete else min(ended, seconds)
-    first = done_at[0]
-    after = [t for t in done_at if t > first]
-    if after and span > first:
-        rate = len(after) / (span - first)
-        width = (span - first) / CALIBRATION_WINDOWS
-        windows = [0.0] * CALIBRATION_WINDOWS
-        for t in after:
-            windows[min(int((t - first) / width), CALIBRATION_WINDOWS - 1)] += 1
-        windows = [w / width for w in windows]
-    else:  # everything finished at once: no steady state to see, only the whole
-        first, rate, width = 0.0, len(done_at) / span, span
-        windows = [rate]
+            finished[int(r.id)] = (count + 1, tokens + (r.completion_tokens or 0), reasons)
+            done += r.sample_index == 0
+        if done:
+            steps.append((at, done))
+    if not steps:
+        raise BatchgenError("--calibrate: no sampled prompt reached the engine")
+    # Up to CALIBRATION_WINDOWS windows, each ending on a completion, of equally many steps.
+    count = min(CALIBRATION_WINDOWS, len(steps))
+    ends = [round((k + 1) * len(steps) / count) - 1 for k in range(count)]
+    windows, begin, start = [], 0.0, 0
+    for end in ends:
+        windows.append((steps[end][0] - begin, sum(n for _, n in steps[start : end + 1])))
+        begin, start = steps[end][0], end + 1
     # The longest prefix of the admission order that all finished: an unbiased sample of outputs.
     stop_samples = stop_tokens = 0
     reasons: Counter[str] = Counter()
@@ -790,17 +799,18 @@ def _measure(
         stop_samples += finished[i][0]
         stop_tokens += finished[i][1]
         reasons.update(finished[i][2])
+    prompts = sum(n for _, n in steps)
     return Calibration(
-        seconds=span,
+        seconds=steps[-1][0],
+        budget=budget,
         sample=sample,
-        prompts=len(done_at),
+        prompts=prompts,
         samples=samples,
         output_tokens=output_tokens,
-        first_seconds=first,
-        rate=rate,
+        first_seconds=steps[0][0],
+        events=len(steps),
         windows=windows,
-        window_seconds=width,
-        whole=whole and complete,
+        whole=whole and prompts == sample,
         engine_start_seconds=engine.start_seconds,
         engine_max_model_len=engine.max_model_len,
         stop_samples=stop_samples,
