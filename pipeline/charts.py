@@ -30,12 +30,9 @@ def nice_ticks(lo: float, hi: float, count: int = 5, whole: bool = False) -> lis
     step = next(m * power for m in (1, 2, 5, 10) if m * power >= raw)
     if whole:
         step = max(step, 1)
-    first = math.floor(lo / step) * step
-    ticks = []
-    value = first
-    while value < hi + step * 0.5:
-        ticks.append(round(value, 10))
-        value += step
+    ticks = [round(math.floor(lo / step) * step, 10)]
+    while ticks[-1] < hi:  # the last tick is at or above the highest value
+        ticks.append(round(ticks[-1] + step, 10))
     return ticks
 
 

@@ -417,8 +417,11 @@ def _settings(manifests: list[Manifest], meta: dict[str, Any]) -> str:
         ("vLLM", meta.get("vllm") or engine.get("vllm")),
         ("Transformers", meta.get("transformers") or engine.get("transformers")),
     ]
+    versions = ("batchgen", "vLLM", "Transformers")
     rows = "".join(
-        f"<tr><th>{escape(k)}</th><td><code>{escape(_cell(v))}</code></td></tr>" for k, v in items
+        f"<tr><th>{escape(k)}</th><td><code>"
+        f"{escape(_cell(v, '(not recorded)' if k in versions else '(none)'))}</code></td></tr>"
+        for k, v in items
     )
     return f'<table class="kv">{rows}</table>'
 
@@ -431,9 +434,9 @@ def _missing(text: str) -> str:
     return f'<div class="missing">{escape(text)}</div>'
 
 
-def _cell(value: Any) -> str:
+def _cell(value: Any, missing: str = "") -> str:
     if value is None:
-        return "(not recorded)"
+        return missing
     return value if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
 
 
