@@ -517,3 +517,51 @@ class Checkpoint:
 
 def _shared(fingerprint: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in fingerprint.items() if k not in RANK_FIELDS}
+
+
+@dataclass(slots=True)
+class CommittedPreview:
+    """What a run of one rank would find in its output folder, read without taking the lock and
+    changing nothing (`batchgen plan`): the shards and ids it would keep, or why it would be
+    refused."""
+
+    manifest: Manifest | None
+    shards: list[dict[str, Any]]  # manifest entries of the shards a resume keeps or adopts
+    done_ids: set[str]
+    refused: list[str]  # each one reason a run with this fingerprint would be refused
+
+
+def preview_resume(out_dir: Path, rank: int, fingerprint: dict[str, Any]) -> CommittedPreview:
+    """What a resume of `rank` would keep, by the rules of `Checkpoint.open`: the listed shards
+    still on disk, plus complete shards of this run that it would adopt."""
+    refused: list[str] = []
+    for path in sorted((out_dir / STATE_DIR).glob("rank-*.json")):
+        other = Manifest.load(path)
+        if other is None or other.rank == rank:
+            continue
+        changed = diff_fingerprints(_shared(other.fingerprint), _shared(fingerprint))
+        refused += [f"rank {other.rank}: {line}" for line in changed]
+    manifest = Manifest.load(manifest_path(out_dir, rank))
+    if manifest is not None:
+        refused += [
+            f"rank {rank}: {line}" for line in diff_fingerprints(manifest.fingerprint, fingerprint)
+        ]
+    if refused:
+        return CommittedPreview(manifest, [], set(), refused)
+    listed = {s["file"]: s for s in manifest.shards} if manifest is not None else {}
+    shards: list[dict[str, Any]] = []
+    done_ids: set[str] = set()
+    for path in shard_files(out_dir, rank):
+        try:
+            if path.name in listed:
+                shards.append(listed[path.name])
+            else:
+                meta = read_shard_metadata(path)
+                if meta is None or diff_fingerprints(meta.get("fingerprint", {}), fingerprint):
+                    refused.append(f"{path} is not a shard of this run")
+                    continue
+                shards.append(asdict(read_shard_info(path)))
+            done_ids.update(read_ids(path))
+        except (pa.ArrowException, OSError) as exc:
+            refused.append(f"{path} is committed but unreadable ({exc})")
+    return CommittedPreview(manifest, shards, done_ids, refused)

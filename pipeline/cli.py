@@ -417,8 +417,7 @@ scale_options = _options(
 )
 
 
-@main.command(epilog=RUN_EXAMPLES)
-@click.option(
+config_option = click.option(
     "--config",
     metavar="FILE",
     callback=_load_config_file,
@@ -426,6 +425,10 @@ scale_options = _options(
     expose_value=False,
     help="TOML job config; keys are long flag names (flags override it).",
 )
+
+
+@main.command(epilog=RUN_EXAMPLES)
+@config_option
 @input_options
 @prompt_options
 @engine_options
@@ -446,11 +449,7 @@ def run(**kw: Any) -> None:
         if node is not None:
             _run_node(ctx, kw, node)
             return
-    try:
-        rank = resolve_rank(kw["num_shards"], kw["shard_index"])
-    except ConfigError as exc:
-        raise click.UsageError(str(exc)) from exc
-    kw["shard_index"], kw["num_shards"] = rank.index, rank.count
+    rank = _set_rank(kw)
     cfg = _build_config(kw)
     if rank.from_launcher:
         from pipeline.launch import pin_local_gpus
@@ -554,6 +553,17 @@ def _rank_flags(ctx: click.Context) -> list[str]:
         elif value is not None:
             flags.append(f"{flag}={value}")
     return flags
+
+
+def _set_rank(kw: dict[str, Any]) -> Any:
+    """--shard-index and --num-shards: given together, else from a launcher (Slurm, torchrun,
+    MPI, a Kubernetes Indexed Job), else rank 0 of 1. Returns where the rank came from."""
+    try:
+        rank = resolve_rank(kw["num_shards"], kw["shard_index"])
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from exc
+    kw["shard_index"], kw["num_shards"] = rank.index, rank.count
+    return rank
 
 
 def _engine_config(kw: dict[str, Any], backend: str):
@@ -1062,3 +1072,154 @@ def status(output: str, as_json: bool) -> None:
         raise click.ClickException(str(exc)) from exc
     click.echo(json.dumps(report.to_dict(), sort_keys=True) if as_json else report.render())
     sys.exit(report.exit_code)
+
+
+PLAN_EPILOG = """\b
+Examples:
+  # what the sample job would do: prompts, error rows, tokens, the output-token ceiling
+  batchgen plan --parquet data/prompts.parquet --prompt-column prompt --chat \\
+      --max-tokens 128 --output out/sample
+\b
+  # every rank of a 4-rank job, with an ETA measured on this machine for 30 s
+  batchgen plan --config jobs/examples/sample.toml --num-shards 4 --shard-index 0 \\
+      --all-ranks --calibrate 30
+\b
+Takes the flags of `batchgen run` (or its --config). Without --calibrate no engine starts;
+the ETA then comes from the last run recorded in --output, or none is given.
+Exit codes: 0 the job can run, 1 it cannot (the reason is printed), 2 bad usage.
+"""
+
+
+@main.command(epilog=PLAN_EPILOG)
+@config_option
+@input_options
+@prompt_options
+@engine_options
+@sampling_options
+@output_options
+@scale_options
+@click.option(
+    "--all-ranks", is_flag=True, help="Plan every rank of --num-shards, not only this one."
+)
+@click.option(
+    "--calibrate",
+    type=click.FloatRange(min=0, min_open=True),
+    metavar="SECONDS",
+    help="Run the real engine on a sample of the prompts this long, for an ETA on this machine.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object, for scripts.")
+def plan(**kw: Any) -> None:
+    """Say what `batchgen run` with these flags would do, without running it.
+
+    Reads the input, renders and tokenizes every prompt as the run would, and reports prompts,
+    rows already committed in --output, error rows by kind, prompt tokens, the output-token
+    ceiling, and, when measured, the expected output tokens and an ETA.
+    """
+    _setup_logging(kw.pop("verbose"))
+    _set_rank(kw)
+    if kw["output"] is None:
+        kw["output"] = ""  # plan without an output folder: nothing committed
+    cfg = _build_config(kw)
+    from pipeline.plan import make_plan
+
+    emit = click.echo
+    if kw["as_json"] and kw["calibrate"]:
+        os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
+        from pipeline.bench.machine import reserve_stdout
+
+        emit = reserve_stdout()
+    try:
+        result = make_plan(cfg, all_ranks=kw["all_ranks"], calibrate=kw["calibrate"])
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from exc
+    except BatchgenError as exc:
+        raise click.ClickException(str(exc)) from exc
+    emit(json.dumps(result.to_dict(), sort_keys=True) if kw["as_json"] else result.render())
+    sys.exit(result.exit_code)
+
+
+SHOW_EPILOG = """\b
+Examples:
+  batchgen show out/sample --limit 5
+  batchgen show out/sample --where finish_reason=length --sample 3 --seed 1
+  batchgen show out/sample --errors
+  batchgen show out/sample --id sample-007 --id sample-012
+\b
+--where compares a column with a value (COL=VALUE, or COL!=VALUE); repeat it to require
+several. Rows are printed in output order, wrapped to the terminal, through a pager on a
+terminal and as plain text when piped. Only committed shards are read, so it is safe to run
+while the job runs.
+"""
+
+
+@main.command(epilog=SHOW_EPILOG)
+@click.argument("output", type=click.Path(file_okay=False))
+@click.option(
+    "--where",
+    multiple=True,
+    metavar="COL=VALUE",
+    help="Only rows whose column COL equals VALUE (COL!=VALUE: differs); repeatable.",
+)
+@click.option("--errors", is_flag=True, help="Only error rows.")
+@click.option(
+    "--id", "ids", multiple=True, metavar="ID", help="Only the row with this id; repeatable."
+)
+@click.option(
+    "--sample", type=click.IntRange(min=1), metavar="N", help="A random N of the matching rows."
+)
+@click.option("--seed", type=int, help="Seed of --sample [default: 0].")
+@click.option("--limit", type=click.IntRange(min=1), metavar="N", help="Show at most N rows.")
+def show(
+    output: str,
+    where: tuple[str, ...],
+    errors: bool,
+    ids: tuple[str, ...],
+    sample: int | None,
+    seed: int | None,
+    limit: int | None,
+) -> None:
+    """Print committed rows of an --output folder for a person to read."""
+    import shutil
+    from pathlib import Path
+
+    from pipeline.show import render, select
+
+    if seed is not None and sample is None:
+        raise click.UsageError("--seed goes with --sample N")
+    out = Path(output)
+    try:
+        sel = select(out, where, errors, ids, sample, seed or 0, limit)
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from exc
+    except BatchgenError as exc:
+        raise click.ClickException(str(exc)) from exc
+    text = render(sel, out, shutil.get_terminal_size((100, 24)).columns)
+    if sys.stdout.isatty():
+        click.echo_via_pager(text)
+    else:
+        click.echo(text)
+
+
+@main.command()
+@click.argument("output", type=click.Path(file_okay=False))
+@click.option(
+    "--html",
+    "html",
+    required=True,
+    metavar="FILE",
+    help="Write the report here: one self-contained HTML page.",
+)
+def report(output: str, html: str) -> None:
+    """Write an HTML report of an --output folder: settings, progress, tokens, errors, samples.
+
+    Built from what is committed, so it can be made while the job runs; the page needs no
+    network to view (example: batchgen report out/sample --html out/sample-report.html).
+    """
+    from pathlib import Path
+
+    from pipeline.htmlreport import write_report
+
+    try:
+        click.echo(write_report(Path(output), Path(html)))
+    except BatchgenError as exc:
+        raise click.ClickException(str(exc)) from exc

@@ -9,6 +9,7 @@ would reject becomes an error row before it can fail a batch.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -317,6 +318,32 @@ def _is_number(t: pa.DataType) -> bool:
 
 class _RowError(Exception):
     """A problem confined to one row: it becomes that row's error, never a failed run."""
+
+
+# An error row's kind, from its message, for `batchgen plan` and `batchgen report`: the first
+# pattern that matches names it. The messages are made in this module (and the engines' refusals).
+ERROR_KINDS: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
+    (kind, re.compile(pattern))
+    for kind, pattern in (
+        ("over-long", r"^the prompt is \d+ tokens; "),
+        ("empty", r"^the prompt is empty"),
+        ("blank", r"^the prompt is blank"),
+        ("null", r"^column .* is null$|^--template column\(s\) .* null$"),
+        ("not text", r"^column .* holds \w+, not text$"),
+        ("bad messages", r"^column .*(not JSON messages|non-empty list|message \d+ has no)"),
+        ("chat template failed", r"^the chat template failed"),
+        ("bad max tokens", r"^--max-tokens-column "),
+        ("rejected by the engine", r"^vLLM rejected the prompt|^prompt of \d+ tokens is too long"),
+    )
+)
+
+
+def error_kind(message: str) -> str:
+    """The kind of an error row (a key of ERROR_KINDS), or "other"."""
+    for kind, pattern in ERROR_KINDS:
+        if pattern.search(message):
+            return kind
+    return "other"
 
 
 def _max_tokens(value: Any, column: str) -> int | None:

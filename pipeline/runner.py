@@ -18,24 +18,20 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import __version__
-from pipeline.adapters import check_adapters
 from pipeline.checkpoint import (
     Checkpoint,
     RankLock,
     ResumeState,
     engine_log_path,
     manifest_path,
-    run_fingerprint,
 )
 from pipeline.config import EngineConfig, RunConfig
-from pipeline.engines import Engine, EngineGaveUp, FaultPolicy, StopFlags, get_engine, preflight
+from pipeline.engines import Engine, EngineGaveUp, FaultPolicy, StopFlags, get_engine
 from pipeline.errors import BatchgenError, ConfigError, committed_note, storage_failure
-from pipeline.models import generation_defaults, resolve_model
+from pipeline.job import Job, read_job
 from pipeline.progress import Progress, fmt_duration
-from pipeline.prompts import PromptBuilder, load_tokenizer
 from pipeline.report import log_summary, run_report
 from pipeline.sinks import ParquetShardWriter, output_schema, prepare_output_dir
-from pipeline.sources import Source, open_source, require_columns
 from pipeline.stages import Committer, Feeder
 
 log = logging.getLogger("batchgen")
@@ -54,17 +50,6 @@ class RunResult:
     status: str  # finished | interrupted | noop
     out_dir: Path
     report: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass(slots=True)
-class Job:
-    """What a run reads before it touches the output: the model, input and requests."""
-
-    model: str
-    source: Source
-    builder: PromptBuilder
-    sampling: dict[str, Any]
-    fingerprint: dict[str, Any]
 
 
 def run(cfg: RunConfig) -> RunResult:
@@ -159,37 +144,6 @@ def _stopped_before_generation(
         report = {**checkpoint.manifest.report, "status": "interrupted", "signal": signal_name}
         _record_status(cfg, checkpoint, "interrupted", report, None)
     return RunResult("interrupted", cfg.output_dir, report)
-
-
-def read_job(cfg: RunConfig) -> Job:
-    """Model, input, prompt builder, sampling and fingerprint; fails before any engine time.
-
-    `batchgen tune` reads its sample through this too, so it times the requests a run sends.
-    """
-    model = resolve_model(cfg.engine.model)
-    source = open_source(cfg.source, cfg.num_ranks, cfg.rank)
-    sampling = cfg.sampling.resolve(generation_defaults(model))
-    adapters = check_adapters(cfg.engine.loras, model) if cfg.engine.loras else []
-    preflight(cfg.engine, model)
-    builder = PromptBuilder(
-        cfg.prompt,
-        load_tokenizer(model, cfg.engine.trust_remote_code),
-        cfg.output.keep_columns,
-        cfg.sampling.max_tokens_column,
-        sampling,
-        cfg.engine.seed,
-        adapters=tuple(a.name for a in adapters),
-        lora_column=cfg.lora_column,
-    )
-    wanted = builder.columns()
-    if cfg.source.id_column is not None:
-        wanted[cfg.source.id_column] = "--id-column"
-    require_columns(source, wanted)
-    builder.check_types(source.field)
-    fingerprint = run_fingerprint(
-        cfg, model, source.identity(), builder.chat_template, sampling, adapters
-    )
-    return Job(model, source, builder, sampling, fingerprint)
 
 
 def start_engine(engine_cfg: EngineConfig, job: Job, log_path: Path | None = None) -> Engine:

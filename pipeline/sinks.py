@@ -126,6 +126,11 @@ class ShardInfo:
     prompt_tokens: int
     completion_tokens: int
     finish_reasons: dict[str, int]
+    # When it was committed (Unix seconds) and how long its run had been generating then, for
+    # progress and throughput over time (`batchgen report`); None in manifests written before
+    # they were recorded. An adopted shard's commit time is its file's modification time.
+    committed_at: float | None = None
+    generate_seconds: float | None = None
 
     @classmethod
     def of(cls, file: str, rows: Iterable[ResultRow | _Counted]) -> ShardInfo:
@@ -160,9 +165,11 @@ def read_shard_info(path: Path) -> ShardInfo:
     """The manifest entry of a committed shard file, counted from its columns."""
     names = ["sample_index", "finish_reason", "prompt_tokens", "completion_tokens", "error"]
     cols = pq.read_table(path, columns=names).to_pydict()
-    return ShardInfo.of(
+    info = ShardInfo.of(
         path.name, (_Counted(*values) for values in zip(*cols.values(), strict=True))
     )
+    info.committed_at = round(path.stat().st_mtime, 3)
+    return info
 
 
 def read_ids(path: Path) -> Iterator[str]:

@@ -277,7 +277,11 @@ def test_unreadable_config_file(
 # --- lazy imports ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("args", [["--help"], ["run", "--help"]], ids=["batchgen", "run"])
+@pytest.mark.parametrize(
+    "args",
+    [["--help"], ["run", "--help"], ["plan", "--help"], ["show", "--help"], ["report", "--help"]],
+    ids=["batchgen", "run", "plan", "show", "report"],
+)
 def test_help_imports_no_heavy_module(args: list[str]) -> None:
     script = (
         "import sys; from click.testing import CliRunner; from pipeline.cli import main\n"
