@@ -150,16 +150,7 @@ class VllmEngine(SteppingEngine):
         return requests
 
     def _restart(self) -> None:
-        old = self.engine.engine_core
         self.close()
-        # vLLM leaves the dead client's ZMQ context to the garbage collector, which then warns
-        # mid-run; its sockets are closed and its output thread gone, so end it now.
-        thread = getattr(old, "output_queue_thread", None)
-        if thread is not None:
-            thread.join(timeout=5)
-        ctx = getattr(getattr(old, "resources", None), "ctx", None)
-        if ctx is not None:
-            ctx.destroy(linger=0)
         self._start()
         self.dead = False
 
@@ -180,6 +171,15 @@ class VllmEngine(SteppingEngine):
             core.shutdown()
         if watchdog is not None:
             _kill_tree(watchdog.processes)
+        if core is not None:
+            # vLLM leaves the closed client's ZMQ context to the garbage collector, which then
+            # warns in the middle of whatever runs next; its sockets are closed by now.
+            thread = getattr(core, "output_queue_thread", None)
+            if thread is not None and thread is not threading.current_thread():
+                thread.join(timeout=5)
+            ctx = getattr(getattr(core, "resources", None), "ctx", None)
+            if ctx is not None and not ctx.closed:
+                ctx.destroy(linger=0)
         _release_shared_memory(getattr(self, "_shared_memory", []))
         reaper = getattr(self, "_reaper", None)
         if reaper is not None:
