@@ -172,14 +172,10 @@ class VllmEngine(SteppingEngine):
         if watchdog is not None:
             _kill_tree(watchdog.processes)
         if core is not None:
-            # vLLM leaves the closed client's ZMQ context to the garbage collector, which then
-            # warns in the middle of whatever runs next; its sockets are closed by now.
-            thread = getattr(core, "output_queue_thread", None)
-            if thread is not None and thread is not threading.current_thread():
-                thread.join(timeout=5)
-            ctx = getattr(getattr(core, "resources", None), "ctx", None)
-            if ctx is not None and not ctx.closed:
-                ctx.destroy(linger=0)
+            # vLLM leaves a closed client's ZMQ context to the garbage collector, whose
+            # "unclosed context" warning would land in whatever runs next (destroying it here
+            # could race vLLM's output thread); a closed client is kept until the process ends.
+            _CLOSED_CLIENTS.append(core)
         _release_shared_memory(getattr(self, "_shared_memory", []))
         reaper = getattr(self, "_reaper", None)
         if reaper is not None:
@@ -568,6 +564,7 @@ def _kill_tree(processes: list[Any]) -> None:
 
 
 _SINKS: dict[Path, Any] = {}
+_CLOSED_CLIENTS: list[Any] = []
 
 
 def _route_vllm_logger(sink: Any) -> None:
