@@ -567,12 +567,6 @@ _SINKS: dict[Path, Any] = {}
 _CLOSED_CLIENTS: list[Any] = []
 
 
-def _route_vllm_logger(sink: Any) -> None:
-    for handler in logging.getLogger("vllm").handlers:
-        if isinstance(handler, logging.StreamHandler):
-            handler.setStream(sink)
-
-
 @contextlib.contextmanager
 def _engine_output(path: Path | None) -> Iterator[None]:
     """Send what vLLM prints while it imports and starts to `path` (appended): its processes
@@ -587,7 +581,6 @@ def _engine_output(path: Path | None) -> Iterator[None]:
         # Held open for the process's life: vLLM's logger writes to it (a restarted engine
         # appends to the same file).
         sink = _SINKS[path] = open(path, "a", buffering=1)  # noqa: SIM115
-    _route_vllm_logger(sink)
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
     saved = [os.dup(1), os.dup(2)]
@@ -596,7 +589,6 @@ def _engine_output(path: Path | None) -> Iterator[None]:
     try:
         yield
     finally:
-        _route_vllm_logger(sink)  # vLLM sets its logger up while the engine starts
         for stream in (sys.stdout, sys.stderr):
             stream.flush()
         for fd, copy_of in zip((1, 2), saved, strict=True):
