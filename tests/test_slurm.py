@@ -180,7 +180,7 @@ def test_array_job_writes_the_input_exactly_once(tmp_path, config, job_env):
     out = tmp_path / "out"
     assert_exactly_once(out)
     assert_ranks_own_their_slices(out, TASKS)
-    states = {r: (m["status"], m["num_shards"]) for r, m in manifests(out).items()}
+    states = {r: (m["status"], m["num_ranks"]) for r, m in manifests(out).items()}
     assert states == {r: ("finished", TASKS) for r in range(TASKS)}
     for task in range(TASKS):
         log = (tmp_path / f"batchgen-{job}_{task}.log").read_text()
@@ -280,5 +280,5 @@ def test_one_node_job_runs_one_rank_per_task_on_its_own_gpu(tmp_path, config, jo
     out = tmp_path / "out"
     assert_exactly_once(out)
     assert_ranks_own_their_slices(out, 2)
-    states = {r: (m["status"], m["num_shards"]) for r, m in manifests(out).items()}
+    states = {r: (m["status"], m["num_ranks"]) for r, m in manifests(out).items()}
     assert states == {0: ("finished", 2), 1: ("finished", 2)}

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import copy
 import logging
@@ -563,24 +564,72 @@ def _kill_tree(processes: list[Any]) -> None:
         psutil.wait_procs(victims, timeout=5)
 
 
-_SINKS: dict[Path, Any] = {}
 _CLOSED_CLIENTS: list[Any] = []
+
+
+class _EngineLog:
+    """The engine log file of this process (one at a time; a restarted engine appends to the
+    same one), and the diversion of vLLM's own logger into it. vLLM's handler keeps writing to
+    whatever stream it was set up with; a filter on it writes each record to the engine log
+    instead and drops it there, so nothing is re-pointed (a test runner's captured streams
+    stay as they are) and `batchgen run -v` (no engine log) passes everything through."""
+
+    path: Path | None = None
+    sink: Any = None
+
+    @classmethod
+    def open(cls, path: Path | None) -> Any:
+        if path != cls.path:
+            cls.close()
+            if path is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                cls.sink = open(path, "a", buffering=1)  # noqa: SIM115
+            cls.path = path
+        cls.divert()
+        return cls.sink
+
+    @classmethod
+    def close(cls) -> None:
+        if cls.sink is not None:
+            cls.sink.close()
+        cls.path = cls.sink = None
+
+    @classmethod
+    def divert(cls) -> None:
+        """Put the filter on vLLM's handlers; vLLM sets them up at import and again when an
+        engine starts, so this runs after both."""
+        for handler in logging.getLogger("vllm").handlers:
+            if not any(isinstance(f, _ToEngineLog) for f in handler.filters):
+                handler.addFilter(_ToEngineLog(handler))
+
+
+class _ToEngineLog(logging.Filter):
+    def __init__(self, handler: logging.Handler) -> None:
+        super().__init__()
+        self.handler = handler
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        sink = _EngineLog.sink
+        if sink is None or sink.closed:
+            return True
+        with contextlib.suppress(Exception):  # a log line must never fail the run
+            sink.write(self.handler.format(record) + "\n")
+        return False
+
+
+atexit.register(_EngineLog.close)
 
 
 @contextlib.contextmanager
 def _engine_output(path: Path | None) -> Iterator[None]:
     """Send what vLLM prints while it imports and starts to `path` (appended): its processes
     inherit the file as their stdout and stderr for their whole life, and its logger in this
-    process writes there from now on. Without `path` (batchgen run -v), nothing changes."""
-    if path is None:
+    process writes there from then on (see _EngineLog). Without `path` (batchgen run -v),
+    nothing changes."""
+    sink = _EngineLog.open(path)
+    if sink is None:
         yield
         return
-    sink = _SINKS.get(path)
-    if sink is None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # Held open for the process's life: vLLM's logger writes to it (a restarted engine
-        # appends to the same file).
-        sink = _SINKS[path] = open(path, "a", buffering=1)  # noqa: SIM115
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
     saved = [os.dup(1), os.dup(2)]
@@ -594,6 +643,7 @@ def _engine_output(path: Path | None) -> Iterator[None]:
         for fd, copy_of in zip((1, 2), saved, strict=True):
             os.dup2(copy_of, fd)
             os.close(copy_of)
+        _EngineLog.divert()
 
 
 _REAPER_CODE = """
