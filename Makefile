@@ -47,7 +47,8 @@ run: model
 test: model slurm test-tools
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-# Test tools from Debian's packages: shellcheck lints the job scripts (tests/test_jobs.py).
+# Test tools from Debian's packages: shellcheck lints the job scripts (tests/test_jobs.py);
+# chromium opens `batchgen report` pages headless (tests/test_report_html.py).
 .PHONY: test-tools
 test-tools:
 	@if command -v shellcheck >/dev/null; then :; \
@@ -56,6 +57,13 @@ test-tools:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq shellcheck >/dev/null; \
 	else \
 		echo "test-tools: shellcheck is missing and installing it needs root and apt-get; its tests will be skipped"; \
+	fi
+	@if [[ -x /usr/bin/chromium ]]; then :; \
+	elif [[ $$(id -u) == 0 ]] && command -v apt-get >/dev/null; then \
+		echo "test-tools: installing chromium (headless, for the report page tests)..."; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	else \
+		echo "test-tools: chromium is missing and installing it needs root and apt-get; the report page's browser tests will be skipped"; \
 	fi
 
 # The Slurm tests (pytest -m slurm) need the local single-node cluster; starting it needs root

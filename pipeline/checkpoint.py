@@ -26,10 +26,12 @@ from typing import Any
 
 import pyarrow as pa
 
+from pipeline.adapters import Adapter
 from pipeline.config import RunConfig
 from pipeline.errors import BatchgenError, OutputLocked, ResumeMismatch
 from pipeline.models import model_signature
 from pipeline.sinks import (
+    SHARD_RE,
     ShardInfo,
     fsync_dir,
     read_ids,
@@ -59,6 +61,11 @@ _HELD_LOCKS: set[Path] = set()
 
 def manifest_path(out_dir: Path, rank: int) -> Path:
     return out_dir / STATE_DIR / f"rank-{rank:05d}.json"
+
+
+def engine_log_path(out_dir: Path, rank: int) -> Path:
+    """Where a rank's engine writes its own log (vLLM's lines), appended across resumes."""
+    return out_dir / STATE_DIR / "logs" / f"engine-rank-{rank:05d}.log"
 
 
 def lock_path(out_dir: Path, rank: int) -> Path:
@@ -134,6 +141,7 @@ def run_fingerprint(
     input_identity: dict[str, Any],
     chat_template: str | None,
     sampling: dict[str, Any],
+    adapters: list[Adapter] = (),
     server: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Every setting that changes what a row's output is. A resume must match it exactly.
@@ -172,6 +180,21 @@ def run_fingerprint(
         "num_shards": cfg.num_ranks,
         "shard_index": cfg.rank,
     }
+    # Recorded only when used, so the fingerprints of runs that never used them are unchanged.
+    if cfg.prompt.chat_template_kwargs:
+        fingerprint["prompt"]["chat_template_kwargs"] = dict(cfg.prompt.chat_template_kwargs)
+    if adapters:
+        fingerprint["adapters"] = {a.name: a.sha256 for a in adapters}
+        fingerprint["lora_column"] = cfg.lora_column
+    if cfg.engine.reasoning_parser:
+        fingerprint["reasoning_parser"] = cfg.engine.reasoning_parser
+    if cfg.engine.batch_invariant:
+        fingerprint["batch_invariant"] = True
+    # Speculative decoding changes what is sampled for a given seed (greedy texts only up to
+    # floating-point effects): a resume must keep it, unlike the engine's batch limits.
+    speculative = dict(cfg.engine.engine_args).get("speculative_config")
+    if speculative is not None:
+        fingerprint["speculative_config"] = speculative
     if server is not None:
         fingerprint["server"] = server
     return fingerprint
@@ -286,6 +309,58 @@ def lock_holder(out_dir: Path, rank: int) -> str | None:
         except OSError:
             return f.read().strip() or "another process"
     return None
+
+
+def recorded_ranks(out_dir: Path) -> dict[int, int]:
+    """{rank: the rank count its manifest records} for every rank manifest in `out_dir`."""
+    found = {}
+    for path in sorted((out_dir / STATE_DIR).glob("rank-*.json")):
+        manifest = Manifest.load(path)
+        if manifest is not None:
+            found[manifest.rank] = manifest.num_ranks
+    return found
+
+
+def remove_run(out_dir: Path) -> str:
+    """--overwrite of a whole run at once (what `--data-parallel` does before starting its
+    ranks, which would otherwise race to remove each other's old files): every rank's shards,
+    temporary files and manifests. Refuses, removing nothing, while any rank's lock is held.
+    What was removed, in words ("" if nothing)."""
+    state = out_dir / STATE_DIR
+    ranks = {int(m.group(1)) for p in shard_files(out_dir) if (m := SHARD_RE.match(p.name))}
+    ranks |= {
+        int(p.stem.removeprefix("rank-"))
+        for pattern in ("rank-*.json", "rank-*.lock")
+        for p in state.glob(pattern)
+        if p.stem.removeprefix("rank-").isdigit()
+    }
+    for rank in sorted(ranks):
+        holder = lock_holder(out_dir, rank)
+        if holder is not None:
+            raise OutputLocked(
+                f"--overwrite would remove rank {rank} of {out_dir}, which {holder} is writing "
+                "now; stop it first (a killed process releases its lock at once), or write to "
+                "another --output"
+            )
+    return _remove_ranks(out_dir, ranks)
+
+
+def _remove_ranks(out_dir: Path, ranks: set[int]) -> str:
+    """Remove these ranks' shards, temporary files and manifests; what was removed, in words."""
+    shards = manifests = 0
+    for rank in sorted(ranks):
+        for p in shard_files(out_dir, rank):
+            p.unlink()
+            shards += 1
+        for p in temp_files(out_dir, rank):
+            p.unlink()
+        m = manifest_path(out_dir, rank)
+        if m.exists():
+            m.unlink()
+            manifests += 1
+    if not shards and not manifests:
+        return ""
+    return f"{shards} shard(s) and {manifests} manifest(s) of rank(s) {', '.join(map(str, sorted(ranks)))}"
 
 
 @dataclass(slots=True)
@@ -431,20 +506,7 @@ class Checkpoint:
                     f"settings that {holder} is writing now; stop it first (a killed process "
                     "releases its lock at once), or write to another --output"
                 )
-        shards = manifests = 0
-        for rank in sorted(ranks):
-            for p in shard_files(self.out_dir, rank):
-                p.unlink()
-                shards += 1
-            for p in temp_files(self.out_dir, rank):
-                p.unlink()
-            m = manifest_path(self.out_dir, rank)
-            if m.exists():
-                m.unlink()
-                manifests += 1
-        if not shards and not manifests:
-            return ""
-        return f"{shards} shard(s) and {manifests} manifest(s) of rank(s) {', '.join(map(str, sorted(ranks)))}"
+        return _remove_ranks(self.out_dir, ranks)
 
     def commit(self, info: ShardInfo) -> None:
         assert self.manifest is not None
@@ -461,3 +523,51 @@ class Checkpoint:
 
 def _shared(fingerprint: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in fingerprint.items() if k not in RANK_FIELDS}
+
+
+@dataclass(slots=True)
+class CommittedPreview:
+    """What a run of one rank would find in its output folder, read without taking the lock and
+    changing nothing (`batchgen plan`): the shards and ids it would keep, or why it would be
+    refused."""
+
+    manifest: Manifest | None
+    shards: list[dict[str, Any]]  # manifest entries of the shards a resume keeps or adopts
+    done_ids: set[str]
+    refused: list[str]  # each one reason a run with this fingerprint would be refused
+
+
+def preview_resume(out_dir: Path, rank: int, fingerprint: dict[str, Any]) -> CommittedPreview:
+    """What a resume of `rank` would keep, by the rules of `Checkpoint.open`: the listed shards
+    still on disk, plus complete shards of this run that it would adopt."""
+    refused: list[str] = []
+    for path in sorted((out_dir / STATE_DIR).glob("rank-*.json")):
+        other = Manifest.load(path)
+        if other is None or other.rank == rank:
+            continue
+        changed = diff_fingerprints(_shared(other.fingerprint), _shared(fingerprint))
+        refused += [f"rank {other.rank}: {line}" for line in changed]
+    manifest = Manifest.load(manifest_path(out_dir, rank))
+    if manifest is not None:
+        refused += [
+            f"rank {rank}: {line}" for line in diff_fingerprints(manifest.fingerprint, fingerprint)
+        ]
+    if refused:
+        return CommittedPreview(manifest, [], set(), refused)
+    listed = {s["file"]: s for s in manifest.shards} if manifest is not None else {}
+    shards: list[dict[str, Any]] = []
+    done_ids: set[str] = set()
+    for path in shard_files(out_dir, rank):
+        try:
+            if path.name in listed:
+                shards.append(listed[path.name])
+            else:
+                meta = read_shard_metadata(path)
+                if meta is None or diff_fingerprints(meta.get("fingerprint", {}), fingerprint):
+                    refused.append(f"{path} is not a shard of this run")
+                    continue
+                shards.append(asdict(read_shard_info(path)))
+            done_ids.update(read_ids(path))
+        except (pa.ArrowException, OSError) as exc:
+            refused.append(f"{path} is committed but unreadable ({exc})")
+    return CommittedPreview(manifest, shards, done_ids, refused)

@@ -18,6 +18,7 @@ import click
 
 from pipeline import __version__
 from pipeline.errors import EXIT_INTERRUPTED, BatchgenError, ConfigError
+from pipeline.ranks import launcher_rank, resolve_rank
 from pipeline.sampling import SAMPLING_OPTIONS, SamplingOption
 
 log = logging.getLogger("batchgen")
@@ -42,6 +43,9 @@ Examples:
 \b
   # everything from a job config; flags given on the command line win
   batchgen run --config jobs/examples/sample.toml --max-tokens 64
+\b
+  # every GPU of this node, one rank per GPU (pairs of GPUs with --tensor-parallel-size 2)
+  batchgen run --config jobs/examples/summarize.toml --data-parallel auto
 \b
 Rerunning the same command resumes an interrupted run; rerunning a finished one does nothing.
 Exit codes: 0 done, 1 failed, 2 bad usage, 75 interrupted by a signal (rerun to resume).
@@ -103,14 +107,16 @@ def _load_config_file(ctx: click.Context, _param: click.Parameter, value: str | 
     return value
 
 
-def _engine_args(values: tuple[str, ...]) -> tuple[tuple[str, Any], ...]:
+def _key_values(
+    values: tuple[str, ...], flag: str = "--engine-arg", example: str = "enable_prefix_caching=true"
+) -> tuple[tuple[str, Any], ...]:
+    """KEY=VALUE flags, values parsed as JSON where they parse (`true`, `0.5`, `{...}`)."""
     parsed = []
     for item in values:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise click.BadParameter(
-                f"{item!r}: expected KEY=VALUE, e.g. --engine-arg enable_prefix_caching=true",
-                param_hint="--engine-arg",
+                f"{item!r}: expected KEY=VALUE, e.g. {flag} {example}", param_hint=flag
             )
         try:
             value = json.loads(raw)
@@ -118,25 +124,6 @@ def _engine_args(values: tuple[str, ...]) -> tuple[tuple[str, Any], ...]:
             value = raw
         parsed.append((key.replace("-", "_"), value))
     return tuple(parsed)
-
-
-def _slurm_rank() -> tuple[int, int] | None:
-    """(shard_index, num_shards) from a Slurm array task or an srun task, if running under one."""
-    env = os.environ
-    if "SLURM_ARRAY_TASK_ID" in env and "SLURM_ARRAY_TASK_COUNT" in env:
-        task_id, count = int(env["SLURM_ARRAY_TASK_ID"]), int(env["SLURM_ARRAY_TASK_COUNT"])
-        offset = task_id - int(env.get("SLURM_ARRAY_TASK_MIN", "0"))
-        step = int(env.get("SLURM_ARRAY_TASK_STEP", "1")) or 1
-        if offset < 0 or offset % step or offset // step >= count:
-            raise click.UsageError(
-                f"Slurm array task {task_id} is not task number (id - min) / step of a plain "
-                f"range of {count} tasks (e.g. --array=0-{count - 1} or a range with a step); "
-                "for other arrays pass --num-shards N --shard-index I yourself"
-            )
-        return offset // step, count
-    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
-        return int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"])
-    return None
 
 
 def _options(*decorators: Callable) -> Callable:
@@ -196,6 +183,12 @@ prompt_options = _options(
     click.option(
         "--chat-template", metavar="FILE", help="Jinja chat template replacing the model's own."
     ),
+    click.option(
+        "--chat-template-kwarg",
+        multiple=True,
+        metavar="KEY=VALUE",
+        help="A variable for the chat template, e.g. enable_thinking=false; JSON values.",
+    ),
 )
 
 engine_options = _options(
@@ -244,6 +237,24 @@ engine_options = _options(
     ),
     click.option(
         "--engine", "backend", type=click.Choice(["vllm", "fake"]), default="vllm", hidden=True
+    ),
+    click.option(
+        "--lora",
+        multiple=True,
+        metavar="NAME=PATH",
+        help="A LoRA adapter (PEFT folder) to serve beside the base model; repeatable.",
+    ),
+    click.option(
+        "--batch-invariant",
+        is_flag=True,
+        help="vLLM's batch-invariant kernels (GPU): outputs independent of batch neighbours, "
+        "so a resumed bf16 run equals an uninterrupted one; slower.",
+    ),
+    click.option(
+        "--reasoning-parser",
+        metavar="NAME",
+        help="vLLM reasoning parser (e.g. deepseek_r1, qwen3): thinking goes to column "
+        "'reasoning', the answer to 'text'.",
     ),
 )
 
@@ -369,6 +380,11 @@ sampling_options = _options(
         help="Column with each row's own JSON Schema (JSON text or struct).",
     ),
     click.option(
+        "--lora-column",
+        metavar="COL",
+        help="Column naming each row's --lora adapter (null: the base model).",
+    ),
+    click.option(
         "--sampling-column",
         metavar="COL",
         help="Column of per-row settings overriding the flags (JSON text or struct), e.g. "
@@ -414,14 +430,41 @@ output_options = _options(
     ),
 )
 
+
+class _DataParallel(click.ParamType):
+    """--data-parallel: a number of ranks, or `auto`."""
+
+    name = "N|auto"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            return "auto"
+        try:
+            number = int(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r}: expected a number of ranks, e.g. 4, or auto", param, ctx)
+        if number < 1:
+            self.fail(f"{number}: must be at least 1 (or auto)", param, ctx)
+        return number
+
+
 scale_options = _options(
+    click.option(
+        "--data-parallel",
+        type=_DataParallel(),
+        help="Run the input as N ranks on this node, one process each on its own GPUs "
+        "(auto: visible GPUs / --tensor-parallel-size; 1 on CPU).",
+    ),
     click.option(
         "--num-shards",
         type=int,
-        help="Split the input into this many ranks [default: from Slurm, else 1].",
+        help="Split the input into this many ranks [default: from the launcher, else 1].",
     ),
     click.option(
-        "--shard-index", type=int, help="This process's rank [default: from Slurm, else 0]."
+        "--shard-index",
+        type=int,
+        help="This process's rank [default: from Slurm, torchrun, MPI or a Kubernetes "
+        "Indexed Job, else 0].",
     ),
     click.option(
         "--drain-seconds",
@@ -459,12 +502,18 @@ scale_options = _options(
         type=float,
         help="Progress line interval [default: 0.5 s on a terminal, 30 s in logs].",
     ),
-    click.option("-v", "--verbose", count=True, help="More logging (-v: vLLM's too)."),
+    click.option(
+        "-v",
+        "--verbose",
+        count=True,
+        help="More logging: -v shows vLLM's own log on the terminal (else it goes to "
+        "OUT/.batchgen/logs/engine-rank-N.log).",
+    ),
+    click.option("--progress-fd", type=int, hidden=True),  # a --data-parallel rank's progress pipe
 )
 
 
-@main.command(epilog=RUN_EXAMPLES)
-@click.option(
+config_option = click.option(
     "--config",
     metavar="FILE",
     callback=_load_config_file,
@@ -472,6 +521,10 @@ scale_options = _options(
     expose_value=False,
     help="TOML job config; keys are long flag names (flags override it).",
 )
+
+
+@main.command(epilog=RUN_EXAMPLES)
+@config_option
 @input_options
 @prompt_options
 @engine_options
@@ -481,14 +534,26 @@ scale_options = _options(
 @scale_options
 def run(**kw: Any) -> None:
     """Generate completions for every row of a dataset into sharded Parquet."""
-    _setup_logging(kw.pop("verbose"))
+    ctx = click.get_current_context()
+    verbose = kw.pop("verbose")
+    kw["engine_log"] = verbose == 0
+    _setup_logging(verbose)
     if not kw["output"]:
         raise click.UsageError("Missing option '--output' / '-o' (or `output` in --config).")
-    if kw["num_shards"] is None and kw["shard_index"] is None:
-        kw["shard_index"], kw["num_shards"] = _slurm_rank() or (0, 1)
-    elif kw["num_shards"] is None or kw["shard_index"] is None:
-        raise click.UsageError("--num-shards and --shard-index go together.")
+    data_parallel = kw.pop("data_parallel")
+    if data_parallel is not None:
+        node = _node_plan(kw, data_parallel)
+        if node is not None:
+            _run_node(ctx, kw, node)
+            return
+    rank = _set_rank(kw)
     cfg = _build_config(kw)
+    if rank.from_launcher:
+        from pipeline.launch import pin_local_gpus
+
+        pinned = pin_local_gpus(rank, cfg.engine.tensor_parallel_size)
+        if pinned:
+            log.info("%s", pinned)
     from pipeline.runner import run as run_pipeline
 
     try:
@@ -501,8 +566,106 @@ def run(**kw: Any) -> None:
         sys.exit(EXIT_INTERRUPTED)
 
 
+def _node_plan(kw: dict[str, Any], data_parallel: int | str):
+    """The ranks and slots of `--data-parallel`; None when that is one rank in this process."""
+    if kw["shard_index"] is not None:
+        raise click.UsageError(
+            f"--data-parallel {data_parallel} starts every rank itself; drop --shard-index "
+            "(--num-shards N alone with --data-parallel runs the N ranks, that many at a time)"
+        )
+    try:
+        found = launcher_rank(kw["num_shards"], os.environ)
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from exc
+    if found is not None:
+        raise click.UsageError(
+            f"--data-parallel {data_parallel} starts its own ranks, but {found.origin} already "
+            f"made this process rank {found.index} of {found.count}; drop --data-parallel "
+            "and let the launcher start the ranks, or start batchgen outside the launcher"
+        )
+    from pipeline.launch import plan_node
+
+    try:
+        plan = plan_node(data_parallel, kw["num_shards"], kw["tensor_parallel_size"])
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from exc
+    if plan.num_ranks == 1 and kw["num_shards"] is None:
+        return None
+    return plan
+
+
+def _run_node(ctx: click.Context, kw: dict[str, Any], plan: Any) -> None:
+    """Start the ranks of `plan`; exit as the README's exit-code table says."""
+    from pathlib import Path
+
+    from pipeline.launch import NodeRun
+
+    kw["num_shards"], kw["shard_index"] = plan.num_ranks, 0
+    _build_config(kw)  # every flag checked once here, before any rank starts
+    node = NodeRun(
+        _rank_flags(ctx), plan, Path(kw["output"]), kw["overwrite"], kw["progress_seconds"]
+    )
+    try:
+        code = node.run()
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from exc
+    except BatchgenError as exc:
+        raise click.ClickException(str(exc)) from exc
+    if code:
+        sys.exit(code)
+
+
+# Not handed to the ranks --data-parallel starts: each gets its own rank, the launcher does
+# --overwrite for all of them at once, and --config's values are handed on as flags.
+_NOT_FOR_RANKS = (
+    "config",
+    "data_parallel",
+    "num_shards",
+    "shard_index",
+    "overwrite",
+    "progress_fd",
+)
+
+
+def _rank_flags(ctx: click.Context) -> list[str]:
+    """Flags that give a rank this command's settings, from the command line and --config alike."""
+    flags: list[str] = []
+    for param in ctx.command.params:
+        if not isinstance(param, click.Option) or param.name in _NOT_FOR_RANKS:
+            continue
+        source = ctx.get_parameter_source(param.name)
+        if source in (None, click.core.ParameterSource.DEFAULT):
+            continue
+        value = ctx.params[param.name]
+        flag = next(o for o in param.opts if o.startswith("--"))
+        if param.count:
+            flags += [flag] * value
+        elif param.is_flag:
+            if value:
+                flags.append(flag)
+            elif value is False and param.secondary_opts:
+                flags.append(param.secondary_opts[0])
+        elif param.multiple:
+            flags += [f"{flag}={v}" for v in value]
+        elif value is not None:
+            flags.append(f"{flag}={value}")
+    return flags
+
+
+def _set_rank(kw: dict[str, Any]) -> Any:
+    """--shard-index and --num-shards: given together, else from a launcher (Slurm, torchrun,
+    MPI, a Kubernetes Indexed Job), else rank 0 of 1. Returns where the rank came from."""
+    try:
+        rank = resolve_rank(kw["num_shards"], kw["shard_index"])
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from exc
+    kw["shard_index"], kw["num_shards"] = rank.index, rank.count
+    return rank
+
+
 def _engine_config(kw: dict[str, Any], backend: str, server: Any = None):
     """EngineConfig from the engine flags shared by `run` and `bench`."""
+    from pipeline.adapters import parse_lora_flags
     from pipeline.config import EngineConfig
 
     return EngineConfig(
@@ -516,9 +679,12 @@ def _engine_config(kw: dict[str, Any], backend: str, server: Any = None):
         enforce_eager=kw["enforce_eager"],
         trust_remote_code=kw["trust_remote_code"],
         seed=kw["seed"],
-        engine_args=_engine_args(kw["engine_arg"]),
+        engine_args=_key_values(kw["engine_arg"]),
         backend=backend,
         server=server,
+        loras=parse_lora_flags(tuple(kw["lora"])),
+        reasoning_parser=kw["reasoning_parser"],
+        batch_invariant=kw["batch_invariant"],
     )
 
 
@@ -546,8 +712,13 @@ def _build_config(kw: dict[str, Any]):
                 chat=kw["chat"],
                 system_prompt=kw["system_prompt"],
                 chat_template=kw["chat_template"],
+                chat_template_kwargs=_key_values(
+                    kw["chat_template_kwarg"], "--chat-template-kwarg", "enable_thinking=false"
+                ),
             ),
-            engine=_engine_config(kw, kw["backend"], _server_config(kw)),
+            engine=_engine_config(
+                kw, kw["backend"], _server_config(kw) if "server" in kw else None
+            ),
             sampling=SamplingConfig.of(
                 kw["max_tokens_column"],
                 kw["json_schema_column"],
@@ -566,8 +737,11 @@ def _build_config(kw: dict[str, Any]):
             rank=kw["shard_index"],
             drain_seconds=kw["drain_seconds"],
             progress_seconds=kw["progress_seconds"],
+            progress_fd=kw["progress_fd"],
             max_inflight=kw["max_inflight"],
             max_error_rate=kw["max_error_rate"],
+            lora_column=kw["lora_column"],
+            engine_log=kw.get("engine_log", True),
             engine_restarts=kw["engine_restarts"],
             stall_seconds=kw["stall_seconds"],
         )
@@ -624,6 +798,9 @@ _THROUGHPUT_ONLY = (
     "with_transformers",
     "transformers_prompts",
     "server",
+    "json_schema",
+    "choice",
+    "raw_defaults",
 )
 
 
@@ -674,6 +851,12 @@ _THROUGHPUT_ONLY = (
 )
 @click.option("--max-inflight", type=int, help="As for `batchgen run`.")
 @click.option(
+    "--raw-defaults",
+    is_flag=True,
+    help="Time raw vLLM on its own engine with vLLM's defaults for the settings `batchgen tune` "
+    "searches; batchgen on the engine these flags describe.",
+)
+@click.option(
     "--with-transformers", is_flag=True, help="Also time plain Transformers generate (the floor)."
 )
 @click.option(
@@ -683,6 +866,14 @@ _THROUGHPUT_ONLY = (
     show_default=True,
     help="Prompts for --with-transformers.",
 )
+@click.option(
+    "--json-schema",
+    metavar="FILE",
+    type=click.Path(dir_okay=False),
+    help="Both sides constrain their outputs to this JSON Schema.",
+)
+@click.option("--choice", multiple=True, help="Both sides answer with one of these; repeatable.")
+@click.option("--logprobs", type=int, help="Both sides return the top K logprobs per token.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Prompt set and run seed.")
 @click.option(
     "--memory", is_flag=True, help="Measure peak RSS and I/O rows/s with the fake engine instead."
@@ -737,11 +928,20 @@ def bench(ctx: click.Context, **kw: Any) -> None:
                 chat=kw["chat"],
                 rows_per_shard=kw["rows_per_shard"] or 2000,
                 work_dir=kw["work_dir"],
+                logprobs=kw["logprobs"],
             )
             text = benchmod.format_memory(report)
         else:
+            engine = _engine_config(kw, "vllm")
+            if kw["raw_defaults"]:
+                from pipeline.tune import baseline_engine
+
+                raw_engine = baseline_engine(engine)
+            else:
+                raw_engine = None
             cfg = benchmod.BenchConfig(
-                engine=_engine_config(kw, "vllm"),
+                engine=engine,
+                raw_engine=raw_engine,
                 prompts=kw["prompts"],
                 min_tokens=kw["min_tokens"],
                 max_tokens=kw["max_tokens"],
@@ -759,6 +959,11 @@ def bench(ctx: click.Context, **kw: Any) -> None:
                 seed=kw["seed"],
                 work_dir=kw["work_dir"],
                 server=_server_config(kw),
+                request=tuple(
+                    (k, tuple(v) if isinstance(v, tuple | list) else v)
+                    for k in ("json_schema", "choice", "logprobs")
+                    if (v := kw[k]) not in (None, ())
+                ),
             )
             report = benchmod.run_throughput(cfg)
             text = benchmod.format_throughput(report)
@@ -782,6 +987,165 @@ def _memory_sizes(value: str | None) -> tuple[int, ...]:
             param_hint="--memory-rows",
         )
     return sizes
+
+
+TUNE_EXAMPLES = """\b
+Examples:
+  # the job's own config; write the fastest engine settings found as a new job config
+  batchgen tune --config job.toml --budget-seconds 1800 --write-config job.tuned.toml
+  batchgen run --config job.tuned.toml
+\b
+  # the same flags as `batchgen run` (no --output needed); only these values, as JSON
+  batchgen tune --parquet data/prompts.parquet --prompt-column prompt --chat --max-tokens 64 \\
+      --dtype float32 --try max_num_seqs=16 --try max_num_seqs=32 --json
+\b
+Exit codes: 0 done (also when nothing beat the baseline), 1 failed, 2 bad usage.
+"""
+
+# Options of `tune` itself; every other option is one of `batchgen run`'s and goes into the
+# job config --write-config writes.
+_TUNE_ONLY = (
+    "sample",
+    "repeats",
+    "budget_seconds",
+    "min_gain",
+    "try_values",
+    "allow_output_changes",
+    "write_config",
+    "as_json",
+    "verbose",
+)
+
+
+@main.command(epilog=TUNE_EXAMPLES)
+@click.option(
+    "--config",
+    metavar="FILE",
+    callback=_load_config_file,
+    is_eager=True,
+    expose_value=False,
+    help="The job's TOML config, as for `batchgen run` (flags override it).",
+)
+@input_options
+@prompt_options
+@engine_options
+@sampling_options
+@output_options
+@scale_options
+@click.option(
+    "--sample",
+    type=int,
+    default=256,
+    show_default=True,
+    help="Rows from the start of the input timed in every trial; more than --max-num-seqs.",
+)
+@click.option(
+    "--repeats",
+    type=int,
+    default=3,
+    show_default=True,
+    help="Timed passes per trial, after one untimed warm-up pass.",
+)
+@click.option(
+    "--budget-seconds",
+    type=float,
+    default=1800.0,
+    show_default=True,
+    help="Start no trial that would end later (engine starts count; 0: no limit).",
+)
+@click.option(
+    "--min-gain",
+    type=float,
+    default=0.03,
+    show_default=True,
+    help="Share by which a setting must beat the best so far (and beyond the passes' spread).",
+)
+@click.option(
+    "--try",
+    "try_values",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Try only these values (repeatable; JSON values), e.g. max_num_seqs=64.",
+)
+@click.option(
+    "--allow-output-changes",
+    is_flag=True,
+    help="Accept a faster setting whose texts on the sample differ from the baseline's.",
+)
+@click.option(
+    "--write-config",
+    metavar="FILE",
+    type=click.Path(dir_okay=False),
+    help="Write the job config with the winning engine settings here.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.pass_context
+def tune(ctx: click.Context, **kw: Any) -> None:
+    """Find the engine settings that run this job fastest here, on a sample of its rows.
+
+    Takes the same input, prompt, engine and sampling flags as `batchgen run` (or its
+    --config), times short trials of vLLM settings against the job's own (vLLM's defaults
+    for whatever it leaves out), each on its own engine, and reports every trial's output tok/s,
+    its spread and the gain; --write-config writes the winner as a job config.
+    """
+    job_keys = _given_options(ctx, skip=_TUNE_ONLY)
+    _setup_logging(kw.pop("verbose"))
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
+    # Tuning reads the start of the whole input and writes no output.
+    kw["shard_index"], kw["num_shards"] = 0, 1
+    from pipeline import tune as tunemod
+    from pipeline.bench import reserve_stdout, to_json
+
+    try:
+        cfg = tunemod.TuneConfig(
+            run=_build_config(kw),
+            sample=kw["sample"],
+            repeats=kw["repeats"],
+            budget_seconds=kw["budget_seconds"],
+            min_gain=kw["min_gain"],
+            tries=_key_values(kw["try_values"], "--try", "max_num_seqs=64"),
+            allow_output_changes=kw["allow_output_changes"],
+        )
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from exc
+    emit = reserve_stdout() if kw["as_json"] else click.echo
+    try:
+        report = tunemod.tune_report(cfg, tunemod.run_tune(cfg))
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from exc
+    except BatchgenError as exc:
+        raise click.ClickException(str(exc)) from exc
+    report["config_written"] = None
+    if kw["write_config"]:
+        from pathlib import Path
+
+        path = Path(kw["write_config"])
+        try:
+            tunemod.write_job_config(path, job_keys, report)
+        except OSError as exc:
+            emit(to_json(report) if kw["as_json"] else tunemod.format_tune(report))
+            raise click.ClickException(
+                f"--write-config {path}: cannot write it ({exc.strerror}); the tune's results "
+                "are above"
+            ) from exc
+        report["config_written"] = str(path)
+    emit(to_json(report) if kw["as_json"] else tunemod.format_tune(report))
+
+
+def _given_options(ctx: click.Context, skip: tuple[str, ...]) -> dict[str, Any]:
+    """The options given on the command line or in --config (not their defaults), keyed by
+    long flag name as a job config writes them; lists for repeatable flags."""
+    given: dict[str, Any] = {}
+    for param in ctx.command.params:
+        if not isinstance(param, click.Option) or param.name in skip or param.name == "config":
+            continue
+        source = ctx.get_parameter_source(param.name)
+        if source in (None, click.core.ParameterSource.DEFAULT):
+            continue
+        value = ctx.params[param.name]
+        flag = next(opt[2:] for opt in param.opts if opt.startswith("--"))
+        given[flag] = list(value) if param.multiple else value
+    return given
 
 
 STATUS_EPILOG = """\b
@@ -814,3 +1178,155 @@ def status(output: str, as_json: bool) -> None:
         raise click.ClickException(str(exc)) from exc
     click.echo(json.dumps(report.to_dict(), sort_keys=True) if as_json else report.render())
     sys.exit(report.exit_code)
+
+
+PLAN_EPILOG = """\b
+Examples:
+  # what the sample job would do: prompts, error rows, tokens, the output-token ceiling
+  batchgen plan --parquet data/prompts.parquet --prompt-column prompt --chat \\
+      --max-tokens 128 --output out/sample
+\b
+  # every rank of a 4-rank job, with an ETA measured on this machine for 30 s
+  batchgen plan --config jobs/examples/sample.toml --num-shards 4 --shard-index 0 \\
+      --all-ranks --calibrate 30
+\b
+Takes the flags of `batchgen run` (or its --config). Without --calibrate no engine starts;
+the ETA then comes from the last run recorded in --output, or none is given.
+Exit codes: 0 the job can run, 1 it cannot (the reason is printed), 2 bad usage.
+"""
+
+
+@main.command(epilog=PLAN_EPILOG)
+@config_option
+@input_options
+@prompt_options
+@engine_options
+@server_options
+@sampling_options
+@output_options
+@scale_options
+@click.option(
+    "--all-ranks", is_flag=True, help="Plan every rank of --num-shards, not only this one."
+)
+@click.option(
+    "--calibrate",
+    type=click.FloatRange(min=0, min_open=True),
+    metavar="SECONDS",
+    help="Run the real engine on a sample of the prompts this long, for an ETA on this machine.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object, for scripts.")
+def plan(**kw: Any) -> None:
+    """Say what `batchgen run` with these flags would do, without running it.
+
+    Reads the input, renders and tokenizes every prompt as the run would, and reports prompts,
+    rows already committed in --output, error rows by kind, prompt tokens, the output-token
+    ceiling, and, when measured, the expected output tokens and an ETA.
+    """
+    _setup_logging(kw.pop("verbose"))
+    _set_rank(kw)
+    if kw["output"] is None:
+        kw["output"] = ""  # plan without an output folder: nothing committed
+    cfg = _build_config(kw)
+    from pipeline.plan import make_plan
+
+    emit = click.echo
+    if kw["as_json"] and kw["calibrate"]:
+        os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
+        from pipeline.bench.machine import reserve_stdout
+
+        emit = reserve_stdout()
+    try:
+        result = make_plan(cfg, all_ranks=kw["all_ranks"], calibrate=kw["calibrate"])
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from exc
+    except BatchgenError as exc:
+        raise click.ClickException(str(exc)) from exc
+    emit(json.dumps(result.to_dict(), sort_keys=True) if kw["as_json"] else result.render())
+    sys.exit(result.exit_code)
+
+
+SHOW_EPILOG = """\b
+Examples:
+  batchgen show out/sample --limit 5
+  batchgen show out/sample --where finish_reason=length --sample 3 --seed 1
+  batchgen show out/sample --errors
+  batchgen show out/sample --id sample-007 --id sample-012
+\b
+--where compares a column with a value (COL=VALUE, or COL!=VALUE); repeat it to require
+several. Rows are printed in output order, wrapped to the terminal, through a pager on a
+terminal and as plain text when piped. Only committed shards are read, so it is safe to run
+while the job runs.
+"""
+
+
+@main.command(epilog=SHOW_EPILOG)
+@click.argument("output", type=click.Path(file_okay=False))
+@click.option(
+    "--where",
+    multiple=True,
+    metavar="COL=VALUE",
+    help="Only rows whose column COL equals VALUE (COL!=VALUE: differs); repeatable.",
+)
+@click.option("--errors", is_flag=True, help="Only error rows.")
+@click.option(
+    "--id", "ids", multiple=True, metavar="ID", help="Only the row with this id; repeatable."
+)
+@click.option(
+    "--sample", type=click.IntRange(min=1), metavar="N", help="A random N of the matching rows."
+)
+@click.option("--seed", type=int, help="Seed of --sample [default: 0].")
+@click.option("--limit", type=click.IntRange(min=1), metavar="N", help="Show at most N rows.")
+def show(
+    output: str,
+    where: tuple[str, ...],
+    errors: bool,
+    ids: tuple[str, ...],
+    sample: int | None,
+    seed: int | None,
+    limit: int | None,
+) -> None:
+    """Print committed rows of an --output folder for a person to read."""
+    import shutil
+    from pathlib import Path
+
+    from pipeline.show import render, select
+
+    if seed is not None and sample is None:
+        raise click.UsageError("--seed goes with --sample N")
+    out = Path(output)
+    try:
+        sel = select(out, where, errors, ids, sample, seed or 0, limit)
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from exc
+    except BatchgenError as exc:
+        raise click.ClickException(str(exc)) from exc
+    text = render(sel, out, shutil.get_terminal_size((100, 24)).columns)
+    if sys.stdout.isatty():
+        click.echo_via_pager(text)
+    else:
+        click.echo(text)
+
+
+@main.command()
+@click.argument("output", type=click.Path(file_okay=False))
+@click.option(
+    "--html",
+    "html",
+    required=True,
+    metavar="FILE",
+    help="Write the report here: one self-contained HTML page.",
+)
+def report(output: str, html: str) -> None:
+    """Write an HTML report of an --output folder: settings, progress, tokens, errors, samples.
+
+    Built from what is committed, so it can be made while the job runs; the page needs no
+    network to view (example: batchgen report out/sample --html out/sample-report.html).
+    """
+    from pathlib import Path
+
+    from pipeline.htmlreport import write_report
+
+    try:
+        click.echo(write_report(Path(output), Path(html)))
+    except BatchgenError as exc:
+        raise click.ClickException(str(exc)) from exc

@@ -49,6 +49,9 @@ class PromptConfig:
     chat: bool = False
     system_prompt: str | None = None
     chat_template: str | None = None  # path to a Jinja file replacing the model's own
+    # Variables for the chat template (--chat-template-kwarg enable_thinking=false): they
+    # change the prompt tokens, so they are part of the run's settings.
+    chat_template_kwargs: tuple[tuple[str, Any], ...] = ()
 
     def __post_init__(self) -> None:
         given = [
@@ -73,6 +76,8 @@ class PromptConfig:
             raise ConfigError("--system-prompt needs --chat or --messages-column")
         if self.chat_template is not None and not self.uses_chat_template:
             raise ConfigError("--chat-template needs --chat or --messages-column")
+        if self.chat_template_kwargs and not self.uses_chat_template:
+            raise ConfigError("--chat-template-kwarg needs --chat or --messages-column")
         if self.template is not None:
             self.template_fields()  # raises on a malformed template
 
@@ -189,6 +194,14 @@ class EngineConfig:
     engine_args: tuple[tuple[str, Any], ...] = ()
     backend: str = "vllm"  # "fake": an instant engine for I/O, crash and scale tests
     server: ServerConfig | None = None  # generate on this server instead of in this process
+    # LoRA adapters (name, absolute folder), served beside the base model.
+    loras: tuple[tuple[str, str], ...] = ()
+    # vLLM's reasoning parser: splits thinking from the answer, and makes structured output
+    # apply to the answer only.
+    reasoning_parser: str | None = None
+    # vLLM's batch-invariant kernels (CUDA GPUs): a row's output no longer depends on its batch
+    # neighbours, so a resumed bf16 run equals an uninterrupted one; slower.
+    batch_invariant: bool = False
 
     def __post_init__(self) -> None:
         if self.backend not in ("vllm", "fake"):
@@ -224,6 +237,20 @@ class EngineConfig:
             given.append("--engine-arg")
         if self.backend != "vllm":
             given.append("--engine")
+        if self.loras:
+            raise ConfigError(
+                "--lora: with --server the server holds the adapters; start it with "
+                "`vllm serve MODEL --enable-lora --lora-modules NAME=PATH` and pass --model NAME "
+                "(one adapter per run), or drop --server to serve several adapters in one run"
+            )
+        if self.reasoning_parser is not None:
+            raise ConfigError(
+                "--reasoning-parser: batchgen sends token ids to the completions endpoint, which "
+                "does not split reasoning; drop --server to split it in process, or drop "
+                "--reasoning-parser and split the text yourself"
+            )
+        if self.batch_invariant:
+            given.append("--batch-invariant")
         if given:
             raise ConfigError(
                 f"{', '.join(given)}: engine settings of the in-process engine; with --server "
@@ -279,6 +306,9 @@ class RunConfig:
     # On a stop signal, wait this long for requests already running before aborting them.
     drain_seconds: float = 30.0
     progress_seconds: float | None = None  # None: 0.5 s on a terminal, 30 s in a log
+    # A rank started by --data-parallel sends its progress as JSON lines to this inherited file
+    # descriptor, for the launcher's combined line, instead of printing its own (hidden flag).
+    progress_fd: int | None = None
     # Requests kept inside the engine at once. More keeps the scheduler fed across long and
     # short sequences; fewer loses less queued work on a crash (queued work is only redone).
     max_inflight: int | None = None
@@ -286,6 +316,11 @@ class RunConfig:
     # this ends with exit 1 (and, past 1,000 prompts at over 90%, stops early), so a cron job
     # does not report success for a run that produced mostly errors.
     max_error_rate: float = 0.1
+    # vLLM's own log (its start-up chatter, its processes' warnings) goes to a file beside the
+    # run's state instead of the terminal; batchgen -v shows it on the terminal instead.
+    engine_log: bool = True
+    # An input column naming each row's LoRA adapter (null: the base model).
+    lora_column: str | None = None
     # Engine deaths (killed, out of memory, a CUDA error, an exception on a step) survived by
     # starting a new engine; past them the run stops, committed work kept, exit 1.
     engine_restarts: int = 2
@@ -304,6 +339,14 @@ class RunConfig:
         if not 0 <= self.max_error_rate <= 1:
             raise ConfigError(
                 f"--max-error-rate {self.max_error_rate}: must be a share in [0, 1], e.g. 0.1"
+            )
+        if self.lora_column is not None and not self.engine.loras:
+            raise ConfigError("--lora-column needs the adapters it names: --lora NAME=PATH")
+        if len(self.engine.loras) > 1 and self.lora_column is None:
+            names = ", ".join(n for n, _ in self.engine.loras)
+            raise ConfigError(
+                f"--lora {names}: with several adapters, name each row's adapter with "
+                "--lora-column COL (one adapter alone applies to every row)"
             )
         if self.engine_restarts < 0:
             raise ConfigError(f"--engine-restarts {self.engine_restarts}: must be 0 or more")

@@ -148,3 +148,42 @@ def generation_defaults(model: str) -> dict[str, Any]:
         return GenerationConfig.from_pretrained(model).to_diff_dict()
     except (OSError, ValueError):
         return {}
+
+
+# The config keys vLLM reads a model's context length from; it takes the smallest present.
+CONTEXT_KEYS = (
+    "max_position_embeddings",
+    "n_positions",
+    "max_seq_len",
+    "seq_length",
+    "model_max_length",
+    "max_target_positions",
+    "max_sequence_length",
+    "max_seq_length",
+    "seq_len",
+)
+DEFAULT_CONTEXT = 2048  # vLLM's assumption for a config that names none of CONTEXT_KEYS
+
+
+def context_length(model: str, trust_remote_code: bool = False) -> tuple[int, str]:
+    """The model's context length without starting an engine, and where it came from.
+
+    Read as vLLM derives its default max_model_len: the smallest of CONTEXT_KEYS in the (text)
+    config, capped by the tokenizer's model_max_length. RoPE scaling factors and sliding-window
+    limits are not applied; where they matter, pass --max-model-len to match the engine exactly.
+    """
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise BatchgenError(f"--model {model}: cannot read its config ({exc})") from exc
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    found = [(int(v), k) for k in CONTEXT_KEYS if isinstance(v := getattr(text, k, None), int)]
+    length, key = min(found) if found else (DEFAULT_CONTEXT, "vLLM's default")
+    tokenizer_config = Path(model) / "tokenizer_config.json"
+    if tokenizer_config.is_file():
+        limit = json.loads(tokenizer_config.read_text()).get("model_max_length")
+        if isinstance(limit, int) and limit < length:
+            length, key = limit, "tokenizer model_max_length"
+    return length, key

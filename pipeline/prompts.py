@@ -9,6 +9,7 @@ would reject becomes an error row before it can fail a batch.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -62,6 +63,8 @@ class PromptBuilder:
         max_tokens_column: str | None = None,
         sampling: dict[str, Any] | None = None,
         seed: int = 0,
+        adapters: tuple[str, ...] = (),
+        lora_column: str | None = None,
     ):
         self.cfg = cfg
         self.tokenizer = tokenizer
@@ -70,6 +73,10 @@ class PromptBuilder:
         self.sampling = sampling if sampling is not None else {}
         self.seed = seed
         self.seeded = self.sampling.get("temperature", 0) > 0
+        self.adapters = adapters
+        self.lora_column = lora_column
+        # One adapter and no column: every row runs with it.
+        self.default_adapter = adapters[0] if len(adapters) == 1 and lora_column is None else None
         self.max_model_len: int | None = None  # set once the engine reports it
         self.chat_template: str | None = None
         # No tokenizer (a --server run with neither a local one nor the server's /tokenize):
@@ -104,6 +111,8 @@ class PromptBuilder:
             wanted.setdefault(name, "--keep-columns")
         if self.max_tokens_column is not None:
             wanted.setdefault(self.max_tokens_column, "--max-tokens-column")
+        if self.lora_column is not None:
+            wanted.setdefault(self.lora_column, "--lora-column")
         for key in ("json_schema_column", "sampling_column"):
             if key in self.sampling:
                 wanted.setdefault(self.sampling[key], "--" + key.replace("_", "-"))
@@ -117,6 +126,7 @@ class PromptBuilder:
             (cfg.prompt_column, "--prompt-column", _is_text, "text (string)"),
             (cfg.messages_column, "--messages-column", _is_messages, "a list of messages or text"),
             (self.max_tokens_column, "--max-tokens-column", _is_number, "whole numbers"),
+            (self.lora_column, "--lora-column", _is_text, "adapter names (text)"),
             (
                 self.sampling.get("json_schema_column"),
                 "--json-schema-column",
@@ -139,6 +149,7 @@ class PromptBuilder:
                     "--prompt-column": f"use --template '{{{column}}}' to format it into text",
                     "--messages-column": "store messages as [{role, content}, ...] or JSON text",
                     "--max-tokens-column": "cast it to integers",
+                    "--lora-column": "store adapter names as text",
                     "--json-schema-column": "store each schema as JSON text",
                     "--sampling-column": 'store settings as JSON text, e.g. {"temperature": 0.7}',
                 }[flag]
@@ -157,6 +168,7 @@ class PromptBuilder:
                 seq=seqs[i],
                 passthrough={c: columns[c][i] for c in self.keep_columns},
                 sampling=self.sampling,
+                adapter=self.default_adapter,
                 # Per-row seed: a row's samples do not depend on its batch, rank or resume.
                 seed=row_seed(self.seed, row_id) if self.seeded else None,
             )
@@ -171,8 +183,18 @@ class PromptBuilder:
         return rows
 
     def _request(self, row: PromptRow, values: dict[str, Any]) -> None:
-        """The row's own request settings: its schema (--json-schema-column) or its overrides
-        (--sampling-column), and the seed that goes with them."""
+        """The row's own request settings: its adapter (--lora-column), its schema
+        (--json-schema-column) or its overrides (--sampling-column), and the seed that goes
+        with them."""
+        if self.lora_column is not None:
+            name = values[self.lora_column]
+            if name is not None and name not in self.adapters:
+                known = ", ".join(self.adapters)
+                raise _RowError(
+                    f"--lora-column {self.lora_column!r} names adapter {name!r}, which no --lora "
+                    f"gives; the adapters are: {known} (a null row runs the base model)"
+                )
+            row.adapter = name
         schema_column = self.sampling.get("json_schema_column")
         if schema_column is not None:
             value = values[schema_column]
@@ -247,6 +269,7 @@ class PromptBuilder:
                     chat_template=self.chat_template,
                     tokenize=False,
                     add_generation_prompt=True,
+                    **dict(cfg.chat_template_kwargs),
                 )
             except Exception as exc:  # a template may raise anything on odd input
                 raise _RowError(f"the chat template failed on this row: {exc}") from exc
@@ -302,6 +325,32 @@ def _is_number(t: pa.DataType) -> bool:
 
 class _RowError(Exception):
     """A problem confined to one row: it becomes that row's error, never a failed run."""
+
+
+# An error row's kind, from its message, for `batchgen plan` and `batchgen report`: the first
+# pattern that matches names it. The messages are made in this module (and the engines' refusals).
+ERROR_KINDS: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
+    (kind, re.compile(pattern))
+    for kind, pattern in (
+        ("over-long", r"^the prompt is \d+ tokens; "),
+        ("empty", r"^the prompt is empty"),
+        ("blank", r"^the prompt is blank"),
+        ("null", r"^column .* is null$|^--template column\(s\) .* null$"),
+        ("not text", r"^column .* holds \w+, not text$"),
+        ("bad messages", r"^column .*(not JSON messages|non-empty list|message \d+ has no)"),
+        ("chat template failed", r"^the chat template failed"),
+        ("bad max tokens", r"^--max-tokens-column "),
+        ("rejected by the engine", r"^vLLM rejected the prompt|^prompt of \d+ tokens is too long"),
+    )
+)
+
+
+def error_kind(message: str) -> str:
+    """The kind of an error row (a key of ERROR_KINDS), or "other"."""
+    for kind, pattern in ERROR_KINDS:
+        if pattern.search(message):
+            return kind
+    return "other"
 
 
 def _max_tokens(value: Any, column: str) -> int | None:

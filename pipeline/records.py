@@ -33,6 +33,7 @@ class PromptRow:
     seed: int | None = None
     # The row's own settings as JSON, written to the `sampling` column (--sampling-column runs).
     sampling_note: str | None = None
+    adapter: str | None = None  # the LoRA adapter this row runs with (None: the base model)
 
     @property
     def n(self) -> int:
@@ -61,6 +62,11 @@ class ResultRow:
     # Per prompt token, the same; the first prompt token has no logprob (None).
     prompt_logprobs: list[tuple[int, str | None, float | None, list]] | None = None
     sampling: str | None = None  # the row's own settings (--sampling-column), as JSON
+    adapter: str | None = None
+    # --reasoning-parser: the thinking, apart from the answer in `text`; whether it ended.
+    reasoning: str | None = None
+    reasoning_tokens: int | None = None
+    reasoning_ended: bool | None = None
 
     @classmethod
     def of(cls, row: PromptRow, sample_index: int, **fields: Any) -> ResultRow:
@@ -74,6 +80,7 @@ class ResultRow:
             passthrough=row.passthrough,
             constraint=structured.constraint(row.sampling),
             sampling=row.sampling_note,
+            adapter=row.adapter,
             **fields,
         )
 

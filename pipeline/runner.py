@@ -18,16 +18,20 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline import __version__
-from pipeline.checkpoint import Checkpoint, RankLock, ResumeState, manifest_path, run_fingerprint
-from pipeline.config import RunConfig
+from pipeline.checkpoint import (
+    Checkpoint,
+    RankLock,
+    ResumeState,
+    engine_log_path,
+    manifest_path,
+)
+from pipeline.config import EngineConfig, RunConfig
 from pipeline.engines import Engine, EngineGaveUp, FaultPolicy, StopFlags, get_engine
 from pipeline.errors import BatchgenError, ConfigError, committed_note, storage_failure
-from pipeline.models import generation_defaults, resolve_model
+from pipeline.job import Job, read_job
 from pipeline.progress import Progress, fmt_duration
-from pipeline.prompts import PromptBuilder, load_tokenizer
 from pipeline.report import log_summary, run_report
 from pipeline.sinks import ParquetShardWriter, output_schema, prepare_output_dir
-from pipeline.sources import Source, open_source, require_columns
 from pipeline.stages import Committer, Feeder
 
 if TYPE_CHECKING:
@@ -51,17 +55,6 @@ class RunResult:
     report: dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass(slots=True)
-class _Job:
-    """What a run reads before it touches the output: the model, input and requests."""
-
-    model: str
-    source: Source
-    builder: PromptBuilder
-    sampling: dict[str, Any]
-    fingerprint: dict[str, Any]
-
-
 def run(cfg: RunConfig) -> RunResult:
     """Run (or resume) one rank of a batch job; see the module docstring for the threads."""
     wall_start = time.monotonic()
@@ -77,8 +70,10 @@ def run(cfg: RunConfig) -> RunResult:
             raise BatchgenError(
                 storage_failure(f"locking rank {cfg.rank} of {out_dir}", exc, out_dir)
             ) from exc
+        flags = StopFlags()
         try:
-            return _run_locked(cfg, wall_start, server)
+            with _stop_on_signals(flags, cfg.drain_seconds) as phase:
+                return _run_locked(cfg, wall_start, flags, phase, server)
         finally:
             lock.release()
     finally:
@@ -86,23 +81,39 @@ def run(cfg: RunConfig) -> RunResult:
             server.close()
 
 
-def _run_locked(cfg: RunConfig, wall_start: float, server: ServerEngine | None = None) -> RunResult:
-    job = _read_job(cfg, server)
+def _run_locked(
+    cfg: RunConfig,
+    wall_start: float,
+    flags: StopFlags,
+    phase: _SignalPhase,
+    server: ServerEngine | None,
+) -> RunResult:
     checkpoint = Checkpoint(cfg.output_dir, cfg.rank, cfg.num_ranks)
-    state = _resume_state(cfg, job, checkpoint)
-    if state is None:
-        return RunResult("noop", cfg.output_dir, checkpoint.manifest.report)
-    engine = server if server is not None else get_engine(cfg.engine, job.model)
-    problem = engine.check_sampling(job.sampling)
-    if problem:
-        raise ConfigError(problem)
-    job.builder.max_model_len = engine.max_model_len
+    try:
+        job = read_job(cfg, server)
+        state = _resume_state(cfg, job, checkpoint)
+        if state is None:
+            return RunResult("noop", cfg.output_dir, checkpoint.manifest.report)
+        log_path = engine_log_path(cfg.output_dir, cfg.rank) if cfg.engine_log else None
+        if log_path is not None and cfg.engine.backend == "vllm" and server is None:
+            log.info("vLLM's own log: %s", log_path)
+        engine = start_engine(cfg.engine, job, log_path, server)
+    except BaseException:
+        if flags.signal_name is None:
+            raise
+        # Whatever the start raised, the stop signal's exception was at its origin.
+        return _stopped_before_generation(cfg, checkpoint, flags.signal_name)
+    phase.starting = False
     writer = ParquetShardWriter(
         cfg.output_dir, cfg.rank, _schema(cfg, job), _metadata(cfg, job, engine)
     )
     todo = None if job.source.total_rows is None else job.source.total_rows - len(state.done_ids)
-    progress = Progress(todo, state.manifest.prompts_committed, interval=cfg.progress_seconds)
-    flags = StopFlags()
+    progress = Progress(
+        todo,
+        state.manifest.prompts_committed,
+        interval=cfg.progress_seconds,
+        report_fd=cfg.progress_fd,
+    )
     feeder = Feeder(job.source, job.builder, state.done_ids, cfg.source.id_column, flags)
     committer = Committer(
         writer, checkpoint, state.next_seq, cfg.output.rows_per_shard, cfg.output.checkpoint_seconds
@@ -132,38 +143,41 @@ def _run_locked(cfg: RunConfig, wall_start: float, server: ServerEngine | None =
     return RunResult(status, cfg.output_dir, report)
 
 
-def _read_job(cfg: RunConfig, server: ServerEngine | None = None) -> _Job:
-    """Model, input, prompt builder, sampling and fingerprint; fails before any engine time.
-    With a server, the model is the served one and the tokenizer the one it found."""
-    if server is None:
-        model = resolve_model(cfg.engine.model)
-        tokenizer = load_tokenizer(model, cfg.engine.trust_remote_code)
-        defaults = generation_defaults(model)
-    else:
-        model, tokenizer, defaults = server.model, server.tokenizer, server.generation_defaults()
-    source = open_source(cfg.source, cfg.num_ranks, cfg.rank)
-    sampling = cfg.sampling.resolve(defaults)
-    builder = PromptBuilder(
-        cfg.prompt,
-        tokenizer,
-        cfg.output.keep_columns,
-        cfg.sampling.max_tokens_column,
-        sampling,
-        cfg.engine.seed,
+def _stopped_before_generation(
+    cfg: RunConfig, checkpoint: Checkpoint, signal_name: str
+) -> RunResult:
+    """A stop signal while reading the input or starting the engine: nothing ran, so nothing
+    is lost; the start was unwound (vLLM stops the engine processes it had started)."""
+    log.warning(
+        "%s received before generation began: stopped; nothing was generating, exiting with "
+        "code 75; rerun the same command to resume",
+        signal_name,
     )
-    wanted = builder.columns()
-    if cfg.source.id_column is not None:
-        wanted[cfg.source.id_column] = "--id-column"
-    require_columns(source, wanted)
-    builder.check_types(source.field)
-    server_settings = None if server is None else server.settings(cfg.prompt.uses_chat_template)
-    fingerprint = run_fingerprint(
-        cfg, model, source.identity(), builder.chat_template, sampling, server_settings
-    )
-    return _Job(model, source, builder, sampling, fingerprint)
+    report: dict[str, Any] = {}
+    if checkpoint.manifest is not None:  # its status says "running" by now
+        report = {**checkpoint.manifest.report, "status": "interrupted", "signal": signal_name}
+        _record_status(cfg, checkpoint, "interrupted", report, None)
+    return RunResult("interrupted", cfg.output_dir, report)
 
 
-def _resume_state(cfg: RunConfig, job: _Job, checkpoint: Checkpoint) -> ResumeState | None:
+def start_engine(
+    engine_cfg: EngineConfig,
+    job: Job,
+    log_path: Path | None = None,
+    server: ServerEngine | None = None,
+) -> Engine:
+    """The job's engine (started, or the one this process already runs with these settings;
+    with `server`, that server), checked against the job's sampling; sizes the prompt builder's
+    length check to it. With `log_path`, a new engine's own output goes to that file."""
+    engine = server if server is not None else get_engine(engine_cfg, job.model, log_path)
+    problem = engine.check_sampling(job.sampling)
+    if problem:
+        raise ConfigError(problem)
+    job.builder.max_model_len = engine.max_model_len
+    return engine
+
+
+def _resume_state(cfg: RunConfig, job: Job, checkpoint: Checkpoint) -> ResumeState | None:
     """What earlier runs committed; None when the rank is already finished."""
     out_dir, rank = cfg.output_dir, cfg.rank
     try:
@@ -202,12 +216,17 @@ def _resume_state(cfg: RunConfig, job: _Job, checkpoint: Checkpoint) -> ResumeSt
     return state
 
 
-def _schema(cfg: RunConfig, job: _Job):
+def _schema(cfg: RunConfig, job: Job):
     keep = [job.source.field(c) for c in cfg.output.keep_columns]
-    return output_schema(cfg.output.keep_prompt, keep, job.sampling)
+    asks = set(job.sampling)
+    if cfg.engine.loras:
+        asks.add("lora")
+    if cfg.engine.reasoning_parser:
+        asks.add("reasoning_parser")
+    return output_schema(cfg.output.keep_prompt, keep, asks)
 
 
-def _metadata(cfg: RunConfig, job: _Job, engine: Engine) -> dict[str, Any]:
+def _metadata(cfg: RunConfig, job: Job, engine: Engine) -> dict[str, Any]:
     """What every shard records about how it was made."""
     described = engine.describe()
     return {
@@ -236,33 +255,32 @@ def _generate(
     """Feed the engine and commit its results until the input ends or a stop; the engine's
     exception, if it raised one."""
     engine_error: BaseException | None = None
-    with _stop_on_signals(flags, cfg.drain_seconds):
-        feeder.start()
-        committer.start()
-        try:
-            faults = FaultPolicy(cfg.engine_restarts, cfg.stall_seconds)
-            for results in engine.generate(feeder.feed(), flags, cfg.max_inflight, faults):
-                committer.put(results)
-                progress.add(results)
-                if committer.error or feeder.error:
-                    flags.stop.set()
-                    flags.abort.set()
-                elif _hopeless(progress, cfg.max_error_rate) and not flags.stop.is_set():
-                    log.warning(
-                        "%s of the first %s prompts are error rows: stopping early, since the "
-                        "rest would most likely fail the same way",
-                        f"{progress.errors:,}",
-                        f"{progress.rows:,}",
-                    )
-                    flags.stop.set()
-        except Exception as exc:  # the engine died (or was killed by the same signal)
-            engine_error = exc
-            if not flags.stop.is_set():
-                time.sleep(0.2)  # let a signal that also reached us be handled first
-        finally:
-            flags.stop.set()
-            feeder.join()
-            committer.close()
+    feeder.start()
+    committer.start()
+    try:
+        faults = FaultPolicy(cfg.engine_restarts, cfg.stall_seconds)
+        for results in engine.generate(feeder.feed(), flags, cfg.max_inflight, faults):
+            committer.put(results)
+            progress.add(results)
+            if committer.error or feeder.error:
+                flags.stop.set()
+                flags.abort.set()
+            elif _hopeless(progress, cfg.max_error_rate) and not flags.stop.is_set():
+                log.warning(
+                    "%s of the first %s prompts are error rows: stopping early, since the "
+                    "rest would most likely fail the same way",
+                    f"{progress.errors:,}",
+                    f"{progress.rows:,}",
+                )
+                flags.stop.set()
+    except Exception as exc:  # the engine died (or was killed by the same signal)
+        engine_error = exc
+        if not flags.stop.is_set():
+            time.sleep(0.2)  # let a signal that also reached us be handled first
+    finally:
+        flags.stop.set()
+        feeder.join()
+        committer.close()
     progress.close()
     return engine_error
 
@@ -374,17 +392,38 @@ def _record_status(
         )
 
 
+class _SignalPhase:
+    """Whether the run is still starting (reading its input, starting the engine)."""
+
+    starting = True
+
+
+class _StopBeforeGeneration(BaseException):
+    """Raised by a stop signal before generation began, to unwind the start at once. A
+    BaseException, so no `except Exception` on the way (in vLLM's start, say) swallows it."""
+
+
 @contextmanager
 def _stop_on_signals(flags: StopFlags, drain_seconds: float):
     """SIGTERM, SIGINT, SIGUSR1 (Slurm's warning before a time limit): stop admitting, let running
-    requests finish for up to `drain_seconds`, commit, exit 75. A second signal aborts at once."""
+    requests finish for up to `drain_seconds`, commit, exit 75. A second signal aborts at once.
+
+    For the whole run, not only while generating: a signal while the engine starts unwinds the
+    start (the default action would kill this process and orphan vLLM's engine processes)."""
+    phase = _SignalPhase()
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield phase
         return
     previous = {}
 
     def handler(signum: int, _frame: Any) -> None:
         name = signal.Signals(signum).name
+        if phase.starting:
+            if flags.signal_name is None:
+                flags.signal_name = name
+                flags.stop.set()
+                raise _StopBeforeGeneration(name)
+            return  # already unwinding
         if flags.signal_name is None:
             flags.signal_name = name
             flags.stop.set()
@@ -405,7 +444,7 @@ def _stop_on_signals(flags: StopFlags, drain_seconds: float):
         signum = getattr(signal, name)
         previous[signum] = signal.signal(signum, handler)
     try:
-        yield
+        yield phase
     finally:
         for signum, old in previous.items():
             signal.signal(signum, old)

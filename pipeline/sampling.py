@@ -181,6 +181,15 @@ SAMPLING_OPTIONS: tuple[SamplingOption, ...] = (
         lambda v: v >= 0,
         "must be 0 (the prompt token only) or more",
     ),
+    # With --reasoning-parser: vLLM ends the thinking after this many tokens, then the answer
+    # follows (a cap on reasoning cost for distillation jobs).
+    SamplingOption(
+        "thinking_token_budget",
+        int,
+        "With --reasoning-parser: end the thinking after this many tokens.",
+        lambda v: v >= 0,
+        "must be 0 or more",
+    ),
     # Structured output: at most one of these per run (or per row); vLLM enforces it while
     # decoding, and the `parsed_ok` column says whether the text came out complete and valid.
     SamplingOption(

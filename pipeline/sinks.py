@@ -36,6 +36,10 @@ OPTIONAL_COLUMNS: dict[str, tuple[pa.DataType, tuple[str, ...]]] = {
     "cumulative_logprob": (pa.float64(), ("logprobs", "sampling_column")),
     "prompt_logprobs": (pa.list_(LOGPROB_ENTRY), ("prompt_logprobs", "sampling_column")),
     "sampling": (pa.string(), ("sampling_column",)),
+    "adapter": (pa.string(), ("lora",)),
+    "reasoning": (pa.string(), ("reasoning_parser",)),
+    "reasoning_tokens": (pa.int32(), ("reasoning_parser",)),
+    "reasoning_ended": (pa.bool_(), ("reasoning_parser",)),
 }
 RESERVED_COLUMNS = (
     "id",
@@ -88,10 +92,12 @@ def stale_temp_paths(final: Path) -> list[Path]:
 
 
 def output_schema(
-    keep_prompt: bool, keep_fields: list[pa.Field], sampling: dict[str, Any] | None = None
+    keep_prompt: bool, keep_fields: list[pa.Field], asks: Iterable[str] = ()
 ) -> pa.Schema:
-    """The explicit schema of every shard of a run; `sampling` (the run's resolved sampling
-    record) decides which optional columns it has."""
+    """The explicit schema of every shard of a run; `asks` (the keys of the run's resolved
+    sampling record, plus "lora" and "reasoning_parser" when used) decides which optional
+    columns it has."""
+    asks = set(asks)
     fields = [
         pa.field("id", pa.string(), nullable=False),
         pa.field("sample_index", pa.int32(), nullable=False),
@@ -104,7 +110,7 @@ def output_schema(
     if keep_prompt:
         fields.append(pa.field("prompt", pa.string()))
     for name, (kind, keys) in OPTIONAL_COLUMNS.items():
-        if sampling and any(k in sampling for k in keys):
+        if asks & set(keys):
             fields.append(pa.field(name, kind))
     return pa.schema(fields + [f.with_nullable(True) for f in keep_fields])
 
@@ -120,6 +126,11 @@ class ShardInfo:
     prompt_tokens: int
     completion_tokens: int
     finish_reasons: dict[str, int]
+    # When it was committed (Unix seconds) and how long its run had been generating then, for
+    # progress and throughput over time (`batchgen report`); None in manifests written before
+    # they were recorded. An adopted shard's commit time is its file's modification time.
+    committed_at: float | None = None
+    generate_seconds: float | None = None
 
     @classmethod
     def of(cls, file: str, rows: Iterable[ResultRow | _Counted]) -> ShardInfo:
@@ -154,9 +165,11 @@ def read_shard_info(path: Path) -> ShardInfo:
     """The manifest entry of a committed shard file, counted from its columns."""
     names = ["sample_index", "finish_reason", "prompt_tokens", "completion_tokens", "error"]
     cols = pq.read_table(path, columns=names).to_pydict()
-    return ShardInfo.of(
+    info = ShardInfo.of(
         path.name, (_Counted(*values) for values in zip(*cols.values(), strict=True))
     )
+    info.committed_at = round(path.stat().st_mtime, 3)
+    return info
 
 
 def read_ids(path: Path) -> Iterator[str]:
@@ -232,7 +245,7 @@ def prepare_output_dir(out_dir: Path) -> None:
     """Create the output folder and prove it writable before any other work."""
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        probe = out_dir / f".batchgen-write-test-{int(time.time() * 1e6)}"
+        probe = out_dir / f".batchgen-write-test-{os.getpid()}-{int(time.time() * 1e6)}"
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as exc:

@@ -61,56 +61,12 @@ class Feeder(threading.Thread):
             self._put(_END, force=True)
 
     def _read(self) -> None:
-        columns = list(self.builder.columns())
-        if self.id_column is not None and self.id_column not in columns:
-            columns.append(self.id_column)
-        seen: set[str] = set()
-        seq = 0
-        # Rows go to the engine in chunks that start small and double up to a whole batch: the
-        # engine starts on the first 64 rows (~10 ms to tokenize) instead of waiting for a
-        # batch of 1,024 (~0.1 s), which is most of batchgen's start on a short run.
-        chunk = min(FIRST_CHUNK_ROWS, self.batch_rows)
-        for ids, cols in self.source.iter_batches(columns, self.batch_rows):
-            if self.flags.stop.is_set():
+        for rows in request_batches(
+            self.source, self.builder, self.done_ids, self.id_column, self.batch_rows
+        ):
+            if not self._put(rows):
                 return
-            if self.id_column is not None:
-                ids = self._user_ids(cols[self.id_column], seq, seen)
-            keep = [i for i, row_id in enumerate(ids) if row_id not in self.done_ids]
-            start = 0
-            while start < len(keep):
-                part = keep[start : start + chunk]
-                start += len(part)
-                if len(part) == len(ids):  # the whole batch: no copies
-                    rows = self.builder.build(ids, cols, range(seq, seq + len(ids)))
-                else:  # a first small chunk, or a resume's rows not yet committed
-                    rows = self.builder.build(
-                        [ids[i] for i in part],
-                        {c: [v[i] for i in part] for c, v in cols.items()},
-                        [seq + i for i in part],
-                    )
-                if not self._put(rows):
-                    return
-                chunk = min(2 * chunk, self.batch_rows)
-            seq += len(ids)
         self.exhausted = True
-
-    def _user_ids(self, values: list[Any], seq: int, seen: set[str]) -> list[str]:
-        ids = []
-        for i, value in enumerate(values):
-            if value is None:
-                raise BatchgenError(
-                    f"--id-column {self.id_column!r} is null in row {seq + i}; ids must be set "
-                    "and unique (omit --id-column to use row positions)"
-                )
-            row_id = str(value)
-            if row_id in seen:
-                raise BatchgenError(
-                    f"--id-column {self.id_column!r} repeats the id {row_id!r} (row {seq + i}); "
-                    "resume needs unique ids: pick a unique column or omit --id-column"
-                )
-            seen.add(row_id)
-            ids.append(row_id)
-        return ids
 
     def _put(self, item: Any, force: bool = False) -> bool:
         while True:
@@ -141,6 +97,63 @@ class Feeder(threading.Thread):
             yield from item
 
 
+def request_batches(
+    source: Source,
+    builder: PromptBuilder,
+    done_ids: set[str],
+    id_column: str | None,
+    batch_rows: int = READ_BATCH_ROWS,
+) -> Iterator[list[PromptRow]]:
+    """The requests of every row not yet committed, in input order, in chunks: what a run sends
+    the engine (the feeder's thread runs this) and what `batchgen plan` counts."""
+    columns = list(builder.columns())
+    if id_column is not None and id_column not in columns:
+        columns.append(id_column)
+    seen: set[str] = set()
+    seq = 0
+    # Rows go to the engine in chunks that start small and double up to a whole batch: the
+    # engine starts on the first 64 rows (~10 ms to tokenize) instead of waiting for a
+    # batch of 1,024 (~0.1 s), which is most of batchgen's start on a short run.
+    chunk = min(FIRST_CHUNK_ROWS, batch_rows)
+    for ids, cols in source.iter_batches(columns, batch_rows):
+        if id_column is not None:
+            ids = _user_ids(cols[id_column], id_column, seq, seen)
+        keep = [i for i, row_id in enumerate(ids) if row_id not in done_ids]
+        start = 0
+        while start < len(keep):
+            part = keep[start : start + chunk]
+            start += len(part)
+            if len(part) == len(ids):  # the whole batch: no copies
+                yield builder.build(ids, cols, range(seq, seq + len(ids)))
+            else:  # a first small chunk, or a resume's rows not yet committed
+                yield builder.build(
+                    [ids[i] for i in part],
+                    {c: [v[i] for i in part] for c, v in cols.items()},
+                    [seq + i for i in part],
+                )
+            chunk = min(2 * chunk, batch_rows)
+        seq += len(ids)
+
+
+def _user_ids(values: list[Any], id_column: str, seq: int, seen: set[str]) -> list[str]:
+    ids = []
+    for i, value in enumerate(values):
+        if value is None:
+            raise BatchgenError(
+                f"--id-column {id_column!r} is null in row {seq + i}; ids must be set "
+                "and unique (omit --id-column to use row positions)"
+            )
+        row_id = str(value)
+        if row_id in seen:
+            raise BatchgenError(
+                f"--id-column {id_column!r} repeats the id {row_id!r} (row {seq + i}); "
+                "resume needs unique ids: pick a unique column or omit --id-column"
+            )
+        seen.add(row_id)
+        ids.append(row_id)
+    return ids
+
+
 class Committer(threading.Thread):
     """Groups results into shards and commits each: Parquet write, fsync, rename, manifest."""
 
@@ -161,6 +174,7 @@ class Committer(threading.Thread):
         self.error: BaseException | None = None
         self.step = "committing a shard"  # what it was doing, for the message if it fails
         self.committed: list[ShardInfo] = []
+        self.started = time.monotonic()  # made just as the run starts generating
 
     def put(self, results: list[ResultRow]) -> None:
         self.queue.put(results)
@@ -211,6 +225,8 @@ class Committer(threading.Thread):
         name = shard_name(self.writer.rank, self.seq)
         self.step = f"writing shard {name} in {self.writer.out_dir}"
         info = self.writer.write(rows, self.seq)
+        info.committed_at = round(time.time(), 3)
+        info.generate_seconds = round(time.monotonic() - self.started, 3)
         # From here the shard is committed on disk: if recording it fails, the next run adopts it.
         self.step = (
             f"recording shard {name} in {manifest_path(self.writer.out_dir, self.writer.rank)}"

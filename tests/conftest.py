@@ -17,6 +17,7 @@ from click.testing import CliRunner
 from hooks import PAUSE_ENV, STEP_ENV
 
 from pipeline.cli import main
+from pipeline.ranks import LAUNCHER_VARIABLES
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE = REPO / "data" / "prompts.parquet"
@@ -108,8 +109,9 @@ def greedy_sample_args(out: str | Path) -> list[str]:
 
 @pytest.fixture(autouse=True)
 def no_slurm(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A test run inside a Slurm job must not pick up that job's rank, nor a kill test's hooks."""
-    for name in ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT", "SLURM_PROCID", "SLURM_NTASKS"):
+    """A test run inside a Slurm job (or under torchrun, MPI or a Kubernetes Indexed Job) must
+    not pick up that job's rank, nor a kill test's hooks."""
+    for name in LAUNCHER_VARIABLES:
         monkeypatch.delenv(name, raising=False)
     monkeypatch.delenv(PAUSE_ENV, raising=False)
     monkeypatch.delenv(STEP_ENV, raising=False)
@@ -139,3 +141,87 @@ def prompts_file(tmp_path: Path) -> Path:
     prompts = [f"Write one sentence about the number {i}." for i in range(200)]
     topics = [f"t{i % 7}" for i in range(200)]
     return write_prompts(tmp_path / "in.parquet", prompts, row_group_size=50, topic=topics)
+
+
+# A chat template that opens a thinking block for the answer unless enable_thinking=false, as
+# Qwen3-style templates do: SmolLM2's own template plus "<think>\n" after the assistant header.
+THINK_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + "
+    "message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+    "{% if enable_thinking is not defined or enable_thinking %}{{ '<think>\\n' }}{% endif %}"
+    "{% endif %}"
+)
+
+
+def make_think_model(folder: Path) -> Path:
+    """The bundled model with two unused special tokens renamed to <think> and </think> and
+    THINK_TEMPLATE as its chat template: a fixture for reasoning parsers, not a model that
+    was trained to think (it proves the plumbing: markers, columns, counts, budgets)."""
+    import json
+    import shutil
+
+    from pipeline.models import ensure_bundled_model
+
+    source = ensure_bundled_model()
+    folder.mkdir(parents=True, exist_ok=True)
+    for item in source.iterdir():
+        if item.name == "model.safetensors":
+            (folder / item.name).symlink_to(item)
+        elif item.is_file():
+            shutil.copy(item, folder / item.name)
+    renames = {"<jupyter_text>": "<think>", "<jupyter_code>": "</think>"}
+    tok = json.loads((folder / "tokenizer.json").read_text())
+    for token in tok["added_tokens"]:
+        token["content"] = renames.get(token["content"], token["content"])
+    vocab = tok["model"]["vocab"]
+    for old, new in renames.items():
+        vocab[new] = vocab.pop(old)
+    (folder / "tokenizer.json").write_text(json.dumps(tok))
+    (folder / "chat_template.jinja").write_text(THINK_TEMPLATE)
+    return folder
+
+
+def make_adapter(
+    folder: Path,
+    rank: int = 8,
+    targets: tuple[str, ...] = ("q_proj", "v_proj"),
+    zero_b: bool = False,
+    seed: int = 0,
+    scale: float = 0.5,
+) -> Path:
+    """A PEFT LoRA adapter for the bundled model (30 layers, hidden 576, 3 KV heads of 64),
+    written directly as safetensors: B = 0 leaves the base model's outputs unchanged."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    out_features = {"q_proj": 576, "k_proj": 192, "v_proj": 192, "o_proj": 576}
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for layer in range(30):
+        for module in targets:
+            key = f"base_model.model.model.layers.{layer}.self_attn.{module}"
+            tensors[f"{key}.lora_A.weight"] = torch.randn(rank, 576, generator=gen) * 0.02
+            b = torch.zeros if zero_b else lambda *s, **_: torch.randn(*s, generator=gen) * scale
+            tensors[f"{key}.lora_B.weight"] = b(out_features[module], rank)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(
+        {k: v.contiguous() for k, v in tensors.items()}, str(folder / "adapter_model.safetensors")
+    )
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": rank,
+        "lora_alpha": 2 * rank,
+        "target_modules": list(targets),
+        "bias": "none",
+        "lora_dropout": 0.0,
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "use_dora": False,
+        "modules_to_save": None,
+    }
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    return folder

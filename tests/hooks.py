@@ -7,22 +7,36 @@ conftest.py), never by batchgen itself: `batchgen` as users run it reads none of
   BATCHGEN_TEST_PAUSE=after_rename:3  stderr and hangs, written under its temporary name
                                     (in_write) or renamed but not yet in the manifest
                                     (after_rename), so a test can SIGKILL it exactly there
+  BATCHGEN_TEST_PAUSE=engine_start  the fake engine's start announces itself and hangs, so a
+                                    test can signal a run before its generation begins
+  BATCHGEN_TEST_GRANDCHILD=2        the rank with --shard-index 2 starts a `sleep` child in its
+                                    session, announced on stderr, standing for vLLM's engine
+                                    core (which a killed rank leaves behind)
+
+The ranks that `--data-parallel` starts are started through this launcher too, so they carry the
+same hooks (the variables above reach them through their environment).
 """
 
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 STEP_ENV = "BATCHGEN_FAKE_STEP_SECONDS"
 PAUSE_ENV = "BATCHGEN_TEST_PAUSE"
-PAUSE_POINTS = ("in_write", "after_rename")
+GRANDCHILD_ENV = "BATCHGEN_TEST_GRANDCHILD"
+PAUSE_POINTS = ("in_write", "after_rename", "engine_start")
 
 
 def install() -> None:
-    """Wrap the fake engine's step and the shard writer's rename as the environment asks."""
+    """Wrap the fake engine's step and the shard writer's rename as the environment asks, and
+    start --data-parallel's ranks through this launcher."""
+    from pipeline import launch
+
+    launch.rank_command = lambda: [sys.executable, str(Path(__file__).resolve())]
     step = float(os.environ.get(STEP_ENV) or 0)
     if step:
         from pipeline.engines.fake import FakeEngine
@@ -35,10 +49,35 @@ def install() -> None:
 
         FakeEngine._step = slow_step
     spec = os.environ.get(PAUSE_ENV)
-    if spec:
+    if spec == "engine_start":
+        _pause_at_engine_start()
+    elif spec:
         point, _, nth = spec.partition(":")
         assert point in PAUSE_POINTS and nth.isdigit(), f"{PAUSE_ENV}={spec!r}"
         _pause_at_commit(point, int(nth))
+    rank = os.environ.get(GRANDCHILD_ENV)
+    if rank is not None and _shard_index() == rank:
+        child = subprocess.Popen(["sleep", "600"])
+        print(f"{GRANDCHILD_ENV} pid {child.pid}", file=sys.stderr, flush=True)
+
+
+def _shard_index() -> str | None:
+    for i, arg in enumerate(sys.argv[:-1]):
+        if arg == "--shard-index":
+            return sys.argv[i + 1]
+    return None
+
+
+def _pause_at_engine_start() -> None:
+    from pipeline.engines.fake import FakeEngine
+
+    init = FakeEngine.__init__
+
+    def pausing_init(self: FakeEngine, *args, **kwargs) -> None:
+        _hang("engine_start", "")
+        init(self, *args, **kwargs)
+
+    FakeEngine.__init__ = pausing_init
 
 
 def _pause_at_commit(point: str, nth: int) -> None:
@@ -60,7 +99,7 @@ def _pause_at_commit(point: str, nth: int) -> None:
 
 
 def _hang(point: str, shard: str) -> None:
-    print(f"{PAUSE_ENV} {point} {shard}", file=sys.stderr, flush=True)
+    print(f"{PAUSE_ENV} {point} {shard}".rstrip(), file=sys.stderr, flush=True)
     time.sleep(600)
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from importlib.metadata import version
@@ -24,7 +23,8 @@ from pipeline.sinks import METADATA_KEY
 
 RESERVED = (
     "id, sample_index, text, finish_reason, prompt_tokens, completion_tokens, error, prompt, "
-    "parsed_ok, logprobs, cumulative_logprob, prompt_logprobs, sampling"
+    "parsed_ok, logprobs, cumulative_logprob, prompt_logprobs, sampling, adapter, reasoning, "
+    "reasoning_tokens, reasoning_ended"
 )
 
 # (arguments after `run`, the exact error line). IN is the prompts file, OUT a fresh folder.
@@ -101,7 +101,8 @@ BAD_FLAGS = [
     ),
     pytest.param(
         ["--parquet", "IN", "--prompt-column", "prompt", "--num-shards", "3", "-o", "OUT"],
-        "--num-shards and --shard-index go together.",
+        "--num-shards 3 without --shard-index: pass --shard-index too, or run under a launcher "
+        "that gives each process its rank (Slurm, torchrun, MPI, a Kubernetes Indexed Job)",
         id="num-shards-alone",
     ),
     pytest.param(
@@ -276,7 +277,11 @@ def test_unreadable_config_file(
 # --- lazy imports ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("args", [["--help"], ["run", "--help"]], ids=["batchgen", "run"])
+@pytest.mark.parametrize(
+    "args",
+    [["--help"], ["run", "--help"], ["plan", "--help"], ["show", "--help"], ["report", "--help"]],
+    ids=["batchgen", "run", "plan", "show", "report"],
+)
 def test_help_imports_no_heavy_module(args: list[str]) -> None:
     script = (
         "import sys; from click.testing import CliRunner; from pipeline.cli import main\n"
@@ -392,64 +397,3 @@ def test_fake_engine_run_writes_the_documented_output(
     assert ds.column_names == EXPECTED_SCHEMA.names
     assert ds["id"] == rows["id"]
     assert ds["text"] == rows["text"]
-
-
-@pytest.mark.parametrize(
-    "env, expected",
-    [
-        (
-            {
-                "SLURM_ARRAY_TASK_ID": "2",
-                "SLURM_ARRAY_TASK_COUNT": "4",
-                "SLURM_ARRAY_TASK_MIN": "0",
-            },
-            (2, 4),
-        ),
-        (
-            {
-                "SLURM_ARRAY_TASK_ID": "12",
-                "SLURM_ARRAY_TASK_COUNT": "3",
-                "SLURM_ARRAY_TASK_MIN": "10",
-            },
-            (2, 3),
-        ),
-        (
-            {
-                "SLURM_ARRAY_TASK_ID": "6",
-                "SLURM_ARRAY_TASK_COUNT": "4",
-                "SLURM_ARRAY_TASK_MIN": "0",
-                "SLURM_ARRAY_TASK_STEP": "2",
-            },
-            (3, 4),
-        ),
-        ({"SLURM_PROCID": "1", "SLURM_NTASKS": "2"}, (1, 2)),
-        ({"SLURM_PROCID": "0", "SLURM_NTASKS": "1"}, None),
-        ({}, None),
-    ],
-)
-def test_rank_comes_from_slurm(monkeypatch, env, expected):
-    from pipeline.cli import _slurm_rank
-
-    for key in list(os.environ):
-        if key.startswith("SLURM_"):
-            monkeypatch.delenv(key)
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
-    assert _slurm_rank() == expected
-
-
-def test_an_array_that_is_not_a_range_is_refused(monkeypatch):
-    from pipeline.cli import _slurm_rank
-
-    for key, value in {
-        "SLURM_ARRAY_TASK_ID": "9",
-        "SLURM_ARRAY_TASK_COUNT": "3",
-        "SLURM_ARRAY_TASK_MIN": "1",
-        "SLURM_ARRAY_TASK_STEP": "1",
-    }.items():
-        monkeypatch.setenv(key, value)
-    with pytest.raises(click.UsageError) as exc:
-        _slurm_rank()
-    assert exc.value.message.startswith(
-        "Slurm array task 9 is not task number (id - min) / step of a plain range of 3 tasks"
-    )

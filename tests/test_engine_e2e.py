@@ -7,6 +7,7 @@ installed command, its exit codes and resume across processes.
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import time
@@ -226,6 +227,13 @@ def test_messages_column_and_samples_are_seeded_per_row(tmp_path):
     assert c != a
 
 
+def line_like(lines: list[str], start: str) -> str:
+    """The one line that starts with `start` (its numbers vary with the machine)."""
+    found = [line for line in lines if line.startswith(start)]
+    assert len(found) == 1, lines
+    return found[0]
+
+
 def test_documented_command_then_sigterm_and_resume(tmp_path):
     """The exact spelling the README promises, as a subprocess; then a stop and a resume."""
     out = tmp_path / "out"
@@ -244,6 +252,26 @@ def test_documented_command_then_sigterm_and_resume(tmp_path):
         out,
     )
     assert proc.returncode == 0, proc.stderr
+    # A quiet terminal: batchgen's lines only; vLLM's own log goes to a file beside the state.
+    lines = [re.sub(r"\d+", "#", line) for line in proc.stderr.splitlines()]
+    progress = [line for line in lines if line.startswith("batchgen: ")]
+    assert progress and all(
+        re.fullmatch(r"batchgen: #/# prompts \(#\.#%\) \| #(,#)? out tok/s( \| ETA [#ms]+)? \| "
+                     r"elapsed [#ms]+", line) for line in progress
+    ), progress  # fmt: skip
+    log_file = out / ".batchgen" / "logs" / "engine-rank-00000.log"
+    assert [line for line in lines if not line.startswith("batchgen: ")] == [
+        re.sub(r"\d+", "#", f"00:00:00 batchgen: vLLM's own log: {log_file}"),
+        "#:#:# batchgen: starting vLLM #.#.# (model_impl=transformers, enforce_eager=True)...",
+        line_like(lines, "#:#:# batchgen: finished: # prompts this run (# rows, # errors) | "),
+        re.sub(r"\d+", "#", f"00:00:00 batchgen: output: 48 prompts committed of 48 in 1 "
+               f"shard(s) under {out}"),
+    ]  # fmt: skip
+    # vLLM's logger in this process writes its few later warnings to stdout (the engine's
+    # start-up and its processes go to the log file); batchgen itself writes nothing there.
+    assert "batchgen" not in proc.stdout
+    engine_log = log_file.read_text()
+    assert "Loading safetensors checkpoint shards" in engine_log and "EngineCore" in engine_log
     assert "finished: 48 prompts this run" in proc.stderr
     table = pq.read_table(out)  # pyarrow reads the folder as one table
     assert table.num_rows == 48

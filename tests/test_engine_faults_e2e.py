@@ -34,16 +34,6 @@ def engine_core(root_pid: int, timeout: float = 60) -> psutil.Process:
     raise AssertionError(f"no VLLM::EngineCore under pid {root_pid}")
 
 
-def vllm_processes_outside(root_pid: int) -> list[str]:
-    """vLLM processes alive that are not this test process's own (its shared engine)."""
-    ours = {p.pid for p in psutil.Process(root_pid).children(recursive=True)}
-    found = []
-    for proc in psutil.process_iter(["pid", "name"]):
-        if (proc.info["name"] or "").startswith("VLLM::") and proc.info["pid"] not in ours:
-            found.append(f"{proc.info['pid']} {proc.info['name']}")
-    return found
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory: pytest.TempPathFactory) -> dict:
     out = tmp_path_factory.mktemp("reference") / "out"
@@ -98,6 +88,7 @@ def test_no_restarts_stops_within_seconds_leaves_nothing_behind_and_a_rerun_comp
     victim = Victim(greedy_sample_args(out) + ["--engine-restarts", "0"], {})
     assert wait_until(lambda: bool(shard_files(out)), victim, 600, "first shard"), victim.stderr
     core = engine_core(victim.proc.pid)
+    engine = [core, *core.children(recursive=True)]
     core.kill()
     killed = time.monotonic()
     code = victim.finish(timeout=60)
@@ -107,9 +98,22 @@ def test_no_restarts_stops_within_seconds_leaves_nothing_behind_and_a_rerun_comp
         "Error: the engine died (the engine process was killed by SIGKILL (out of memory? see "
         "`dmesg`)) 1 time(s) this run, more than --engine-restarts 0 allows; "
     ), victim.stderr
-    time.sleep(2)
-    assert vllm_processes_outside(os.getpid()) == []
+    gone, alive = psutil.wait_procs(engine, timeout=15)
+    assert not alive, [p.pid for p in alive]
     assert not [line for line in victim.lines if "leaked shared_memory" in line]
     run_cli("status", out, expect=4)  # failed, and the lock is free (not "running")
     run_cli(*greedy_sample_args(out))
     assert rows_by_key(read_output(out)) == reference
+
+
+def test_a_sigkilled_batchgen_leaves_no_engine_process_behind(tmp_path):
+    """vLLM's engine processes watch nothing: batchgen's reaper kills them when it dies."""
+    out = tmp_path / "out"
+    victim = Victim(greedy_sample_args(out), {})
+    assert wait_until(lambda: bool(shard_files(out)), victim, 600, "first shard"), victim.stderr
+    engine = [engine_core(victim.proc.pid)]
+    engine += engine[0].children(recursive=True)
+    os.kill(victim.proc.pid, signal.SIGKILL)  # batchgen alone, not its process group
+    victim.finish()
+    gone, alive = psutil.wait_procs(engine, timeout=15)
+    assert not alive, [p.pid for p in alive]

@@ -22,12 +22,8 @@ from pipeline.cli import _build_config, run
 
 JOBS = REPO / "jobs"
 EXAMPLES = sorted((JOBS / "examples").glob("*.toml"))
-SCRIPTS = [
-    JOBS / "slurm" / "batchgen.sbatch",
-    JOBS / "slurm" / "multi-gpu.sbatch",
-    JOBS / "slurm" / "local-cluster.sh",
-    JOBS / "cron" / "nightly.sh",
-]
+# Every script under jobs/ (a new one is checked without being listed here).
+SCRIPTS = sorted(p for p in JOBS.rglob("*") if p.suffix in (".sh", ".sbatch"))
 ARRAY_JOB = JOBS / "slurm" / "batchgen.sbatch"
 NODE_JOB = JOBS / "slurm" / "multi-gpu.sbatch"
 
@@ -39,6 +35,16 @@ def env() -> dict[str, str]:
     clean["BATCHGEN"] = str(HOOKED_BATCHGEN)
     clean.pop("BATCHGEN_FAKE_STEP_SECONDS", None)
     return clean
+
+
+def test_every_job_script_is_checked():
+    assert {p.relative_to(JOBS).as_posix() for p in SCRIPTS} >= {
+        "slurm/batchgen.sbatch",
+        "slurm/multi-gpu.sbatch",
+        "slurm/local-cluster.sh",
+        "cron/nightly.sh",
+        "torchrun/node.sh",
+    }
 
 
 def test_there_are_example_configs():

@@ -36,7 +36,12 @@ def config(tmp_path: Path) -> Path:
 def env(tmp_path: Path) -> dict[str, str]:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     clean.pop("BATCHGEN_FAKE_STEP_SECONDS", None)
-    return {**clean, "BATCHGEN": str(HOOKED_BATCHGEN), "NIGHTLY_ROOT": str(tmp_path / "nightly")}
+    return {
+        **clean,
+        "BATCHGEN": str(HOOKED_BATCHGEN),
+        "NIGHTLY_ROOT": str(tmp_path / "nightly"),
+        "CUDA_VISIBLE_DEVICES": "",  # --data-parallel auto: one process, on any machine
+    }
 
 
 def nightly(config: Path, env: dict[str, str], date: str, *flags: str, **extra: str):
@@ -103,7 +108,7 @@ def test_interrupted_night_is_resumed_before_the_next_and_then_nights_run_alone(
     tonight = log[next(i for i, x in enumerate(log) if "nightly run for 2026-01-03" in x) :]
     assert tonight[0].endswith(f"for 2026-01-03, config {config}, into {root}/2026-01-03")
     assert tonight[1].endswith(
-        f"] {HOOKED_BATCHGEN} run --config {config} --output {root}/2026-01-03"
+        f"] {HOOKED_BATCHGEN} run --config {config} --output {root}/2026-01-03 --data-parallel auto"
     )
     assert tonight[-1].endswith("] exit 0")
     assert not any("resuming" in x for x in tonight)

@@ -379,3 +379,43 @@ def test_retry_after_as_an_http_date():
 
     when = email.utils.formatdate(time.time() + 30, usegmt=True)
     assert 28 <= _retry_after(when) <= 30
+
+
+def test_plan_of_a_server_run_sees_its_resume_and_counts_its_tokens(tmp_path, src, tokenizer):
+    """`batchgen plan` with the run's --server flags asks the server as the run does, so its
+    fingerprint is the run's (no refusal), and it counts what the run has still to send."""
+    out = tmp_path / "out"
+    with FakeOpenAI(decode=decoder(tokenizer), gone_after=3) as fake:
+        flags = server_args(fake, "--server-fail-seconds", "2", "--max-retries", "1")
+        run_cli(*run_args(src, out, *flags, "--max-inflight", "1", "--rows-per-shard", "1"),
+                expect=75)  # fmt: skip
+    with FakeOpenAI(decode=decoder(tokenizer), max_model_len=2048) as fake:
+        args = run_args(src, out, *server_args(fake))
+        result = run_cli("plan", *args[1:], "--json")
+        assert not [e for e in fake.log if "body" in e]  # nothing generated
+    plan = json.loads(result.stdout)
+    assert plan["can_run"] and not plan["ranks"][0]["refused"]
+    assert plan["all"]["committed_prompts"] == 3
+    assert plan["all"]["todo"]["prompts"] == 5
+    assert plan["all"]["todo"]["prompt_tokens"]["total"] == sum(
+        len(tokenizer(p)["input_ids"]) for p in PROMPTS[3:]
+    )
+    assert plan["max_model_len"] == 2048 and "the server's" in plan["max_model_len_from"]
+    with FakeOpenAI(decode=decoder(tokenizer)) as fake:
+        result = run_cli("plan", *args[1:], "--calibrate", "5", expect=2)
+    assert "--calibrate times the in-process engine" in result.output
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--lora", "a=/tmp/a"], "--lora: with --server the server holds the adapters"),
+        (["--reasoning-parser", "qwen3"], "--reasoning-parser: batchgen sends token ids"),
+        (["--batch-invariant"], "--batch-invariant: engine settings of the in-process engine"),
+    ],
+)
+def test_in_process_only_features_are_refused_with_server(tmp_path, src, flags, message):
+    args = run_args(src, tmp_path / "out", "--server", "http://127.0.0.1:9/v1", *flags)
+    result = run_cli(*args, expect=2)
+    assert message in result.output
+    assert not (tmp_path / "out").exists()

@@ -180,7 +180,7 @@ def test_array_job_writes_the_input_exactly_once(tmp_path, config, job_env):
     out = tmp_path / "out"
     assert_exactly_once(out)
     assert_ranks_own_their_slices(out, TASKS)
-    states = {r: (m["status"], m["num_shards"]) for r, m in manifests(out).items()}
+    states = {r: (m["status"], m["num_ranks"]) for r, m in manifests(out).items()}
     assert states == {r: ("finished", TASKS) for r in range(TASKS)}
     for task in range(TASKS):
         log = (tmp_path / f"batchgen-{job}_{task}.log").read_text()
@@ -280,5 +280,95 @@ def test_one_node_job_runs_one_rank_per_task_on_its_own_gpu(tmp_path, config, jo
     out = tmp_path / "out"
     assert_exactly_once(out)
     assert_ranks_own_their_slices(out, 2)
-    states = {r: (m["status"], m["num_shards"]) for r, m in manifests(out).items()}
+    states = {r: (m["status"], m["num_ranks"]) for r, m in manifests(out).items()}
     assert states == {0: ("finished", 2), 1: ("finished", 2)}
+
+
+def node_states() -> str:
+    return subprocess.run(
+        ["sinfo", "-h", "-N", "-o", "%T"], capture_output=True, text=True, timeout=30
+    ).stdout.strip()
+
+
+@pytest.mark.engine
+def test_usr1_requeues_in_a_row_on_the_real_engine_never_drain_the_node(
+    tmp_path, slurm_cluster, job_env
+):
+    """A held-out check once drained the node: after a USR1 requeue on the real engine, Slurm
+    logged "JOB NOT ENDING WITH SIGNALS" and set the node to DRAIN. Three USR1 requeues in a row
+    of one task of a 2-task array, each once the restarted task has committed a new shard: every
+    time the task commits, exits 75 and comes back, the node never leaves service, and the run
+    ends with every row exactly once."""
+    src = tmp_path / "prompts.parquet"
+    ids = [f"row-{i:03d}" for i in range(ROWS)]
+    prompts = [f"Write a long story about the number {i}." for i in range(ROWS)]
+    pq.write_table(pa.table({"id": ids, "prompt": prompts}), src)
+    config = tmp_path / "job.toml"
+    out = tmp_path / "out"
+    config.write_text(
+        f'parquet = "{src}"\n'
+        'prompt-column = "prompt"\n'
+        'id-column = "id"\n'
+        "chat = true\n"
+        "max-tokens = 32\n"
+        "temperature = 0\n"
+        'dtype = "float32"\n'
+        "max-model-len = 512\n"
+        "max-num-seqs = 2\n"  # slow enough that every signal lands mid-run
+        f'output = "{out}"\n'
+        "rows-per-shard = 2\n"
+    )
+    env = {**job_env, "BATCHGEN": str(REPO / ".venv" / "bin" / "batchgen")}
+    job = sbatch("--array=0-1", ARRAY_JOB, config, cwd=tmp_path, env=env)
+    log = tmp_path / f"batchgen-{job}_0.log"
+    seen_states: set[str] = set()
+
+    def watch(check: Callable[[], bool]) -> Callable[[], bool]:
+        def watched() -> bool:
+            seen_states.update(node_states().split())
+            return check()
+
+        return watched
+
+    def shard_count() -> int:
+        return len(list(out.glob("part-00000-*.parquet")))
+
+    try:
+        for restart in range(3):
+            started = f"task {job}_0 restart {restart} on "
+            wait_until(watch(lambda s=started: log.exists() and s in log.read_text()), 300, started)
+            before = shard_count()
+            wait_until(
+                watch(lambda n=before: shard_count() > n), 300, f"a shard of restart {restart}"
+            )
+            subprocess.run(["scancel", "--signal=USR1", "--batch", f"{job}_0"], check=True)
+            wait_until(
+                watch(lambda r=restart: f"task {job}_0 restart {r + 1} on " in log.read_text()),
+                300,
+                f"restart {restart + 1}",
+            )
+        wait_until(watch(lambda: job_gone(job)), 600, f"job {job} to end")
+    finally:
+        if any("drain" in s for s in seen_states | set(node_states().split())):
+            # Leave the cluster usable for the next tests, then fail below.
+            subprocess.run(
+                [
+                    "scontrol",
+                    "update",
+                    f"nodename={os.uname().nodename.split('.')[0]}",
+                    "state=resume",
+                ],
+                check=False,
+            )
+    assert not any("drain" in s for s in seen_states), (seen_states, log.read_text()[-3000:])
+
+    states = final_states(job, 2)
+    assert states[1] == [("COMPLETED", "0:0")]
+    assert states[0][-1] == ("COMPLETED", "0:0")
+    assert len(states[0]) == 4, states  # three requeues, then done
+    text = log.read_text()
+    assert text.count("batchgen was interrupted (exit 75); requeueing") == 3
+    assert "still running in this job" not in text
+    assert "outlived SIGKILL" not in text
+    assert_exactly_once(out)
+    assert_ranks_own_their_slices(out, 2)

@@ -183,6 +183,7 @@ def test_json_is_one_object_with_every_rank(out):
                 "pid": 4000,
                 "error": None,
                 "last_run": rank0_run,
+                "engine_failures": [],
                 "unlisted_shards": [],
             },
             {
@@ -205,6 +206,7 @@ def test_json_is_one_object_with_every_rank(out):
                 "pid": 4001,
                 "error": None,
                 "last_run": None,
+                "engine_failures": [],
                 "unlisted_shards": ["part-00001-000003.parquet"],
             },
             {"rank": 2, "state": "not_started", "holder": None},

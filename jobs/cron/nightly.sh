@@ -10,6 +10,10 @@
 #      interrupted by a reboot, a failure since fixed) and resumes it with the same command;
 #   3. runs today's job into NIGHTLY_ROOT/YYYY-MM-DD (`--output` here overrides the config's
 #      `output` key; everything else comes from CONFIG and the extra flags).
+# Every run uses all GPUs of this machine: `--data-parallel auto` (one rank per GPU, or per
+# --tensor-parallel-size GPUs; one process on a machine without GPUs). A folder begun on
+# another GPU count is refused (exit 1, naming the rank layout): finish it by hand as the
+# README says, or set NIGHTLY_DATA_PARALLEL.
 # Everything goes to the log file; on a nonzero exit one line also goes to stderr, so cron mails
 # it to MAILTO. Relative paths (CONFIG, NIGHTLY_ROOT, paths inside CONFIG) start at the folder
 # the script is run from: cd to the repository first, as crontab.example does.
@@ -28,6 +32,8 @@
 #   NIGHTLY_LOG   log file, appended to [default: NIGHTLY_ROOT/nightly.log]
 #   NIGHTLY_LOCK  lock file [default: NIGHTLY_ROOT/.nightly.lock]
 #   NIGHTLY_DATE  today's folder name [default: today as YYYY-MM-DD]; for backfills
+#   NIGHTLY_DATA_PARALLEL  batchgen's --data-parallel [default: auto]; empty: leave it out
+#                 (for extra flags that set the ranks themselves, --num-shards/--shard-index)
 #   BATCHGEN      the batchgen executable [default: .venv/bin/batchgen of this repository, else
 #                 `batchgen` on PATH]
 set -uo pipefail
@@ -56,6 +62,10 @@ if [[ ! $today =~ ^[0-9]{4}-[0-9]{2}-[0-9]{2}$ ]]; then
   exit "$EXIT_USAGE"
 fi
 log_file=${NIGHTLY_LOG:-$root/nightly.log}
+data_parallel=()
+if [[ -n ${NIGHTLY_DATA_PARALLEL-auto} ]]; then
+  data_parallel=(--data-parallel "${NIGHTLY_DATA_PARALLEL-auto}")
+fi
 lock_file=${NIGHTLY_LOCK:-$root/.nightly.lock}
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
@@ -114,8 +124,8 @@ trap 'forward HUP' HUP
 run_into() {
   local out=$1 rc
   shift
-  note "$batchgen run --config $config --output $out${*:+ $*}"
-  "$batchgen" run --config "$config" --output "$out" "$@" &
+  note "$batchgen run --config $config --output $out${data_parallel[*]:+ ${data_parallel[*]}}${*:+ $*}"
+  "$batchgen" run --config "$config" --output "$out" "${data_parallel[@]}" "$@" &
   child=$!
   # `wait` returns early when a trapped signal arrives; the shell keeps the real status.
   while kill -0 "$child" 2>/dev/null; do wait "$child"; done
@@ -124,6 +134,11 @@ run_into() {
   child=""
   return "$rc"
 }
+
+# An older batchgen has no --data-parallel: it runs one process, as it always did.
+if ((${#data_parallel[@]})) && [[ $("$batchgen" run --help 2>/dev/null) != *--data-parallel* ]]; then
+  data_parallel=()
+fi
 
 # Whether every rank of an output folder has finished: `batchgen status` where this batchgen
 # has it (exit 0 = all finished), else the rank manifests themselves.

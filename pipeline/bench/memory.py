@@ -30,6 +30,7 @@ def run_memory(
     chat: bool = True,
     rows_per_shard: int = 2000,
     work_dir: str | None = None,
+    logprobs: int | None = None,
 ) -> dict[str, Any]:
     """The fake engine over inputs of each size, each in a fresh subprocess: peak RSS, rows/s."""
     from pipeline.models import resolve_model
@@ -47,6 +48,7 @@ def run_memory(
                 "model": model_path,
                 "chat": chat,
                 "rows_per_shard": rows_per_shard,
+                "logprobs": logprobs,
             }
             results.append(_io_subprocess(job))
             shutil.rmtree(out, ignore_errors=True)
@@ -56,6 +58,7 @@ def run_memory(
         "engine": "fake",
         "chat_template": chat,
         "rows_per_shard": rows_per_shard,
+        "logprobs": logprobs,
         "sizes": results,
         "peak_rss_mb_max": max(peaks),
         "peak_rss_growth_mb": round(peaks[-1] - peaks[0], 1),
@@ -90,7 +93,7 @@ def io_child(job: dict[str, Any]) -> dict[str, Any]:
         source=SourceConfig(parquet=job["input"]),
         prompt=PromptConfig(prompt_column="prompt", chat=job["chat"]),
         engine=EngineConfig(model=job["model"], backend="fake"),
-        sampling=SamplingConfig.of(max_tokens=8, temperature=0.0),
+        sampling=SamplingConfig.of(max_tokens=8, temperature=0.0, logprobs=job["logprobs"]),
         output=OutputConfig(path=job["output"], rows_per_shard=job["rows_per_shard"]),
         progress_seconds=3600.0,
     )
@@ -127,7 +130,9 @@ def format_memory(report: dict[str, Any]) -> str:
     lines = [
         f"machine: {m['cpu']} ({m['cpus_usable']} usable cores), {m['memory_gb']} GB",
         f"fake engine, chat template {'on' if report['chat_template'] else 'off'}, a shard every "
-        f"{report['rows_per_shard']:,} rows; each size in a fresh process",
+        f"{report['rows_per_shard']:,} rows"
+        + (f", logprobs {report['logprobs']} (8 tokens a row)" if report.get("logprobs") else "")
+        + "; each size in a fresh process",
         "",
         f"{'rows':>12}{'peak RSS MB':>14}{'RSS before run':>16}{'seconds':>10}{'rows/s':>10}",
     ]

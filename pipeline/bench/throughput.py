@@ -1,6 +1,7 @@
 """Throughput: raw vLLM vs batchgen on one engine, in alternating rounds.
 
-One engine, started once, serves both sides in turns:
+One engine, started once, serves both sides in turns (with `raw_engine`, each side has its
+own engine, started in turn: see `_Sides`):
   (a) raw `LLM.generate` over every prompt in one call, given the prompts as token ids (the
       engine module runs it: `VllmEngine.raw_generate`);
   (b) the full `batchgen run` (`pipeline.runner.run`) from a Parquet file of prompt text to
@@ -34,7 +35,7 @@ from pipeline.config import (
     SourceConfig,
 )
 from pipeline.errors import BatchgenError, ConfigError
-from pipeline.sampling import SamplingConfig
+from pipeline.sampling import OPTIONS_BY_NAME, SamplingConfig
 
 log = logging.getLogger("batchgen")
 
@@ -44,6 +45,9 @@ class BenchConfig:
     """What `batchgen bench` measures; the engine settings are those of `batchgen run`."""
 
     engine: EngineConfig = field(default_factory=EngineConfig)
+    # The raw side's own engine (`--raw-defaults`: vLLM's defaults for the settings batchgen
+    # tune searches), so tuned batchgen is compared with untuned vLLM. None: one shared engine.
+    raw_engine: EngineConfig | None = None
     prompts: int = 256
     # Each prompt's output budget is drawn log-uniformly from [min_tokens, max_tokens] and is
     # generated in full (ignore_eos): many short outputs, a few long ones.
@@ -66,6 +70,21 @@ class BenchConfig:
     work_dir: str | None = None  # None: a temporary folder, removed at the end
     # Side (b) runs on this server (the same model, on this machine) instead of in process.
     server: ServerConfig | None = None
+    # The job's own request options (pipeline.sampling names: json_schema, choice, logprobs...),
+    # sent by both sides. A constrained output ends when its grammar completes, so these runs
+    # do without ignore_eos and compare tok/s over what each side generated.
+    request: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def constrained(self) -> bool:
+        return any(OPTIONS_BY_NAME[k].structured for k, _ in self.request)
+
+    def adapters(self, count: int) -> list[str | None] | None:
+        """Each prompt's adapter in a LoRA bench: the base model and each adapter in turn."""
+        if not self.engine.loras:
+            return None
+        names = [None, *(n for n, _ in self.engine.loras)]
+        return [names[i % len(names)] for i in range(count)]
 
     def __post_init__(self) -> None:
         if self.prompts < 1:
@@ -92,8 +111,18 @@ class BenchConfig:
             raise ConfigError(f"--temperature {self.temperature}: must be 0 (greedy) or more")
         if self.system_prompt is not None and not self.chat:
             raise ConfigError("--system-prompt needs the chat template: drop --no-chat")
+        SamplingConfig.of(**dict(self.request))  # a bad schema or choice list: refused now
         if self.server is not None and self.with_transformers:
             raise ConfigError("--with-transformers stops the engine; drop it with --server")
+        if self.server is not None and self.engine.loras:
+            raise ConfigError(
+                "--lora: the server holds its own adapters; drop --lora with --server"
+            )
+        if self.server is not None and self.raw_engine is not None:
+            raise ConfigError(
+                "--raw-defaults starts a second engine for the raw side; with --server side (b) "
+                "has none of its own: drop one of them"
+            )
 
     @property
     def batchgen_engine(self) -> EngineConfig:
@@ -153,7 +182,8 @@ def run_throughput(cfg: BenchConfig) -> dict[str, Any]:
             cfg.max_tokens,
             cfg.seed,
         )
-        src = write_prompt_file(work / "prompts.parquet", texts, budgets)
+        adapters = cfg.adapters(len(texts))
+        src = write_prompt_file(work / "prompts.parquet", texts, budgets, adapters)
         run_cfg = _run_config(cfg, src, work / "out", cfg.shard_rows)
         sampling = run_cfg.sampling.resolve(generation_defaults(model))
 
@@ -175,13 +205,21 @@ def run_throughput(cfg: BenchConfig) -> dict[str, Any]:
         # and the row ids batchgen gives these rows (`file:row`), so with --temperature above 0
         # the per-row seeds match too.
         builder = PromptBuilder(
-            run_cfg.prompt, load_tokenizer(model), (), "max_tokens", sampling, cfg.engine.seed
+            run_cfg.prompt,
+            load_tokenizer(model),
+            (),
+            "max_tokens",
+            sampling,
+            cfg.engine.seed,
+            adapters=tuple(n for n, _ in cfg.engine.loras),
+            lora_column=run_cfg.lora_column,
         )
         builder.max_model_len = limit
+        columns = {"prompt": texts, "max_tokens": budgets}
+        if adapters is not None:
+            columns["adapter"] = adapters
         rows = builder.build(
-            [f"{src.name}:{i}" for i in range(len(texts))],
-            {"prompt": texts, "max_tokens": budgets},
-            range(len(texts)),
+            [f"{src.name}:{i}" for i in range(len(texts))], columns, range(len(texts))
         )
         bad = [r for r in rows if r.error is not None]
         if bad:
@@ -190,25 +228,31 @@ def run_throughput(cfg: BenchConfig) -> dict[str, Any]:
         prompt_lens = [len(t) for t in token_ids]
 
         _warm_up(engine, cfg, work, rows)
+        sides = _Sides(cfg, model, engine, rows)
 
         timings: list[tuple[Timing, Timing]] = []
         shards: int | None = None
         for i in range(cfg.rounds):
             # Alternate which side goes first (ABBA), so drift in the machine's speed over the
-            # bench does not favour one side.
+            # bench does not favour one side. With two engines the first round starts on
+            # batchgen's (warm) one, and the one switch of each round falls inside it.
             run_cfg = _run_config(cfg, src, work / f"out-{i}", cfg.shard_rows)
-            if i % 2 == 0:
-                raw = _time_raw(engine, rows)
-                ours, shards = _time_batchgen(engine, run_cfg, model, server)
+            raw_first = (i % 2 == 0) == (cfg.raw_engine is None)
+            if raw_first:
+                raw = _time_raw(sides.engine("raw"), rows)
+                ours, shards = _time_batchgen(sides.engine("batchgen"), run_cfg, model, server)
             else:
-                ours, shards = _time_batchgen(engine, run_cfg, model, server)
-                raw = _time_raw(engine, rows)
-            if raw.output_tokens != sum(budgets):
+                ours, shards = _time_batchgen(sides.engine("batchgen"), run_cfg, model, server)
+                raw = _time_raw(sides.engine("raw"), rows)
+            if not cfg.constrained and raw.output_tokens != sum(budgets):
                 raise BatchgenError(
                     f"raw vLLM generated {raw.output_tokens} tokens, not the {sum(budgets)} the "
                     "budgets ask for: this vLLM does not honour ignore_eos/max_tokens"
                 )
-            if (ours.prompt_tokens, ours.output_tokens) != (raw.prompt_tokens, raw.output_tokens):
+            same = ours.prompt_tokens == raw.prompt_tokens and (
+                cfg.constrained or ours.output_tokens == raw.output_tokens
+            )
+            if not same:
                 raise BatchgenError(
                     "raw vLLM and batchgen did different work: "
                     f"{raw.prompt_tokens}+{raw.output_tokens} vs "
@@ -220,7 +264,7 @@ def run_throughput(cfg: BenchConfig) -> dict[str, Any]:
                 "(%.1f out tok/s), ratio %.3f; other processes' CPU share %s / %s",
                 i + 1,
                 cfg.rounds,
-                "raw" if i % 2 == 0 else "batchgen",
+                "raw" if raw_first else "batchgen",
                 raw.seconds,
                 raw.output_tok_s,
                 ours.seconds,
@@ -230,7 +274,7 @@ def run_throughput(cfg: BenchConfig) -> dict[str, Any]:
                 ours.other_cpu,
             )
             elapsed = time.monotonic() - bench_start
-            pair = raw.seconds + ours.seconds
+            pair = raw.seconds + ours.seconds + sides.switch_seconds()
             if (
                 cfg.budget_seconds
                 and i + 1 < cfg.rounds
@@ -244,14 +288,17 @@ def run_throughput(cfg: BenchConfig) -> dict[str, Any]:
                 break
 
         floor = None
+        engine = sides.last["batchgen"]  # its settings are what the report describes
         if cfg.with_transformers:
             described = engine.describe()
-            _shutdown(engine)
+            _shutdown(sides.current)
             floor = _time_transformers(cfg, model, token_ids, budgets, described["dtype"])
 
         report = _throughput_report(
             cfg, engine, engine_start, timings, prompt_lens, budgets, shards, floor
         )
+        report["engine_starts_s"] = [round(s, 1) for s in sides.starts]
+        report["tunables"] = sides.tunables
         if server is not None:
             report["server"] = {
                 "url": server.url,
@@ -269,6 +316,47 @@ def run_throughput(cfg: BenchConfig) -> dict[str, Any]:
         return report
 
 
+class _Sides:
+    """The engine each side runs on. One shared engine; or, with `raw_engine`, the raw side's
+    and batchgen's in turn (only one vLLM engine fits at a time, so a switch closes the other
+    and starts this one). A fresh engine gets an untimed raw warm-up pass over every prompt
+    first, as the shared one did: its first pass runs ~10% slow on CPU."""
+
+    def __init__(self, cfg: BenchConfig, model: str, engine: Any, rows: list) -> None:
+        self.cfg, self.model, self.rows = cfg, model, rows
+        self.current = engine  # batchgen's engine, started and warmed up by the caller
+        self.last = {"batchgen": engine, "raw": engine}  # each side's latest engine
+        self.starts = [engine.start_seconds]
+        self.warm_ups: list[float] = []
+        self.tunables: dict[str, Any] = {"batchgen": engine.tunables()}
+        if cfg.raw_engine is None:
+            self.tunables["raw"] = self.tunables["batchgen"]
+
+    def engine(self, side: str) -> Any:
+        config = self.cfg.raw_engine if side == "raw" else self.cfg.engine
+        if config is None:
+            return self.current
+        from pipeline.engines import get_engine
+
+        engine = get_engine(config, self.model)
+        self.last[side] = engine
+        if engine is not self.current:
+            self.current = engine
+            self.starts.append(engine.start_seconds)
+            self.tunables[side] = engine.tunables()
+            log.info(
+                "bench: %s engine started in %.1f s; warm-up pass...", side, engine.start_seconds
+            )
+            self.warm_ups.append(_time_raw(engine, self.rows).seconds)
+        return engine
+
+    def switch_seconds(self) -> float:
+        """What one switch of engines costs (start and warm-up pass); 0 with one engine."""
+        if self.cfg.raw_engine is None or not self.warm_ups:
+            return 0.0
+        return statistics.fmean(self.starts[1:]) + statistics.fmean(self.warm_ups)
+
+
 def _run_config(cfg: BenchConfig, src: Path, out: Path, rows_per_shard: int) -> RunConfig:
     return RunConfig(
         source=SourceConfig(parquet=str(src)),
@@ -277,12 +365,15 @@ def _run_config(cfg: BenchConfig, src: Path, out: Path, rows_per_shard: int) -> 
         sampling=SamplingConfig.of(
             max_tokens=cfg.max_tokens,
             temperature=cfg.temperature,
-            ignore_eos=True,
+            ignore_eos=not cfg.constrained,
             max_tokens_column="max_tokens",
+            **dict(cfg.request),
         ),
         output=OutputConfig(path=str(out), rows_per_shard=rows_per_shard, overwrite=True),
         progress_seconds=3600.0,
         max_inflight=cfg.max_inflight,
+        lora_column="adapter" if cfg.engine.loras else None,
+        max_error_rate=0.0,
     )
 
 
@@ -294,7 +385,7 @@ def _warm_up(engine: Any, cfg: BenchConfig, work: Path, rows: list) -> None:
     whichever side goes second.
     """
     texts, budgets = make_prompts(16, 8, 32, 1, 8, seed=cfg.seed + 1)
-    src = write_prompt_file(work / "warmup.parquet", texts, budgets)
+    src = write_prompt_file(work / "warmup.parquet", texts, budgets, cfg.adapters(len(texts)))
     from pipeline.runner import run
 
     run(_run_config(cfg, src, work / "warmup-out", 4))
@@ -467,6 +558,8 @@ def _throughput_report(
                 "raw_s": round(r.seconds, 2),
                 "batchgen_s": round(b.seconds, 2),
                 "raw_output_tok_s": round(r.output_tok_s, 1),
+                "raw_output_tokens": r.output_tokens,
+                "batchgen_output_tokens": b.output_tokens,
                 "batchgen_output_tok_s": round(b.output_tok_s, 1),
                 "raw_other_cpu": r.other_cpu,
                 "batchgen_other_cpu": b.other_cpu,
@@ -475,7 +568,7 @@ def _throughput_report(
         ],
         "prompts": len(prompt_lens),
         "prompt_tokens": sum(prompt_lens),
-        "output_tokens": sum(budgets),
+        "output_tokens": sum(budgets) if not cfg.constrained else timings[-1][0].output_tokens,
         "prompt_tokens_min_mean_max": [
             min(prompt_lens),
             round(statistics.fmean(prompt_lens), 1),
@@ -489,7 +582,12 @@ def _throughput_report(
         "raw_input": "token ids (TokensPrompt dicts), tokenized before timing",
         "batchgen_input": "prompt text in Parquet, read and tokenized inside the timed run",
         "same_work": "identical token ids, SamplingParams (per-row max_tokens, ignore_eos) and "
-        "engine; output token counts checked equal",
+        "engine; output token counts checked equal"
+        if not cfg.constrained
+        else "identical token ids, SamplingParams (structured output, per-row max_tokens) and "
+        "engine; constrained outputs end with their grammar, so each side's own tokens count",
+        "request": {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.request},
+        "loras": [name for name, _ in cfg.engine.loras],
         "chat_template": cfg.chat,
         "system_prompt_chars": len(cfg.system_prompt or ""),
         "prefix_caching": described.get("enable_prefix_caching"),
@@ -504,6 +602,12 @@ def _throughput_report(
         "enforce_eager": described.get("enforce_eager"),
         "max_num_seqs": getattr(engine, "max_num_seqs", None),
         "engine_args": {k: v for k, v in cfg.engine.engine_args},
+        # --raw-defaults: the raw side ran on its own engine with these settings.
+        "raw_defaults": cfg.raw_engine is not None,
+        "raw_max_num_seqs": None if cfg.raw_engine is None else cfg.raw_engine.max_num_seqs,
+        "raw_engine_args": None
+        if cfg.raw_engine is None
+        else {k: v for k, v in cfg.raw_engine.engine_args},
         "machine": machine_info(),
         "transformers_floor": None,
     }
@@ -529,11 +633,21 @@ def format_throughput(report: dict[str, Any]) -> str:
         f"work: {report['prompts']} prompts, {report['prompt_tokens']:,} prompt tokens "
         f"(min/mean/max {p[0]}/{p[1]}/{p[2]}), {report['output_tokens']:,} output tokens "
         f"(min/mean/max {o[0]}/{o[1]}/{o[2]}, ignore_eos), temperature {report['temperature']}",
-        f"raw vLLM: LLM.generate, one call, {report['raw_input']}",
+        f"raw vLLM: LLM.generate, one call, {report['raw_input']}"
+        + (
+            f"; on its own engine: vLLM's defaults for the tuned settings (engine args "
+            f"{report['raw_engine_args'] or 'none'})"
+            if report.get("raw_defaults")
+            else ""
+        ),
         f"batchgen: runner.run, {report['batchgen_input']}, a shard every "
         f"{report['rows_per_shard']} rows ({report['shards_per_run']} per run)",
-        f"engine start (once, shared, not in any figure): {report['engine_start_s']} s; "
-        f"batchgen's time outside its generate loop (in its figure): "
+        (
+            f"engine starts (raw and batchgen in turn, in no figure): {report['engine_starts_s']} s; "
+            if report.get("raw_defaults")
+            else f"engine start (once, shared, not in any figure): {report['engine_start_s']} s; "
+        )
+        + f"batchgen's time outside its generate loop (in its figure): "
         f"{report['batchgen_outside_generate_s']} s",
         "",
         f"{'':24}{'output tok/s':>14}{'prompt+output tok/s':>22}",

@@ -92,11 +92,17 @@ def _log_uniform(rng: random.Random, lo: int, hi: int) -> int:
     return min(hi, int(math.exp(rng.uniform(math.log(lo), math.log(hi + 1)))))
 
 
-def write_prompt_file(path: Path, texts: list[str], budgets: list[int]) -> Path:
+def write_prompt_file(
+    path: Path, texts: list[str], budgets: list[int], adapters: list[str | None] | None = None
+) -> Path:
+    """The bench's input: prompts, each one's output budget and (LoRA benches) its adapter."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    table = pa.table({"prompt": texts, "max_tokens": pa.array(budgets, pa.int32())})
+    columns = {"prompt": texts, "max_tokens": pa.array(budgets, pa.int32())}
+    if adapters is not None:
+        columns["adapter"] = pa.array(adapters, pa.string())
+    table = pa.table(columns)
     pq.write_table(table, path, row_group_size=8192)
     return path
 

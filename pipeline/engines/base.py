@@ -106,6 +106,17 @@ class Engine(Protocol):
         """Why the engine would refuse every request with this sampling record, or None."""
         ...
 
+    # What `batchgen tune` needs besides a run's calls.
+
+    def tunables(self) -> dict[str, Any]:
+        """The effective values of the settings `batchgen tune` searches (engine defaults
+        resolved), plus `device` and `max_model_len`."""
+        ...
+
+    def reset_prefix_cache(self) -> None:
+        """Forget cached prompt prefixes, so a second pass over the same prompts prefills anew."""
+        ...
+
 
 class SteppingEngine(ABC):
     """An engine driven by add / step / abort calls from this thread (vLLM, the fake).
@@ -256,6 +267,22 @@ class _Admission:
 
     def _survive(self, death: EngineDied) -> Iterator[list[ResultRow]]:
         """Record a death, isolate the rows it may be due to, restart or give up."""
+        if self.flags.stop.is_set():
+            # Stopping anyway (a signal, often the same one that hit the engine): no restart;
+            # what was in flight runs again on resume.
+            log.warning(
+                "the engine died while stopping (%s); %d request(s) in flight run again on resume",
+                death.cause,
+                len(self.pending),
+            )
+            self.engine.failures.append(
+                {"at": round(time.time(), 3), "cause": death.cause, "in_flight": len(self.pending),
+                 "isolating": False, "restarted": False}
+            )  # fmt: skip
+            self.pending.clear()
+            self.quarantine.clear()
+            self.isolating = None
+            return
         lost = list(self.pending.values()) + [r for group in self.quarantine for r in group]
         lost_now = list(self.pending.values())
         alone = self.isolating is not None

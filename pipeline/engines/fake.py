@@ -44,6 +44,24 @@ class FakeEngine(SteppingEngine):
             "batchgen": __version__,
         }
 
+    def tunables(self) -> dict[str, Any]:
+        """vLLM's CPU defaults, so `batchgen tune --engine fake` walks the search it walks on a
+        CPU machine (the fake itself ignores every engine argument)."""
+        return {
+            "device": "cpu",
+            "max_model_len": self.max_model_len,
+            "max_num_seqs": self.max_num_seqs,
+            "max_num_batched_tokens": 4096,
+            "enable_chunked_prefill": True,
+            "enable_prefix_caching": True,
+            "speculative_config": None,
+            "gpu_memory_utilization": None,
+            "max_cudagraph_capture_size": None,
+        }
+
+    def reset_prefix_cache(self) -> None:
+        """Nothing is cached."""
+
     def close(self) -> None:
         self._queue.clear()
 
@@ -80,7 +98,8 @@ class FakeEngine(SteppingEngine):
         results = []
         for i in range(row.n):
             salt = f" s{row.seed % 100_000}.{i}" if row.seed is not None else ""
-            text = f"fake {base}{salt}"
+            adapter = f" [{row.adapter}]" if row.adapter else ""  # each adapter answers its own
+            text = f"fake {base}{salt}{adapter}"
             choices = row.sampling.get("choice")
             if choices:  # a constrained answer is one of the choices
                 text = choices[int(base, 16) % len(choices)]

