@@ -644,7 +644,10 @@ def test_tune_on_the_real_engine_writes_a_config_run_accepts(tmp_path: Path) -> 
     assert report["winner"]["outputs_equal"] is True
     assert report["dtype"] == "float32" and report["sample"]["greedy"] is True
     for t in (baseline, trial):
-        assert t["median_output_tok_s"] == round(statistics.median(t["output_tok_s"]), 1)
+        # (the median of the unrounded passes, rounded: within 0.1 of the rounded passes' median)
+        assert t["median_output_tok_s"] == pytest.approx(
+            statistics.median(t["output_tok_s"]), abs=0.1
+        )
     config = tomllib.loads(written.read_text())
     assert config.get("max-num-seqs") == (8 if trial["chosen"] else None)
     two = write_prompts(tmp_path / "two.parquet", ["Say hello.", "Say goodbye."])
