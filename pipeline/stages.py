@@ -171,13 +171,25 @@ class Committer(threading.Thread):
         self.rows_per_shard = rows_per_shard
         self.checkpoint_seconds = checkpoint_seconds
         self.queue: queue.Queue = queue.Queue()
+        # Results handed over but not yet taken (in rows plus logprob entries, as `weight`):
+        # `put` waits while they exceed `max_pending`, so a committer slower than the engine
+        # (a fast engine, large logprobs, a slow disk) slows the engine down instead of letting
+        # results pile up in memory.
+        self.max_pending = max(2 * rows_per_shard, MAX_SHARD_ENTRIES)
+        self._pending = 0
+        self._room = threading.Condition()
         self.error: BaseException | None = None
         self.step = "committing a shard"  # what it was doing, for the message if it fails
         self.committed: list[ShardInfo] = []
         self.started = time.monotonic()  # made just as the run starts generating
 
     def put(self, results: list[ResultRow]) -> None:
-        self.queue.put(results)
+        weight = sum(r.weight for r in results)
+        with self._room:
+            while self._pending > self.max_pending and self.is_alive():
+                self._room.wait(0.5)
+            self._pending += weight
+        self.queue.put((results, weight))
 
     def close(self) -> None:
         self.queue.put(_END)
@@ -194,11 +206,16 @@ class Committer(threading.Thread):
                 item = None
             if item is _END:
                 break
+            if item is not None:
+                item, taken = item
+                with self._room:
+                    self._pending -= taken
+                    self._room.notify_all()
             if self.error is not None:
                 continue  # a failed disk: drop results (they are redone on resume), keep draining
             if item:
                 buffer.extend(item)
-                weight += sum(r.weight for r in item) - len(item)
+                weight += taken - len(item)
             try:
                 while len(buffer) >= self.rows_per_shard:
                     cut = _prompt_boundary(buffer, self.rows_per_shard)
