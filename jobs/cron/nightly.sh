@@ -68,14 +68,9 @@ if [[ -n ${NIGHTLY_DATA_PARALLEL-auto} ]]; then
 fi
 lock_file=${NIGHTLY_LOCK:-$root/.nightly.lock}
 
-repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
-if [[ -n ${BATCHGEN:-} ]]; then
-  batchgen=$BATCHGEN
-elif [[ -x $repo/.venv/bin/batchgen ]]; then
-  batchgen=$repo/.venv/bin/batchgen
-else
-  batchgen=batchgen
-fi
+# shellcheck source=jobs/lib/batchgen-path.sh disable=SC1091
+source "$(dirname "${BASH_SOURCE[0]}")/../lib/batchgen-path.sh"
+batchgen=$(batchgen_path)
 if ! command -v "$batchgen" >/dev/null; then
   echo "nightly.sh: batchgen executable $batchgen not found; set BATCHGEN or run 'make install'" >&2
   exit "$EXIT_USAGE"

@@ -28,16 +28,11 @@ fi
 config=$1
 shift
 
-repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
-if [[ -n ${BATCHGEN:-} ]]; then
-  batchgen=$BATCHGEN
-elif [[ -x $repo/.venv/bin/batchgen ]]; then
-  batchgen=$repo/.venv/bin/batchgen
-else
-  batchgen=batchgen
-fi
+# shellcheck source=jobs/lib/batchgen-path.sh disable=SC1091
+source "$(dirname "${BASH_SOURCE[0]}")/../lib/batchgen-path.sh"
+batchgen=$(batchgen_path)
 torchrun=${TORCHRUN:-$(dirname "$(command -v "$batchgen" || echo .)")/torchrun}
-[[ -x $torchrun ]] || torchrun=$repo/.venv/bin/torchrun
+[[ -x $torchrun ]] || torchrun=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)/.venv/bin/torchrun
 [[ -x $torchrun ]] || torchrun=torchrun
 
 exec "$torchrun" --nnodes="${NNODES:-1}" --node-rank="${NODE_RANK:-0}" \
