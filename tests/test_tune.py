@@ -19,7 +19,7 @@ from pipeline.config import EngineConfig
 from pipeline.errors import BatchgenError, ConfigError
 from pipeline.tune import apply_settings, baseline_engine, job_config_toml
 from pipeline.tune.search import EARLY_STOP, Measurement, search
-from pipeline.tune.space import NGRAM_DRAFTS, Space
+from pipeline.tune.space import NGRAM_DRAFTS, NGRAM_GPU_DRAFTS, Space
 
 # What vLLM 0.32 resolves on this CPU machine for the bundled model (Engine.tunables()).
 CPU = {
@@ -351,6 +351,7 @@ def test_a_failed_baseline_ends_the_tune() -> None:
         (CPU, 128, "max_num_batched_tokens", {}, (1024, 2048, 4096, 8192, 16384), 2),
         (CPU, 128, "enable_chunked_prefill", {}, (True, False), 0),
         (CPU, 128, "speculative_config", {}, (None, *NGRAM_DRAFTS), 0),
+        (GPU, 4096, "speculative_config", {}, (None, *NGRAM_GPU_DRAFTS), 0),
         (GPU, 4096, "gpu_memory_utilization", {}, (0.92, 0.95), 0),
         (GPU, 4096, "max_cudagraph_capture_size", {"max_num_seqs": 2048}, (512, 2048), 0),
     ],
@@ -360,6 +361,12 @@ def test_ladders(effective, sample, key, incumbent, values, start) -> None:
     knob = next(kb for kb in space.knobs if kb.key == key)
     ladder = space.ladder(knob, incumbent)
     assert (ladder.values, ladder.start) == (values, start)
+
+
+def test_gpu_drafts_are_the_cpu_drafts_on_vllms_gpu_proposer() -> None:
+    # Same draft and lookup sizes; only the proposer differs (ngram_gpu keeps async scheduling).
+    assert [d["method"] for d in NGRAM_GPU_DRAFTS] == ["ngram_gpu"] * len(NGRAM_DRAFTS)
+    assert [{**d, "method": "ngram"} for d in NGRAM_GPU_DRAFTS] == list(NGRAM_DRAFTS)
 
 
 @pytest.mark.parametrize(
