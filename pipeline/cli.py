@@ -776,6 +776,11 @@ Examples:
   python3 -m pipeline bench --model /root/models/llama-8b-shape --engine-arg load_format=dummy \\
       --prompts 2048 --max-tokens 512 --json
 \b
+  # tuned settings (from `batchgen tune`) against raw vLLM with its defaults, on a rewrite job
+  batchgen bench --raw-defaults --engine-arg 'speculative_config={"method": "ngram", \
+      "num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 2}' \
+      --task 'Rewrite the following text in a formal tone.' --stop-at-eos
+\b
   # what the HTTP hop costs: side (b) sends its rows to `vllm serve` of the same model
   batchgen bench --server http://127.0.0.1:8000/v1 --dtype float32
 \b
@@ -801,6 +806,8 @@ _THROUGHPUT_ONLY = (
     "json_schema",
     "choice",
     "raw_defaults",
+    "task",
+    "stop_at_eos",
 )
 
 
@@ -829,6 +836,18 @@ _THROUGHPUT_ONLY = (
     "--system-prompt",
     metavar="TEXT",
     help="One system message for every prompt (a shared prefix, as prefix caching serves).",
+)
+@click.option(
+    "--task",
+    metavar="TEXT",
+    help="Every prompt's instruction, e.g. 'Rewrite the following text in a formal tone.' "
+    "[default: a mix of tasks].",
+)
+@click.option(
+    "--stop-at-eos",
+    is_flag=True,
+    help="Stop outputs at end-of-sequence as a job does (budgets become caps; each side's own "
+    "tokens count), e.g. to compare settings that change greedy texts.",
 )
 @click.option(
     "--rounds",
@@ -964,6 +983,8 @@ def bench(ctx: click.Context, **kw: Any) -> None:
                     for k in ("json_schema", "choice", "logprobs")
                     if (v := kw[k]) not in (None, ())
                 ),
+                task=kw["task"],
+                stop_at_eos=kw["stop_at_eos"],
             )
             report = benchmod.run_throughput(cfg)
             text = benchmod.format_throughput(report)

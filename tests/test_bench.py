@@ -76,6 +76,14 @@ BAD_BENCH_FLAGS = [
         "--system-prompt: only for the throughput bench; drop --memory",
         id="system-prompt-with-memory",
     ),
+    pytest.param(
+        ["--memory", "--task", "Rewrite this.", "--stop-at-eos"],
+        "--stop-at-eos, --task: only for the throughput bench; drop --memory",
+        id="rewrite-job-with-memory",
+    ),
+    pytest.param(
+        ["--task", "  "], "--task: give the instruction every prompt starts with", id="blank-task"
+    ),
 ]
 
 
@@ -100,6 +108,37 @@ def test_prompt_set_is_deterministic_and_mixed() -> None:
 def test_fixed_lengths_when_min_equals_max() -> None:
     _, budgets = make_prompts(20, 64, 64, 32, 32)
     assert budgets == [32] * 20
+
+
+def test_one_task_for_every_prompt_keeps_the_prompt_set_otherwise() -> None:
+    """--task changes each prompt's instruction and nothing else: same budgets, same prose."""
+    mixed, budgets = make_prompts(50, 64, 512, 8, 512, seed=2)
+    task = "Rewrite the following text in a formal tone."
+    texts, same_budgets = make_prompts(50, 64, 512, 8, 512, seed=2, task=task)
+    assert same_budgets == budgets
+    assert all(t.startswith(f"{task} (note {i}) ") for i, t in enumerate(texts))
+    # The prose after the instruction is the mixed set's, cut at the same place.
+    assert [t.split(") ", 1)[1] for t in texts] == [m.split(") ", 1)[1] for m in mixed]
+
+
+@pytest.mark.parametrize(
+    ("cfg", "ignore_eos"),
+    [
+        (BenchConfig(), True),
+        (BenchConfig(stop_at_eos=True), False),
+        (BenchConfig(request=(("choice", ("yes", "no")),)), False),
+    ],
+)
+def test_budgets_are_caps_when_outputs_stop_at_eos(
+    tmp_path: Path, cfg: BenchConfig, ignore_eos: bool
+) -> None:
+    """Without --stop-at-eos (or a grammar) every budget is generated in full, so the bench can
+    check both sides generated the same tokens; with it each side's own tokens count."""
+    from pipeline.bench.throughput import _run_config
+
+    run_cfg = _run_config(cfg, tmp_path / "p.parquet", tmp_path / "out", 4)
+    assert dict(run_cfg.sampling.given).get("ignore_eos", False) is ignore_eos
+    assert cfg.own_lengths is not ignore_eos
 
 
 def test_rows_per_shard_defaults_to_an_eighth_of_the_prompts_at_most_2000() -> None:

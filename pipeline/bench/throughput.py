@@ -11,7 +11,10 @@ own engine, started in turn: see `_Sides`):
   (c) optionally, a plain Transformers `generate` loop over a subset, as the floor.
 Prompts mix lengths, and every row has its own output budget with `ignore_eos`, so (a) and (b)
 generate exactly the same number of tokens (the bench checks it) while sequences finish at
-different times, which is where draining at batch or checkpoint boundaries would show.
+different times, which is where draining at batch or checkpoint boundaries would show. With
+`stop_at_eos` (a real job's stopping: a rewrite job, say, or settings that change greedy texts,
+such as speculative decoding on one side only) and with structured output, each side's own
+output tokens count.
 """
 
 from __future__ import annotations
@@ -74,10 +77,21 @@ class BenchConfig:
     # sent by both sides. A constrained output ends when its grammar completes, so these runs
     # do without ignore_eos and compare tok/s over what each side generated.
     request: tuple[tuple[str, Any], ...] = ()
+    # Every prompt's instruction (e.g. "Rewrite the following text in a formal tone."); None:
+    # the bench's mix of tasks.
+    task: str | None = None
+    # Stop at end-of-sequence, as a job does: budgets become caps, and each side's own output
+    # tokens count (they differ where the two sides' greedy texts do).
+    stop_at_eos: bool = False
 
     @property
     def constrained(self) -> bool:
         return any(OPTIONS_BY_NAME[k].structured for k, _ in self.request)
+
+    @property
+    def own_lengths(self) -> bool:
+        """Whether outputs end where the model (or a grammar) ends them, not at their budgets."""
+        return self.stop_at_eos or self.constrained
 
     def adapters(self, count: int) -> list[str | None] | None:
         """Each prompt's adapter in a LoRA bench: the base model and each adapter in turn."""
@@ -109,6 +123,8 @@ class BenchConfig:
             raise ConfigError("--transformers-prompts must be at least 1")
         if self.temperature < 0:
             raise ConfigError(f"--temperature {self.temperature}: must be 0 (greedy) or more")
+        if self.task is not None and not self.task.strip():
+            raise ConfigError("--task: give the instruction every prompt starts with")
         if self.system_prompt is not None and not self.chat:
             raise ConfigError("--system-prompt needs the chat template: drop --no-chat")
         SamplingConfig.of(**dict(self.request))  # a bad schema or choice list: refused now
@@ -181,6 +197,7 @@ def run_throughput(cfg: BenchConfig) -> dict[str, Any]:
             cfg.min_tokens,
             cfg.max_tokens,
             cfg.seed,
+            cfg.task,
         )
         adapters = cfg.adapters(len(texts))
         src = write_prompt_file(work / "prompts.parquet", texts, budgets, adapters)
@@ -244,13 +261,13 @@ def run_throughput(cfg: BenchConfig) -> dict[str, Any]:
             else:
                 ours, shards = _time_batchgen(sides.engine("batchgen"), run_cfg, model, server)
                 raw = _time_raw(sides.engine("raw"), rows)
-            if not cfg.constrained and raw.output_tokens != sum(budgets):
+            if not cfg.own_lengths and raw.output_tokens != sum(budgets):
                 raise BatchgenError(
                     f"raw vLLM generated {raw.output_tokens} tokens, not the {sum(budgets)} the "
                     "budgets ask for: this vLLM does not honour ignore_eos/max_tokens"
                 )
             same = ours.prompt_tokens == raw.prompt_tokens and (
-                cfg.constrained or ours.output_tokens == raw.output_tokens
+                cfg.own_lengths or ours.output_tokens == raw.output_tokens
             )
             if not same:
                 raise BatchgenError(
@@ -365,7 +382,7 @@ def _run_config(cfg: BenchConfig, src: Path, out: Path, rows_per_shard: int) -> 
         sampling=SamplingConfig.of(
             max_tokens=cfg.max_tokens,
             temperature=cfg.temperature,
-            ignore_eos=not cfg.constrained,
+            ignore_eos=not cfg.own_lengths,
             max_tokens_column="max_tokens",
             **dict(cfg.request),
         ),
@@ -568,7 +585,7 @@ def _throughput_report(
         ],
         "prompts": len(prompt_lens),
         "prompt_tokens": sum(prompt_lens),
-        "output_tokens": sum(budgets) if not cfg.constrained else timings[-1][0].output_tokens,
+        "output_tokens": sum(budgets) if not cfg.own_lengths else timings[-1][0].output_tokens,
         "prompt_tokens_min_mean_max": [
             min(prompt_lens),
             round(statistics.fmean(prompt_lens), 1),
@@ -581,11 +598,9 @@ def _throughput_report(
         ],
         "raw_input": "token ids (TokensPrompt dicts), tokenized before timing",
         "batchgen_input": "prompt text in Parquet, read and tokenized inside the timed run",
-        "same_work": "identical token ids, SamplingParams (per-row max_tokens, ignore_eos) and "
-        "engine; output token counts checked equal"
-        if not cfg.constrained
-        else "identical token ids, SamplingParams (structured output, per-row max_tokens) and "
-        "engine; constrained outputs end with their grammar, so each side's own tokens count",
+        "same_work": _same_work(cfg),
+        "stop_at_eos": cfg.own_lengths,
+        "task": cfg.task,
         "request": {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.request},
         "loras": [name for name, _ in cfg.engine.loras],
         "chat_template": cfg.chat,
@@ -621,18 +636,47 @@ def _throughput_report(
     return report
 
 
+def _same_work(cfg: BenchConfig) -> str:
+    if cfg.constrained:
+        return (
+            "identical token ids, SamplingParams (structured output, per-row max_tokens) and "
+            "engine; constrained outputs end with their grammar, so each side's own tokens count"
+        )
+    engines = "engine" if cfg.raw_engine is None else "model (each side on its own engine)"
+    if cfg.stop_at_eos:
+        return (
+            f"identical token ids, SamplingParams (per-row max_tokens, stopping at EOS) and "
+            f"{engines}; outputs end where the model ends them, so each side's own tokens count"
+        )
+    return (
+        f"identical token ids, SamplingParams (per-row max_tokens, ignore_eos) and {engines}; "
+        "output token counts checked equal"
+    )
+
+
 def format_throughput(report: dict[str, Any]) -> str:
     """The throughput report as the lines `batchgen bench` prints."""
     m = report["machine"]
     where = m["gpu"] or f"{m['cpu']} ({m['cpus_usable']} usable cores)"
     p, o = report["prompt_tokens_min_mean_max"], report["output_tokens_min_mean_max"]
+    if report.get("stop_at_eos"):
+        outputs = (
+            f"{report['output_tokens']:,} output tokens in the last raw pass (budgets "
+            f"min/mean/max {o[0]}/{o[1]}/{o[2]}, stopping at EOS)"
+        )
+    else:
+        outputs = (
+            f"{report['output_tokens']:,} output tokens (min/mean/max {o[0]}/{o[1]}/{o[2]}, "
+            "ignore_eos)"
+        )
+    task = f", every prompt: {report['task']!r}" if report.get("task") else ""
     lines = [
         f"machine: {where}; vllm {m['vllm']}, torch {m['torch']}, transformers {m['transformers']}",
         f"model: {report['model']} ({report['model_impl']}, {report['dtype']}, max_num_seqs "
         f"{report['max_num_seqs']}); engine args {report['engine_args'] or 'none'}",
         f"work: {report['prompts']} prompts, {report['prompt_tokens']:,} prompt tokens "
-        f"(min/mean/max {p[0]}/{p[1]}/{p[2]}), {report['output_tokens']:,} output tokens "
-        f"(min/mean/max {o[0]}/{o[1]}/{o[2]}, ignore_eos), temperature {report['temperature']}",
+        f"(min/mean/max {p[0]}/{p[1]}/{p[2]}), {outputs}, temperature "
+        f"{report['temperature']}{task}",
         f"raw vLLM: LLM.generate, one call, {report['raw_input']}"
         + (
             f"; on its own engine: vLLM's defaults for the tuned settings (engine args "

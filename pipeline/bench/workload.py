@@ -60,25 +60,29 @@ def make_prompts(
     min_tokens: int,
     max_tokens: int,
     seed: int = 0,
+    task: str | None = None,
 ) -> tuple[list[str], list[int]]:
     """`count` prompt texts of log-uniformly spread lengths, and each one's output budget.
 
-    Deterministic for a seed, so every machine benchmarks the same prompts.
+    Each starts with `task` (None: one of TASKS, drawn per prompt). Deterministic for a seed,
+    so every machine benchmarks the same prompts.
     """
     rng = random.Random(seed)
     texts, budgets = [], []
     for i in range(count):
         target = _log_uniform(rng, min_prompt_tokens, max_prompt_tokens)
-        task = TASKS[rng.randrange(len(TASKS))]
-        parts = [f"{task} (note {i})"]
-        length = len(parts[0])
+        drawn = f"{TASKS[rng.randrange(len(TASKS))]} (note {i})"
+        # The prose is drawn as for the mixed set, so `task` changes the instruction alone.
+        prose: list[str] = []
+        length = len(drawn)
         while length < target * CHARS_PER_TOKEN:
             sentence = SENTENCES[rng.randrange(len(SENTENCES))]
-            parts.append(sentence)
+            prose.append(sentence)
             length += len(sentence) + 1
-        text = " ".join(parts)
+        head = f"{task} (note {i})" if task else drawn
+        text = " ".join([head, *prose])
         # Cut at a word boundary so the shortest prompts land near their target too.
-        limit = max(int(target * CHARS_PER_TOKEN), len(parts[0]))
+        limit = max(int(target * CHARS_PER_TOKEN) + len(head) - len(drawn), len(head))
         if len(text) > limit:
             text = text[:limit].rsplit(" ", 1)[0]
         texts.append(text)
