@@ -113,3 +113,39 @@ def test_a_broken_engine_is_given_up_after_two_rows_alone_not_every_row(src, tmp
     assert "the engine, not those rows, looks broken" in result.output.splitlines()[-1]
     errors = [r for r in read_output(out).to_pylist() if r["error"]]
     assert len(errors) <= 2
+
+
+# --- an engine that does not start --------------------------------------------------------
+
+# What vLLM 0.32's engine log holds when its engine core dies starting (abridged from a real
+# one: the worker's exception, then the lines that only point back at it).
+FAILED_START_LOG = """\
+(EngineCore pid=5212) INFO 12-02 10:35:01 [core.py:101] Initializing a V1 LLM engine
+(Worker pid=5232) ERROR 12-02 10:35:05 [multiproc_executor.py:953] Traceback (most recent call last):
+(Worker pid=5232) ERROR 12-02 10:35:05 [multiproc_executor.py:953]     self._ngram_pinned_idx_buf = torch.zeros(
+(Worker pid=5232) ERROR 12-02 10:35:05 [multiproc_executor.py:953] RuntimeError: pin_memory=True requires a CUDA or other accelerator backend; no pinned memory allocator is available on this system.
+Exception: WorkerProc initialization failed due to an exception in a background process. See stack trace for root cause.
+RuntimeError: Engine core initialization failed. See root cause above. Failed core proc(s): {'EngineCore': 1}
+"""  # noqa: E501
+
+
+def test_a_failed_engine_start_names_the_cause_from_its_log_and_the_log(tmp_path: Path) -> None:
+    from pipeline.engines.vllm import start_failure
+
+    log = tmp_path / "engine-rank-00000.log"
+    # An earlier run's error in the same (appended) log is not this start's cause.
+    earlier = "ValueError: an earlier run's problem\n"
+    log.write_text(earlier + FAILED_START_LOG)
+    exc = RuntimeError("Engine core initialization failed. See root cause above.")
+    assert start_failure(exc, log, len(earlier)) == (
+        "vLLM's engine failed to start: RuntimeError: Engine core initialization failed. See "
+        "root cause above.; the cause, from its log: RuntimeError: pin_memory=True requires a "
+        "CUDA or other accelerator backend; no pinned memory allocator is available on this "
+        f"system.; vLLM's own log: {log}; check the engine flags it names (--engine-arg, "
+        "--max-model-len, --max-num-seqs, memory settings) or the model"
+    )
+    # Without this start's lines the log names no cause; without a log, the output above does.
+    assert "the cause" not in start_failure(exc, log, log.stat().st_size)
+    assert start_failure(ValueError("bad"), None).startswith(
+        "vLLM's engine failed to start: ValueError: bad; vLLM's output above; check"
+    )

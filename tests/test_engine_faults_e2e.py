@@ -1,12 +1,14 @@
 """Engine faults on the real vLLM engine: its engine process SIGKILLed mid-run (as the OOM
 killer does) is noticed and restarted, and the run completes exactly once with the texts of an
 uninterrupted run; with --engine-restarts 0 the run stops within seconds naming the cause,
-leaves no process behind and a rerun completes; a stopped (SIGSTOPped) engine is a stall."""
+leaves no process behind and a rerun completes; a stopped (SIGSTOPped) engine is a stall; an
+engine that dies while starting is named with the cause from its log."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import threading
 import time
@@ -14,7 +16,15 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import greedy_sample_args, read_output, run_cli
+from conftest import (
+    REAL_ENGINE,
+    greedy_sample_args,
+    read_output,
+    run_args,
+    run_cli,
+    run_subprocess,
+    write_prompts,
+)
 from test_kill_harness import Victim, rows_by_key, shard_files, wait_until
 
 pytestmark = pytest.mark.engine
@@ -117,3 +127,25 @@ def test_a_sigkilled_batchgen_leaves_no_engine_process_behind(tmp_path):
     victim.finish()
     gone, alive = psutil.wait_procs(engine, timeout=15)
     assert not alive, [p.pid for p in alive]
+
+
+def test_an_engine_that_dies_starting_is_named_with_the_cause_from_its_log(tmp_path: Path):
+    """vLLM's CPU engine core dies starting with GPU ngram drafts (they need pinned memory);
+    vLLM itself only says "see root cause above", in a log the terminal never shows. The user
+    gets one error line with the cause and the log's path, and no traceback."""
+    src = write_prompts(tmp_path / "in.parquet", ["Say hi.", "Say bye."])
+    spec = {"method": "ngram_gpu", "num_speculative_tokens": 2, "prompt_lookup_max": 2}
+    out = tmp_path / "out"
+    result = run_subprocess(
+        *run_args(src, out, *REAL_ENGINE, "--engine-arg", f"speculative_config={json.dumps(spec)}"),
+        timeout=300,
+    )
+    said = result.stdout + result.stderr
+    assert result.returncode == 1, said
+    assert "Traceback" not in said
+    log = out / ".batchgen" / "logs" / "engine-rank-00000.log"
+    found = re.search(r"Error: vLLM's engine failed to start: (.+?); the cause, from its log: "
+                      r"(.+?); vLLM's own log: (\S+); check", said)  # fmt: skip
+    assert found, said
+    assert found.group(3) == str(log)
+    assert found.group(2) in log.read_text() and "root cause" not in found.group(2)

@@ -120,6 +120,7 @@ class VllmEngine(SteppingEngine):
         """Start vLLM (again, after a death) and the watchdog that notices when it dies."""
         import vllm
 
+        log_start = _size(self.log_path)
         try:
             with _engine_output(self.log_path):
                 self.llm = vllm.LLM(**self._kwargs)
@@ -127,6 +128,8 @@ class VllmEngine(SteppingEngine):
             raise BatchgenError(
                 f"vLLM rejected an engine argument: {exc}; check --engine-arg"
             ) from exc
+        except Exception as exc:  # its engine core died starting: the cause is in its output
+            raise BatchgenError(start_failure(exc, self.log_path, log_start)) from exc
         self.engine = self.llm.llm_engine
         self._params = {}
         self._watchdog = _Watchdog(self.engine.engine_core, self)
@@ -544,6 +547,53 @@ def _exit_cause(code: int) -> str:
     if -code == signal.SIGKILL:
         return f"the engine process was killed by {name} (out of memory? see `dmesg`)"
     return f"the engine process was killed by {name}"
+
+
+# An exception line of vLLM's output ("RuntimeError: pin_memory=True requires ..."), optionally
+# after its process prefix and log header.
+_ERROR_LINE = re.compile(r"(?:^|\] |\s)((?:[A-Za-z_][\w.]*)?(?:Error|Exception): \S.*)$")
+# Lines that only point at another: the cause is the line they point at.
+_POINTERS = ("See root cause above", "See stack trace for root cause", "initialization failed")
+LOG_READ_BYTES = 1 << 20
+
+
+def start_failure(exc: BaseException, log_path: Path | None, log_start: int = 0) -> str:
+    """What to tell the user when vLLM's engine did not start: its exception, the cause its
+    engine core logged (vLLM's own exception only says "see root cause above", which went to
+    the engine log from `log_start` on), where that log is, and what to check."""
+    cause = root_cause(log_path, log_start) if log_path is not None else None
+    said = _describe(exc)
+    text = f"vLLM's engine failed to start: {said}"
+    if cause and cause not in said:
+        text += f"; the cause, from its log: {cause}"
+    where = f"; vLLM's own log: {log_path}" if log_path is not None else "; vLLM's output above"
+    return (
+        f"{text}{where}; check the engine flags it names (--engine-arg, --max-model-len, "
+        "--max-num-seqs, memory settings) or the model"
+    )
+
+
+def root_cause(log_path: Path, start: int = 0) -> str | None:
+    """The first exception line that an engine log got from byte `start` on (this start's
+    output; the log is appended to across resumes) that is not a pointer to another."""
+    try:
+        with log_path.open("rb") as f:
+            f.seek(max(start, log_path.stat().st_size - LOG_READ_BYTES))
+            tail = f.read().decode("utf-8", "replace")
+    except OSError:
+        return None
+    for line in tail.splitlines():
+        match = _ERROR_LINE.search(line.strip())
+        if match and not any(p in match.group(1) for p in _POINTERS):
+            return match.group(1)
+    return None
+
+
+def _size(path: Path | None) -> int:
+    try:
+        return path.stat().st_size if path is not None else 0
+    except OSError:
+        return 0
 
 
 def _describe(exc: BaseException) -> str:
