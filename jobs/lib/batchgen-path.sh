@@ -1,9 +1,16 @@
 # shellcheck shell=bash
-# Sourced by the job scripts: the batchgen executable to run. $BATCHGEN when set, else the
-# .venv of the repository this file is in, else `batchgen` on PATH.
+# Sourced by the job scripts.
+
+# The repository this file is in.
+batchgen_repo() {
+  (cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+}
+
+# The batchgen executable to run: $BATCHGEN when set, else the repository's .venv, else
+# `batchgen` on PATH.
 batchgen_path() {
   local repo
-  repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+  repo=$(batchgen_repo)
   if [[ -n ${BATCHGEN:-} ]]; then
     printf '%s\n' "$BATCHGEN"
   elif [[ -x $repo/.venv/bin/batchgen ]]; then

@@ -32,7 +32,7 @@ shift
 source "$(dirname "${BASH_SOURCE[0]}")/../lib/batchgen-path.sh"
 batchgen=$(batchgen_path)
 torchrun=${TORCHRUN:-$(dirname "$(command -v "$batchgen" || echo .)")/torchrun}
-[[ -x $torchrun ]] || torchrun=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)/.venv/bin/torchrun
+[[ -x $torchrun ]] || torchrun=$(batchgen_repo)/.venv/bin/torchrun
 [[ -x $torchrun ]] || torchrun=torchrun
 
 exec "$torchrun" --nnodes="${NNODES:-1}" --node-rank="${NODE_RANK:-0}" \
