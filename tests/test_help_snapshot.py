@@ -47,11 +47,11 @@ def _params(path: tuple[str, ...]) -> str:
     for p in command.params:
         default = p.default if not callable(p.default) else "<callable>"
         lines.append(
-            f"{p.name}: {' '.join(p.opts)}"
+            f"{' '.join(p.opts)}"
             + (f" / {' '.join(p.secondary_opts)}" if p.secondary_opts else "")
             + f" type={p.type.name} default={default!r} multiple={p.multiple}"
             + f" hidden={getattr(p, 'hidden', False)} flag={getattr(p, 'is_flag', False)}"
-            + f" count={getattr(p, 'count', False)} required={p.required}"
+            + f" count={getattr(p, 'count', False)} required={p.required} name={p.name}"
         )
     return "\n".join(sorted(lines)) + "\n"
 
