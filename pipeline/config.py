@@ -8,7 +8,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from pipeline.adapters import parse_lora_flags
 from pipeline.errors import ConfigError
+from pipeline.options import comma_list, key_values, option
 from pipeline.sampling import SamplingConfig
 
 
@@ -16,16 +18,41 @@ from pipeline.sampling import SamplingConfig
 class SourceConfig:
     """Where rows come from and how each gets its stable id."""
 
-    parquet: str | None = None
-    dataset: str | None = None
-    data_files: tuple[str, ...] = ()
-    config_name: str | None = None
-    split: str = "train"
-    revision: str | None = None
+    parquet: str | None = option(
+        None, help="Parquet file, folder (recursive) or glob.", group="input", metavar="PATH"
+    )
+    dataset: str | None = option(
+        None,
+        help="HF hub id, local dataset folder (save_to_disk or data files), or builder name "
+        "(json, csv, parquet, text) with --data-files.",
+        group="input",
+        metavar="NAME",
+    )
+    data_files: tuple[str, ...] = option(
+        (),
+        help="Data files for --dataset; repeatable, globs ok.",
+        group="input",
+        metavar="PATH",
+        multiple=True,
+    )
+    config_name: str | None = option(
+        None, help="Dataset configuration (subset) for --dataset.", group="input", metavar="NAME"
+    )
+    split: str = option("train", help="Split of --dataset.", group="input")
+    revision: str | None = option(
+        None, help="Hub revision of --dataset.", group="input", metavar="REV"
+    )
     # Streaming reads a hub dataset without downloading it first; every rank then reads the
-    # whole stream and keeps every num_shards-th row, so prefer non-streaming for big arrays.
-    streaming: bool = False
-    id_column: str | None = None
+    # whole stream and keeps every num_ranks-th row, so prefer non-streaming for big arrays.
+    streaming: bool = option(
+        False, help="Stream --dataset instead of preparing it first.", group="input"
+    )
+    id_column: str | None = option(
+        None,
+        help="Unique row ids from this column [default: file:row or split:row position].",
+        group="input",
+        metavar="COL",
+    )
 
     def __post_init__(self) -> None:
         if (self.parquet is None) == (self.dataset is None):
@@ -43,15 +70,38 @@ class SourceConfig:
 class PromptConfig:
     """How a row becomes a prompt."""
 
-    prompt_column: str | None = None
-    template: str | None = None
-    messages_column: str | None = None
-    chat: bool = False
-    system_prompt: str | None = None
-    chat_template: str | None = None  # path to a Jinja file replacing the model's own
+    prompt_column: str | None = option(
+        None, help="Column holding the prompt text.", group="prompt", metavar="COL"
+    )
+    template: str | None = option(
+        None,
+        help="Prompt built from columns, e.g. 'Summarize:\\n{text}'.",
+        group="prompt",
+        metavar="TEXT",
+    )
+    messages_column: str | None = option(
+        None, help="Column of chat messages [{role, content}, ...].", group="prompt", metavar="COL"
+    )
+    chat: bool = option(
+        False, help="Send the prompt as one user message through the chat template.", group="prompt"
+    )
+    system_prompt: str | None = option(
+        None, help="System message for --chat / --messages-column.", group="prompt", metavar="TEXT"
+    )
+    chat_template: str | None = option(
+        None, help="Jinja chat template replacing the model's own.", group="prompt", metavar="FILE"
+    )
     # Variables for the chat template (--chat-template-kwarg enable_thinking=false): they
     # change the prompt tokens, so they are part of the run's settings.
-    chat_template_kwargs: tuple[tuple[str, Any], ...] = ()
+    chat_template_kwargs: tuple[tuple[str, Any], ...] = option(
+        (),
+        help="A variable for the chat template, e.g. enable_thinking=false; JSON values.",
+        group="prompt",
+        flag="--chat-template-kwarg",
+        metavar="KEY=VALUE",
+        multiple=True,
+        parse=key_values("enable_thinking=false"),
+    )
 
     def __post_init__(self) -> None:
         given = [
@@ -127,23 +177,68 @@ class ServerConfig:
     so no config, fingerprint or log can carry it.
     """
 
-    url: str  # the base URL of the OpenAI API, e.g. http://gpu7:8000/v1
-    api_key_env: str = "OPENAI_API_KEY"
-    tokenizer: str | None = None  # a local tokenizer folder; None: the model folder, else /tokenize
-    prompt_form: str = "auto"  # one of PROMPT_FORMS; auto: token ids where the server takes them
+    # the base URL of the OpenAI API, e.g. http://gpu7:8000/v1
+    url: str = option(
+        help="Generate on this OpenAI-compatible server (vllm serve) instead of in this "
+        "process; its base URL, e.g. http://gpu7:8000/v1. --model then names the served model.",
+        group="server",
+        flag="--server",
+        metavar="URL",
+        flag_default=None,
+    )
+    # a local tokenizer folder; None: the model folder, else the server's /tokenize
+    tokenizer: str | None = option(
+        None,
+        help="With --server: the model's tokenizer folder [default: the model folder when it is "
+        "on this machine, else the server's /tokenize].",
+        group="server",
+        metavar="PATH",
+    )
+    api_key_env: str = option(
+        "OPENAI_API_KEY",
+        help="With --server: the environment variable holding the API key (never logged).",
+        group="server",
+        metavar="NAME",
+    )
+    prompt_form: str = option(
+        "auto",
+        help="With --server: send token ids, the rendered text, or chat messages [auto: token "
+        "ids where the server takes them].",
+        group="server",
+        choices=PROMPT_FORMS,
+    )
     # Requests kept in flight come from --max-inflight; each transient failure (connection
     # refused or reset, timeout, HTTP 408, 429, 500, 502, 503, 504) is retried up to this many
     # times per row, waiting retry_backoff_seconds, doubled each time (with jitter), or the
     # server's Retry-After. More retries ride out longer hiccups; fewer turn a sick row into an
     # error row sooner.
-    max_retries: int = 5
-    retry_backoff_seconds: float = 1.0
+    max_retries: int = option(
+        5,
+        help="With --server: retries per row of a transient failure (refused or reset "
+        "connection, timeout, HTTP 408/429/5xx).",
+        group="server",
+    )
+    retry_backoff_seconds: float = option(
+        1.0,
+        help="With --server: the first retry's wait, doubled each time (jittered; the "
+        "server's Retry-After wins).",
+        group="server",
+    )
     # A response slower than this is a timeout (retried). Generous: it bounds one whole
     # generation, which on a busy server can take minutes.
-    request_timeout: float = 600.0
+    request_timeout: float = option(
+        600.0,
+        help="With --server: seconds one request may take before it is retried.",
+        group="server",
+    )
     # When no request has succeeded for this long (the server is gone), the run stops like a
     # graceful stop: it commits what finished and exits 75, instead of erroring every row.
-    fail_seconds: float = 300.0
+    fail_seconds: float = option(
+        300.0,
+        help="With --server: when no request succeeds for this long, stop, commit and exit 75.",
+        group="server",
+        flag="--server-fail-seconds",
+    )
 
     def __post_init__(self) -> None:
         parts = urlsplit(self.url)
@@ -179,29 +274,85 @@ class ServerConfig:
 class EngineConfig:
     """How the vLLM engine is built. None means: let vLLM (or the platform rule) decide."""
 
-    model: str | None = None  # None: the bundled SmolLM2-135M-Instruct
-    model_impl: str = "transformers"
-    dtype: str = "auto"
-    max_model_len: int | None = None
-    tensor_parallel_size: int = 1
-    gpu_memory_utilization: float | None = None
-    max_num_seqs: int | None = None
-    enforce_eager: bool | None = (
-        None  # None: on for CPU (compiling costs minutes there), off on GPU
+    model: str | None = option(
+        None,  # the bundled SmolLM2-135M-Instruct
+        help="Model folder or hub id [default: bundled SmolLM2-135M-Instruct].",
+        group="engine",
+        metavar="PATH_OR_ID",
     )
-    trust_remote_code: bool = False
-    seed: int = 0
-    engine_args: tuple[tuple[str, Any], ...] = ()
-    backend: str = "vllm"  # "fake": an instant engine for I/O, crash and scale tests
-    server: ServerConfig | None = None  # generate on this server instead of in this process
+    model_impl: str = option(
+        "transformers",
+        help="vLLM model implementation: transformers, vllm or auto.",
+        group="engine",
+    )
+    dtype: str = option(
+        "auto", help="Weights dtype (auto, bfloat16, float16, float32).", group="engine"
+    )
+    max_model_len: int | None = option(
+        None, help="Context length (prompt + output) [default: the model's].", group="engine"
+    )
+    tensor_parallel_size: int = option(1, help="GPUs per model replica.", group="engine")
+    gpu_memory_utilization: float | None = option(
+        None, help="Share of GPU memory vLLM may use.", group="engine"
+    )
+    max_num_seqs: int | None = option(
+        None, help="Sequences the engine runs at once.", group="engine"
+    )
+    # None: on for CPU (compiling costs minutes there), off on GPU
+    enforce_eager: bool | None = option(
+        None,
+        help="Skip graphs/compilation [default: on for CPU, off on GPU].",
+        group="engine",
+        negatable=True,
+    )
+    trust_remote_code: bool = option(
+        False, help="Allow model code from the model's repo.", group="engine"
+    )
+    engine_args: tuple[tuple[str, Any], ...] = option(
+        (),
+        help="Any other vllm.LLM argument; JSON values.",
+        group="engine",
+        flag="--engine-arg",
+        metavar="KEY=VALUE",
+        multiple=True,
+        parse=key_values("enable_prefix_caching=true"),
+    )
+    # "fake": an instant engine for I/O, crash and scale tests (a hidden flag)
+    backend: str = option(
+        "vllm", help="", group="engine", flag="--engine", choices=("vllm", "fake"), hidden=True
+    )
     # LoRA adapters (name, absolute folder), served beside the base model.
-    loras: tuple[tuple[str, str], ...] = ()
-    # vLLM's reasoning parser: splits thinking from the answer, and makes structured output
-    # apply to the answer only.
-    reasoning_parser: str | None = None
+    loras: tuple[tuple[str, str], ...] = option(
+        (),
+        help="A LoRA adapter (PEFT folder) to serve beside the base model; repeatable.",
+        group="engine",
+        flag="--lora",
+        metavar="NAME=PATH",
+        multiple=True,
+        parse=lambda values, _flag: parse_lora_flags(values),
+    )
     # vLLM's batch-invariant kernels (CUDA GPUs): a row's output no longer depends on its batch
     # neighbours, so a resumed bf16 run equals an uninterrupted one; slower.
-    batch_invariant: bool = False
+    batch_invariant: bool = option(
+        False,
+        help="vLLM's batch-invariant kernels (GPU): outputs independent of batch neighbours, "
+        "so a resumed bf16 run equals an uninterrupted one; slower.",
+        group="engine",
+    )
+    # vLLM's reasoning parser: splits thinking from the answer, and makes structured output
+    # apply to the answer only.
+    reasoning_parser: str | None = option(
+        None,
+        help="vLLM reasoning parser (e.g. deepseek_r1, qwen3): thinking goes to column "
+        "'reasoning', the answer to 'text'.",
+        group="engine",
+        metavar="NAME",
+    )
+    # The run seed; listed with the sampling flags, as each row's sampling seed derives from it.
+    seed: int = option(
+        0, help="Run seed; each row's seed derives from it and the row id.", group="sampling"
+    )
+    server: ServerConfig | None = None  # generate on this server instead of in this process
 
     def __post_init__(self) -> None:
         if self.backend not in ("vllm", "fake"):
@@ -263,15 +414,37 @@ class EngineConfig:
 class OutputConfig:
     """Where and how results are written."""
 
-    path: str
+    path: str = option(
+        help="Output folder of Parquet shards (required).",
+        group="output",
+        flag="--output",
+        aliases=("-o",),
+        metavar="DIR",
+        flag_default=None,
+    )
     # Rows per Parquet shard. A shard is the unit of commit: smaller ones lose less work to a
     # crash and show progress sooner; larger ones make fewer files for readers.
-    rows_per_shard: int = 10_000
+    rows_per_shard: int = option(
+        10_000, help="Rows per shard; a shard is the unit of commit.", group="output"
+    )
     # Commit a partial shard after this many seconds, so a slow model still checkpoints often.
-    checkpoint_seconds: float = 300.0
-    keep_prompt: bool = False
-    keep_columns: tuple[str, ...] = ()
-    overwrite: bool = False
+    checkpoint_seconds: float = option(
+        300.0, help="Commit a partial shard after this long.", group="output"
+    )
+    keep_prompt: bool = option(
+        False, help="Write the rendered prompt as column 'prompt'.", group="output"
+    )
+    keep_columns: tuple[str, ...] = option(
+        (),
+        help="Comma-separated input columns to copy to the output.",
+        group="output",
+        metavar="COLS",
+        parse=comma_list,
+        flag_default=None,
+    )
+    overwrite: bool = option(
+        False, help="Discard earlier output in --output and start afresh.", group="output"
+    )
 
     def __post_init__(self) -> None:
         if self.rows_per_shard < 1:
@@ -299,42 +472,83 @@ class RunConfig:
     engine: EngineConfig
     sampling: SamplingConfig
     output: OutputConfig
-    # This process's rank and the run's rank count (the flags --shard-index / --num-shards,
-    # spelled as `datasets` and datatrove users know them).
-    num_ranks: int = 1
-    rank: int = 0
+    # The run's rank count and this process's rank. Not given: from the launcher (Slurm,
+    # torchrun, MPI, a Kubernetes Indexed Job), else rank 0 of 1 (see pipeline.ranks).
+    # --num-shards / --shard-index are their old names, still accepted.
+    num_ranks: int = option(
+        1,
+        help="Split the input into this many ranks [default: from the launcher, else 1].",
+        group="ranks",
+        aliases=("--num-shards",),
+        flag_default=None,
+    )
+    rank: int = option(
+        0,
+        help="This process's rank [default: from Slurm, torchrun, MPI or a Kubernetes "
+        "Indexed Job, else 0].",
+        group="ranks",
+        aliases=("--shard-index",),
+        flag_default=None,
+    )
     # On a stop signal, wait this long for requests already running before aborting them.
-    drain_seconds: float = 30.0
-    progress_seconds: float | None = None  # None: 0.5 s on a terminal, 30 s in a log
-    # A rank started by --data-parallel sends its progress as JSON lines to this inherited file
-    # descriptor, for the launcher's combined line, instead of printing its own (hidden flag).
-    progress_fd: int | None = None
+    drain_seconds: float = option(
+        30.0,
+        help="On SIGTERM/SIGINT/SIGUSR1, let running requests finish this long.",
+        group="ranks",
+    )
     # Requests kept inside the engine at once. More keeps the scheduler fed across long and
     # short sequences; fewer loses less queued work on a crash (queued work is only redone).
-    max_inflight: int | None = None
+    max_inflight: int | None = option(
+        None, help="Requests kept in the engine [default: 4 x max-num-seqs].", group="ranks"
+    )
+    # Engine deaths (killed, out of memory, a CUDA error, an exception on a step) survived by
+    # starting a new engine; past them the run stops, committed work kept, exit 1.
+    engine_restarts: int = option(
+        2,
+        help="Engine deaths (killed, out of memory, crash) survived by restarting it.",
+        group="ranks",
+    )
+    # A step that produces nothing for this long is a stall, handled like a death. Generous: a
+    # step only waits this long when the engine is hung or stopped, never on long outputs.
+    stall_seconds: float = option(
+        600.0,
+        help="A step producing nothing this long is a stall, handled like a death.",
+        group="ranks",
+    )
     # Error rows are data and are always committed, but a run whose share of error rows is above
     # this ends with exit 1 (and, past 1,000 prompts at over 90%, stops early), so a cron job
     # does not report success for a run that produced mostly errors.
-    max_error_rate: float = 0.1
+    max_error_rate: float = option(
+        0.1,
+        help="Exit 1 if more than this share of prompts became error rows (all are committed).",
+        group="ranks",
+    )
+    progress_seconds: float | None = option(
+        None,  # 0.5 s on a terminal, 30 s in a log
+        help="Progress line interval [default: 0.5 s on a terminal, 30 s in logs].",
+        group="ranks",
+    )
+    # A rank started by --data-parallel sends its progress as JSON lines to this inherited file
+    # descriptor, for the launcher's combined line, instead of printing its own (hidden flag).
+    progress_fd: int | None = option(None, help="", group="ranks", hidden=True)
+    # An input column naming each row's LoRA adapter (null: the base model).
+    lora_column: str | None = option(
+        None,
+        help="Column naming each row's --lora adapter (null: the base model).",
+        group="sampling",
+        metavar="COL",
+    )
     # vLLM's own log (its start-up chatter, its processes' warnings) goes to a file beside the
     # run's state instead of the terminal; batchgen -v shows it on the terminal instead.
     engine_log: bool = True
-    # An input column naming each row's LoRA adapter (null: the base model).
-    lora_column: str | None = None
-    # Engine deaths (killed, out of memory, a CUDA error, an exception on a step) survived by
-    # starting a new engine; past them the run stops, committed work kept, exit 1.
-    engine_restarts: int = 2
-    # A step that produces nothing for this long is a stall, handled like a death. Generous: a
-    # step only waits this long when the engine is hung or stopped, never on long outputs.
-    stall_seconds: float = 600.0
 
     def __post_init__(self) -> None:
         if self.num_ranks < 1:
-            raise ConfigError(f"--num-shards {self.num_ranks}: must be at least 1")
+            raise ConfigError(f"--num-ranks {self.num_ranks}: must be at least 1")
         if not 0 <= self.rank < self.num_ranks:
             raise ConfigError(
-                f"--shard-index {self.rank}: must be in 0..{self.num_ranks - 1} "
-                f"for --num-shards {self.num_ranks}"
+                f"--rank {self.rank}: must be in 0..{self.num_ranks - 1} "
+                f"for --num-ranks {self.num_ranks}"
             )
         if not 0 <= self.max_error_rate <= 1:
             raise ConfigError(

@@ -1,7 +1,7 @@
 """`batchgen run --data-parallel N`: the ranks of one run on this node, one process per rank,
 each pinned to its own GPUs (or CPU cores), behind one terminal.
 
-Every rank is an ordinary `batchgen run ... --num-shards M --shard-index I` process with the
+Every rank is an ordinary `batchgen run ... --num-ranks M --rank I` process with the
 same flags, so resume, `batchgen status` and the exactly-once guarantee are the rank machinery's
 own; a rerun redoes only what a rank had not committed. This module starts, pins, watches,
 signals and sums them:
@@ -17,7 +17,7 @@ signals and sums them:
     progress snapshots it sends down a pipe (the hidden --progress-fd) for the one combined line.
   * When a rank ends, what it left behind in its session (vLLM's engine core, when the rank was
     killed) is stopped.
-  * With more ranks than slots (`--num-shards 8 --data-parallel 2`), a rank starts on the first
+  * With more ranks than slots (`--num-ranks 8 --data-parallel 2`), a rank starts on the first
     slot that frees up: the way to finish a run on fewer GPUs than it started with.
 """
 
@@ -121,7 +121,7 @@ def plan_node(
     cpus: list[int] | None = None,
 ) -> NodePlan:
     """The slots for `--data-parallel N` (or `auto`: every visible GPU divided by the tensor
-    parallel size; 1 without GPUs), and the run's rank count: `--num-shards` where given (then
+    parallel size; 1 without GPUs), and the run's rank count: `--num-ranks` where given (then
     ranks wait for a free slot), else one rank per slot."""
     env = os.environ if env is None else env
     gpus = visible_gpus(env)
@@ -134,7 +134,7 @@ def plan_node(
         slots = int(data_parallel)
         if num_ranks is not None and slots > num_ranks:
             raise ConfigError(
-                f"--data-parallel {slots} with --num-shards {num_ranks}: a run of {num_ranks} "
+                f"--data-parallel {slots} with --num-ranks {num_ranks}: a run of {num_ranks} "
                 f"ranks runs at most {num_ranks} at once; pass --data-parallel {num_ranks} or less"
             )
         if gpus and slots * tp > len(gpus):
@@ -199,16 +199,16 @@ def pin_local_gpus(
     Nothing when the launcher or the user has pinned them already (fewer are visible than the
     node's processes need). What was set, for the log."""
     env = os.environ if env is None else env
-    if rank.local_index is None or rank.local_count is None or rank.local_count < 2:
+    if rank.local_rank is None or rank.local_num_ranks is None or rank.local_num_ranks < 2:
         return None
     gpus = visible_gpus(env)
     tp = tensor_parallel_size
-    if len(gpus) < rank.local_count * tp:
+    if len(gpus) < rank.local_num_ranks * tp:
         return None
-    mine = ",".join(gpus[rank.local_index * tp : (rank.local_index + 1) * tp])
+    mine = ",".join(gpus[rank.local_rank * tp : (rank.local_rank + 1) * tp])
     env["CUDA_VISIBLE_DEVICES"] = mine
     return (
-        f"{rank.origin}: local rank {rank.local_index} of {rank.local_count} on this node, "
+        f"{rank.origin}: local rank {rank.local_rank} of {rank.local_num_ranks} on this node, "
         f"CUDA_VISIBLE_DEVICES={mine}"
     )
 
@@ -380,7 +380,7 @@ class NodeRun:
             raise ResumeMismatch(
                 f"{self.out_dir} holds a run of {old} rank(s), and this would be a run of {n}:\n"
                 f"  num_shards: {old} -> {n}\n"
-                f"rerun with --data-parallel {old} to resume it, or with --num-shards {old} "
+                f"rerun with --data-parallel {old} to resume it, or with --num-ranks {old} "
                 f"--data-parallel {slots} to run its {old} ranks {slots} at a time on fewer "
                 "GPUs; pass --overwrite to start afresh, or choose another --output"
             )
@@ -400,9 +400,9 @@ class NodeRun:
             *rank_command(),
             "run",
             *self.flags,
-            "--num-shards",
+            "--num-ranks",
             str(n),
-            "--shard-index",
+            "--rank",
             str(rank),
             "--progress-fd",
             str(write_end),

@@ -1,4 +1,4 @@
-"""Which rank of a multi-process run this process is: from --num-shards/--shard-index, else from
+"""Which rank of a multi-process run this process is: from --num-ranks/--rank, else from
 the launcher that started it.
 
 The flags always win. Without them, the launchers' variables are read innermost first: an
@@ -10,7 +10,7 @@ that started this process most directly is the one to believe.
                            PMI_RANK of PMI_SIZE (MPICH, Intel MPI, srun --mpi=pmi2)
   Slurm                    array task (SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN) / STEP of
                            SLURM_ARRAY_TASK_COUNT, else srun task SLURM_PROCID of SLURM_NTASKS
-  Kubernetes Indexed Job   JOB_COMPLETION_INDEX of --num-shards, else of BATCHGEN_NUM_SHARDS
+  Kubernetes Indexed Job   JOB_COMPLETION_INDEX of --num-ranks, else of BATCHGEN_NUM_SHARDS
                            (the Job's `completions`, which Kubernetes does not pass to the pod)
 
 A launcher whose count is 1 gives no rank, and the next one is read.
@@ -47,20 +47,20 @@ LAUNCHER_VARIABLES = (
     "JOB_COMPLETION_INDEX",
     "BATCHGEN_NUM_SHARDS",
 )
-FLAGS = "--num-shards/--shard-index"
+FLAGS = "--num-ranks/--rank"
 SINGLE = "one process"
 
 
 @dataclass(frozen=True, slots=True)
 class Rank:
-    """This process's rank of `count`, where that came from, and its place on its node (from
+    """This process's rank of `num_ranks`, where that came from, and its place on its node (from
     launchers that say it: torchrun, MPI), which picks its GPUs."""
 
-    index: int
-    count: int
+    rank: int
+    num_ranks: int
     origin: str  # for messages: "torchrun (RANK=3, WORLD_SIZE=8)"
-    local_index: int | None = None
-    local_count: int | None = None
+    local_rank: int | None = None
+    local_num_ranks: int | None = None
 
     @property
     def from_launcher(self) -> bool:
@@ -68,40 +68,40 @@ class Rank:
 
 
 def resolve_rank(
-    num_shards: int | None, shard_index: int | None, env: Mapping[str, str] | None = None
+    num_ranks: int | None, rank: int | None, env: Mapping[str, str] | None = None
 ) -> Rank:
     """The rank from the flags, else from a launcher, else rank 0 of 1."""
     env = os.environ if env is None else env
-    if num_shards is not None and shard_index is not None:
-        return Rank(shard_index, num_shards, FLAGS)
-    if shard_index is not None:
-        raise ConfigError("--num-shards and --shard-index go together.")
-    found = launcher_rank(num_shards, env)
-    if num_shards is None:
+    if num_ranks is not None and rank is not None:
+        return Rank(rank, num_ranks, FLAGS)
+    if rank is not None:
+        raise ConfigError("--num-ranks and --rank go together.")
+    found = launcher_rank(num_ranks, env)
+    if num_ranks is None:
         return found or Rank(0, 1, SINGLE)
     if found is None:
         raise ConfigError(
-            f"--num-shards {num_shards} without --shard-index: pass --shard-index too, or run "
+            f"--num-ranks {num_ranks} without --rank: pass --rank too, or run "
             "under a launcher that gives each process its rank (Slurm, torchrun, MPI, a "
             "Kubernetes Indexed Job)"
         )
-    if found.count != num_shards:
+    if found.num_ranks != num_ranks:
         raise ConfigError(
-            f"--num-shards {num_shards} disagrees with {found.origin}: drop --num-shards to "
-            "take the launcher's count, or pass --shard-index too to override the launcher"
+            f"--num-ranks {num_ranks} disagrees with {found.origin}: drop --num-ranks to "
+            "take the launcher's count, or pass --rank too to override the launcher"
         )
     return found
 
 
-def launcher_rank(num_shards: int | None, env: Mapping[str, str]) -> Rank | None:
+def launcher_rank(num_ranks: int | None, env: Mapping[str, str]) -> Rank | None:
     """The rank a launcher gave this process, innermost launcher first; None outside any."""
     for read in (_torchrun, _mpi, _slurm, _kubernetes):
-        rank = read(env, num_shards)
-        if rank is not None and rank.count > 1:
-            if not 0 <= rank.index < rank.count:
+        rank = read(env, num_ranks)
+        if rank is not None and rank.num_ranks > 1:
+            if not 0 <= rank.rank < rank.num_ranks:
                 raise ConfigError(
-                    f"{rank.origin}: rank {rank.index} is not in 0..{rank.count - 1}; pass "
-                    "--num-shards N --shard-index I yourself"
+                    f"{rank.origin}: rank {rank.rank} is not in 0..{rank.num_ranks - 1}; pass "
+                    "--num-ranks N --rank I yourself"
                 )
             return rank
     return None
@@ -114,7 +114,7 @@ def _int(env: Mapping[str, str], name: str) -> int:
     except ValueError:
         raise ConfigError(
             f"{name}={value!r}: expected a whole number (a launcher's rank variable); unset it "
-            "or pass --num-shards N --shard-index I yourself"
+            "or pass --num-ranks N --rank I yourself"
         ) from None
 
 
@@ -124,7 +124,7 @@ def _local(env: Mapping[str, str], index: str, count: str) -> tuple[int | None, 
     return None, None
 
 
-def _torchrun(env: Mapping[str, str], _num_shards: int | None) -> Rank | None:
+def _torchrun(env: Mapping[str, str], _num_ranks: int | None) -> Rank | None:
     if "RANK" not in env or "WORLD_SIZE" not in env:
         return None
     rank, size = _int(env, "RANK"), _int(env, "WORLD_SIZE")
@@ -132,7 +132,7 @@ def _torchrun(env: Mapping[str, str], _num_shards: int | None) -> Rank | None:
     return Rank(rank, size, f"torchrun (RANK={rank}, WORLD_SIZE={size})", *local)
 
 
-def _mpi(env: Mapping[str, str], _num_shards: int | None) -> Rank | None:
+def _mpi(env: Mapping[str, str], _num_ranks: int | None) -> Rank | None:
     if "OMPI_COMM_WORLD_RANK" in env and "OMPI_COMM_WORLD_SIZE" in env:
         rank, size = _int(env, "OMPI_COMM_WORLD_RANK"), _int(env, "OMPI_COMM_WORLD_SIZE")
         local = _local(env, "OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_SIZE")
@@ -145,7 +145,7 @@ def _mpi(env: Mapping[str, str], _num_shards: int | None) -> Rank | None:
     return None
 
 
-def _slurm(env: Mapping[str, str], _num_shards: int | None) -> Rank | None:
+def _slurm(env: Mapping[str, str], _num_ranks: int | None) -> Rank | None:
     if "SLURM_ARRAY_TASK_ID" in env and "SLURM_ARRAY_TASK_COUNT" in env:
         task_id, count = _int(env, "SLURM_ARRAY_TASK_ID"), _int(env, "SLURM_ARRAY_TASK_COUNT")
         offset = task_id - (
@@ -156,7 +156,7 @@ def _slurm(env: Mapping[str, str], _num_shards: int | None) -> Rank | None:
             raise ConfigError(
                 f"Slurm array task {task_id} is not task number (id - min) / step of a plain "
                 f"range of {count} tasks (e.g. --array=0-{count - 1} or a range with a step); "
-                "for other arrays pass --num-shards N --shard-index I yourself"
+                "for other arrays pass --num-ranks N --rank I yourself"
             )
         origin = f"a Slurm array (SLURM_ARRAY_TASK_ID={task_id}, SLURM_ARRAY_TASK_COUNT={count})"
         return Rank(offset // step, count, origin)
@@ -166,19 +166,19 @@ def _slurm(env: Mapping[str, str], _num_shards: int | None) -> Rank | None:
     return None
 
 
-def _kubernetes(env: Mapping[str, str], num_shards: int | None) -> Rank | None:
+def _kubernetes(env: Mapping[str, str], num_ranks: int | None) -> Rank | None:
     if "JOB_COMPLETION_INDEX" not in env:
         return None
     index = _int(env, "JOB_COMPLETION_INDEX")
-    if num_shards is not None:
-        count, via = num_shards, f"--num-shards {num_shards}"
+    if num_ranks is not None:
+        count, via = num_ranks, f"--num-ranks {num_ranks}"
     elif "BATCHGEN_NUM_SHARDS" in env:
         count = _int(env, "BATCHGEN_NUM_SHARDS")
         via = f"BATCHGEN_NUM_SHARDS={count}"
     else:
         raise ConfigError(
             f"this is a Kubernetes Indexed Job (JOB_COMPLETION_INDEX={index}), but the rank "
-            "count is unknown: pass --num-shards N (the Job's completions) or set "
+            "count is unknown: pass --num-ranks N (the Job's completions) or set "
             "BATCHGEN_NUM_SHARDS in the pod's environment, as jobs/k8s/indexed-job.yaml does"
         )
     return Rank(index, count, f"a Kubernetes Indexed Job (JOB_COMPLETION_INDEX={index}, {via})")

@@ -19,6 +19,7 @@ from typing import Any
 
 from pipeline import structured
 from pipeline.errors import ConfigError
+from pipeline.options import option as field_option
 
 DEFAULT_MAX_TOKENS = 256
 _GREEDY_N = (
@@ -253,11 +254,27 @@ class SamplingConfig:
     files: tuple[tuple[str, str, str], ...] = ()  # (option name, file name, sha256 prefix)
     # An integer input column with each row's own max tokens (a null falls back to
     # --max-tokens), so one run can mix short and long outputs.
-    max_tokens_column: str | None = None
+    max_tokens_column: str | None = field_option(
+        None,
+        help="Integer column with each row's own max tokens (null: --max-tokens).",
+        group="sampling",
+        metavar="COL",
+    )
     # A column whose JSON Schema (object or JSON text) constrains that row's text.
-    json_schema_column: str | None = None
+    json_schema_column: str | None = field_option(
+        None,
+        help="Column with each row's own JSON Schema (JSON text or struct).",
+        group="sampling",
+        metavar="COL",
+    )
     # A column of per-row overrides (struct or JSON text) with keys of SAMPLING_OPTIONS or seed.
-    sampling_column: str | None = None
+    sampling_column: str | None = field_option(
+        None,
+        help="Column of per-row settings overriding the flags (JSON text or struct), e.g. "
+        '{"temperature": 0.7, "n": 2, "seed": 5}.',
+        group="sampling",
+        metavar="COL",
+    )
 
     @classmethod
     def of(

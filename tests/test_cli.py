@@ -16,7 +16,7 @@ import pytest
 from conftest import FAKE_ENGINE, REPO, read_output, run_cli
 
 import pipeline
-from pipeline.cli import run
+from pipeline.cli.run import run
 from pipeline.models import ensure_bundled_model
 from pipeline.prompts import load_tokenizer
 from pipeline.sinks import METADATA_KEY
@@ -96,19 +96,19 @@ BAD_FLAGS = [
     ),
     pytest.param(
         ["--parquet", "IN", "--prompt-column", "prompt", "--shard-index", "1", "-o", "OUT"],
-        "--num-shards and --shard-index go together.",
+        "--num-ranks and --rank go together.",
         id="shard-index-alone",
     ),
     pytest.param(
         ["--parquet", "IN", "--prompt-column", "prompt", "--num-shards", "3", "-o", "OUT"],
-        "--num-shards 3 without --shard-index: pass --shard-index too, or run under a launcher "
+        "--num-ranks 3 without --rank: pass --rank too, or run under a launcher "
         "that gives each process its rank (Slurm, torchrun, MPI, a Kubernetes Indexed Job)",
         id="num-shards-alone",
     ),
     pytest.param(
         ["--parquet", "IN", "--prompt-column", "prompt", "--shard-index", "3"]
         + ["--num-shards", "3", "-o", "OUT"],
-        "--shard-index 3: must be in 0..2 for --num-shards 3",
+        "--rank 3: must be in 0..2 for --num-ranks 3",
         id="shard-index-out-of-range",
     ),
     pytest.param(
@@ -207,6 +207,33 @@ def test_config_file_keys_are_long_flag_names(tmp_path: Path, captured: list) ->
     assert cfg.output.keep_columns == ("topic", "source")
     assert (cfg.num_ranks, cfg.rank) == (4, 2)
     assert cfg.output.path == "out/job"
+
+
+@pytest.mark.parametrize(
+    "rank_flags",
+    [
+        ["--num-ranks", "4", "--rank", "2"],
+        ["--num-shards", "4", "--shard-index", "2"],  # the old names, kept as aliases
+        ["--num-ranks=4", "--shard-index=2"],
+    ],
+    ids=["rank-words", "old-shard-words", "mixed"],
+)
+def test_rank_flags_and_their_old_names_set_the_same_rank(
+    tmp_path: Path, captured: list, rank_flags: list[str]
+) -> None:
+    run_cli(
+        "run",
+        *FAKE_ENGINE,
+        "--parquet",
+        "in.parquet",
+        "--prompt-column",
+        "p",
+        "-o",
+        "o",
+        *rank_flags,
+    )
+    (cfg,) = captured
+    assert (cfg.num_ranks, cfg.rank) == (4, 2)
 
 
 def test_flags_override_the_config_file(tmp_path: Path, captured: list) -> None:

@@ -23,7 +23,8 @@ import pytest
 from conftest import FAKE_ENGINE, HOOKED_BATCHGEN, read_output, run_args, run_cli, write_prompts
 
 from pipeline.checkpoint import lock_path, manifest_path
-from pipeline.cli import _build_config, _rank_flags, run
+from pipeline.cli.flags import run_config
+from pipeline.cli.run import rank_flags, run
 from pipeline.errors import ConfigError
 from pipeline.launch import plan_node
 from pipeline.progress import NodeProgress
@@ -249,7 +250,7 @@ def test_a_killed_rank_fails_the_run_naming_it_and_a_rerun_on_fewer_slots_redoes
     assert states == ["finished", "finished", "crashed", "finished"]
 
     # Two slots for a run of four ranks: how a run is finished on fewer GPUs than it began on.
-    result = run_cli(*args(src, out, "--num-shards", "4", "--data-parallel", "2"))
+    result = run_cli(*args(src, out, "--num-ranks", "4", "--data-parallel", "2"))
     assert f"batchgen: --data-parallel: 4 ranks of {out}, 2 at a time" in result.output
     for r in (0, 1, 3):
         assert f"[rank {r}] " in result.output
@@ -295,9 +296,9 @@ def test_a_signal_while_the_engine_starts_stops_the_run_with_75(src, tmp_path):
 # (extra flags, extra environment, the exact error line).
 REFUSALS = [
     pytest.param(
-        ["--data-parallel", "2", "--num-shards", "4", "--shard-index", "1"],
+        ["--data-parallel", "2", "--num-ranks", "4", "--rank", "1"],
         {},
-        "--data-parallel 2 starts every rank itself; drop --shard-index (--num-shards N alone "
+        "--data-parallel 2 starts every rank itself; drop --rank (--num-ranks N alone "
         "with --data-parallel runs the N ranks, that many at a time)",
         id="with-shard-index",
     ),
@@ -320,7 +321,7 @@ REFUSALS = [
     pytest.param(
         ["--data-parallel", "3", "--num-shards", "2"],
         {},
-        "--data-parallel 3 with --num-shards 2: a run of 2 ranks runs at most 2 at once; pass "
+        "--data-parallel 3 with --num-ranks 2: a run of 2 ranks runs at most 2 at once; pass "
         "--data-parallel 2 or less",
         id="more-slots-than-ranks",
     ),
@@ -383,7 +384,7 @@ def test_a_rerun_with_another_rank_count_is_refused_naming_the_ways_out(src, tmp
     assert result.output.endswith(
         f"Error: {out} holds a run of 4 rank(s), and this would be a run of 2:\n"
         "  num_shards: 4 -> 2\n"
-        "rerun with --data-parallel 4 to resume it, or with --num-shards 4 --data-parallel 2 to "
+        "rerun with --data-parallel 4 to resume it, or with --num-ranks 4 --data-parallel 2 to "
         "run its 4 ranks 2 at a time on fewer GPUs; pass --overwrite to start afresh, or choose "
         "another --output\n"
     )
@@ -408,7 +409,7 @@ def test_ranks_get_this_commands_settings_from_the_command_line_and_the_config(t
     given = ["--config", str(config), "--max-tokens", "9", "--no-enforce-eager", "-vv"]
     given += ["--keep-prompt", "--output", str(tmp_path / "out"), "--overwrite"]
     ctx = run.make_context("run", given)
-    flags = _rank_flags(ctx)
+    flags = rank_flags(ctx)
     assert flags == [
         f"--parquet={src}",
         "--prompt-column=prompt",
@@ -425,9 +426,9 @@ def test_ranks_get_this_commands_settings_from_the_command_line_and_the_config(t
         "--verbose",
         "--verbose",
     ]
-    rank_ctx = run.make_context("run", [*flags, "--num-shards", "4", "--shard-index", "1"])
-    expected = _build_config(dict(ctx.params, num_shards=4, shard_index=1, overwrite=False))
-    assert _build_config(dict(rank_ctx.params)) == expected
+    rank_ctx = run.make_context("run", [*flags, "--num-ranks", "4", "--rank", "1"])
+    expected = run_config(dict(ctx.params, num_ranks=4, rank=1, overwrite=False))
+    assert run_config(dict(rank_ctx.params)) == expected
 
 
 # --- the slot plan -------------------------------------------------------------------------------
@@ -644,5 +645,5 @@ def test_kubernetes_indexed_job_numbers_its_pods_as_ranks(monkeypatch):
     ctx = run.make_context("run", container["command"][2:])
     for index in range(spec["completions"]):
         pod_env = {**env, "JOB_COMPLETION_INDEX": str(index)}
-        rank = resolve_rank(ctx.params["num_shards"], ctx.params["shard_index"], pod_env)
-        assert (rank.index, rank.count) == (index, spec["completions"])
+        rank = resolve_rank(ctx.params["num_ranks"], ctx.params["rank"], pod_env)
+        assert (rank.rank, rank.num_ranks) == (index, spec["completions"])

@@ -18,7 +18,8 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import BATCHGEN, HOOKED_BATCHGEN, REPO, read_output
 
-from pipeline.cli import _build_config, run
+from pipeline.cli.flags import run_config
+from pipeline.cli.run import run
 
 JOBS = REPO / "jobs"
 EXAMPLES = sorted((JOBS / "examples").glob("*.toml"))
@@ -55,8 +56,8 @@ def test_there_are_example_configs():
 def test_example_config_is_a_valid_run_config(path: Path):
     """Every key is a flag, and the flags together pass RunConfig's validation."""
     ctx = run.make_context("run", ["--config", str(path)])
-    params = dict(ctx.params, num_shards=1, shard_index=0)
-    cfg = _build_config(params)
+    params = dict(ctx.params, num_ranks=1, rank=0)
+    cfg = run_config(params)
     assert cfg.output.path.startswith("out/")
 
 

@@ -16,11 +16,11 @@ TORCHRUN = {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE
 OPEN_MPI = {"OMPI_COMM_WORLD_RANK": "2", "OMPI_COMM_WORLD_SIZE": "4"}
 K8S = {"JOB_COMPLETION_INDEX": "3"}
 
-# (flags --num-shards, --shard-index; environment; (index, count, origin)).
+# (flags --num-ranks, --rank; environment; (index, count, origin)).
 RANKS = [
     pytest.param(None, None, {}, (0, 1, "one process"), id="nothing"),
-    pytest.param(4, 2, {}, (2, 4, "--num-shards/--shard-index"), id="flags"),
-    pytest.param(4, 2, TORCHRUN, (2, 4, "--num-shards/--shard-index"), id="flags-beat-torchrun"),
+    pytest.param(4, 2, {}, (2, 4, "--num-ranks/--rank"), id="flags"),
+    pytest.param(4, 2, TORCHRUN, (2, 4, "--num-ranks/--rank"), id="flags-beat-torchrun"),
     pytest.param(
         None,
         None,
@@ -92,14 +92,14 @@ RANKS = [
         8,
         None,
         K8S,
-        (3, 8, "a Kubernetes Indexed Job (JOB_COMPLETION_INDEX=3, --num-shards 8)"),
+        (3, 8, "a Kubernetes Indexed Job (JOB_COMPLETION_INDEX=3, --num-ranks 8)"),
         id="k8s-flag",
     ),
     pytest.param(
         8,
         None,
         {**K8S, "BATCHGEN_NUM_SHARDS": "6"},
-        (3, 8, "a Kubernetes Indexed Job (JOB_COMPLETION_INDEX=3, --num-shards 8)"),
+        (3, 8, "a Kubernetes Indexed Job (JOB_COMPLETION_INDEX=3, --num-ranks 8)"),
         id="k8s-flag-beats-env",
     ),
     pytest.param(
@@ -117,8 +117,8 @@ def test_rank_comes_from_the_flags_else_the_innermost_launcher(
     num_shards, shard_index, env, expected
 ):
     rank = resolve_rank(num_shards, shard_index, env)
-    assert (rank.index, rank.count, rank.origin) == expected
-    assert rank.from_launcher == (expected[2] not in ("one process", "--num-shards/--shard-index"))
+    assert (rank.rank, rank.num_ranks, rank.origin) == expected
+    assert rank.from_launcher == (expected[2] not in ("one process", "--num-ranks/--rank"))
 
 
 # (flags, environment, the exact refusal).
@@ -128,8 +128,8 @@ REFUSALS = [
         None,
         {"SLURM_ARRAY_TASK_ID": "9", "SLURM_ARRAY_TASK_COUNT": "3", "SLURM_ARRAY_TASK_MIN": "1"},
         "Slurm array task 9 is not task number (id - min) / step of a plain range of 3 tasks "
-        "(e.g. --array=0-2 or a range with a step); for other arrays pass --num-shards N "
-        "--shard-index I yourself",
+        "(e.g. --array=0-2 or a range with a step); for other arrays pass --num-ranks N "
+        "--rank I yourself",
         id="slurm-array-not-a-range",
     ),
     pytest.param(
@@ -137,7 +137,7 @@ REFUSALS = [
         None,
         K8S,
         "this is a Kubernetes Indexed Job (JOB_COMPLETION_INDEX=3), but the rank count is "
-        "unknown: pass --num-shards N (the Job's completions) or set BATCHGEN_NUM_SHARDS in the "
+        "unknown: pass --num-ranks N (the Job's completions) or set BATCHGEN_NUM_SHARDS in the "
         "pod's environment, as jobs/k8s/indexed-job.yaml does",
         id="k8s-without-count",
     ),
@@ -146,15 +146,15 @@ REFUSALS = [
         None,
         {**K8S, "BATCHGEN_NUM_SHARDS": "3"},
         "a Kubernetes Indexed Job (JOB_COMPLETION_INDEX=3, BATCHGEN_NUM_SHARDS=3): rank 3 is "
-        "not in 0..2; pass --num-shards N --shard-index I yourself",
+        "not in 0..2; pass --num-ranks N --rank I yourself",
         id="k8s-index-out-of-range",
     ),
     pytest.param(
         4,
         None,
         TORCHRUN,
-        "--num-shards 4 disagrees with torchrun (RANK=5, WORLD_SIZE=8): drop --num-shards to take "
-        "the launcher's count, or pass --shard-index too to override the launcher",
+        "--num-ranks 4 disagrees with torchrun (RANK=5, WORLD_SIZE=8): drop --num-ranks to take "
+        "the launcher's count, or pass --rank too to override the launcher",
         id="num-shards-disagrees-with-torchrun",
     ),
     pytest.param(
@@ -162,17 +162,15 @@ REFUSALS = [
         None,
         {"RANK": "one", "WORLD_SIZE": "8"},
         "RANK='one': expected a whole number (a launcher's rank variable); unset it or pass "
-        "--num-shards N --shard-index I yourself",
+        "--num-ranks N --rank I yourself",
         id="rank-not-a-number",
     ),
-    pytest.param(
-        None, 1, TORCHRUN, "--num-shards and --shard-index go together.", id="shard-index-alone"
-    ),
+    pytest.param(None, 1, TORCHRUN, "--num-ranks and --rank go together.", id="shard-index-alone"),
     pytest.param(
         3,
         None,
         {},
-        "--num-shards 3 without --shard-index: pass --shard-index too, or run under a launcher "
+        "--num-ranks 3 without --rank: pass --rank too, or run under a launcher "
         "that gives each process its rank (Slurm, torchrun, MPI, a Kubernetes Indexed Job)",
         id="num-shards-alone",
     ),

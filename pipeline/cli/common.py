@@ -1,0 +1,68 @@
+"""What every command shares: logging set-up, library errors as click errors, and the options
+a user gave (for the ranks --data-parallel starts and the config `tune` writes)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import click
+
+from pipeline.errors import BatchgenError, ConfigError
+
+log = logging.getLogger("batchgen")
+
+
+def setup_logging(verbose: int) -> None:
+    """batchgen's log on stderr; -v: vLLM's too, -vv: debug."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s batchgen: %(message)s", "%H:%M:%S"))
+    log.handlers[:] = [handler]
+    log.setLevel(logging.DEBUG if verbose > 1 else logging.INFO)
+    log.propagate = False
+    if verbose == 0:
+        # vLLM logs every engine detail at INFO; keep a batch job's log about the batch.
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+def logs_to_stderr() -> None:
+    """vLLM logs to stdout by default; a command printing JSON promises stdout holds only it."""
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
+
+
+@contextlib.contextmanager
+def click_errors(usage: bool = True) -> Iterator[None]:
+    """A library error as click's: a ConfigError is bad usage (exit 2, unless `usage` is
+    False), any other BatchgenError a failure (exit 1), each printed as its one line."""
+    try:
+        yield
+    except ConfigError as exc:
+        if not usage:
+            raise click.ClickException(str(exc)) from exc
+        raise click.UsageError(str(exc)) from exc
+    except BatchgenError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+def given_options(ctx: click.Context, skip: tuple[str, ...] = ()) -> list[tuple[click.Option, Any]]:
+    """The options given on the command line or in --config (not left at their defaults),
+    with their values, in the command's order."""
+    given = []
+    for param in ctx.command.params:
+        if not isinstance(param, click.Option) or param.name in (*skip, "config"):
+            continue
+        source = ctx.get_parameter_source(param.name)
+        if source in (None, click.core.ParameterSource.DEFAULT):
+            continue
+        given.append((param, ctx.params[param.name]))
+    return given
+
+
+def long_flag(param: click.Option) -> str:
+    """The first long name of an option (`--output` of `-o/--output`)."""
+    return next(o for o in param.opts if o.startswith("--"))
