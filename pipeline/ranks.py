@@ -10,7 +10,7 @@ that started this process most directly is the one to believe.
                            PMI_RANK of PMI_SIZE (MPICH, Intel MPI, srun --mpi=pmi2)
   Slurm                    array task (SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN) / STEP of
                            SLURM_ARRAY_TASK_COUNT, else srun task SLURM_PROCID of SLURM_NTASKS
-  Kubernetes Indexed Job   JOB_COMPLETION_INDEX of --num-ranks, else of BATCHGEN_NUM_SHARDS
+  Kubernetes Indexed Job   JOB_COMPLETION_INDEX of --num-ranks, else of BATCHGEN_NUM_RANKS
                            (the Job's `completions`, which Kubernetes does not pass to the pod)
 
 A launcher whose count is 1 gives no rank, and the next one is read.
@@ -45,8 +45,11 @@ LAUNCHER_VARIABLES = (
     "SLURM_PROCID",
     "SLURM_NTASKS",
     "JOB_COMPLETION_INDEX",
+    "BATCHGEN_NUM_RANKS",
     "BATCHGEN_NUM_SHARDS",
 )
+# The rank count of a Kubernetes Indexed Job's pods; BATCHGEN_NUM_SHARDS is its old name.
+COUNT_VARIABLES = ("BATCHGEN_NUM_RANKS", "BATCHGEN_NUM_SHARDS")
 FLAGS = "--num-ranks/--rank"
 SINGLE = "one process"
 
@@ -172,13 +175,13 @@ def _kubernetes(env: Mapping[str, str], num_ranks: int | None) -> Rank | None:
     index = _int(env, "JOB_COMPLETION_INDEX")
     if num_ranks is not None:
         count, via = num_ranks, f"--num-ranks {num_ranks}"
-    elif "BATCHGEN_NUM_SHARDS" in env:
-        count = _int(env, "BATCHGEN_NUM_SHARDS")
-        via = f"BATCHGEN_NUM_SHARDS={count}"
+    elif variable := next((v for v in COUNT_VARIABLES if v in env), None):
+        count = _int(env, variable)
+        via = f"{variable}={count}"
     else:
         raise ConfigError(
             f"this is a Kubernetes Indexed Job (JOB_COMPLETION_INDEX={index}), but the rank "
             "count is unknown: pass --num-ranks N (the Job's completions) or set "
-            "BATCHGEN_NUM_SHARDS in the pod's environment, as jobs/k8s/indexed-job.yaml does"
+            "BATCHGEN_NUM_RANKS in the pod's environment, as jobs/k8s/indexed-job.yaml does"
         )
     return Rank(index, count, f"a Kubernetes Indexed Job (JOB_COMPLETION_INDEX={index}, {via})")

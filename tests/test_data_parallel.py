@@ -637,7 +637,7 @@ def test_kubernetes_indexed_job_numbers_its_pods_as_ranks(monkeypatch):
     (container,) = pod["containers"]
     env = {e["name"]: e["value"] for e in container["env"]}
     assert spec["completionMode"] == "Indexed"
-    assert int(env["BATCHGEN_NUM_SHARDS"]) == spec["completions"]
+    assert int(env["BATCHGEN_NUM_RANKS"]) == spec["completions"]
     assert pod["restartPolicy"] == "Never"
     assert pod["terminationGracePeriodSeconds"] > 30  # --drain-seconds, then the commit
     assert container["command"][:2] == ["batchgen", "run"]

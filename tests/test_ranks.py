@@ -84,9 +84,16 @@ RANKS = [
     pytest.param(
         None,
         None,
-        {**K8S, "BATCHGEN_NUM_SHARDS": "8"},
-        (3, 8, "a Kubernetes Indexed Job (JOB_COMPLETION_INDEX=3, BATCHGEN_NUM_SHARDS=8)"),
+        {**K8S, "BATCHGEN_NUM_RANKS": "8"},
+        (3, 8, "a Kubernetes Indexed Job (JOB_COMPLETION_INDEX=3, BATCHGEN_NUM_RANKS=8)"),
         id="k8s-env",
+    ),
+    pytest.param(
+        None,
+        None,
+        {**K8S, "BATCHGEN_NUM_SHARDS": "8"},  # the old name, still read
+        (3, 8, "a Kubernetes Indexed Job (JOB_COMPLETION_INDEX=3, BATCHGEN_NUM_SHARDS=8)"),
+        id="k8s-env-old-name",
     ),
     pytest.param(
         8,
@@ -98,7 +105,7 @@ RANKS = [
     pytest.param(
         8,
         None,
-        {**K8S, "BATCHGEN_NUM_SHARDS": "6"},
+        {**K8S, "BATCHGEN_NUM_RANKS": "6"},
         (3, 8, "a Kubernetes Indexed Job (JOB_COMPLETION_INDEX=3, --num-ranks 8)"),
         id="k8s-flag-beats-env",
     ),
@@ -137,7 +144,7 @@ REFUSALS = [
         None,
         K8S,
         "this is a Kubernetes Indexed Job (JOB_COMPLETION_INDEX=3), but the rank count is "
-        "unknown: pass --num-ranks N (the Job's completions) or set BATCHGEN_NUM_SHARDS in the "
+        "unknown: pass --num-ranks N (the Job's completions) or set BATCHGEN_NUM_RANKS in the "
         "pod's environment, as jobs/k8s/indexed-job.yaml does",
         id="k8s-without-count",
     ),

@@ -207,7 +207,7 @@ def test_usr1_requeues_a_task_a_cancel_does_not_and_rerunning_it_finishes(
 ):
     """USR1 is Slurm's warning ahead of a time limit (--signal=B:USR1@120): the task commits,
     exits 75 and requeues itself. A cancel also commits and exits 75 but stays cancelled;
-    rerunning that one task (BATCHGEN_NUM_SHARDS keeps it rank 2 of 3) finishes the run."""
+    rerunning that one task (BATCHGEN_NUM_RANKS keeps it rank 2 of 3) finishes the run."""
     out = tmp_path / "out"
     job = sbatch(
         f"--array=0-{TASKS - 1}",
@@ -249,7 +249,7 @@ def test_usr1_requeues_a_task_a_cancel_does_not_and_rerunning_it_finishes(
 
     # Rerun the cancelled rank alone: task id 2 as rank 2 of the run's 3.
     again = sbatch(
-        "--array=2", ARRAY_JOB, config, cwd=tmp_path, env={**job_env, "BATCHGEN_NUM_SHARDS": "3"}
+        "--array=2", ARRAY_JOB, config, cwd=tmp_path, env={**job_env, "BATCHGEN_NUM_RANKS": "3"}
     )
     wait_done(again)
     assert final_states(again, 1) == {2: [("COMPLETED", "0:0")]}

@@ -33,7 +33,7 @@
 #   NIGHTLY_LOCK  lock file [default: NIGHTLY_ROOT/.nightly.lock]
 #   NIGHTLY_DATE  today's folder name [default: today as YYYY-MM-DD]; for backfills
 #   NIGHTLY_DATA_PARALLEL  batchgen's --data-parallel [default: auto]; empty: leave it out
-#                 (for extra flags that set the ranks themselves, --num-shards/--shard-index)
+#                 (for extra flags that set the ranks themselves, --num-ranks/--rank)
 #   BATCHGEN      the batchgen executable [default: .venv/bin/batchgen of this repository, else
 #                 `batchgen` on PATH]
 set -uo pipefail
