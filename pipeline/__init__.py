@@ -13,8 +13,9 @@ if TYPE_CHECKING:
     from pipeline.runner import RunResult
     from pipeline.sampling import SamplingConfig
 
-__version__ = "0.1.0"
-__all__ = ["run"]
+from pipeline.version import __version__
+
+__all__ = ["__version__", "run"]
 
 
 def run(

@@ -10,7 +10,7 @@ from urllib.parse import urlsplit
 
 from pipeline.adapters import parse_lora_flags
 from pipeline.errors import ConfigError
-from pipeline.options import comma_list, key_values, option
+from pipeline.options import comma_list, key_value_option, option
 from pipeline.sampling import SamplingConfig
 
 
@@ -18,39 +18,27 @@ from pipeline.sampling import SamplingConfig
 class SourceConfig:
     """Where rows come from and how each gets its stable id."""
 
-    parquet: str | None = option(
-        None, help="Parquet file, folder (recursive) or glob.", group="input", metavar="PATH"
-    )
+    parquet: str | None = option(None, "Parquet file, folder (recursive) or glob.", metavar="PATH")
     dataset: str | None = option(
         None,
-        help="HF hub id, local dataset folder (save_to_disk or data files), or builder name "
+        "HF hub id, local dataset folder (save_to_disk or data files), or builder name "
         "(json, csv, parquet, text) with --data-files.",
-        group="input",
         metavar="NAME",
     )
     data_files: tuple[str, ...] = option(
-        (),
-        help="Data files for --dataset; repeatable, globs ok.",
-        group="input",
-        metavar="PATH",
-        multiple=True,
+        (), "Data files for --dataset; repeatable, globs ok.", metavar="PATH", multiple=True
     )
     config_name: str | None = option(
-        None, help="Dataset configuration (subset) for --dataset.", group="input", metavar="NAME"
+        None, "Dataset configuration (subset) for --dataset.", metavar="NAME"
     )
-    split: str = option("train", help="Split of --dataset.", group="input")
-    revision: str | None = option(
-        None, help="Hub revision of --dataset.", group="input", metavar="REV"
-    )
+    split: str = option("train", "Split of --dataset.")
+    revision: str | None = option(None, "Hub revision of --dataset.", metavar="REV")
     # Streaming reads a hub dataset without downloading it first; every rank then reads the
     # whole stream and keeps every num_ranks-th row, so prefer non-streaming for big arrays.
-    streaming: bool = option(
-        False, help="Stream --dataset instead of preparing it first.", group="input"
-    )
+    streaming: bool = option(False, "Stream --dataset instead of preparing it first.")
     id_column: str | None = option(
         None,
-        help="Unique row ids from this column [default: file:row or split:row position].",
-        group="input",
+        "Unique row ids from this column [default: file:row or split:row position].",
         metavar="COL",
     )
 
@@ -70,37 +58,26 @@ class SourceConfig:
 class PromptConfig:
     """How a row becomes a prompt."""
 
-    prompt_column: str | None = option(
-        None, help="Column holding the prompt text.", group="prompt", metavar="COL"
-    )
+    prompt_column: str | None = option(None, "Column holding the prompt text.", metavar="COL")
     template: str | None = option(
-        None,
-        help="Prompt built from columns, e.g. 'Summarize:\\n{text}'.",
-        group="prompt",
-        metavar="TEXT",
+        None, "Prompt built from columns, e.g. 'Summarize:\\n{text}'.", metavar="TEXT"
     )
     messages_column: str | None = option(
-        None, help="Column of chat messages [{role, content}, ...].", group="prompt", metavar="COL"
+        None, "Column of chat messages [{role, content}, ...].", metavar="COL"
     )
-    chat: bool = option(
-        False, help="Send the prompt as one user message through the chat template.", group="prompt"
-    )
+    chat: bool = option(False, "Send the prompt as one user message through the chat template.")
     system_prompt: str | None = option(
-        None, help="System message for --chat / --messages-column.", group="prompt", metavar="TEXT"
+        None, "System message for --chat / --messages-column.", metavar="TEXT"
     )
     chat_template: str | None = option(
-        None, help="Jinja chat template replacing the model's own.", group="prompt", metavar="FILE"
+        None, "Jinja chat template replacing the model's own.", metavar="FILE"
     )
     # Variables for the chat template (--chat-template-kwarg enable_thinking=false): they
     # change the prompt tokens, so they are part of the run's settings.
-    chat_template_kwargs: tuple[tuple[str, Any], ...] = option(
-        (),
-        help="A variable for the chat template, e.g. enable_thinking=false; JSON values.",
-        group="prompt",
-        flag="--chat-template-kwarg",
-        metavar="KEY=VALUE",
-        multiple=True,
-        parse=key_values("enable_thinking=false"),
+    chat_template_kwargs: tuple[tuple[str, Any], ...] = key_value_option(
+        "A variable for the chat template, e.g. enable_thinking=false; JSON values.",
+        "--chat-template-kwarg",
+        "enable_thinking=false",
     )
 
     def __post_init__(self) -> None:
@@ -181,7 +158,6 @@ class ServerConfig:
     url: str = option(
         help="Generate on this OpenAI-compatible server (vllm serve) instead of in this "
         "process; its base URL, e.g. http://gpu7:8000/v1. --model then names the served model.",
-        group="server",
         flag="--server",
         metavar="URL",
         flag_default=None,
@@ -189,22 +165,19 @@ class ServerConfig:
     # a local tokenizer folder; None: the model folder, else the server's /tokenize
     tokenizer: str | None = option(
         None,
-        help="With --server: the model's tokenizer folder [default: the model folder when it is "
+        "With --server: the model's tokenizer folder [default: the model folder when it is "
         "on this machine, else the server's /tokenize].",
-        group="server",
         metavar="PATH",
     )
     api_key_env: str = option(
         "OPENAI_API_KEY",
-        help="With --server: the environment variable holding the API key (never logged).",
-        group="server",
+        "With --server: the environment variable holding the API key (never logged).",
         metavar="NAME",
     )
     prompt_form: str = option(
         "auto",
-        help="With --server: send token ids, the rendered text, or chat messages [auto: token "
+        "With --server: send token ids, the rendered text, or chat messages [auto: token "
         "ids where the server takes them].",
-        group="server",
         choices=PROMPT_FORMS,
     )
     # Requests kept in flight come from --max-inflight; each transient failure (connection
@@ -214,29 +187,24 @@ class ServerConfig:
     # error row sooner.
     max_retries: int = option(
         5,
-        help="With --server: retries per row of a transient failure (refused or reset "
+        "With --server: retries per row of a transient failure (refused or reset "
         "connection, timeout, HTTP 408/429/5xx).",
-        group="server",
     )
     retry_backoff_seconds: float = option(
         1.0,
-        help="With --server: the first retry's wait, doubled each time (jittered; the "
+        "With --server: the first retry's wait, doubled each time (jittered; the "
         "server's Retry-After wins).",
-        group="server",
     )
     # A response slower than this is a timeout (retried). Generous: it bounds one whole
     # generation, which on a busy server can take minutes.
     request_timeout: float = option(
-        600.0,
-        help="With --server: seconds one request may take before it is retried.",
-        group="server",
+        600.0, "With --server: seconds one request may take before it is retried."
     )
     # When no request has succeeded for this long (the server is gone), the run stops like a
     # graceful stop: it commits what finished and exits 75, instead of erroring every row.
     fail_seconds: float = option(
         300.0,
-        help="With --server: when no request succeeds for this long, stop, commit and exit 75.",
-        group="server",
+        "With --server: when no request succeeds for this long, stop, commit and exit 75.",
         flag="--server-fail-seconds",
     )
 
@@ -277,55 +245,32 @@ class EngineConfig:
     model: str | None = option(
         None,  # the bundled SmolLM2-135M-Instruct
         help="Model folder or hub id [default: bundled SmolLM2-135M-Instruct].",
-        group="engine",
         metavar="PATH_OR_ID",
     )
     model_impl: str = option(
-        "transformers",
-        help="vLLM model implementation: transformers, vllm or auto.",
-        group="engine",
+        "transformers", "vLLM model implementation: transformers, vllm or auto."
     )
-    dtype: str = option(
-        "auto", help="Weights dtype (auto, bfloat16, float16, float32).", group="engine"
-    )
+    dtype: str = option("auto", "Weights dtype (auto, bfloat16, float16, float32).")
     max_model_len: int | None = option(
-        None, help="Context length (prompt + output) [default: the model's].", group="engine"
+        None, "Context length (prompt + output) [default: the model's]."
     )
-    tensor_parallel_size: int = option(1, help="GPUs per model replica.", group="engine")
-    gpu_memory_utilization: float | None = option(
-        None, help="Share of GPU memory vLLM may use.", group="engine"
-    )
-    max_num_seqs: int | None = option(
-        None, help="Sequences the engine runs at once.", group="engine"
-    )
+    tensor_parallel_size: int = option(1, "GPUs per model replica.")
+    gpu_memory_utilization: float | None = option(None, "Share of GPU memory vLLM may use.")
+    max_num_seqs: int | None = option(None, "Sequences the engine runs at once.")
     # None: on for CPU (compiling costs minutes there), off on GPU
     enforce_eager: bool | None = option(
-        None,
-        help="Skip graphs/compilation [default: on for CPU, off on GPU].",
-        group="engine",
-        negatable=True,
+        None, "Skip graphs/compilation [default: on for CPU, off on GPU].", negatable=True
     )
-    trust_remote_code: bool = option(
-        False, help="Allow model code from the model's repo.", group="engine"
-    )
-    engine_args: tuple[tuple[str, Any], ...] = option(
-        (),
-        help="Any other vllm.LLM argument; JSON values.",
-        group="engine",
-        flag="--engine-arg",
-        metavar="KEY=VALUE",
-        multiple=True,
-        parse=key_values("enable_prefix_caching=true"),
+    trust_remote_code: bool = option(False, "Allow model code from the model's repo.")
+    engine_args: tuple[tuple[str, Any], ...] = key_value_option(
+        "Any other vllm.LLM argument; JSON values.", "--engine-arg", "enable_prefix_caching=true"
     )
     # "fake": an instant engine for I/O, crash and scale tests (a hidden flag)
-    backend: str = option(
-        "vllm", help="", group="engine", flag="--engine", choices=("vllm", "fake"), hidden=True
-    )
+    backend: str = option("vllm", "", flag="--engine", choices=("vllm", "fake"), hidden=True)
     # LoRA adapters (name, absolute folder), served beside the base model.
     loras: tuple[tuple[str, str], ...] = option(
         (),
-        help="A LoRA adapter (PEFT folder) to serve beside the base model; repeatable.",
-        group="engine",
+        "A LoRA adapter (PEFT folder) to serve beside the base model; repeatable.",
         flag="--lora",
         metavar="NAME=PATH",
         multiple=True,
@@ -335,22 +280,20 @@ class EngineConfig:
     # neighbours, so a resumed bf16 run equals an uninterrupted one; slower.
     batch_invariant: bool = option(
         False,
-        help="vLLM's batch-invariant kernels (GPU): outputs independent of batch neighbours, "
+        "vLLM's batch-invariant kernels (GPU): outputs independent of batch neighbours, "
         "so a resumed bf16 run equals an uninterrupted one; slower.",
-        group="engine",
     )
     # vLLM's reasoning parser: splits thinking from the answer, and makes structured output
     # apply to the answer only.
     reasoning_parser: str | None = option(
         None,
-        help="vLLM reasoning parser (e.g. deepseek_r1, qwen3): thinking goes to column "
+        "vLLM reasoning parser (e.g. deepseek_r1, qwen3): thinking goes to column "
         "'reasoning', the answer to 'text'.",
-        group="engine",
         metavar="NAME",
     )
     # The run seed; listed with the sampling flags, as each row's sampling seed derives from it.
     seed: int = option(
-        0, help="Run seed; each row's seed derives from it and the row id.", group="sampling"
+        0, "Run seed; each row's seed derives from it and the row id.", group="sampling"
     )
     server: ServerConfig | None = None  # generate on this server instead of in this process
 
@@ -416,7 +359,6 @@ class OutputConfig:
 
     path: str = option(
         help="Output folder of Parquet shards (required).",
-        group="output",
         flag="--output",
         aliases=("-o",),
         metavar="DIR",
@@ -424,27 +366,18 @@ class OutputConfig:
     )
     # Rows per Parquet shard. A shard is the unit of commit: smaller ones lose less work to a
     # crash and show progress sooner; larger ones make fewer files for readers.
-    rows_per_shard: int = option(
-        10_000, help="Rows per shard; a shard is the unit of commit.", group="output"
-    )
+    rows_per_shard: int = option(10_000, "Rows per shard; a shard is the unit of commit.")
     # Commit a partial shard after this many seconds, so a slow model still checkpoints often.
-    checkpoint_seconds: float = option(
-        300.0, help="Commit a partial shard after this long.", group="output"
-    )
-    keep_prompt: bool = option(
-        False, help="Write the rendered prompt as column 'prompt'.", group="output"
-    )
+    checkpoint_seconds: float = option(300.0, "Commit a partial shard after this long.")
+    keep_prompt: bool = option(False, "Write the rendered prompt as column 'prompt'.")
     keep_columns: tuple[str, ...] = option(
         (),
-        help="Comma-separated input columns to copy to the output.",
-        group="output",
+        "Comma-separated input columns to copy to the output.",
         metavar="COLS",
         parse=comma_list,
         flag_default=None,
     )
-    overwrite: bool = option(
-        False, help="Discard earlier output in --output and start afresh.", group="output"
-    )
+    overwrite: bool = option(False, "Discard earlier output in --output and start afresh.")
 
     def __post_init__(self) -> None:
         if self.rows_per_shard < 1:
@@ -477,64 +410,53 @@ class RunConfig:
     # --num-shards / --shard-index are their old names, still accepted.
     num_ranks: int = option(
         1,
-        help="Split the input into this many ranks [default: from the launcher, else 1].",
-        group="ranks",
+        "Split the input into this many ranks [default: from the launcher, else 1].",
         aliases=("--num-shards",),
         flag_default=None,
     )
     rank: int = option(
         0,
-        help="This process's rank [default: from Slurm, torchrun, MPI or a Kubernetes "
+        "This process's rank [default: from Slurm, torchrun, MPI or a Kubernetes "
         "Indexed Job, else 0].",
-        group="ranks",
         aliases=("--shard-index",),
         flag_default=None,
     )
     # On a stop signal, wait this long for requests already running before aborting them.
     drain_seconds: float = option(
-        30.0,
-        help="On SIGTERM/SIGINT/SIGUSR1, let running requests finish this long.",
-        group="ranks",
+        30.0, "On SIGTERM/SIGINT/SIGUSR1, let running requests finish this long."
     )
     # Requests kept inside the engine at once. More keeps the scheduler fed across long and
     # short sequences; fewer loses less queued work on a crash (queued work is only redone).
     max_inflight: int | None = option(
-        None, help="Requests kept in the engine [default: 4 x max-num-seqs].", group="ranks"
+        None, "Requests kept in the engine [default: 4 x max-num-seqs]."
     )
     # Engine deaths (killed, out of memory, a CUDA error, an exception on a step) survived by
     # starting a new engine; past them the run stops, committed work kept, exit 1.
     engine_restarts: int = option(
-        2,
-        help="Engine deaths (killed, out of memory, crash) survived by restarting it.",
-        group="ranks",
+        2, "Engine deaths (killed, out of memory, crash) survived by restarting it."
     )
     # A step that produces nothing for this long is a stall, handled like a death. Generous: a
     # step only waits this long when the engine is hung or stopped, never on long outputs.
     stall_seconds: float = option(
-        600.0,
-        help="A step producing nothing this long is a stall, handled like a death.",
-        group="ranks",
+        600.0, "A step producing nothing this long is a stall, handled like a death."
     )
     # Error rows are data and are always committed, but a run whose share of error rows is above
     # this ends with exit 1 (and, past 1,000 prompts at over 90%, stops early), so a cron job
     # does not report success for a run that produced mostly errors.
     max_error_rate: float = option(
-        0.1,
-        help="Exit 1 if more than this share of prompts became error rows (all are committed).",
-        group="ranks",
+        0.1, "Exit 1 if more than this share of prompts became error rows (all are committed)."
     )
     progress_seconds: float | None = option(
         None,  # 0.5 s on a terminal, 30 s in a log
         help="Progress line interval [default: 0.5 s on a terminal, 30 s in logs].",
-        group="ranks",
     )
     # A rank started by --data-parallel sends its progress as JSON lines to this inherited file
     # descriptor, for the launcher's combined line, instead of printing its own (hidden flag).
-    progress_fd: int | None = option(None, help="", group="ranks", hidden=True)
+    progress_fd: int | None = option(None, "", hidden=True)
     # An input column naming each row's LoRA adapter (null: the base model).
     lora_column: str | None = option(
         None,
-        help="Column naming each row's --lora adapter (null: the base model).",
+        "Column naming each row's --lora adapter (null: the base model).",
         group="sampling",
         metavar="COL",
     )

@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 from pipeline import __version__, charts
 from pipeline.checkpoint import Manifest
 from pipeline.errors import BatchgenError
-from pipeline.progress import fmt_duration
+from pipeline.humanize import fmt_duration
 from pipeline.prompts import error_kind
 from pipeline.sinks import read_shard_metadata, shard_files
 from pipeline.status import RunStatus, read_status
@@ -179,7 +179,7 @@ def _rank_table(status: RunStatus, now: float) -> str:
             f"<td class=n>{m.prompts_committed:,}{total}</td><td class=n>{m.rows_committed:,}</td>"
             f"<td class=n>{m.errors:,}</td><td class=n>{len(m.shards):,}</td>"
             f"<td class=n>{'' if rate is None else f'{rate:,.1f}'}"
-            f"{'' if gen is None else f' over {_duration(gen)}'}</td>"
+            f"{'' if gen is None else f' over {fmt_duration(gen, tenths=True)}'}</td>"
             f"<td>{fmt_duration(max(now - m.updated_at, 0))} ago</td></tr>"
         )
     head = (
@@ -424,10 +424,6 @@ def _settings(manifests: list[Manifest], meta: dict[str, Any]) -> str:
         for k, v in items
     )
     return f'<table class="kv">{rows}</table>'
-
-
-def _duration(seconds: float) -> str:
-    return f"{seconds:.1f}s" if seconds < 60 else fmt_duration(seconds)
 
 
 def _missing(text: str) -> str:

@@ -7,9 +7,7 @@ disagree and a new setting is one field:
 
     @dataclass(frozen=True, slots=True)
     class OutputConfig:
-        rows_per_shard: int = option(
-            10_000, help="Rows per shard; a shard is the unit of commit.", group="output"
-        )
+        rows_per_shard: int = option(10_000, "Rows per shard; a shard is the unit of commit.")
 
 gives `--rows-per-shard INTEGER` (default shown), the TOML key `rows-per-shard`, and
 `OutputConfig(rows_per_shard=...)`. The flag's type comes from the field's annotation
@@ -45,14 +43,15 @@ class Option:
 
     `flag` is the long flag (default: the field's name with dashes); `aliases` are further
     names that set the same field (`--num-shards` for `--num-ranks`, `-o` for `--output`).
-    `group` places the flag among its kin in `--help` (see pipeline.cli.flags.GROUPS).
+    `group` places the flag among its kin in `--help`; None: with its class's other fields
+    (pipeline.cli.flags.SECTIONS names each class's group).
     `parse(value, flag)` turns the flag's value into the field's (ValueError: a usage error
     naming the flag). `flag_default` is the flag's default where it differs from the field's
     (None: "not given", resolved later, as a rank from the launcher is).
     """
 
     help: str
-    group: str
+    group: str | None = None
     flag: str | None = None
     aliases: tuple[str, ...] = ()
     metavar: str | None = None
@@ -64,9 +63,9 @@ class Option:
     flag_default: Any = FIELD_DEFAULT
 
 
-def option(default: Any = _UNSET, *, help: str, group: str, **how: Any) -> Any:
+def option(default: Any = _UNSET, help: str = "", **how: Any) -> Any:
     """A dataclass field whose flag, help and default are declared here, once."""
-    meta = {METADATA_KEY: Option(help=help, group=group, **how)}
+    meta = {METADATA_KEY: Option(help=help, **how)}
     if default is _UNSET:
         return dataclasses.field(metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -102,6 +101,14 @@ def key_values(example: str) -> Callable[[Any, str], tuple[tuple[str, Any], ...]
         return tuple(parsed)
 
     return parse
+
+
+def key_value_option(help: str, flag: str, example: str) -> Any:
+    """A repeatable KEY=VALUE flag (`--engine-arg enable_prefix_caching=true`) as a field of
+    (key, JSON value) pairs."""
+    return option(
+        (), help, flag=flag, metavar="KEY=VALUE", multiple=True, parse=key_values(example)
+    )
 
 
 def comma_list(value: str | None, _flag: str) -> tuple[str, ...]:

@@ -11,275 +11,25 @@ committed in --output, and with --id-column the ids read so far, are held too.)
 Expected output tokens and an ETA are given only from a measurement: --calibrate SECONDS (the
 real engine on a sample of these prompts, on this machine), else the last run recorded in
 --output; otherwise none is given.
+
+The counts are pipeline/tally.py's; the measurement pipeline/calibrate.py's.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import heapq
 import logging
-import random
-import threading
-import time
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+from pipeline.calibrate import CALIBRATION_SAMPLE, Calibration, Reservoir, calibrate_engine
 from pipeline.checkpoint import Manifest, lock_holder, preview_resume
 from pipeline.config import RunConfig
 from pipeline.errors import BatchgenError, ConfigError
-from pipeline.progress import fmt_duration
-from pipeline.prompts import error_kind
-from pipeline.records import PromptRow, ResultRow
+from pipeline.humanize import fmt_duration, plural
+from pipeline.tally import PERCENTILES, ErrorKind, History, RankPlan, Tally
 
 log = logging.getLogger("batchgen")
-
-PERCENTILES = (50, 90, 99)
-EXAMPLES = 3  # example ids kept per error kind
-WORST = 5  # over-long prompts kept, longest first
-CALIBRATION_SAMPLE = 4096  # requests kept for --calibrate, drawn evenly from the whole input
-CALIBRATION_WINDOWS = 5  # the measured span is cut into this many windows for the spread
-
-
-@dataclass(slots=True)
-class ErrorKind:
-    """Error rows of one kind: how many prompts, a few example ids and the first message."""
-
-    prompts: int = 0
-    examples: list[str] = field(default_factory=list)
-    message: str = ""
-
-
-class Tally:
-    """Counts over built requests, in memory that does not grow with the input."""
-
-    def __init__(self, max_model_len: int) -> None:
-        self.max_model_len = max_model_len
-        self.prompts = 0  # read and still to do
-        self.rows = 0  # output rows they make: prompts x n
-        self.error_prompts = 0
-        self.error_rows = 0
-        self.errors: dict[str, ErrorKind] = {}
-        self.worst: list[tuple[int, str]] = []  # a min-heap of the longest over-long prompts
-        self.lengths: Counter[int] = Counter()  # prompt tokens -> prompts (engine prompts only)
-        self.prompt_tokens = 0
-        self.samples = 0  # engine prompts x n
-        self.ceiling = 0  # output tokens if every sample ran to its budget
-
-    def add(self, rows: list[PromptRow]) -> None:
-        for row in rows:
-            n = row.n
-            self.prompts += 1
-            self.rows += n
-            if row.error is not None:
-                self._error(row, n)
-                continue
-            tokens = len(row.token_ids or ())
-            self.lengths[tokens] += 1
-            self.prompt_tokens += tokens
-            self.samples += n
-            budget = row.max_tokens or row.sampling["max_tokens"]
-            # The engine ends a sample at the context's end too ("length").
-            self.ceiling += n * min(budget, self.max_model_len - tokens)
-
-    def _error(self, row: PromptRow, n: int) -> None:
-        assert row.error is not None
-        self.error_prompts += 1
-        self.error_rows += n
-        kind = error_kind(row.error)
-        tally = self.errors.setdefault(kind, ErrorKind(message=row.error))
-        tally.prompts += 1
-        if len(tally.examples) < EXAMPLES:
-            tally.examples.append(row.id)
-        if kind == "over-long" and row.token_ids is not None:
-            item = (len(row.token_ids), row.id)
-            if len(self.worst) < WORST:
-                heapq.heappush(self.worst, item)
-            else:
-                heapq.heappushpop(self.worst, item)
-
-    def merge(self, other: Tally) -> None:
-        for name in ("prompts", "rows", "error_prompts", "error_rows", "prompt_tokens"):
-            setattr(self, name, getattr(self, name) + getattr(other, name))
-        self.samples += other.samples
-        self.ceiling += other.ceiling
-        self.lengths.update(other.lengths)
-        for kind, theirs in other.errors.items():
-            mine = self.errors.setdefault(kind, ErrorKind(message=theirs.message))
-            mine.prompts += theirs.prompts
-            mine.examples = (mine.examples + theirs.examples)[:EXAMPLES]
-        for item in other.worst:
-            heapq.heappush(self.worst, item)
-            if len(self.worst) > WORST:
-                heapq.heappop(self.worst)
-
-    @property
-    def engine_prompts(self) -> int:
-        """Prompts the engine would get (the rest are error rows)."""
-        return self.prompts - self.error_prompts
-
-    def percentile(self, q: float) -> int | None:
-        """The q-th percentile of prompt tokens (nearest rank, exact)."""
-        total = sum(self.lengths.values())
-        if not total:
-            return None
-        rank = max(1, -(-q * total // 100))  # ceil(q% of total)
-        seen = 0
-        for length in sorted(self.lengths):
-            seen += self.lengths[length]
-            if seen >= rank:
-                return length
-        return max(self.lengths)
-
-    def token_stats(self) -> dict[str, Any]:
-        engine = self.engine_prompts
-        stats: dict[str, Any] = {"total": self.prompt_tokens, "prompts": engine}
-        if engine:
-            stats["mean"] = round(self.prompt_tokens / engine, 1)
-            stats["min"] = min(self.lengths)
-            stats.update({f"p{q}": self.percentile(q) for q in PERCENTILES})
-            stats["max"] = max(self.lengths)
-        return stats
-
-    def worst_first(self) -> list[tuple[int, str]]:
-        return sorted(self.worst, key=lambda item: (-item[0], item[1]))
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "prompts": self.prompts,
-            "rows": self.rows,
-            "error_prompts": self.error_prompts,
-            "error_rows": self.error_rows,
-            "errors": {
-                kind: {"prompts": e.prompts, "examples": e.examples, "message": e.message}
-                for kind, e in sorted(self.errors.items(), key=lambda kv: (-kv[1].prompts, kv[0]))
-            },
-            "over_long_worst": [{"id": i, "tokens": t} for t, i in self.worst_first()],
-            "prompt_tokens": self.token_stats(),
-            "output_token_ceiling": self.ceiling,
-            "samples": self.samples,
-        }
-
-
-@dataclass(slots=True)
-class History:
-    """What earlier runs of a rank recorded in --output: stop behaviour and the last run's rate."""
-
-    samples: int = 0  # committed output rows that are not error rows
-    completion_tokens: int = 0
-    finish_reasons: Counter[str] = field(default_factory=Counter)
-    last_prompts: int = 0  # engine prompts of the last run
-    last_seconds: float = 0.0  # its generation time
-
-    def merge(self, other: History) -> None:
-        self.samples += other.samples
-        self.completion_tokens += other.completion_tokens
-        self.finish_reasons.update(other.finish_reasons)
-        self.last_prompts += other.last_prompts
-        self.last_seconds += other.last_seconds
-
-    @property
-    def rate(self) -> float | None:
-        """Engine prompts per second of the last run(s), pooled."""
-        if self.last_prompts <= 0 or self.last_seconds <= 0:
-            return None
-        return self.last_prompts / self.last_seconds
-
-
-@dataclass(slots=True)
-class RankPlan:
-    """One rank: what its input holds, what --output already has, and what a run would do."""
-
-    rank: int
-    input_prompts: int | None  # rows of this rank's slice, when the source knows
-    committed_prompts: int
-    committed_rows: int
-    committed_errors: int
-    tally: Tally
-    history: History | None
-    refused: list[str]
-    holder: str | None
-    done_ids: set[str] = field(default_factory=set)  # while reading: the rows a run would skip
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "rank": self.rank,
-            "input_prompts": self.input_prompts,
-            "committed_prompts": self.committed_prompts,
-            "committed_rows": self.committed_rows,
-            "committed_error_rows": self.committed_errors,
-            "todo": self.tally.to_dict(),
-            "holder": self.holder,
-            "refused": self.refused,
-        }
-
-
-@dataclass(slots=True)
-class Calibration:
-    """The real engine on a sample of the prompts to do, on this machine, for a while.
-
-    The rate is completed prompts over the time to the last completion: work still running at
-    the stop is not counted, and its time is not either. An engine that runs its whole batch in
-    step finishes prompts in waves; a span that ends on a completion holds whole waves, so the
-    rate is a job's rate. The spread comes from windows cut at completions, each ending on one.
-    """
-
-    seconds: float  # from the first admission to the last completion
-    budget: float  # --calibrate SECONDS
-    sample: int  # requests in the sample
-    prompts: int  # sample prompts completed
-    samples: int  # their output rows
-    output_tokens: int
-    first_seconds: float  # until the first completion
-    events: int  # engine steps that finished prompts
-    windows: list[tuple[float, int]]  # (seconds, prompts completed) of each window
-    whole: bool  # the sample was every prompt to do, and all of it finished
-    engine_start_seconds: float
-    engine_max_model_len: int
-    # Stop behaviour from the longest run of admitted prompts that all finished: outputs still
-    # running at the stop are the long ones, so the completed set alone would favour short ones.
-    stop_samples: int
-    stop_tokens: int
-    finish_reasons: dict[str, int]
-
-    @property
-    def rate(self) -> float:
-        """Prompts per second."""
-        return self.prompts / self.seconds
-
-    def window_rates(self) -> list[float]:
-        return [n / s for s, n in self.windows if s > 0]
-
-    def eta(self, prompts: int) -> tuple[float, float, float]:
-        """(estimate, low, high) seconds for `prompts` engine prompts on this machine; low and
-        high at the fastest and slowest window's rate."""
-        if self.whole and prompts == self.sample:
-            return self.seconds, self.seconds, self.seconds
-        rates = self.window_rates() or [self.rate]
-        return prompts / self.rate, prompts / max(rates), prompts / min(rates)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "seconds": round(self.seconds, 2),
-            "budget_seconds": self.budget,
-            "sample_prompts": self.sample,
-            "completed_prompts": self.prompts,
-            "completed_rows": self.samples,
-            "output_tokens": self.output_tokens,
-            "first_result_seconds": round(self.first_seconds, 2),
-            "completion_steps": self.events,
-            "prompts_per_second": round(self.rate, 3),
-            "output_tokens_per_second": round(self.output_tokens / self.seconds, 1),
-            "windows": [
-                {"seconds": round(s, 2), "prompts": n, "prompts_per_second": round(n / s, 3)}
-                for s, n in self.windows
-                if s > 0
-            ],
-            "whole_job": self.whole,
-            "engine_start_seconds": round(self.engine_start_seconds, 2),
-            "engine_max_model_len": self.engine_max_model_len,
-            "finish_reasons": self.finish_reasons,
-        }
 
 
 @dataclass(slots=True)
@@ -444,13 +194,13 @@ class Plan:
             for r in self.ranks:
                 lines.append(
                     f"  rank {r.rank}: {_prompt_counts(r.input_prompts, r.committed_prompts, r.tally)}"
-                    f" | {_plural(r.tally.error_prompts, 'error row')} | "
+                    f" | {plural(r.tally.error_prompts, 'error row')} | "
                     f"{r.tally.prompt_tokens:,} prompt tokens"
                 )
         inputs = _sum_known([r.input_prompts for r in self.ranks])
         lines.append(
             f"  prompts: {_prompt_counts(inputs, self.committed('committed_prompts'), t)}"
-            f" ({_plural(t.rows, 'output row')} with --n {n})"
+            f" ({plural(t.rows, 'output row')} with --n {n})"
         )
         if t.prompts:
             lines += self._todo_lines()
@@ -465,8 +215,8 @@ class Plan:
             lines.append("can run: every prompt is already committed; a run would do nothing")
         else:
             lines.append(
-                f"can run: {_plural(t.engine_prompts, 'prompt')} to generate"
-                + (f", {_plural(t.error_prompts, 'error row')}" if t.error_prompts else "")
+                f"can run: {plural(t.engine_prompts, 'prompt')} to generate"
+                + (f", {plural(t.error_prompts, 'error row')}" if t.error_prompts else "")
             )
         return "\n".join(lines)
 
@@ -478,7 +228,7 @@ class Plan:
         if t.engine_prompts:
             pcts = ", ".join(f"p{q} {stats[f'p{q}']:,}" for q in PERCENTILES)
             lines.append(
-                f"  prompt tokens: {stats['total']:,} over {_plural(t.engine_prompts, 'prompt')} | "
+                f"  prompt tokens: {stats['total']:,} over {plural(t.engine_prompts, 'prompt')} | "
                 f"min {stats['min']:,}, mean {stats['mean']:,}, {pcts}, max {stats['max']:,}"
             )
         column = self.cfg.sampling.max_tokens_column
@@ -489,7 +239,7 @@ class Plan:
         )
         lines.append(
             f"  output tokens: at most {t.ceiling:,} ({budget} x "
-            f"{_plural(t.engine_prompts, 'prompt')} x n {self.sampling.get('n', 1)}, each capped "
+            f"{plural(t.engine_prompts, 'prompt')} x n {self.sampling.get('n', 1)}, each capped "
             "by the context)"
         )
         expected = self.expected_output()
@@ -508,7 +258,7 @@ class Plan:
             return ["  error rows: none"]
         share = t.error_prompts / t.prompts
         lines = [
-            f"  error rows: {t.error_prompts:,} of {_plural(t.prompts, 'prompt')} to do "
+            f"  error rows: {t.error_prompts:,} of {plural(t.prompts, 'prompt')} to do "
             f"({share:.1%})"
         ]
         width = max(len(kind) for kind in t.errors)
@@ -538,12 +288,12 @@ class Plan:
         )
         rates = ", ".join(f"{r:,.2f}" for r in c.window_rates())
         lines = [
-            f"  calibration: {c.prompts:,} of {_plural(c.sample, 'sampled prompt')} finished in "
+            f"  calibration: {c.prompts:,} of {plural(c.sample, 'sampled prompt')} finished in "
             f"{c.seconds:,.1f}s on this machine{overdue}: {c.rate:,.2f} prompts/s, "
             f"{c.output_tokens / c.seconds:,.1f} output tok/s; engine start "
             f"{c.engine_start_seconds:,.1f}s, not counted",
-            f"    spread: {_plural(c.events, 'engine step')} finished prompts; in "
-            f"{_plural(len(c.windows), 'window')} ending on one: {rates} prompts/s",
+            f"    spread: {plural(c.events, 'engine step')} finished prompts; in "
+            f"{plural(len(c.windows), 'window')} ending on one: {rates} prompts/s",
         ]
         if c.whole:
             lines.append(
@@ -564,13 +314,15 @@ class Plan:
             )
         span = ""
         if eta["low"] is not None and eta["low"] != eta["high"]:
-            span = f" ({_dur(eta['low'])} to {_dur(eta['high'])} at the windows' rates)"
+            span = f" ({fmt_duration(eta['low'], tenths=True)} to {fmt_duration(eta['high'], tenths=True)} at the windows' rates)"
         who = "all ranks on one such machine" if self.all_ranks else "generation"
         lines = [
-            f"  ETA: {_dur(eta['seconds'])} of {who}{span}, {source}; engine start not included"
+            f"  ETA: {fmt_duration(eta['seconds'], tenths=True)} of {who}{span}, {source}; engine start not included"
         ]
         if self.all_ranks:
-            per = ", ".join(f"rank {k} {_dur(v)}" for k, v in eta["per_rank"].items())
+            per = ", ".join(
+                f"rank {k} {fmt_duration(v, tenths=True)}" for k, v in eta["per_rank"].items()
+            )
             lines.append(f"    per rank, each on its own such machine: {per}")
         return lines
 
@@ -588,32 +340,21 @@ def _prompt_counts(inputs: int | None, committed: int, tally: Tally) -> str:
     return f"{total}, {committed:,} committed, {tally.prompts:,} to do"
 
 
-def _plural(n: int, word: str) -> str:
-    return f"{n:,} {word}" + ("" if n == 1 else "s")
-
-
-def _dur(seconds: float) -> str:
-    return f"{seconds:.1f}s" if seconds < 60 else fmt_duration(seconds)
-
-
 def make_plan(cfg: RunConfig, all_ranks: bool = False, calibrate: float | None = None) -> Plan:
     """Plan this rank of `cfg` (or every rank), optionally calibrating on the real engine."""
-    server = None
-    if cfg.engine.server is not None:
-        if calibrate:
-            raise ConfigError(
-                "--calibrate times the in-process engine; with --server, time a short run "
-                "instead (batchgen run --server URL --limit N) and plan without --calibrate"
-            )
-        from pipeline.engines import get_engine
+    if cfg.engine.server is None:
+        return _make_plan(cfg, all_ranks, calibrate, None)
+    if calibrate:
+        raise ConfigError(
+            "--calibrate times the in-process engine; with --server, time a short run "
+            "instead (batchgen run --server URL on a few hundred rows of the input, e.g. "
+            "one Parquet file of it) and plan without --calibrate"
+        )
+    from pipeline.engines import open_engine
 
-        # Asked as a run asks it: the served model, its tokenizer and context.
-        server = get_engine(cfg.engine, cfg.engine.model)
-    try:
+    # Asked as a run asks it: the served model, its tokenizer and context.
+    with open_engine(cfg.engine, cfg.engine.model) as server:
         return _make_plan(cfg, all_ranks, calibrate, server)
-    finally:
-        if server is not None:
-            server.close()
 
 
 def _make_plan(cfg: RunConfig, all_ranks: bool, calibrate: float | None, server: Any) -> Plan:
@@ -621,7 +362,7 @@ def _make_plan(cfg: RunConfig, all_ranks: bool, calibrate: float | None, server:
     from pipeline.models import context_length
     from pipeline.stages import request_batches
 
-    reservoir = _Reservoir(CALIBRATION_SAMPLE) if calibrate else None
+    reservoir = Reservoir(CALIBRATION_SAMPLE) if calibrate else None
     plan: Plan | None = None
     for rank in range(cfg.num_ranks) if all_ranks else [cfg.rank]:
         job = read_job(dataclasses.replace(cfg, rank=rank), server)
@@ -709,138 +450,3 @@ def _history(manifest: Manifest, n: int) -> History:
     if engine_prompts > 0 and seconds > 0:
         h.last_prompts, h.last_seconds = engine_prompts, float(seconds)
     return h
-
-
-class _Reservoir:
-    """A uniform sample of up to `size` engine requests over the whole input (Algorithm R)."""
-
-    def __init__(self, size: int, seed: int = 0) -> None:
-        self.size = size
-        self.rows: list[PromptRow] = []
-        self.seen = 0
-        self._random = random.Random(seed)
-
-    def add(self, rows: list[PromptRow]) -> None:
-        for row in rows:
-            if row.error is not None:
-                continue
-            self.seen += 1
-            if len(self.rows) < self.size:
-                self.rows.append(row)
-            else:
-                j = self._random.randrange(self.seen)
-                if j < self.size:
-                    self.rows[j] = row
-
-
-def calibrate_engine(
-    cfg: RunConfig, model: str, sample: list[PromptRow], seconds: float, whole: bool
-) -> Calibration:
-    """Run `sample` through the real engine for `seconds`, and for at least twice the time its
-    first prompt took to finish (so the span holds more than the first requests' lifetime), and
-    measure the rate."""
-    from pipeline.engines import StopFlags, get_engine
-
-    engine = get_engine(cfg.engine, model)
-    # The ids of a sample may repeat across ranks; results are matched by position instead.
-    order = list(sample)
-    random.Random(0).shuffle(order)
-    rows = [dataclasses.replace(row, id=str(i)) for i, row in enumerate(order)]
-    flags = StopFlags()
-    events: list[tuple[float, list[ResultRow]]] = []
-    first: list[float] = []  # when the first prompt finished
-    started = time.monotonic()
-
-    def watch() -> None:
-        while not flags.stop.is_set():
-            elapsed = time.monotonic() - started
-            if elapsed >= seconds and first and elapsed >= 2 * first[0]:
-                flags.stop.set()
-                flags.abort.set()
-            time.sleep(0.05)
-
-    log.info(
-        "calibrating: %s sampled prompts through the engine for %s...",
-        f"{len(rows):,}",
-        _dur(seconds),
-    )
-    watcher = threading.Thread(target=watch, name="batchgen-calibrate", daemon=True)
-    watcher.start()
-    try:
-        for results in engine.generate(iter(rows), flags, cfg.max_inflight):
-            at = time.monotonic() - started
-            events.append((at, results))
-            if not first and any(r.error is None for r in results):
-                first.append(at)
-    except Exception as exc:
-        raise BatchgenError(f"--calibrate: the engine failed: {type(exc).__name__}: {exc}") from exc
-    finally:
-        flags.stop.set()
-        watcher.join()
-    log.info("calibration done; its unfinished requests were dropped (nothing was written)")
-    # Calibration's prompts must not make a later run in this process look faster.
-    reset = getattr(engine, "reset_prefix_cache", None)
-    if reset is not None:
-        reset()
-    return _measure(events, seconds, len(rows), whole, engine)
-
-
-def _measure(
-    events: list[tuple[float, list[ResultRow]]],
-    budget: float,
-    sample: int,
-    whole: bool,
-    engine: Any,
-) -> Calibration:
-    steps: list[tuple[float, int]] = []  # (time, prompts completed) per engine step
-    finished: dict[int, tuple[int, int, Counter[str]]] = {}  # prompt -> (samples, tokens, reasons)
-    output_tokens = samples = 0
-    for at, results in events:
-        done = 0
-        for r in results:
-            if r.error is not None:  # refused by the engine: no time spent
-                continue
-            samples += 1
-            output_tokens += r.completion_tokens or 0
-            count, tokens, reasons = finished.get(int(r.id), (0, 0, Counter()))
-            reasons[r.finish_reason or "unknown"] += 1
-            finished[int(r.id)] = (count + 1, tokens + (r.completion_tokens or 0), reasons)
-            done += r.sample_index == 0
-        if done:
-            steps.append((at, done))
-    if not steps:
-        raise BatchgenError("--calibrate: no sampled prompt reached the engine")
-    # Up to CALIBRATION_WINDOWS windows, each ending on a completion, of equally many steps.
-    count = min(CALIBRATION_WINDOWS, len(steps))
-    ends = [round((k + 1) * len(steps) / count) - 1 for k in range(count)]
-    windows, begin, start = [], 0.0, 0
-    for end in ends:
-        windows.append((steps[end][0] - begin, sum(n for _, n in steps[start : end + 1])))
-        begin, start = steps[end][0], end + 1
-    # The longest prefix of the admission order that all finished: an unbiased sample of outputs.
-    stop_samples = stop_tokens = 0
-    reasons: Counter[str] = Counter()
-    for i in range(sample):
-        if i not in finished:
-            break
-        stop_samples += finished[i][0]
-        stop_tokens += finished[i][1]
-        reasons.update(finished[i][2])
-    prompts = sum(n for _, n in steps)
-    return Calibration(
-        seconds=steps[-1][0],
-        budget=budget,
-        sample=sample,
-        prompts=prompts,
-        samples=samples,
-        output_tokens=output_tokens,
-        first_seconds=steps[0][0],
-        events=len(steps),
-        windows=windows,
-        whole=whole and prompts == sample,
-        engine_start_seconds=engine.start_seconds,
-        engine_max_model_len=engine.max_model_len,
-        stop_samples=stop_samples,
-        stop_tokens=stop_tokens,
-        finish_reasons=dict(sorted(reasons.items())),
-    )

@@ -15,17 +15,11 @@ import threading
 import time
 from typing import Any, TextIO
 
+from pipeline.humanize import fmt_duration
 from pipeline.records import ResultRow
 
 # How often a rank of a --data-parallel run sends its counts to the launcher (a few bytes each).
 SNAPSHOT_SECONDS = 0.5
-
-
-def fmt_duration(seconds: float) -> str:
-    seconds = int(seconds)
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s" if m else f"{s}s"
 
 
 def _default_interval(live: bool) -> float:

@@ -79,12 +79,18 @@ def log_summary(report: dict[str, Any], out_dir: Path) -> None:
     requests = this.get("requests")
     if requests:
         log.info("server requests: %s", requests_line(requests))
+    log_output(committed, out_dir)
+
+
+def log_output(committed: dict[str, Any], out_dir: Path, ranks: int | None = None) -> None:
+    """The last log line: what the output folder holds (of `ranks` ranks, for a node's run)."""
     total = committed["total_prompts"]
     log.info(
-        "output: %s prompts committed%s in %d shard(s) under %s",
+        "output: %s prompts committed%s in %d shard(s)%s under %s",
         f"{committed['prompts']:,}",
         f" of {total:,}" if total is not None else "",
         committed["shards"],
+        f" of {ranks} rank(s)" if ranks is not None else "",
         out_dir,
     )
 

@@ -8,6 +8,7 @@ Three threads keep the engine fed and off every I/O path (pipeline/stages.py):
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import threading
@@ -17,7 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline import __version__
 from pipeline.checkpoint import (
     Checkpoint,
     RankLock,
@@ -26,13 +26,21 @@ from pipeline.checkpoint import (
     manifest_path,
 )
 from pipeline.config import EngineConfig, RunConfig
-from pipeline.engines import Engine, EngineGaveUp, FaultPolicy, StopFlags, get_engine
+from pipeline.engines import (
+    Engine,
+    EngineGaveUp,
+    FaultPolicy,
+    StopFlags,
+    in_process_engine,
+    open_engine,
+)
 from pipeline.errors import BatchgenError, ConfigError, committed_note, storage_failure
 from pipeline.job import Job, read_job
 from pipeline.progress import Progress, fmt_duration
 from pipeline.report import log_summary, run_report
 from pipeline.sinks import ParquetShardWriter, output_schema, prepare_output_dir
 from pipeline.stages import Committer, Feeder
+from pipeline.version import __version__
 
 if TYPE_CHECKING:
     from pipeline.engines.server import ServerEngine
@@ -61,8 +69,8 @@ def run(cfg: RunConfig) -> RunResult:
     out_dir = cfg.output_dir
     # A server is asked who it is before the output is touched: an unreachable one, or one
     # serving another model, is refused with nothing written; its answers enter the fingerprint.
-    server = get_engine(cfg.engine, cfg.engine.model) if cfg.engine.server is not None else None
-    try:
+    asked = cfg.engine.server is not None
+    with open_engine(cfg.engine, cfg.engine.model) if asked else contextlib.nullcontext() as server:
         prepare_output_dir(out_dir)
         try:
             lock = RankLock(out_dir, cfg.rank).acquire()
@@ -76,9 +84,6 @@ def run(cfg: RunConfig) -> RunResult:
                 return _run_locked(cfg, wall_start, flags, phase, server)
         finally:
             lock.release()
-    finally:
-        if server is not None:
-            server.close()
 
 
 def _run_locked(
@@ -169,7 +174,7 @@ def start_engine(
     """The job's engine (started, or the one this process already runs with these settings;
     with `server`, that server), checked against the job's sampling; sizes the prompt builder's
     length check to it. With `log_path`, a new engine's own output goes to that file."""
-    engine = server if server is not None else get_engine(engine_cfg, job.model, log_path)
+    engine = server if server is not None else in_process_engine(engine_cfg, job.model, log_path)
     problem = engine.check_sampling(job.sampling)
     if problem:
         raise ConfigError(problem)

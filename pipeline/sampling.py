@@ -255,24 +255,17 @@ class SamplingConfig:
     # An integer input column with each row's own max tokens (a null falls back to
     # --max-tokens), so one run can mix short and long outputs.
     max_tokens_column: str | None = field_option(
-        None,
-        help="Integer column with each row's own max tokens (null: --max-tokens).",
-        group="sampling",
-        metavar="COL",
+        None, "Integer column with each row's own max tokens (null: --max-tokens).", metavar="COL"
     )
     # A column whose JSON Schema (object or JSON text) constrains that row's text.
     json_schema_column: str | None = field_option(
-        None,
-        help="Column with each row's own JSON Schema (JSON text or struct).",
-        group="sampling",
-        metavar="COL",
+        None, "Column with each row's own JSON Schema (JSON text or struct).", metavar="COL"
     )
     # A column of per-row overrides (struct or JSON text) with keys of SAMPLING_OPTIONS or seed.
     sampling_column: str | None = field_option(
         None,
-        help="Column of per-row settings overriding the flags (JSON text or struct), e.g. "
+        "Column of per-row settings overriding the flags (JSON text or struct), e.g. "
         '{"temperature": 0.7, "n": 2, "seed": 5}.',
-        group="sampling",
         metavar="COL",
     )
 

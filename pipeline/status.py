@@ -15,7 +15,8 @@ from typing import Any
 
 from pipeline.checkpoint import STATE_DIR, Manifest, lock_holder, manifest_path
 from pipeline.errors import EXIT_OK, EXIT_STATUS_FAILED, EXIT_STATUS_INCOMPLETE, BatchgenError
-from pipeline.progress import fmt_duration
+from pipeline.humanize import fmt_duration
+from pipeline.humanize import plural as _plural
 from pipeline.report import requests_line
 from pipeline.sinks import shard_files
 
@@ -158,7 +159,7 @@ class RunStatus:
             if this_run and this_run.get("generate_seconds"):
                 detail.append(
                     f"last run: {this_run['prompts']:,} prompts in "
-                    f"{_seconds(this_run['generate_seconds'])} of generation, "
+                    f"{fmt_duration(this_run['generate_seconds'], tenths=True)} of generation, "
                     f"{this_run['output_tokens_per_second'] or 0:,.1f} output tok/s"
                 )
             requests = (this_run or {}).get("requests")
@@ -272,14 +273,6 @@ def _prompts(done: int, total: int | None) -> str:
         return f"{done:,} prompts"
     pct = 100.0 * done / total if total else 100.0
     return f"{done:,}/{total:,} prompts ({pct:.1f}%)"
-
-
-def _seconds(seconds: float) -> str:
-    return f"{seconds:.1f}s" if seconds < 60 else fmt_duration(seconds)
-
-
-def _plural(n: int, word: str) -> str:
-    return f"{n:,} {word}" + ("" if n == 1 else "s")
 
 
 def _reasons(reasons: dict[str, int]) -> str:

@@ -9,7 +9,7 @@ conftest.py), never by batchgen itself: `batchgen` as users run it reads none of
                                     (after_rename), so a test can SIGKILL it exactly there
   BATCHGEN_TEST_PAUSE=engine_start  the fake engine's start announces itself and hangs, so a
                                     test can signal a run before its generation begins
-  BATCHGEN_TEST_GRANDCHILD=2        the rank with --shard-index 2 starts a `sleep` child in its
+  BATCHGEN_TEST_GRANDCHILD=2        the rank with --rank 2 starts a `sleep` child in its
                                     session, announced on stderr, standing for vLLM's engine
                                     core (which a killed rank leaves behind)
 
@@ -56,14 +56,14 @@ def install() -> None:
         assert point in PAUSE_POINTS and nth.isdigit(), f"{PAUSE_ENV}={spec!r}"
         _pause_at_commit(point, int(nth))
     rank = os.environ.get(GRANDCHILD_ENV)
-    if rank is not None and _shard_index() == rank:
+    if rank is not None and _rank() == rank:
         child = subprocess.Popen(["sleep", "600"])
         print(f"{GRANDCHILD_ENV} pid {child.pid}", file=sys.stderr, flush=True)
 
 
-def _shard_index() -> str | None:
+def _rank() -> str | None:
     for i, arg in enumerate(sys.argv[:-1]):
-        if arg == "--shard-index":
+        if arg in ("--rank", "--shard-index"):
             return sys.argv[i + 1]
     return None
 

@@ -130,7 +130,7 @@ RuntimeError: Engine core initialization failed. See root cause above. Failed co
 
 
 def test_a_failed_engine_start_names_the_cause_from_its_log_and_the_log(tmp_path: Path) -> None:
-    from pipeline.engines.vllm import start_failure
+    from pipeline.engines.logs import start_failure
 
     log = tmp_path / "engine-rank-00000.log"
     # An earlier run's error in the same (appended) log is not this start's cause.

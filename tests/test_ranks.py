@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from pipeline.errors import ConfigError
-from pipeline.launch import pin_local_gpus
+from pipeline.slots import pin_local_gpus
 from pipeline.ranks import Rank, resolve_rank
 
 SLURM_ARRAY = {"SLURM_ARRAY_TASK_ID": "12", "SLURM_ARRAY_TASK_COUNT": "3"}

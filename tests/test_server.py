@@ -367,18 +367,18 @@ def test_bench_server_flag_combinations(flags, message):
     [("2", 2.0), ("0.5", 0.5), ("-3", 0.0), ("soon", None), (None, None)],
 )
 def test_retry_after_values(header, seconds):
-    from pipeline.engines.server import _retry_after
+    from pipeline.engines.http import retry_after
 
-    assert _retry_after(header) == seconds
+    assert retry_after(header) == seconds
 
 
 def test_retry_after_as_an_http_date():
     import email.utils
 
-    from pipeline.engines.server import _retry_after
+    from pipeline.engines.http import retry_after
 
     when = email.utils.formatdate(time.time() + 30, usegmt=True)
-    assert 28 <= _retry_after(when) <= 30
+    assert 28 <= retry_after(when) <= 30
 
 
 def test_plan_of_a_server_run_sees_its_resume_and_counts_its_tokens(tmp_path, src, tokenizer):

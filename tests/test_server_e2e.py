@@ -166,13 +166,14 @@ def test_greedy_output_equals_the_in_process_engine(tmp_path, vllm_server, api_k
 
 def test_the_servers_tokenize_renders_prompts_as_the_local_tokenizer_does(vllm_server, api_key):
     from pipeline.config import EngineConfig, ServerConfig
-    from pipeline.engines.server import ServerEngine, _ServerTokenizer
+    from pipeline.engines.http import ServerTokenizer
+    from pipeline.engines.server import ServerEngine
     from pipeline.prompts import load_tokenizer
 
     url, model = vllm_server
     engine = ServerEngine(EngineConfig(server=ServerConfig(url)), model)
     try:
-        remote, local = _ServerTokenizer(engine), load_tokenizer(model)
+        remote, local = ServerTokenizer(engine), load_tokenizer(model)
         for prompt in PROMPTS[:2]:
             messages = [
                 {"role": "system", "content": "Be brief."},

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import click
 
-from pipeline import __version__
 from pipeline.cli import bench, model, plan, report, run, show, status, tune
+from pipeline.version import __version__
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

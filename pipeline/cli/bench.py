@@ -10,7 +10,13 @@ from typing import Any
 
 import click
 
-from pipeline.cli.common import click_errors, logs_to_stderr, long_flag, setup_logging
+from pipeline.cli.common import (
+    click_errors,
+    file_option,
+    logs_to_stderr,
+    long_flag,
+    setup_logging,
+)
 from pipeline.cli.flags import engine_config, group_options, server_config
 
 BENCH_EXAMPLES = """\b
@@ -130,12 +136,7 @@ _THROUGHPUT_ONLY = (
     show_default=True,
     help="Prompts for --with-transformers.",
 )
-@click.option(
-    "--json-schema",
-    metavar="FILE",
-    type=click.Path(dir_okay=False),
-    help="Both sides constrain their outputs to this JSON Schema.",
-)
+@file_option("--json-schema", "Both sides constrain their outputs to this JSON Schema.")
 @click.option("--choice", multiple=True, help="Both sides answer with one of these; repeatable.")
 @click.option("--logprobs", type=int, help="Both sides return the top K logprobs per token.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Prompt set and run seed.")

@@ -63,6 +63,11 @@ def given_options(ctx: click.Context, skip: tuple[str, ...] = ()) -> list[tuple[
     return given
 
 
+def file_option(flag: str, help: str) -> Any:
+    """An option naming a file (that need not exist yet)."""
+    return click.option(flag, metavar="FILE", type=click.Path(dir_okay=False), help=help)
+
+
 def long_flag(param: click.Option) -> str:
     """The first long name of an option (`--output` of `-o/--output`)."""
     return next(o for o in param.opts if o.startswith("--"))

@@ -17,27 +17,31 @@ from typing import Any
 
 import click
 
-from pipeline.config import (
-    EngineConfig,
-    OutputConfig,
-    PromptConfig,
-    RunConfig,
-    ServerConfig,
-    SourceConfig,
-)
+from pipeline import config
+from pipeline.config import EngineConfig, RunConfig, ServerConfig
 from pipeline.errors import ConfigError
 from pipeline.options import FIELD_DEFAULT, Option, flag_name, option_of
 from pipeline.sampling import SAMPLING_OPTIONS, SamplingConfig, SamplingOption
 
-# Each group's flags in --help order: the fields of these classes whose Option names the group,
-# in the order the classes declare them (the sampling group starts with SAMPLING_OPTIONS).
+# The group of a field that names none: its class's. (seed and lora_column name "sampling".)
+SECTIONS: dict[type, str] = {
+    config.SourceConfig: "input",
+    config.PromptConfig: "prompt",
+    EngineConfig: "engine",
+    ServerConfig: "server",
+    SamplingConfig: "sampling",
+    config.OutputConfig: "output",
+    RunConfig: "ranks",
+}
+# Each group's flags in --help order: the fields of these classes in that group, in the order
+# the classes declare them (the sampling group starts with SAMPLING_OPTIONS).
 GROUPS: dict[str, tuple[type, ...]] = {
-    "input": (SourceConfig,),
-    "prompt": (PromptConfig,),
+    "input": (config.SourceConfig,),
+    "prompt": (config.PromptConfig,),
     "engine": (EngineConfig,),
     "server": (ServerConfig,),
     "sampling": (SamplingConfig, RunConfig, EngineConfig),
-    "output": (OutputConfig,),
+    "output": (config.OutputConfig,),
     "ranks": (RunConfig,),
 }
 _CLICK_TYPES = {int: click.INT, float: click.FLOAT, str: click.STRING}
@@ -105,7 +109,7 @@ def declared(group: str) -> tuple[tuple[type, dataclasses.Field, Option], ...]:
         (cls, f, spec)
         for cls in GROUPS[group]
         for f in dataclasses.fields(cls)
-        if (spec := option_of(f)) is not None and spec.group == group
+        if (spec := option_of(f)) is not None and (spec.group or SECTIONS[cls]) == group
     )
 
 
@@ -185,8 +189,8 @@ def run_config(kw: dict[str, Any]) -> RunConfig:
     """The RunConfig of the parsed flags of `run` (also `plan` and `tune`); the sections are
     checked in the order of --help, so the first bad flag is the one reported."""
     source, prompt, engine = (
-        build(SourceConfig, kw),
-        build(PromptConfig, kw),
+        build(config.SourceConfig, kw),
+        build(config.PromptConfig, kw),
         engine_config(kw),
     )
     try:
@@ -202,7 +206,7 @@ def run_config(kw: dict[str, Any]) -> RunConfig:
         prompt=prompt,
         engine=engine,
         sampling=sampling,
-        output=build(OutputConfig, kw),
+        output=build(config.OutputConfig, kw),
         engine_log=kw.get("engine_log", True),
     )
 

@@ -105,7 +105,7 @@ def run(**kw: Any) -> None:
     rank = set_rank(kw)
     cfg = run_config(kw)
     if rank.from_launcher:
-        from pipeline.launch import pin_local_gpus
+        from pipeline.slots import pin_local_gpus
 
         pinned = pin_local_gpus(rank, cfg.engine.tensor_parallel_size)
         if pinned:
@@ -133,7 +133,7 @@ def _node_plan(kw: dict[str, Any], data_parallel: int | str):
             f"made this process rank {found.rank} of {found.num_ranks}; drop --data-parallel "
             "and let the launcher start the ranks, or start batchgen outside the launcher"
         )
-    from pipeline.launch import plan_node
+    from pipeline.slots import plan_node
 
     with click_errors():
         plan = plan_node(data_parallel, kw["num_ranks"], kw["tensor_parallel_size"])

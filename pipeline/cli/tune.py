@@ -13,6 +13,7 @@ import click
 
 from pipeline.cli.common import (
     click_errors,
+    file_option,
     given_options,
     logs_to_stderr,
     long_flag,
@@ -96,12 +97,7 @@ _TUNE_ONLY = (
     is_flag=True,
     help="Accept a faster setting whose texts on the sample differ from the baseline's.",
 )
-@click.option(
-    "--write-config",
-    metavar="FILE",
-    type=click.Path(dir_okay=False),
-    help="Write the job config with the winning engine settings here.",
-)
+@file_option("--write-config", "Write the job config with the winning engine settings here.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.pass_context
 def tune(ctx: click.Context, **kw: Any) -> None:

@@ -1,16 +1,22 @@
-"""Engines: where prompts become completions. `get_engine` picks and caches one.
+"""Engines: where prompts become completions. `open_engine` gives the one for a config.
 
-base.py    the Engine interface, stop flags and the continuous-admission loop
-vllm.py    vLLM in this process (the only module that imports vllm)
-server.py  an OpenAI-compatible server (`vllm serve`) over HTTP
-fake.py    an instant stand-in for I/O, crash and scale tests
+base.py         the Engine interface, stop flags and the continuous-admission loop
+vllm.py         the vLLM adapter: vLLM in this process (the only module that imports vllm)
+supervise.py    its processes: exit causes, killing the tree, the reaper, leftover shared memory
+logs.py         its output: diverted to the engine log, read back for why a start failed
+server.py       an OpenAI-compatible server (`vllm serve`) as the engine
+http.py         the server engine's HTTP client: retry rules, the request loop, /tokenize
+openai_wire.py  rows as OpenAI request bodies, responses as result rows
+fake.py         an instant stand-in for I/O, crash and scale tests
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import dataclasses
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 from pipeline.config import EngineConfig
@@ -44,22 +50,36 @@ def preflight(cfg: EngineConfig, model: str) -> None:
             raise ConfigError(problem)
 
 
-def get_engine(cfg: EngineConfig, model: str | None, log_path: Path | None = None) -> Engine:
-    """The engine for these settings, started once per process and reused by later runs.
+@contextlib.contextmanager
+def open_engine(
+    cfg: EngineConfig, model: str | None, log_path: Path | None = None
+) -> Iterator[Engine]:
+    """The engine for these settings, for the length of a `with` block.
 
-    Reuse is what lets one test session, or a script calling `run()` per dataset, pay the
-    engine's start (tens of seconds) once. With `log_path`, a new engine's own output (vLLM's
-    log lines, its processes' warnings) goes to that file instead of the terminal.
-
-    A server engine (`cfg.server`) is not cached: it costs one request to make, and each run
-    must ask the server afresh who it is; `model` is then the served model id (None: the
-    server's only one), and the caller closes it.
+    A server (`cfg.server`) is asked who it is on entry (`model` is then the served model id;
+    None: the server's only one) and its client closed on leaving. An in-process engine is
+    `in_process_engine`'s: started once per process and kept for later blocks, since reuse is
+    what lets a test session, or a script calling `pipeline.run` per dataset, pay its start
+    (tens of seconds) once.
     """
-    if cfg.server is not None:
-        from pipeline.engines.server import ServerEngine
+    if cfg.server is None:
+        assert model is not None
+        yield in_process_engine(cfg, model, log_path)
+        return
+    from pipeline.engines.server import ServerEngine
 
-        return ServerEngine(cfg, model)
-    assert model is not None
+    server = ServerEngine(cfg, model)
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+def in_process_engine(cfg: EngineConfig, model: str, log_path: Path | None = None) -> Engine:
+    """The in-process engine (vLLM, or the fake) for these settings, started once per process
+    and reused while it lives; only one vLLM engine is kept (one fits in memory). With
+    `log_path`, a new engine's own output goes to that file instead of the terminal."""
+    assert cfg.server is None
     settings = json.dumps(dataclasses.asdict(cfg), sort_keys=True, default=str)
     key = (cfg.backend, settings, model)
     engine = _ENGINES.get(key)
@@ -72,13 +92,23 @@ def get_engine(cfg: EngineConfig, model: str | None, log_path: Path | None = Non
     else:
         from pipeline.engines.vllm import VllmEngine
 
-        # Only one vLLM engine fits in memory at a time: drop any other before starting.
         for other in [k for k in _ENGINES if k[0] == "vllm"]:
             _ENGINES.pop(other).close()
         engine = VllmEngine(cfg, model, log_path)
         atexit.register(engine.close)
     _ENGINES[key] = engine
     return engine
+
+
+def get_engine(cfg: EngineConfig, model: str | None, log_path: Path | None = None) -> Engine:
+    """Deprecated: `open_engine` (which closes a server client) or `in_process_engine`. Kept for
+    pipeline/bench, which closes the server engines it gets itself."""
+    if cfg.server is not None:
+        from pipeline.engines.server import ServerEngine
+
+        return ServerEngine(cfg, model)
+    assert model is not None
+    return in_process_engine(cfg, model, log_path)
 
 
 __all__ = [
@@ -88,5 +118,7 @@ __all__ = [
     "RejectedPrompt",
     "StopFlags",
     "get_engine",
+    "in_process_engine",
+    "open_engine",
     "preflight",
 ]

@@ -76,6 +76,13 @@ class FaultPolicy:
     stall_seconds: float = 600.0
 
 
+# The shape of every engine's `generate`: prompt rows in (None: nothing ready yet), each
+# finished row's results out, as they finish.
+Rows = Iterable[PromptRow | None]
+Faults = FaultPolicy | None
+Results = Iterator[list[ResultRow]]
+
+
 class Engine(Protocol):
     """What the runner needs from an engine."""
 
@@ -87,12 +94,8 @@ class Engine(Protocol):
         ...
 
     def generate(
-        self,
-        rows: Iterable[PromptRow | None],
-        flags: StopFlags,
-        max_inflight: int | None = None,
-        faults: FaultPolicy | None = None,
-    ) -> Iterator[list[ResultRow]]:
+        self, rows: Rows, flags: StopFlags, max_inflight: int | None = None, faults: Faults = None
+    ) -> Results:
         """Results for `rows` (None: nothing ready yet) as they finish, in any order."""
         ...
 
@@ -162,12 +165,8 @@ class SteppingEngine(ABC):
         return None
 
     def generate(
-        self,
-        rows: Iterable[PromptRow | None],
-        flags: StopFlags,
-        max_inflight: int | None = None,
-        faults: FaultPolicy | None = None,
-    ) -> Iterator[list[ResultRow]]:
+        self, rows: Rows, flags: StopFlags, max_inflight: int | None = None, faults: Faults = None
+    ) -> Results:
         """Continuous admission, surviving engine deaths as `faults` allows.
 
         On `flags.stop`, admission ends, requests still queued beyond the `max_num_seqs` that
@@ -268,20 +267,7 @@ class _Admission:
     def _survive(self, death: EngineDied) -> Iterator[list[ResultRow]]:
         """Record a death, isolate the rows it may be due to, restart or give up."""
         if self.flags.stop.is_set():
-            # Stopping anyway (a signal, often the same one that hit the engine): no restart;
-            # what was in flight runs again on resume.
-            log.warning(
-                "the engine died while stopping (%s); %d request(s) in flight run again on resume",
-                death.cause,
-                len(self.pending),
-            )
-            self.engine.failures.append(
-                {"at": round(time.time(), 3), "cause": death.cause, "in_flight": len(self.pending),
-                 "isolating": False, "restarted": False}
-            )  # fmt: skip
-            self.pending.clear()
-            self.quarantine.clear()
-            self.isolating = None
+            self._died_stopping(death)
             return
         lost = list(self.pending.values()) + [r for group in self.quarantine for r in group]
         lost_now = list(self.pending.values())
@@ -300,24 +286,8 @@ class _Admission:
         policy = self.faults or FaultPolicy()
         if not alone:
             self.counted_deaths += 1
-        # Halving groups end in a row alone within log2(in flight) deaths per suspect; past
-        # that bound (or the budget), the engine itself is failing, not a row.
-        bound = policy.restarts + 2 * math.ceil(math.log2(self.limit + 1)) + 4
         killer = alone and len(lost_now) == 1 and self.strikes[lost_now[0].id] >= 2
-        if killer and self.poisoned >= MAX_POISON_ROWS:
-            record["restarted"] = False
-            raise EngineGaveUp(
-                f"the engine died ({death.cause}) with {self.poisoned + 1} different rows run "
-                "alone this run: the engine, not those rows, looks broken; the rows it died on "
-                "are error rows, the rest run again on resume"
-            ) from death
-        if policy.restarts == 0 or self.counted_deaths > policy.restarts or self.all_deaths > bound:
-            record["restarted"] = False
-            raise EngineGaveUp(
-                f"the engine died ({death.cause}) {self.all_deaths} time(s) this run, more than "
-                f"--engine-restarts {policy.restarts} allows; {len(lost)} request(s) in flight "
-                "were not committed and run again on resume"
-            ) from death
+        self._give_up_if_broken(death, record, policy, killer, len(lost))
         if killer:
             row = lost_now[0]
             self.poisoned += 1
@@ -351,3 +321,46 @@ class _Admission:
         self.engine._restart()
         record["restarted"] = True
         record["restart_seconds"] = round(time.monotonic() - started, 1)
+
+    def _died_stopping(self, death: EngineDied) -> None:
+        """A death while stopping anyway (a signal, often the same one that hit the engine): no
+        restart; what was in flight runs again on resume."""
+        log.warning(
+            "the engine died while stopping (%s); %d request(s) in flight run again on resume",
+            death.cause,
+            len(self.pending),
+        )
+        self.engine.failures.append(
+            {"at": round(time.time(), 3), "cause": death.cause, "in_flight": len(self.pending),
+             "isolating": False, "restarted": False}
+        )  # fmt: skip
+        self.pending.clear()
+        self.quarantine.clear()
+        self.isolating = None
+
+    def _give_up_if_broken(
+        self,
+        death: EngineDied,
+        record: dict[str, Any],
+        policy: FaultPolicy,
+        killer: bool,
+        lost: int,
+    ) -> None:
+        """EngineGaveUp when the deaths say the engine itself is failing, not a row."""
+        # Halving groups end in a row alone within log2(in flight) deaths per suspect; past
+        # that bound (or the budget), the engine itself is failing, not a row.
+        bound = policy.restarts + 2 * math.ceil(math.log2(self.limit + 1)) + 4
+        if killer and self.poisoned >= MAX_POISON_ROWS:
+            record["restarted"] = False
+            raise EngineGaveUp(
+                f"the engine died ({death.cause}) with {self.poisoned + 1} different rows run "
+                "alone this run: the engine, not those rows, looks broken; the rows it died on "
+                "are error rows, the rest run again on resume"
+            ) from death
+        if policy.restarts == 0 or self.counted_deaths > policy.restarts or self.all_deaths > bound:
+            record["restarted"] = False
+            raise EngineGaveUp(
+                f"the engine died ({death.cause}) {self.all_deaths} time(s) this run, more than "
+                f"--engine-restarts {policy.restarts} allows; {lost} request(s) in flight "
+                "were not committed and run again on resume"
+            ) from death

@@ -10,10 +10,10 @@ import hashlib
 from collections import deque
 from typing import Any
 
-from pipeline import __version__
 from pipeline.config import EngineConfig
 from pipeline.engines.base import RejectedPrompt, SteppingEngine
 from pipeline.records import PromptRow, ResultRow
+from pipeline.version import __version__
 
 FAKE_MAX_MODEL_LEN = 2048
 FAKE_COMPLETION_TOKENS = 8  # every fake sample is this long, or its budget if shorter

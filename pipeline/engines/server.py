@@ -25,16 +25,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import email.utils
-import json
 import logging
 import os
 import queue
 import random
-import threading
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -42,40 +38,38 @@ from urllib.parse import urlsplit, urlunsplit
 
 from pipeline import structured
 from pipeline.config import EngineConfig, ServerConfig
-from pipeline.engines.base import EngineGaveUp, FaultPolicy, StopFlags
+from pipeline.engines.base import (
+    EngineGaveUp,
+    Faults,
+    Results,
+    Rows,
+    StopFlags,
+)
+from pipeline.engines.http import (
+    BACKOFF_CAP_SECONDS,
+    FATAL_STATUSES,
+    PROBE_TIMEOUT_SECONDS,
+    RETRY_AFTER_CAP_SECONDS,
+    RETRY_STATUSES,
+    Fatal,
+    LoopThread,
+    Refused,
+    ServerTokenizer,
+    Transient,
+    error_message,
+    reason_key,
+    retry_after,
+    transport_reason,
+)
+from pipeline.engines.openai_wire import request as wire_request
+from pipeline.engines.openai_wire import results as wire_results
 from pipeline.errors import BatchgenError
 from pipeline.records import PromptRow, ResultRow, error_results
-from pipeline.sampling import engine_params
 
 log = logging.getLogger("batchgen")
 
-RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
-# The server will not serve this run at all (wrong key, model gone): stop, do not error every row.
-FATAL_STATUSES = frozenset({401, 403, 404})
-BACKOFF_CAP_SECONDS = 30.0  # the longest wait between two attempts of a row (Retry-After aside)
-RETRY_AFTER_CAP_SECONDS = 300.0
-PROBE_TIMEOUT_SECONDS = 30.0
 DEFAULT_INFLIGHT = 64
-# vLLM's sampling extensions left out of a request at their neutral value, so that a server
-# without them is not sent options it may refuse.
-_NEUTRAL_EXTENSIONS = {"top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0}
-
-
-class _Transient(Exception):
-    """A failure worth retrying; `retry_after` is the server's Retry-After, in seconds."""
-
-    def __init__(self, reason: str, retry_after: float | None = None) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.retry_after = retry_after
-
-
-class _Refused(Exception):
-    """The server refused this row (HTTP 400 and kin): an error row, not retried."""
-
-
-class _Fatal(Exception):
-    """The server refuses the whole run (HTTP 401, 403, 404): stop."""
+_END: Any = object()  # the end of the rows
 
 
 class ServerEngine:
@@ -139,7 +133,7 @@ class ServerEngine:
             response = self._sync.get(url)
         except httpx.HTTPError as exc:
             raise BatchgenError(
-                f"--server {self.url}: cannot reach the server ({_transport_reason(exc)}); "
+                f"--server {self.url}: cannot reach the server ({transport_reason(exc)}); "
                 "start it (vllm serve MODEL --model-impl transformers --host HOST --port PORT) "
                 "or fix the URL; nothing was written"
             ) from None
@@ -215,7 +209,7 @@ class ServerEngine:
                 folder = str(Path(candidate).resolve())
                 return load_tokenizer(folder, trust), f"the model folder {folder}", folder
         if self.is_vllm and self._has_tokenize():
-            return _ServerTokenizer(self), "the server's /tokenize", None
+            return ServerTokenizer(self), "the server's /tokenize", None
         log.warning(
             "no local tokenizer for %s (pass --tokenizer PATH for one) and the server has no "
             "/tokenize: prompts go as text, and the token-exact length check before sending is "
@@ -332,18 +326,14 @@ class ServerEngine:
         except httpx.HTTPError:
             return None  # unreachable now: the run's own retry rules apply
         if response.status_code in (400, 422):
-            return f"the server refuses the sampling settings: {_error_message(response)}"
+            return f"the server refuses the sampling settings: {error_message(response)}"
         return None
 
     # -- generating --------------------------------------------------------------------------
 
     def generate(
-        self,
-        rows: Iterable[PromptRow | None],
-        flags: StopFlags,
-        max_inflight: int | None = None,
-        faults: FaultPolicy | None = None,
-    ) -> Iterator[list[ResultRow]]:
+        self, rows: Rows, flags: StopFlags, max_inflight: int | None = None, faults: Faults = None
+    ) -> Results:
         """Keep up to `max_inflight` requests in flight; yield each row's results as it ends.
 
         On `flags.stop` no row is admitted and requests in flight may finish (retries too); on
@@ -353,7 +343,7 @@ class ServerEngine:
         ServerConfig's retry rules.
         """
         limit = max_inflight or DEFAULT_INFLIGHT
-        loop = _LoopThread()
+        loop = LoopThread()
         done: queue.Queue[tuple[PromptRow, Future]] = queue.Queue()
         inflight: set[Future] = set()
         feed = iter(rows)
@@ -364,9 +354,8 @@ class ServerEngine:
             client = loop.submit(self._async_client(limit)).result()
             while True:
                 while not exhausted and not flags.stop.is_set() and len(inflight) < limit:
-                    try:
-                        row = next(feed)
-                    except StopIteration:
+                    row = next(feed, _END)
+                    if row is _END:
                         exhausted = True
                         break
                     if row is None:
@@ -384,23 +373,13 @@ class ServerEngine:
                         return
                     continue
                 if flags.abort.is_set():
-                    for future in inflight:
-                        future.cancel()
                     log.warning(
                         "aborted %d unfinished requests; they will run again on resume",
                         len(inflight),
                     )
-                    return
+                    return  # the finally cancels them
                 self._check_gone(flags, len(inflight))
-                finished: list[ResultRow] = []
-                with contextlib.suppress(queue.Empty):
-                    item = done.get(timeout=0.05)
-                    while True:
-                        row, future = item
-                        inflight.discard(future)
-                        if not future.cancelled():
-                            finished.extend(self._outcome(row, future))
-                        item = done.get_nowait()
+                finished = self._collect(done, inflight)
                 if finished:
                     yield finished
         finally:
@@ -408,11 +387,26 @@ class ServerEngine:
                 future.cancel()
             loop.close(client)
 
+    def _collect(
+        self, done: queue.Queue[tuple[PromptRow, Future]], inflight: set[Future]
+    ) -> list[ResultRow]:
+        """The results of the requests that ended (waiting a moment for the first)."""
+        finished: list[ResultRow] = []
+        with contextlib.suppress(queue.Empty):
+            item = done.get(timeout=0.05)
+            while True:
+                row, future = item
+                inflight.discard(future)
+                if not future.cancelled():
+                    finished.extend(self._outcome(row, future))
+                item = done.get_nowait()
+        return finished
+
     def _outcome(self, row: PromptRow, future: Future) -> list[ResultRow]:
         exc = future.exception()
         if exc is None:
             return future.result()
-        if isinstance(exc, _Fatal):
+        if isinstance(exc, Fatal):
             raise EngineGaveUp(str(exc))
         raise exc
 
@@ -456,10 +450,10 @@ class ServerEngine:
             attempts += 1
             try:
                 data = await self._post(client, url, body)
-            except _Refused as exc:
+            except Refused as exc:
                 self._stats["refused_rows"] += 1
                 return error_results(row, f"the server refused this row: {exc} (not retried)")
-            except _Transient as exc:
+            except Transient as exc:
                 now = time.monotonic()
                 first_failure = first_failure or now
                 self._failed(exc.reason, now)
@@ -475,7 +469,7 @@ class ServerEngine:
                     # Nothing answers: wait for the server rather than erroring the row; the
                     # run stops after --server-fail-seconds if it stays gone.
                 self._stats["retries"] += 1
-                self._retry_reasons[_reason_key(exc.reason)] += 1
+                self._retry_reasons[reason_key(exc.reason)] += 1
                 self._warn_once(exc.reason)
                 await asyncio.sleep(self._delay(attempts, exc.retry_after))
                 continue
@@ -496,26 +490,26 @@ class ServerEngine:
         try:
             response = await client.post(url, json=body)
         except httpx.TimeoutException:
-            raise _Transient(f"no response within {self.server.request_timeout:g} s") from None
+            raise Transient(f"no response within {self.server.request_timeout:g} s") from None
         except httpx.HTTPError as exc:
-            raise _Transient(_transport_reason(exc)) from None
+            raise Transient(transport_reason(exc)) from None
         status = response.status_code
         if status == 200:
             try:
                 return response.json()
             except ValueError:
-                raise _Transient("HTTP 200 with a body that is not JSON") from None
-        message = self._scrub(_error_message(response))
+                raise Transient("HTTP 200 with a body that is not JSON") from None
+        message = self._scrub(error_message(response))
         reason = f"HTTP {status}: {message}" if message else f"HTTP {status}"
         if status in RETRY_STATUSES:
-            raise _Transient(reason, _retry_after(response.headers.get("retry-after")))
+            raise Transient(reason, retry_after(response.headers.get("retry-after")))
         if status in FATAL_STATUSES:
             what = "the API key" if status in (401, 403) else f"model {self.model}"
-            raise _Fatal(
+            raise Fatal(
                 f"the server at {self.url} refused {what} ({reason}); fix it (the key in "
                 f"${self.server.api_key_env}, or --model) and rerun the same command to resume"
             )
-        raise _Refused(reason)
+        raise Refused(reason)
 
     async def _answers(self, client: Any) -> bool:
         """Whether the server answers at all: its model list, fetched now."""
@@ -545,7 +539,7 @@ class ServerEngine:
         return base * random.uniform(0.5, 1.0)
 
     def _warn_once(self, reason: str) -> None:
-        key = _reason_key(reason)
+        key = reason_key(reason)
         if key in self._warned:
             log.debug("retrying after %s", reason)
             return
@@ -564,96 +558,12 @@ class ServerEngine:
     # -- requests and responses --------------------------------------------------------------
 
     def _request(self, row: PromptRow, form: str | None = None) -> tuple[str, dict[str, Any]]:
-        """(endpoint, JSON body) for one row, from its sampling record, seed and budget."""
+        """(endpoint, JSON body) for one row, in the run's prompt form unless `form` is given."""
         form = form or getattr(self, "form", None) or self.prompt_form(row.messages is not None)
-        if form == "token_ids" and row.token_ids is None:
-            form = "text" if row.prompt_text is not None else "chat"
-        if form == "text" and row.prompt_text is None:
-            form = "chat"
-        body: dict[str, Any] = {"model": self.model}
-        for key, value in engine_params(row.sampling).items():
-            if _NEUTRAL_EXTENSIONS.get(key, object()) == value or value == []:
-                continue
-            body[key] = value
-        if row.max_tokens is not None:
-            body["max_tokens"] = row.max_tokens
-        if row.seed is not None:
-            body["seed"] = row.seed
-        constraint = structured.constraint(row.sampling)
-        if constraint is not None:
-            body["structured_outputs"] = {structured.ENGINE_NAMES[constraint[0]]: constraint[1]}
-        if form == "chat":
-            body["messages"] = row.messages
-            return "chat/completions", body
-        body["prompt"] = row.token_ids if form == "token_ids" else row.prompt_text
-        if self.is_vllm:
-            body["return_token_ids"] = True  # per-sample token counts and exact token ids
-            if "logprobs" in body:
-                body["return_tokens_as_token_ids"] = True  # logprob entries keyed by token id
-        return "completions", body
+        return wire_request(row, form, self.model, self.is_vllm)
 
     def _results(self, row: PromptRow, data: dict[str, Any]) -> list[ResultRow]:
-        choices = sorted(data.get("choices") or [], key=lambda c: c.get("index", 0))
-        usage = data.get("usage") or {}
-        if len(choices) != row.n:
-            raise ValueError(f"{len(choices)} choices for n={row.n}")
-        results = []
-        for choice in choices:
-            prompt_ids = choice.get("prompt_token_ids") or row.token_ids
-            token_ids = choice.get("token_ids")
-            if "message" in choice:
-                text = (choice.get("message") or {}).get("content")
-            else:
-                text = choice.get("text")
-            completion_tokens = len(token_ids) if token_ids is not None else None
-            if completion_tokens is None and row.n == 1:
-                completion_tokens = usage.get("completion_tokens")
-            logprobs = cumulative = None
-            if choice.get("logprobs") and "message" not in choice:
-                logprobs = self._logprob_entries(choice["logprobs"], row.sampling.get("logprobs"))
-                cumulative = sum(e[2] for e in logprobs if e[2] is not None)
-            prompt_logprobs = None
-            if choice.get("prompt_logprobs") is not None and prompt_ids is not None:
-                prompt_logprobs = _prompt_logprob_entries(
-                    prompt_ids, choice["prompt_logprobs"], row.sampling.get("prompt_logprobs") or 0
-                )
-            results.append(
-                ResultRow.of(
-                    row,
-                    int(choice.get("index", 0)),
-                    text=text,
-                    finish_reason=choice.get("finish_reason"),
-                    prompt_tokens=len(prompt_ids) if prompt_ids else usage.get("prompt_tokens"),
-                    completion_tokens=completion_tokens,
-                    logprobs=logprobs,
-                    cumulative_logprob=cumulative,
-                    prompt_logprobs=prompt_logprobs,
-                )
-            )
-        return results
-
-    def _logprob_entries(self, logprobs: dict[str, Any], k: int | None) -> list:
-        """The legacy completions logprobs (tokens as "token_id:N", as requested) as batchgen's
-        (id, text, logprob, top-k) tuples; a token's text is the tokenizer's decoding of it."""
-        entries = []
-        tops = logprobs.get("top_logprobs") or []
-        for i, (token, logprob) in enumerate(
-            zip(logprobs.get("tokens") or [], logprobs.get("token_logprobs") or [], strict=True)
-        ):
-            token_id = _token_id(token)
-            top = sorted(
-                ((_token_id(t), lp) for t, lp in (tops[i] or {}).items()),
-                key=lambda item: -item[1],
-            )[: k or 0]
-            entries.append(
-                (
-                    token_id,
-                    self._token_text(token_id),
-                    logprob,
-                    [(t, self._token_text(t), lp) for t, lp in top],
-                )
-            )
-        return entries
+        return wire_results(row, data, self._token_text)
 
     def _token_text(self, token_id: int) -> str | None:
         decode = getattr(self.tokenizer, "decode", None)
@@ -677,188 +587,3 @@ class ServerEngine:
         if not self.closed:
             self._sync.close()
             self.closed = True
-
-
-class _ServerTokenizer:
-    """The server's /tokenize and /detokenize, standing in for a local tokenizer where there is
-    none: the prompt builder renders and counts prompts through it, one request per row (slower
-    than a local tokenizer; pass --tokenizer PATH where one can be had)."""
-
-    def __init__(self, engine: ServerEngine) -> None:
-        self.engine = engine
-        # The server's own template: the builder only needs to know there is one; its text is
-        # not available, so the fingerprint records this name instead.
-        self.chat_template = f"(the chat template of the server's {engine.model})"
-        self._rendered: dict[str, list[int]] = {}
-
-    def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        import httpx
-
-        url = f"{self.engine.root}/{path}"
-        for attempt in range(4):
-            try:
-                response = self.engine._sync.post(url, json={"model": self.engine.model, **body})
-            except httpx.HTTPError as exc:
-                reason = _transport_reason(exc)
-            else:
-                if response.status_code == 200:
-                    return response.json()
-                reason = f"HTTP {response.status_code}: {_error_message(response)}"
-                if response.status_code not in RETRY_STATUSES:
-                    raise ValueError(f"the server's /{path} refused it ({reason})")
-            time.sleep(0.5 * 2**attempt)
-        raise BatchgenError(f"the server's /{path} failed 4 times; last: {reason}")
-
-    def apply_chat_template(
-        self,
-        messages: list[dict[str, Any]],
-        chat_template: str | None = None,
-        tokenize: bool = False,
-        add_generation_prompt: bool = True,
-    ) -> str:
-        body: dict[str, Any] = {
-            "messages": messages,
-            "add_generation_prompt": add_generation_prompt,
-            "add_special_tokens": False,
-        }
-        if chat_template and chat_template != self.chat_template:
-            body["chat_template"] = chat_template  # --chat-template FILE
-        ids = self._post("tokenize", body)["tokens"]
-        text = self._post("detokenize", {"tokens": ids})["prompt"]
-        self._rendered[text] = ids  # the ids the server rendered, used as they are
-        return text
-
-    def __call__(self, texts: list[str], add_special_tokens: bool = True) -> dict[str, Any]:
-        ids = []
-        for text in texts:
-            cached = self._rendered.pop(text, None)
-            if cached is None:
-                body = {"prompt": text, "add_special_tokens": add_special_tokens}
-                cached = self._post("tokenize", body)["tokens"]
-            ids.append(cached)
-        return {"input_ids": ids}
-
-    def decode(self, token_ids: list[int]) -> str:
-        return self._post("detokenize", {"tokens": token_ids})["prompt"]
-
-
-class _LoopThread:
-    """An asyncio loop on a daemon thread; coroutines are submitted from the calling thread."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(
-            target=self.loop.run_forever, name="batchgen-server-requests", daemon=True
-        )
-        self.thread.start()
-
-    def submit(self, coro: Any) -> Future:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop)
-
-    def close(self, client: Any) -> None:
-        """Cancel what still runs, close `client` (an httpx.AsyncClient), stop the loop."""
-
-        async def shutdown() -> None:
-            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            if client is not None:
-                await client.aclose()
-
-        with contextlib.suppress(Exception):
-            self.submit(shutdown()).result(timeout=10)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(timeout=10)
-        if not self.thread.is_alive():
-            self.loop.close()
-
-
-def _transport_reason(exc: BaseException) -> str:
-    """A connection failure in a few words, without the request (which holds no key, but may
-    hold a long prompt)."""
-    import httpx
-
-    if isinstance(exc, httpx.ConnectError):
-        return "connection refused" if "refused" in str(exc).lower() else f"cannot connect: {exc}"
-    if isinstance(exc, httpx.TimeoutException):
-        return "timed out"
-    if isinstance(exc, httpx.RemoteProtocolError):
-        return "connection dropped by the server"
-    if isinstance(exc, httpx.ReadError | httpx.WriteError):
-        return "connection reset"
-    return f"{type(exc).__name__}: {exc}"
-
-
-def _reason_key(reason: str) -> str:
-    """The kind of a failure, for counting: "HTTP 503", "connection refused", "timeout"..."""
-    if reason.startswith("HTTP "):
-        return reason.split(":")[0]
-    if reason.startswith("no response within"):
-        return "timeout"
-    return reason.split(":")[0]
-
-
-def _retry_after(value: str | None) -> float | None:
-    """Retry-After as seconds: a number, or an HTTP date."""
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time())
-
-
-def _error_message(response: Any) -> str:
-    """The message of an OpenAI-style error body ({"error": {"message": ...}}), else its text."""
-    try:
-        data = response.json()
-    except ValueError:
-        return response.text.strip()[:500]
-    if isinstance(data, dict):
-        error = data.get("error", data)
-        if isinstance(error, dict) and error.get("message"):
-            return str(error["message"])[:500]
-        if isinstance(error, str):
-            return error[:500]
-        if data.get("detail"):
-            return json.dumps(data["detail"])[:500]
-    return json.dumps(data)[:500]
-
-
-def _token_id(token: str) -> int:
-    """A token of a response asked with return_tokens_as_token_ids: "token_id:123" -> 123."""
-    return int(token.rsplit(":", 1)[1])
-
-
-def _prompt_logprob_entries(token_ids: list[int], positions: list, k: int) -> list:
-    """vLLM's prompt_logprobs ([null, {"<id>": {logprob, rank, decoded_token}}, ...]) as
-    batchgen's tuples: exact ids, ranks and texts, as in the in-process engine."""
-    entries = []
-    for token_id, position in zip(token_ids, positions, strict=True):
-        if not position:
-            entries.append((token_id, None, None, []))
-            continue
-        chosen = position.get(str(token_id))
-        top = sorted(
-            (
-                (int(t), lp)
-                for t, lp in position.items()
-                if lp.get("rank") is not None and lp["rank"] <= k
-            ),
-            key=lambda item: item[1]["rank"],
-        )
-        entries.append(
-            (
-                token_id,
-                chosen.get("decoded_token") if chosen else None,
-                chosen.get("logprob") if chosen else None,
-                [(t, lp.get("decoded_token"), lp["logprob"]) for t, lp in top],
-            )
-        )
-    return entries

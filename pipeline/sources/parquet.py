@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.errors import BatchgenError, ConfigError
-from pipeline.sources import Batch, rank_range
+from pipeline.sources.base import Batch, rank_range
 
 
 @dataclass(slots=True)
