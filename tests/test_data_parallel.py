@@ -26,9 +26,9 @@ from pipeline.checkpoint import lock_path, manifest_path
 from pipeline.cli.flags import run_config
 from pipeline.cli.run import rank_flags, run
 from pipeline.errors import ConfigError
-from pipeline.slots import plan_node
 from pipeline.progress import NodeProgress
 from pipeline.ranks import resolve_rank
+from pipeline.slots import plan_node
 
 ROWS = 400
 RANKS = 4

@@ -206,11 +206,11 @@ def test_a_reasoning_parser_for_a_model_without_think_tokens_is_refused_before_t
 
 @pytest.mark.parametrize("parser", ["deepseek_r1", "qwen3"])
 def test_the_split_on_recorded_token_sequences(tmp_path, parser):
-    from pipeline.engines.vllm import _ReasoningSplit
+    from pipeline.engines.reasoning import ReasoningSplit
     from pipeline.records import ResultRow
 
     model = make_think_model(tmp_path / "think-model")
-    split = _ReasoningSplit(parser, str(model))
+    split = ReasoningSplit(parser, str(model))
     tok = split.tokenizer
     think, end = tok.convert_tokens_to_ids("<think>"), tok.convert_tokens_to_ids("</think>")
     words = tok.encode("two plus two", add_special_tokens=False)

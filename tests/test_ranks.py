@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 
 from pipeline.errors import ConfigError
-from pipeline.slots import pin_local_gpus
 from pipeline.ranks import Rank, resolve_rank
+from pipeline.slots import pin_local_gpus
 
 SLURM_ARRAY = {"SLURM_ARRAY_TASK_ID": "12", "SLURM_ARRAY_TASK_COUNT": "3"}
 SLURM_ARRAY_MIN = {**SLURM_ARRAY, "SLURM_ARRAY_TASK_MIN": "10"}

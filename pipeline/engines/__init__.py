@@ -1,7 +1,8 @@
 """Engines: where prompts become completions. `open_engine` gives the one for a config.
 
 base.py         the Engine interface, stop flags and the continuous-admission loop
-vllm.py         the vLLM adapter: vLLM in this process (the only module that imports vllm)
+vllm.py         the vLLM adapter: vLLM in this process
+reasoning.py    its reasoning parser: the thinking split from the answer
 supervise.py    its processes: exit causes, killing the tree, the reaper, leftover shared memory
 logs.py         its output: diverted to the engine log, read back for why a start failed
 server.py       an OpenAI-compatible server (`vllm serve`) as the engine
@@ -43,7 +44,7 @@ def preflight(cfg: EngineConfig, model: str) -> None:
         if problem:
             raise ConfigError(problem)
     if cfg.backend == "vllm" and cfg.reasoning_parser is not None:
-        from pipeline.engines.vllm import reasoning_problem
+        from pipeline.engines.reasoning import reasoning_problem
 
         problem = reasoning_problem(cfg.reasoning_parser, model)
         if problem:
