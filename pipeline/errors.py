@@ -6,9 +6,9 @@ from __future__ import annotations
 import errno
 from pathlib import Path
 
-# Exit codes, documented in the README; cron and Slurm job files branch on them. 1 is a
-# ClickException (a problem that needs a person: bad input, engine crash, full disk) and 2 a
-# usage error, both click's own.
+# Exit codes, documented in the README and docs/resume.md; cron and Slurm job files branch on
+# them. 1 is a ClickException (a problem that needs a person: bad input, engine crash, full
+# disk) and 2 a usage error, both click's own.
 EXIT_OK = 0
 EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: stopped by a signal, committed what was done; rerun to resume
 # `batchgen status` only (0 there means every rank finished, 1 that OUT holds no readable run):

@@ -13,7 +13,7 @@
 # Every run uses all GPUs of this machine: `--data-parallel auto` (one rank per GPU, or per
 # --tensor-parallel-size GPUs; one process on a machine without GPUs). A folder begun on
 # another GPU count is refused (exit 1, naming the rank layout): finish it by hand as the
-# README says, or set NIGHTLY_DATA_PARALLEL.
+# docs/ranks.md says, or set NIGHTLY_DATA_PARALLEL.
 # Everything goes to the log file; on a nonzero exit one line also goes to stderr, so cron mails
 # it to MAILTO. Relative paths (CONFIG, NIGHTLY_ROOT, paths inside CONFIG) start at the folder
 # the script is run from: cd to the repository first, as crontab.example does.
