@@ -71,6 +71,8 @@ def _click_option(cls: type, f: dataclasses.Field, spec: Option) -> Callable:
         names = [f"{long}/--no-{long[2:]}"]
         how["default"] = None
     elif kind is bool:
+        # A plain switch can only turn a setting on; one that defaults on is `negatable`.
+        assert default is False, f"{cls.__name__}.{f.name}: a switch defaults to False"
         names = [long]
         how["is_flag"] = True
     else:
