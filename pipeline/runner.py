@@ -28,6 +28,7 @@ from pipeline.checkpoint import (
 from pipeline.config import EngineConfig, RunConfig
 from pipeline.engines import Engine, EngineGaveUp, FaultPolicy, StopFlags, get_engine
 from pipeline.errors import BatchgenError, ConfigError, committed_note, storage_failure
+from pipeline.fingerprint import fingerprint_digest
 from pipeline.job import Job, read_job
 from pipeline.progress import Progress, fmt_duration
 from pipeline.report import log_summary, run_report
@@ -107,14 +108,14 @@ def _run_locked(
     writer = ParquetShardWriter(
         cfg.output_dir, cfg.rank, _schema(cfg, job), _metadata(cfg, job, engine)
     )
-    todo = None if job.source.total_rows is None else job.source.total_rows - len(state.done_ids)
+    todo = None if job.source.total_rows is None else job.source.total_rows - state.done.count()
     progress = Progress(
         todo,
         state.manifest.prompts_committed,
         interval=cfg.progress_seconds,
         report_fd=cfg.progress_fd,
     )
-    feeder = Feeder(job.source, job.builder, state.done_ids, cfg.source.id_column, flags)
+    feeder = Feeder(job.source, job.builder, state.done, cfg.source.id_column, flags)
     committer = Committer(
         writer, checkpoint, state.next_seq, cfg.output.rows_per_shard, cfg.output.checkpoint_seconds
     )
@@ -240,7 +241,8 @@ def _metadata(cfg: RunConfig, job: Job, engine: Engine) -> dict[str, Any]:
         "seed": cfg.engine.seed,
         "rank": cfg.rank,
         "num_shards": cfg.num_ranks,
-        "fingerprint": job.fingerprint,
+        # A fixed-size reference: the whole fingerprint lives once, in the rank's manifest.
+        "fingerprint_sha256": fingerprint_digest(job.fingerprint),
     }
 
 

@@ -11,8 +11,8 @@ import json
 import os
 import re
 import time
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 
 from pipeline import structured
 from pipeline.errors import BatchgenError, storage_reason
+from pipeline.positions import Positions
 from pipeline.records import ResultRow
 
 _TOKEN = pa.struct([("token_id", pa.int32()), ("token", pa.string()), ("logprob", pa.float32())])
@@ -53,6 +54,7 @@ RESERVED_COLUMNS = (
     *OPTIONAL_COLUMNS,
 )
 METADATA_KEY = b"batchgen"
+SHARD_KEY = b"batchgen_shard"  # the shard's own ShardInfo (positions, counts), for adoption
 SHARD_RE = re.compile(r"^part-(\d{5})-(\d{6})\.parquet$")
 TMP_PREFIX = ".tmp-"  # readers skip names that start with '.'
 
@@ -131,10 +133,14 @@ class ShardInfo:
     # they were recorded. An adopted shard's commit time is its file's modification time.
     committed_at: float | None = None
     generate_seconds: float | None = None
+    # The input positions (PromptRow.seq) of its prompts as [start, stop) ranges: what resume
+    # skips. A few ranges a shard, since the engine finishes rows nearly in input order.
+    positions: list[list[int]] = field(default_factory=list)
+    bytes: int | None = None  # the file's size, checked on resume without reading the file
 
     @classmethod
-    def of(cls, file: str, rows: Iterable[ResultRow | _Counted]) -> ShardInfo:
-        """Counts over a shard's rows: ResultRows, or a read shard's rows (`read_shard_info`)."""
+    def of(cls, file: str, rows: Iterable[ResultRow]) -> ShardInfo:
+        """Counts over a shard's rows."""
         info = cls(file, 0, 0, 0, 0, 0, {})
         for r in rows:
             info.rows += 1
@@ -150,31 +156,17 @@ class ShardInfo:
         return info
 
 
-@dataclass(slots=True)
-class _Counted:
-    """The columns of a shard row that ShardInfo counts."""
-
-    sample_index: int
-    finish_reason: str | None
-    prompt_tokens: int | None
-    completion_tokens: int | None
-    error: str | None
-
-
 def read_shard_info(path: Path) -> ShardInfo:
-    """The manifest entry of a committed shard file, counted from its columns."""
-    names = ["sample_index", "finish_reason", "prompt_tokens", "completion_tokens", "error"]
-    cols = pq.read_table(path, columns=names).to_pydict()
-    info = ShardInfo.of(
-        path.name, (_Counted(*values) for values in zip(*cols.values(), strict=True))
-    )
-    info.committed_at = round(path.stat().st_mtime, 3)
+    """The manifest entry of a committed shard file, as its footer records it (one small read
+    at the end of the file), with its file's time and size."""
+    raw = (pq.read_schema(path).metadata or {}).get(SHARD_KEY)
+    if raw is None:
+        raise BatchgenError(f"{path} records no shard entry; it was not written by this batchgen")
+    info = ShardInfo(**json.loads(raw))
+    stat = path.stat()
+    info.file, info.bytes = path.name, stat.st_size
+    info.committed_at = round(stat.st_mtime, 3)
     return info
-
-
-def read_ids(path: Path) -> Iterator[str]:
-    """The row ids of a committed shard file."""
-    yield from pq.read_table(path, columns=["id"]).column("id").to_pylist()
 
 
 class ParquetShardWriter:
@@ -214,20 +206,26 @@ class ParquetShardWriter:
         final = self.out_dir / shard_name(self.rank, seq)
         tmp = temp_path(final)
         rows = sorted(rows, key=lambda r: (r.seq, r.sample_index))  # input order within a shard
+        info = ShardInfo.of(final.name, rows)
+        info.positions = Positions.of(r.seq for r in rows).to_list()
         try:
-            self._write_temp(rows, tmp)
+            self._write_temp(rows, tmp, info)
+            info.bytes = tmp.stat().st_size
             self._publish(tmp, final)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
         fsync_dir(self.out_dir)
-        return ShardInfo.of(final.name, rows)
+        return info
 
     # The two steps of a commit; the kill tests wrap each to stop a process between them.
 
-    def _write_temp(self, rows: list[ResultRow], tmp: Path) -> None:
+    def _write_temp(self, rows: list[ResultRow], tmp: Path, info: ShardInfo) -> None:
+        table = self.table(rows)
+        entry = json.dumps(asdict(info), sort_keys=True).encode()
+        table = table.replace_schema_metadata({**table.schema.metadata, SHARD_KEY: entry})
         with open(tmp, "wb") as f:
-            pq.write_table(self.table(rows), f, compression="zstd")
+            pq.write_table(table, f, compression="zstd")
             f.flush()
             os.fsync(f.fileno())
 

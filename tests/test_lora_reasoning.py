@@ -10,7 +10,6 @@ import json
 import signal
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import pytest
 from conftest import (
     FAKE_ENGINE,
@@ -177,7 +176,7 @@ def test_chat_template_kwargs_reach_the_template_and_the_settings(tmp_path):
     off = tmp_path / "off"
     run_cli(*run_args(src, off, *base, "--chat-template-kwarg", "enable_thinking=false"))
     assert read_output(off).column("prompt")[0].as_py().endswith("<|im_start|>assistant\n")
-    meta = json.loads(pq.read_schema(next(off.glob("part-*"))).metadata[b"batchgen"])
+    meta = json.loads((off / ".batchgen" / "rank-00000.json").read_text())
     assert meta["fingerprint"]["prompt"]["chat_template_kwargs"] == {"enable_thinking": False}
     result = run_cli(
         *run_args(src, off, *base, "--chat-template-kwarg", "enable_thinking=true"), expect=1
