@@ -1,22 +1,25 @@
-"""Resume state: the per-rank manifest, the config fingerprint and the rank lock.
+"""Resume: what a rank keeps of earlier runs, the job record, --overwrite, and commits.
 
 Layout of an output folder (the state folder is hidden, so readers see only shards):
 
-    OUT/part-00000-000000.parquet ...     committed shards, rank 0
-    OUT/.batchgen/rank-00000.json          manifest: fingerprint, shards, status, report
-    OUT/.batchgen/rank-00000.lock          held (lockf) while a process writes rank 0
+    OUT/rank-00003/part-00003-000012.parquet     committed shards of rank 3 (pipeline/sinks.py)
+    OUT/.batchgen/job.json                        the settings every rank shares, written once
+    OUT/.batchgen/rank-00003/manifest-*.json      rank 3's manifest generations, commit records
+    OUT/.batchgen/rank-00003/commit-*.json        and lock (pipeline/rankstate.py)
 
-Commit order is shard rename, then manifest. A crash between the two leaves a complete shard
-the manifest does not list; the next run adopts it after checking its embedded fingerprint, so
-no row is lost or written twice. Temporary files of a crashed write are removed.
+A commit publishes the shard (temporary name, fsync, rename), then writes its commit record.
+A crash between the two leaves a complete shard no record lists; the next run adopts it after
+checking the fingerprint digest in its footer, so no row is lost or written twice. Temporary
+files of a crashed write are removed. Committed rows are known by input position
+(pipeline/positions.py), so resume holds a few ranges, not an id per row.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
+import shutil
 import socket
 import time
 from dataclasses import asdict, dataclass, field
@@ -27,200 +30,55 @@ from pipeline import __version__
 from pipeline.errors import BatchgenError, OutputLocked, ResumeMismatch
 from pipeline.fingerprint import diff_fingerprints, fingerprint_digest, shared_fingerprint
 from pipeline.positions import Positions
+from pipeline.rankstate import (
+    MANIFEST_VERSION,
+    STATE_DIR,
+    Manifest,
+    RankLock,
+    engine_log_path,
+    job_path,
+    legacy_manifest_path,
+    lock_holder,
+    lock_path,
+    manifest_path,
+    state_ranks,
+)
 from pipeline.sinks import (
-    SHARD_RE,
     ShardInfo,
     fsync_dir,
+    output_ranks,
+    rank_dir,
     read_shard_info,
     read_shard_metadata,
     shard_files,
+    shard_path,
     shard_seq,
-    stale_temp_paths,
     temp_files,
     temp_path,
 )
 
-STATE_DIR = ".batchgen"
-# 3: shards record the input positions they hold (resume keeps ranges, not a set of ids) and
-# carry a digest of the fingerprint; the run's shared settings are in .batchgen/job.json.
-MANIFEST_VERSION = 3
-# Manifest keys renamed in version 2, read from older manifests under their new names.
-_RENAMED_KEYS = {"num_shards": "num_ranks", "total_rows": "total_prompts"}
-# How long a starting run retries a taken rank lock. `batchgen status` takes it (shared) for a
-# few microseconds to see whether a process holds it; a run starting then must not give up.
-LOCK_RETRY_SECONDS = 1.0
-# Lock files this process holds. POSIX locks belong to the process and closing any descriptor
-# of the file drops them, so a probe from the holding process must not open and close it.
-_HELD_LOCKS: set[Path] = set()
-
-
-def manifest_path(out_dir: Path, rank: int) -> Path:
-    return out_dir / STATE_DIR / f"rank-{rank:05d}.json"
-
-
-def engine_log_path(out_dir: Path, rank: int) -> Path:
-    """Where a rank's engine writes its own log (vLLM's lines), appended across resumes."""
-    return out_dir / STATE_DIR / "logs" / f"engine-rank-{rank:05d}.log"
-
-
-def lock_path(out_dir: Path, rank: int) -> Path:
-    return out_dir / STATE_DIR / f"rank-{rank:05d}.lock"
-
-
-def job_path(out_dir: Path) -> Path:
-    """The job record: the settings every rank of the run shares, written once by the first
-    rank to start, so a starting rank compares itself with one file, not with every rank."""
-    return out_dir / STATE_DIR / "job.json"
-
-
-@dataclass(slots=True)
-class Manifest:
-    """One rank's committed progress. Written atomically after every shard commit."""
-
-    rank: int
-    num_ranks: int
-    fingerprint: dict[str, Any]
-    status: str = "running"  # running | finished | interrupted | failed
-    total_prompts: int | None = None  # input rows (prompts) of this rank, when the source knows
-    shards: list[dict[str, Any]] = field(default_factory=list)  # committed shard files
-    started_at: float = 0.0
-    updated_at: float = 0.0
-    host: str = ""
-    pid: int = 0
-    report: dict[str, Any] = field(default_factory=dict)
-    version: int = MANIFEST_VERSION
-
-    @property
-    def prompts_committed(self) -> int:
-        return sum(s["prompts"] for s in self.shards)
-
-    @property
-    def rows_committed(self) -> int:
-        return sum(s["rows"] for s in self.shards)
-
-    @property
-    def errors(self) -> int:
-        return sum(s["errors"] for s in self.shards)
-
-    @classmethod
-    def load(cls, path: Path) -> Manifest | None:
-        try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            return None
-        except (json.JSONDecodeError, OSError) as exc:
-            raise BatchgenError(
-                f"{path} is unreadable ({exc}); it is batchgen's resume state: restore it, or "
-                "pass --overwrite to start this rank afresh"
-            ) from exc
-        data = {_RENAMED_KEYS.get(k, k): v for k, v in data.items()}
-        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
-        known.setdefault("version", 1)
-        return cls(**known)
-
-    def save(self, out_dir: Path) -> None:
-        self.updated_at = time.time()
-        self.version = MANIFEST_VERSION
-        path = manifest_path(out_dir, self.rank)
-        tmp = temp_path(path)
-        try:
-            with open(tmp, "w") as f:
-                json.dump(asdict(self), f, indent=1, sort_keys=True)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            # A full disk fails here; the last good manifest stays in place.
-            with contextlib.suppress(OSError):
-                tmp.unlink(missing_ok=True)
-            raise
-        fsync_dir(path.parent)
-
-
-class RankLock:
-    """An exclusive lock on one rank of an output folder.
-
-    POSIX record locks (lockf) are released by the kernel when their process dies, however it
-    dies, so a lock left by a killed run never blocks the next; they also work on NFS.
-    """
-
-    def __init__(self, out_dir: Path, rank: int) -> None:
-        self.path = lock_path(out_dir, rank)
-        self.rank = rank
-        self._file = None
-
-    def acquire(self) -> RankLock:
-        """Take the lock, or raise OutputLocked naming the holder (OSError if it cannot be made)."""
-        key = self.path.resolve()
-        if key in _HELD_LOCKS:  # a second run in this process: lockf would let it through
-            raise self._locked(f"this process (pid {os.getpid()})")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        f = open(self.path, "a+")  # noqa: SIM115 - held for the life of the run
-        deadline = time.monotonic() + LOCK_RETRY_SECONDS
-        while True:
-            try:
-                fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except OSError:
-                if time.monotonic() < deadline:
-                    time.sleep(0.05)
-                    continue
-                f.seek(0)
-                holder = f.read().strip() or "another process"
-                f.close()
-                raise self._locked(holder) from None
-        # Who holds it, for the refusal above and `batchgen status`. Only informative: on a
-        # full disk this write fails and the run then stops at its first manifest write.
-        with contextlib.suppress(OSError):
-            f.seek(0)
-            f.truncate()
-            f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%F %T')}\n")
-            f.flush()
-        self._file = f
-        _HELD_LOCKS.add(key)
-        return self
-
-    def _locked(self, holder: str) -> OutputLocked:
-        return OutputLocked(
-            f"rank {self.rank} of {self.path.parent.parent} is being written by {holder}; "
-            "wait for it to finish or stop it (a killed process releases the lock at once), "
-            "or write to another --output"
-        )
-
-    def release(self) -> None:
-        if self._file is not None:
-            _HELD_LOCKS.discard(self.path.resolve())
-            with contextlib.suppress(OSError):
-                self._file.close()  # closing drops the lock
-            self._file = None
-
-
-def lock_holder(out_dir: Path, rank: int) -> str | None:
-    """Who holds a rank's lock now ("pid 12 on node3 since ..."), or None if no live process does.
-
-    Probes with a non-blocking shared lock on a read-only descriptor: it needs no write access,
-    changes nothing, and a manifest that says "running" under a free lock means a dead process.
-    """
-    path = lock_path(out_dir, rank)
-    if path.resolve() in _HELD_LOCKS:
-        return f"pid {os.getpid()} on {socket.gethostname()} (this process)"
-    try:
-        f = open(path)  # noqa: SIM115 - closed below; closing drops the probe's lock
-    except OSError:
-        return None
-    with f:
-        try:
-            fcntl.lockf(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except OSError:
-            return f.read().strip() or "another process"
-    return None
+# Re-exported: what other modules read of a rank's state comes through this module.
+__all__ = [
+    "STATE_DIR",
+    "Checkpoint",
+    "Manifest",
+    "RankLock",
+    "engine_log_path",
+    "lock_holder",
+    "lock_path",
+    "manifest_path",
+    "preview_resume",
+    "recorded_ranks",
+    "remove_run",
+    "scan_rank",
+]
 
 
 def recorded_ranks(out_dir: Path) -> dict[int, int]:
-    """{rank: the rank count its manifest records} for every rank manifest in `out_dir`."""
+    """{rank: the rank count its manifest records} for every rank with a manifest in `out_dir`."""
     found = {}
-    for path in sorted((out_dir / STATE_DIR).glob("rank-*.json")):
-        manifest = Manifest.load(path)
+    for rank in state_ranks(out_dir):
+        manifest = Manifest.load(out_dir, rank)
         if manifest is not None:
             found[manifest.rank] = manifest.num_ranks
     return found
@@ -232,14 +90,8 @@ def remove_run(out_dir: Path, keep_rank: int | None = None) -> str:
     when the folder holds a run with other settings): every rank's shards, temporary files and
     manifests, and the job record. Refuses, removing nothing, while any rank's lock other than
     `keep_rank`'s (the caller's own) is held. What was removed, in words ("" if nothing)."""
-    state = out_dir / STATE_DIR
-    ranks = {int(m.group(1)) for p in shard_files(out_dir) if (m := SHARD_RE.match(p.name))}
-    ranks |= {
-        int(p.stem.removeprefix("rank-"))
-        for pattern in ("rank-*.json", "rank-*.lock")
-        for p in state.glob(pattern)
-        if p.stem.removeprefix("rank-").isdigit()
-    }
+    ranks = set(output_ranks(out_dir)) | set(state_ranks(out_dir))
+    legacy = sorted((out_dir / STATE_DIR).glob("rank-*.json"))  # an earlier batchgen's
     for rank in sorted(ranks - {keep_rank}):
         holder = lock_holder(out_dir, rank)
         if holder is not None:
@@ -249,23 +101,29 @@ def remove_run(out_dir: Path, keep_rank: int | None = None) -> str:
                 "another --output"
             )
     removed = _remove_ranks(out_dir, ranks)
+    for path in [*legacy, *out_dir.glob("part-*.parquet")]:
+        path.unlink()
     job_path(out_dir).unlink(missing_ok=True)
+    if legacy:
+        removed = (removed + "; " if removed else "") + "the files of an earlier batchgen"
     return removed
 
 
 def _remove_ranks(out_dir: Path, ranks: set[int]) -> str:
-    """Remove these ranks' shards, temporary files and manifests; what was removed, in words."""
+    """Remove these ranks' shards, temporary files and manifests (their locks stay: a lock
+    may be held); what was removed, in words."""
     shards = manifests = 0
     for rank in sorted(ranks):
-        for p in shard_files(out_dir, rank):
+        for p in [*shard_files(out_dir, rank), *temp_files(out_dir, rank)]:
             p.unlink()
-            shards += 1
-        for p in temp_files(out_dir, rank):
-            p.unlink()
-        m = manifest_path(out_dir, rank)
-        if m.exists():
-            m.unlink()
-            manifests += 1
+            shards += p.name.startswith("part-")
+        with contextlib.suppress(OSError):
+            rank_dir(out_dir, rank).rmdir()
+        manifests += Manifest.load(out_dir, rank) is not None
+        state = manifest_path(out_dir, rank)
+        for p in state.iterdir() if state.is_dir() else []:
+            if p != lock_path(out_dir, rank):
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
     if not shards and not manifests:
         return ""
     return f"{shards} shard(s) and {manifests} manifest(s) of rank(s) {', '.join(map(str, sorted(ranks)))}"
@@ -333,9 +191,12 @@ class RankScan:
             lines = [f"the other ranks: {line}" for line in self.other_run]
         if self.legacy:
             lines.append(self.legacy)
-        lines += [f"{out_dir / name} is not a shard of this run" for name in self.foreign]
         lines += [
-            f"{out_dir / name} is committed but unreadable ({why})" for name, why in self.damaged
+            f"{shard_path(out_dir, name)} is not a shard of this run" for name in self.foreign
+        ]
+        lines += [
+            f"{shard_path(out_dir, name)} is committed but unreadable ({why})"
+            for name, why in self.damaged
         ]
         return lines
 
@@ -349,9 +210,10 @@ def scan_rank(out_dir: Path, rank: int, fingerprint: dict[str, Any]) -> RankScan
     job = read_job_record(out_dir)
     if job is not None:
         scan.other_run = diff_fingerprints(job["fingerprint"], shared_fingerprint(fingerprint))
-    manifest = scan.manifest = Manifest.load(manifest_path(out_dir, rank))
-    if manifest is not None and manifest.version < MANIFEST_VERSION:
-        scan.legacy = _legacy_note(out_dir, rank, manifest.version)
+    manifest = scan.manifest = Manifest.load(out_dir, rank)
+    legacy = legacy_manifest_path(out_dir, rank)
+    if legacy.exists():
+        scan.legacy = _legacy_note(out_dir, legacy)
     elif manifest is not None:
         scan.changed = diff_fingerprints(manifest.fingerprint, fingerprint)
     if scan.other_run or scan.changed or scan.legacy:
@@ -362,11 +224,11 @@ def scan_rank(out_dir: Path, rank: int, fingerprint: dict[str, Any]) -> RankScan
     for name, size in sizes.items():
         entry = listed.get(name)
         if entry is None:
-            meta = read_shard_metadata(out_dir / name)
+            meta = read_shard_metadata(shard_path(out_dir, name))
             if meta is None or meta.get("fingerprint_sha256") != digest:
                 scan.foreign.append(name)
                 continue
-            entry = asdict(read_shard_info(out_dir / name))
+            entry = asdict(read_shard_info(shard_path(out_dir, name)))
             scan.adopted.append(name)
         elif entry.get("bytes") not in (None, size):
             why = f"its size is {size:,} bytes, {entry['bytes']:,} were committed"
@@ -378,11 +240,15 @@ def scan_rank(out_dir: Path, rank: int, fingerprint: dict[str, Any]) -> RankScan
     return scan
 
 
-def _legacy_note(out_dir: Path, rank: int, version: int) -> str:
+def _legacy_note(out_dir: Path, legacy: Path) -> str:
     """The refusal of an output folder written by an earlier batchgen, naming that version."""
     made_by = None
-    for path in shard_files(out_dir, rank)[:1]:
+    for path in sorted(out_dir.glob("part-*.parquet"))[:1]:
         made_by = (read_shard_metadata(path) or {}).get("batchgen")
+    try:
+        version = json.loads(legacy.read_text()).get("version", 1)
+    except (OSError, json.JSONDecodeError):
+        version = "unknown"
     how = f" (pip install 'batchgen=={made_by}')" if made_by else ""
     return (
         f"{out_dir} was written by batchgen {made_by or 'before 0.1.0'} in resume format "
@@ -433,7 +299,7 @@ class Checkpoint:
         # Only this rank's: other ranks' temporary files may belong to their live writers.
         strays = [
             *temp_files(self.out_dir, self.rank),
-            *stale_temp_paths(manifest_path(self.out_dir, self.rank)),
+            *manifest_path(self.out_dir, self.rank).glob(".tmp-*"),
         ]
         for stray in sorted(strays):
             stray.unlink(missing_ok=True)
@@ -487,12 +353,12 @@ class Checkpoint:
             )
         for name in scan.foreign:
             raise ResumeMismatch(
-                f"{out / name} is not a shard of this run; move it away, or pass "
+                f"{shard_path(out, name)} is not a shard of this run; move it away, or pass "
                 "--overwrite to start afresh"
             )
         for name, why in scan.damaged:
             raise BatchgenError(
-                f"{out / name} is committed but unreadable ({why}); delete it and rerun to "
+                f"{shard_path(out, name)} is committed but unreadable ({why}); delete it and rerun to "
                 "generate its rows again"
             )
 
@@ -503,9 +369,9 @@ class Checkpoint:
         return _remove_ranks(self.out_dir, {self.rank})
 
     def commit(self, info: ShardInfo) -> None:
+        """Record a published shard: one new commit record, whatever the shard count."""
         assert self.manifest is not None
-        self.manifest.shards.append(asdict(info))
-        self.manifest.save(self.out_dir)
+        self.manifest.record_commit(self.out_dir, asdict(info))
 
     def set_status(self, status: str, report: dict[str, Any] | None = None) -> None:
         assert self.manifest is not None

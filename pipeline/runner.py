@@ -364,7 +364,7 @@ def _error_rate_failure(
     return BatchgenError(
         f"{early}{errors:,} of {rows:,} rows of rank {cfg.rank} ({rate:.1%}) are error rows, above "
         f"--max-error-rate {cfg.max_error_rate:g}; every row is committed in {out}: see why in "
-        f"their `error` column (e.g. duckdb -c \"select error, count(*) from '{out}/*.parquet' "
+        f"their `error` column (e.g. duckdb -c \"select error, count(*) from '{out}/*/*.parquet' "
         'group by error"), fix the input or flags and rerun with --overwrite, or rerun with a '
         "higher --max-error-rate to accept them"
     )

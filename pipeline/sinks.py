@@ -56,6 +56,7 @@ RESERVED_COLUMNS = (
 METADATA_KEY = b"batchgen"
 SHARD_KEY = b"batchgen_shard"  # the shard's own ShardInfo (positions, counts), for adoption
 SHARD_RE = re.compile(r"^part-(\d{5})-(\d{6})\.parquet$")
+RANK_DIR_RE = re.compile(r"^rank-(\d{5})$")
 TMP_PREFIX = ".tmp-"  # readers skip names that start with '.'
 
 
@@ -72,15 +73,45 @@ def shard_seq(name: str) -> int:
     return int(match.group(2))
 
 
+def rank_dir(out_dir: Path, rank: int) -> Path:
+    """The folder of one rank's shards: OUT/rank-00003/ (readers that recurse see them all)."""
+    return out_dir / f"rank-{rank:05d}"
+
+
+def shard_path(out_dir: Path, name: str) -> Path:
+    """Where the shard file `name` (made by `shard_name`) lies in `out_dir`."""
+    match = SHARD_RE.match(name)
+    if match is None:
+        raise ValueError(f"{name} is not a shard file name")
+    return rank_dir(out_dir, int(match.group(1))) / name
+
+
+def output_ranks(out_dir: Path) -> list[int]:
+    """The ranks that have a shard folder in `out_dir`, sorted."""
+    try:
+        names = os.listdir(out_dir)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    return sorted(int(m.group(1)) for n in names if (m := RANK_DIR_RE.match(n)))
+
+
 def shard_files(out_dir: Path, rank: int | None = None) -> list[Path]:
-    """Committed shard files in `out_dir` (of one rank, or of all), sorted by name."""
-    pattern = "part-*.parquet" if rank is None else f"part-{rank:05d}-*.parquet"
-    return sorted(p for p in out_dir.glob(pattern) if SHARD_RE.match(p.name))
+    """Shard files on disk in `out_dir` (of one rank: one listing of its folder; or of all),
+    sorted by name. The committed ones are those its manifest lists (`Manifest.load`): a file
+    here that it does not list was renamed just before a crash, and the next run adopts it."""
+    if rank is None:
+        return [p for r in output_ranks(out_dir) for p in shard_files(out_dir, r)]
+    folder = rank_dir(out_dir, rank)
+    try:
+        names = os.listdir(folder)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    return [folder / n for n in sorted(names) if SHARD_RE.match(n)]
 
 
 def temp_files(out_dir: Path, rank: int) -> list[Path]:
     """Temporary files of one rank's unfinished shard writes (a crash leaves them)."""
-    return sorted(out_dir.glob(f"{TMP_PREFIX}part-{rank:05d}-*"))
+    return sorted(rank_dir(out_dir, rank).glob(f"{TMP_PREFIX}part-{rank:05d}-*"))
 
 
 def temp_path(final: Path) -> Path:
@@ -203,7 +234,10 @@ class ParquetShardWriter:
 
     def write(self, rows: list[ResultRow], seq: int) -> ShardInfo:
         """Write, flush and rename one shard; the shard exists complete or not at all."""
-        final = self.out_dir / shard_name(self.rank, seq)
+        final = rank_dir(self.out_dir, self.rank) / shard_name(self.rank, seq)
+        if not final.parent.is_dir():
+            final.parent.mkdir(exist_ok=True)
+            fsync_dir(self.out_dir)
         tmp = temp_path(final)
         rows = sorted(rows, key=lambda r: (r.seq, r.sample_index))  # input order within a shard
         info = ShardInfo.of(final.name, rows)
@@ -215,7 +249,7 @@ class ParquetShardWriter:
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        fsync_dir(self.out_dir)
+        fsync_dir(final.parent)
         return info
 
     # The two steps of a commit; the kill tests wrap each to stop a process between them.

@@ -4,9 +4,16 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
-from conftest import FAKE_ENGINE, run_args, run_cli, write_prompts
+from conftest import (
+    FAKE_ENGINE,
+    manifest_state,
+    run_args,
+    run_cli,
+    write_prompts,
+)
 
 import pipeline
 from pipeline.errors import BatchgenError
@@ -59,17 +66,30 @@ def test_unique_ids_pass_and_repeats_are_refused_in_memory_or_spilled(in_memory)
 
 
 def test_an_output_of_an_earlier_batchgen_is_refused_naming_its_version(tmp_path):
+    """A flat folder (OUT/part-*.parquet, OUT/.batchgen/rank-00000.json) of resume format 2."""
     src = write_prompts(tmp_path / "in.parquet", [f"row {i}" for i in range(20)])
     out = tmp_path / "out"
-    run_cli(*run_args(src, out, *FAKE_ENGINE, "--rows-per-shard", "5"))
-    path = out / ".batchgen" / "rank-00000.json"
-    manifest = json.loads(path.read_text())
-    manifest["version"] = 2
-    path.write_text(json.dumps(manifest))
-    result = run_cli(*run_args(src, out, *FAKE_ENGINE, "--rows-per-shard", "5"), expect=1)
+    flags = [*FAKE_ENGINE, "--rows-per-shard", "5"]
+    run_cli(*run_args(src, out, *flags))
+    for shard in (out / "rank-00000").iterdir():
+        shard.rename(out / shard.name)
+    (out / "rank-00000").rmdir()
+    state = {**manifest_state(out), "version": 2}
+    shutil.rmtree(out / ".batchgen")
+    (out / ".batchgen").mkdir()
+    (out / ".batchgen" / "rank-00000.json").write_text(json.dumps(state))
+    result = run_cli(*run_args(src, out, *flags), expect=1)
     v = pipeline.__version__
     assert result.output.splitlines()[-1] == (
         f"Error: {out} was written by batchgen {v} in resume format 2, which this batchgen {v} "
         f"(format 3) cannot resume; finish it with the version that made it (pip install "
         f"'batchgen=={v}'), or pass --overwrite to start it afresh here"
     )
+    status = run_cli("status", out, expect=1)
+    assert status.output == (
+        f"Error: {out} was written by an earlier batchgen (a flat folder of shards, "
+        ".batchgen/rank-*.json); use that version's `batchgen status`\n"
+    )
+    result = run_cli(*run_args(src, out, *flags), "--overwrite")
+    assert "the files of an earlier batchgen" in result.output
+    assert not list(out.glob("*.parquet")) and len(list(out.glob("rank-00000/*.parquet"))) == 4
