@@ -8,9 +8,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from pipeline.adapters import check_adapters
-from pipeline.checkpoint import run_fingerprint
 from pipeline.config import RunConfig
 from pipeline.engines import preflight
+from pipeline.fingerprint import run_fingerprint
 from pipeline.models import generation_defaults, resolve_model
 from pipeline.prompts import PromptBuilder, load_tokenizer
 from pipeline.sources import Source, open_source, require_columns

@@ -39,7 +39,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.checkpoint import Manifest, lock_holder, manifest_path, recorded_ranks, remove_run
+from pipeline.checkpoint import Manifest, lock_holder, recorded_ranks, remove_run
 from pipeline.errors import (
     EXIT_INTERRUPTED,
     EXIT_OK,
@@ -324,7 +324,7 @@ class NodeRun:
         if child.output is not None:
             child.output.join(timeout=2.0)  # its last lines first, then this one
         try:
-            manifest = Manifest.load(manifest_path(self.out_dir, child.rank))
+            manifest = Manifest.load(self.out_dir, child.rank)
         except BatchgenError:
             manifest = None
         child.settle(manifest)

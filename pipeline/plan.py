@@ -27,6 +27,7 @@ from pipeline.checkpoint import Manifest, lock_holder, preview_resume
 from pipeline.config import RunConfig
 from pipeline.errors import BatchgenError, ConfigError
 from pipeline.humanize import fmt_duration, plural
+from pipeline.positions import Positions
 from pipeline.tally import PERCENTILES, ErrorKind, History, RankPlan, Tally
 
 log = logging.getLogger("batchgen")
@@ -383,13 +384,12 @@ def _make_plan(cfg: RunConfig, all_ranks: bool, calibrate: float | None, server:
             plan = Plan(cfg, job.model, job.sampling, max_len, max_len_from, [], Tally(max_len))
         job.builder.max_model_len = plan.max_model_len
         rank_plan = _rank_plan(cfg, rank, job.fingerprint, job.sampling.get("n", 1), plan)
-        done_ids = rank_plan.done_ids
-        for rows in request_batches(job.source, job.builder, done_ids, cfg.source.id_column):
+        for rows in request_batches(job.source, job.builder, rank_plan.done, cfg.source.id_column):
             rank_plan.tally.add(rows)
             if reservoir is not None:
                 reservoir.add(rows)
         rank_plan.input_prompts = job.source.total_rows
-        rank_plan.done_ids = set()  # counted; not kept
+        rank_plan.done = Positions()  # counted; not kept
         plan.ranks.append(rank_plan)
         plan.total.merge(rank_plan.tally)
         if rank_plan.history is not None:
@@ -430,8 +430,8 @@ def _rank_plan(
         # The same settings: its outputs and rate describe this job, even under --overwrite.
         rank_plan.history = _history(preview.manifest, n)
     if not cfg.output.overwrite:
-        rank_plan.done_ids = preview.done_ids
-        rank_plan.committed_prompts = len(preview.done_ids)
+        rank_plan.done = preview.done
+        rank_plan.committed_prompts = preview.done.count()
         rank_plan.committed_rows = sum(s["rows"] for s in preview.shards)
         rank_plan.committed_errors = sum(s["errors"] for s in preview.shards)
     return rank_plan

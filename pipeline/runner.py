@@ -35,6 +35,7 @@ from pipeline.engines import (
     open_engine,
 )
 from pipeline.errors import BatchgenError, ConfigError, committed_note, storage_failure
+from pipeline.fingerprint import fingerprint_digest
 from pipeline.job import Job, read_job
 from pipeline.progress import Progress, fmt_duration
 from pipeline.report import log_summary, run_report
@@ -112,14 +113,14 @@ def _run_locked(
     writer = ParquetShardWriter(
         cfg.output_dir, cfg.rank, _schema(cfg, job), _metadata(cfg, job, engine)
     )
-    todo = None if job.source.total_rows is None else job.source.total_rows - len(state.done_ids)
+    todo = None if job.source.total_rows is None else job.source.total_rows - state.done.count()
     progress = Progress(
         todo,
         state.manifest.prompts_committed,
         interval=cfg.progress_seconds,
         report_fd=cfg.progress_fd,
     )
-    feeder = Feeder(job.source, job.builder, state.done_ids, cfg.source.id_column, flags)
+    feeder = Feeder(job.source, job.builder, state.done, cfg.source.id_column, flags)
     committer = Committer(
         writer, checkpoint, state.next_seq, cfg.output.rows_per_shard, cfg.output.checkpoint_seconds
     )
@@ -245,7 +246,8 @@ def _metadata(cfg: RunConfig, job: Job, engine: Engine) -> dict[str, Any]:
         "seed": cfg.engine.seed,
         "rank": cfg.rank,
         "num_shards": cfg.num_ranks,
-        "fingerprint": job.fingerprint,
+        # A fixed-size reference: the whole fingerprint lives once, in the rank's manifest.
+        "fingerprint_sha256": fingerprint_digest(job.fingerprint),
     }
 
 
@@ -367,7 +369,7 @@ def _error_rate_failure(
     return BatchgenError(
         f"{early}{errors:,} of {rows:,} rows of rank {cfg.rank} ({rate:.1%}) are error rows, above "
         f"--max-error-rate {cfg.max_error_rate:g}; every row is committed in {out}: see why in "
-        f"their `error` column (e.g. duckdb -c \"select error, count(*) from '{out}/*.parquet' "
+        f"their `error` column (e.g. duckdb -c \"select error, count(*) from '{out}/*/*.parquet' "
         'group by error"), fix the input or flags and rerun with --overwrite, or rerun with a '
         "higher --max-error-rate to accept them"
     )

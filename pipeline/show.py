@@ -95,7 +95,7 @@ def select(
     files = shard_files(out_dir)
     if not files and not (out_dir / STATE_DIR).is_dir():
         raise BatchgenError(
-            f"{out_dir}: no batchgen run there (no part-*.parquet shards and no {STATE_DIR}); "
+            f"{out_dir}: no batchgen run there (no rank-*/part-*.parquet shards and no {STATE_DIR}); "
             "give the --output folder of a run"
         )
     conditions = [Condition.parse(w) for w in where]

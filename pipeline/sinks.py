@@ -11,8 +11,8 @@ import json
 import os
 import re
 import time
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 
 from pipeline import structured
 from pipeline.errors import BatchgenError, storage_reason
+from pipeline.positions import Positions
 from pipeline.records import ResultRow
 
 _TOKEN = pa.struct([("token_id", pa.int32()), ("token", pa.string()), ("logprob", pa.float32())])
@@ -53,7 +54,9 @@ RESERVED_COLUMNS = (
     *OPTIONAL_COLUMNS,
 )
 METADATA_KEY = b"batchgen"
+SHARD_KEY = b"batchgen_shard"  # the shard's own ShardInfo (positions, counts), for adoption
 SHARD_RE = re.compile(r"^part-(\d{5})-(\d{6})\.parquet$")
+RANK_DIR_RE = re.compile(r"^rank-(\d{5})$")
 TMP_PREFIX = ".tmp-"  # readers skip names that start with '.'
 
 
@@ -70,15 +73,45 @@ def shard_seq(name: str) -> int:
     return int(match.group(2))
 
 
+def rank_dir(out_dir: Path, rank: int) -> Path:
+    """The folder of one rank's shards: OUT/rank-00003/ (readers that recurse see them all)."""
+    return out_dir / f"rank-{rank:05d}"
+
+
+def shard_path(out_dir: Path, name: str) -> Path:
+    """Where the shard file `name` (made by `shard_name`) lies in `out_dir`."""
+    match = SHARD_RE.match(name)
+    if match is None:
+        raise ValueError(f"{name} is not a shard file name")
+    return rank_dir(out_dir, int(match.group(1))) / name
+
+
+def output_ranks(out_dir: Path) -> list[int]:
+    """The ranks that have a shard folder in `out_dir`, sorted."""
+    try:
+        names = os.listdir(out_dir)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    return sorted(int(m.group(1)) for n in names if (m := RANK_DIR_RE.match(n)))
+
+
 def shard_files(out_dir: Path, rank: int | None = None) -> list[Path]:
-    """Committed shard files in `out_dir` (of one rank, or of all), sorted by name."""
-    pattern = "part-*.parquet" if rank is None else f"part-{rank:05d}-*.parquet"
-    return sorted(p for p in out_dir.glob(pattern) if SHARD_RE.match(p.name))
+    """Shard files on disk in `out_dir` (of one rank: one listing of its folder; or of all),
+    sorted by name. The committed ones are those its manifest lists (`Manifest.load`): a file
+    here that it does not list was renamed just before a crash, and the next run adopts it."""
+    if rank is None:
+        return [p for r in output_ranks(out_dir) for p in shard_files(out_dir, r)]
+    folder = rank_dir(out_dir, rank)
+    try:
+        names = os.listdir(folder)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    return [folder / n for n in sorted(names) if SHARD_RE.match(n)]
 
 
 def temp_files(out_dir: Path, rank: int) -> list[Path]:
     """Temporary files of one rank's unfinished shard writes (a crash leaves them)."""
-    return sorted(out_dir.glob(f"{TMP_PREFIX}part-{rank:05d}-*"))
+    return sorted(rank_dir(out_dir, rank).glob(f"{TMP_PREFIX}part-{rank:05d}-*"))
 
 
 def temp_path(final: Path) -> Path:
@@ -131,10 +164,14 @@ class ShardInfo:
     # they were recorded. An adopted shard's commit time is its file's modification time.
     committed_at: float | None = None
     generate_seconds: float | None = None
+    # The input positions (PromptRow.seq) of its prompts as [start, stop) ranges: what resume
+    # skips. A few ranges a shard, since the engine finishes rows nearly in input order.
+    positions: list[list[int]] = field(default_factory=list)
+    bytes: int | None = None  # the file's size, checked on resume without reading the file
 
     @classmethod
-    def of(cls, file: str, rows: Iterable[ResultRow | _Counted]) -> ShardInfo:
-        """Counts over a shard's rows: ResultRows, or a read shard's rows (`read_shard_info`)."""
+    def of(cls, file: str, rows: Iterable[ResultRow]) -> ShardInfo:
+        """Counts over a shard's rows."""
         info = cls(file, 0, 0, 0, 0, 0, {})
         for r in rows:
             info.rows += 1
@@ -150,31 +187,17 @@ class ShardInfo:
         return info
 
 
-@dataclass(slots=True)
-class _Counted:
-    """The columns of a shard row that ShardInfo counts."""
-
-    sample_index: int
-    finish_reason: str | None
-    prompt_tokens: int | None
-    completion_tokens: int | None
-    error: str | None
-
-
 def read_shard_info(path: Path) -> ShardInfo:
-    """The manifest entry of a committed shard file, counted from its columns."""
-    names = ["sample_index", "finish_reason", "prompt_tokens", "completion_tokens", "error"]
-    cols = pq.read_table(path, columns=names).to_pydict()
-    info = ShardInfo.of(
-        path.name, (_Counted(*values) for values in zip(*cols.values(), strict=True))
-    )
-    info.committed_at = round(path.stat().st_mtime, 3)
+    """The manifest entry of a committed shard file, as its footer records it (one small read
+    at the end of the file), with its file's time and size."""
+    raw = (pq.read_schema(path).metadata or {}).get(SHARD_KEY)
+    if raw is None:
+        raise BatchgenError(f"{path} records no shard entry; it was not written by this batchgen")
+    info = ShardInfo(**json.loads(raw))
+    stat = path.stat()
+    info.file, info.bytes = path.name, stat.st_size
+    info.committed_at = round(stat.st_mtime, 3)
     return info
-
-
-def read_ids(path: Path) -> Iterator[str]:
-    """The row ids of a committed shard file."""
-    yield from pq.read_table(path, columns=["id"]).column("id").to_pylist()
 
 
 class ParquetShardWriter:
@@ -211,23 +234,32 @@ class ParquetShardWriter:
 
     def write(self, rows: list[ResultRow], seq: int) -> ShardInfo:
         """Write, flush and rename one shard; the shard exists complete or not at all."""
-        final = self.out_dir / shard_name(self.rank, seq)
+        final = rank_dir(self.out_dir, self.rank) / shard_name(self.rank, seq)
+        if not final.parent.is_dir():
+            final.parent.mkdir(exist_ok=True)
+            fsync_dir(self.out_dir)
         tmp = temp_path(final)
         rows = sorted(rows, key=lambda r: (r.seq, r.sample_index))  # input order within a shard
+        info = ShardInfo.of(final.name, rows)
+        info.positions = Positions.of(r.seq for r in rows).to_list()
         try:
-            self._write_temp(rows, tmp)
+            self._write_temp(rows, tmp, info)
+            info.bytes = tmp.stat().st_size
             self._publish(tmp, final)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        fsync_dir(self.out_dir)
-        return ShardInfo.of(final.name, rows)
+        fsync_dir(final.parent)
+        return info
 
     # The two steps of a commit; the kill tests wrap each to stop a process between them.
 
-    def _write_temp(self, rows: list[ResultRow], tmp: Path) -> None:
+    def _write_temp(self, rows: list[ResultRow], tmp: Path, info: ShardInfo) -> None:
+        table = self.table(rows)
+        entry = json.dumps(asdict(info), sort_keys=True).encode()
+        table = table.replace_schema_metadata({**table.schema.metadata, SHARD_KEY: entry})
         with open(tmp, "wb") as f:
-            pq.write_table(self.table(rows), f, compression="zstd")
+            pq.write_table(table, f, compression="zstd")
             f.flush()
             os.fsync(f.fileno())
 

@@ -15,7 +15,8 @@ from typing import Any
 
 from pipeline.checkpoint import Checkpoint, manifest_path
 from pipeline.engines import StopFlags
-from pipeline.errors import BatchgenError
+from pipeline.idcheck import UniqueIds
+from pipeline.positions import Positions
 from pipeline.prompts import PromptBuilder
 from pipeline.records import PromptRow, ResultRow
 from pipeline.sinks import ParquetShardWriter, ShardInfo, shard_name
@@ -37,7 +38,7 @@ class Feeder(threading.Thread):
         self,
         source: Source,
         builder: PromptBuilder,
-        done_ids: set[str],
+        done: Positions,
         id_column: str | None,
         flags: StopFlags,
         batch_rows: int = READ_BATCH_ROWS,
@@ -45,7 +46,7 @@ class Feeder(threading.Thread):
     ) -> None:
         super().__init__(name="batchgen-feeder", daemon=True)
         self.source, self.builder = source, builder
-        self.done_ids, self.id_column = done_ids, id_column
+        self.done, self.id_column = done, id_column
         self.flags = flags
         self.batch_rows = batch_rows
         self.queue: queue.Queue = queue.Queue(maxsize=depth)  # of lists of PromptRow
@@ -62,7 +63,7 @@ class Feeder(threading.Thread):
 
     def _read(self) -> None:
         for rows in request_batches(
-            self.source, self.builder, self.done_ids, self.id_column, self.batch_rows
+            self.source, self.builder, self.done, self.id_column, self.batch_rows
         ):
             if not self._put(rows):
                 return
@@ -100,58 +101,47 @@ class Feeder(threading.Thread):
 def request_batches(
     source: Source,
     builder: PromptBuilder,
-    done_ids: set[str],
+    done: Positions,
     id_column: str | None,
     batch_rows: int = READ_BATCH_ROWS,
 ) -> Iterator[list[PromptRow]]:
-    """The requests of every row not yet committed, in input order, in chunks: what a run sends
-    the engine (the feeder's thread runs this) and what `batchgen plan` counts."""
+    """The requests of every row not yet committed (`done` holds committed positions), in input
+    order, in chunks: what a run sends the engine (the feeder's thread runs this) and what
+    `batchgen plan` counts. With `id_column`, its values are checked unique over the whole
+    rank's input, committed rows included (see pipeline/idcheck.py)."""
     columns = list(builder.columns())
     if id_column is not None and id_column not in columns:
         columns.append(id_column)
-    seen: set[str] = set()
+    unique = UniqueIds(id_column) if id_column is not None else None
     seq = 0
     # Rows go to the engine in chunks that start small and double up to a whole batch: the
     # engine starts on the first 64 rows (~10 ms to tokenize) instead of waiting for a
     # batch of 1,024 (~0.1 s), which is most of batchgen's start on a short run.
     chunk = min(FIRST_CHUNK_ROWS, batch_rows)
-    for ids, cols in source.iter_batches(columns, batch_rows):
-        if id_column is not None:
-            ids = _user_ids(cols[id_column], id_column, seq, seen)
-        keep = [i for i, row_id in enumerate(ids) if row_id not in done_ids]
-        start = 0
-        while start < len(keep):
-            part = keep[start : start + chunk]
-            start += len(part)
-            if len(part) == len(ids):  # the whole batch: no copies
-                yield builder.build(ids, cols, range(seq, seq + len(ids)))
-            else:  # a first small chunk, or a resume's rows not yet committed
-                yield builder.build(
-                    [ids[i] for i in part],
-                    {c: [v[i] for i in part] for c, v in cols.items()},
-                    [seq + i for i in part],
-                )
-            chunk = min(2 * chunk, batch_rows)
-        seq += len(ids)
-
-
-def _user_ids(values: list[Any], id_column: str, seq: int, seen: set[str]) -> list[str]:
-    ids = []
-    for i, value in enumerate(values):
-        if value is None:
-            raise BatchgenError(
-                f"--id-column {id_column!r} is null in row {seq + i}; ids must be set "
-                "and unique (omit --id-column to use row positions)"
-            )
-        row_id = str(value)
-        if row_id in seen:
-            raise BatchgenError(
-                f"--id-column {id_column!r} repeats the id {row_id!r} (row {seq + i}); "
-                "resume needs unique ids: pick a unique column or omit --id-column"
-            )
-        seen.add(row_id)
-        ids.append(row_id)
-    return ids
+    try:
+        for ids, cols in source.iter_batches(columns, batch_rows):
+            if unique is not None:
+                ids = unique.add(cols[id_column], seq)
+            keep = [i - seq for lo, hi in done.missing(seq, seq + len(ids)) for i in range(lo, hi)]
+            start = 0
+            while start < len(keep):
+                part = keep[start : start + chunk]
+                start += len(part)
+                if len(part) == len(ids):  # the whole batch: no copies
+                    yield builder.build(ids, cols, range(seq, seq + len(ids)))
+                else:  # a first small chunk, or a resume's rows not yet committed
+                    yield builder.build(
+                        [ids[i] for i in part],
+                        {c: [v[i] for i in part] for c, v in cols.items()},
+                        [seq + i for i in part],
+                    )
+                chunk = min(2 * chunk, batch_rows)
+            seq += len(ids)
+        if unique is not None:
+            unique.finish()
+    finally:
+        if unique is not None:
+            unique.close()
 
 
 class Committer(threading.Thread):

@@ -17,6 +17,7 @@ from pipeline.checkpoint import STATE_DIR, Manifest, lock_holder, manifest_path
 from pipeline.errors import EXIT_OK, EXIT_STATUS_FAILED, EXIT_STATUS_INCOMPLETE, BatchgenError
 from pipeline.humanize import fmt_duration
 from pipeline.humanize import plural as _plural
+from pipeline.rankstate import legacy_manifest_path, state_ranks
 from pipeline.report import requests_line
 from pipeline.sinks import shard_files
 
@@ -200,18 +201,17 @@ class RunStatus:
 
 def read_status(out_dir: Path) -> RunStatus:
     """The status of every rank of `out_dir`; BatchgenError if it holds no batchgen run."""
-    state_dir = out_dir / STATE_DIR
     if not out_dir.is_dir():
         raise BatchgenError(f"{out_dir}: no such folder; give the --output folder of a run")
-    found = {
-        int(p.stem.removeprefix("rank-"))
-        for pattern in ("rank-*.json", "rank-*.lock")
-        for p in state_dir.glob(pattern)
-        if p.stem.removeprefix("rank-").isdigit()
-    }
+    found = set(state_ranks(out_dir))
+    if legacy_manifest_path(out_dir, 0).exists():
+        raise BatchgenError(
+            f"{out_dir} was written by an earlier batchgen (a flat folder of shards, "
+            f"{STATE_DIR}/rank-*.json); use that version's `batchgen status`"
+        )
     if not found:
         raise BatchgenError(
-            f"{out_dir}: no batchgen run there (no {STATE_DIR}/rank-*.json); give the "
+            f"{out_dir}: no batchgen run there (no {STATE_DIR}/rank-*/); give the "
             "--output folder of a run"
         )
     now = time.time()
@@ -228,7 +228,7 @@ def _rank_status(out_dir: Path, rank: int) -> RankStatus:
     # The lock first: a process that starts after the probe shows as whatever its manifest says,
     # never as crashed, because a "running" manifest under a free lock is probed once more.
     holder = lock_holder(out_dir, rank)
-    manifest = Manifest.load(manifest_path(out_dir, rank))
+    manifest = Manifest.load(out_dir, rank)
     if holder is None and manifest is not None and manifest.status == "running":
         holder = lock_holder(out_dir, rank)
     if holder is not None:

@@ -10,6 +10,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+from pipeline.positions import Positions
 from pipeline.prompts import error_kind
 from pipeline.records import PromptRow
 
@@ -176,7 +177,7 @@ class RankPlan:
     history: History | None
     refused: list[str]
     holder: str | None
-    done_ids: set[str] = field(default_factory=set)  # while reading: the rows a run would skip
+    done: Positions = field(default_factory=Positions)  # while reading: the rows a run skips
 
     def to_dict(self) -> dict[str, Any]:
         return {

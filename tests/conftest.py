@@ -3,6 +3,7 @@ by its settings), so every engine test passes the same REAL_ENGINE flags."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -63,6 +64,29 @@ def run_subprocess(*args: str | Path, timeout: float = 600, env: dict | None = N
 def read_output(out: Path) -> pa.Table:
     """The whole output folder as one table, the way pyarrow/pandas readers see it."""
     return pads.dataset(str(out), format="parquet").to_table()
+
+
+def manifest_state(out: Path, rank: int = 0) -> dict:
+    """A rank's manifest as batchgen reads it (newest generation plus commit records), as JSON."""
+    from dataclasses import asdict
+
+    from pipeline.checkpoint import Manifest
+
+    data = asdict(Manifest.load(out, rank))
+    del data["generation"]
+    return data
+
+
+def save_manifest_state(out: Path, data: dict, rank: int = 0) -> None:
+    """Replace a rank's manifest by `data`: one new generation, no commit records (what a test
+    that edits the state by hand means)."""
+    from pipeline.checkpoint import manifest_path
+
+    folder = manifest_path(out, rank)
+    for p in folder.iterdir():
+        if p.name.startswith(("manifest-", "commit-")):
+            p.unlink()
+    (folder / "manifest-00000099.json").write_text(json.dumps(data))
 
 
 def write_prompts(

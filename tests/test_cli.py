@@ -149,7 +149,7 @@ def test_bad_flag_combinations_are_usage_errors(
     paths = {"IN": str(prompts_file), "OUT": str(tmp_path / "out")}
     result = run_cli("run", *FAKE_ENGINE, *[paths.get(a, a) for a in args], expect=2)
     assert result.output.endswith(f"\nError: {message}\n"), result.output
-    assert not list((tmp_path / "out").glob("*.parquet"))
+    assert not list((tmp_path / "out").glob("**/*.parquet"))
 
 
 # --- --config FILE -----------------------------------------------------------------------------
@@ -369,10 +369,10 @@ def test_fake_engine_run_writes_the_documented_output(
     )
     source = pq.read_table(prompts_file).to_pydict()
     prompts, topics = source["prompt"], source["topic"]
-    shards = sorted(p.name for p in out.glob("*.parquet"))
+    shards = sorted(p.name for p in out.glob("rank-00000/*.parquet"))
     # 400 rows; a shard never splits one prompt's samples.
     assert shards == [f"part-00000-{i:06d}.parquet" for i in range(3)]
-    assert [pq.read_metadata(out / s).num_rows for s in shards] == [150, 150, 100]
+    assert [pq.read_metadata(out / "rank-00000" / s).num_rows for s in shards] == [150, 150, 100]
 
     table = read_output(out)
     assert table.schema.remove_metadata() == EXPECTED_SCHEMA  # names, types and nullability
@@ -392,7 +392,7 @@ def test_fake_engine_run_writes_the_documented_output(
     assert len(set(rows["text"])) == 400  # two different samples of 200 different prompts
 
     for shard in shards:
-        meta = json.loads(pq.read_schema(out / shard).metadata[METADATA_KEY])
+        meta = json.loads(pq.read_schema(out / "rank-00000" / shard).metadata[METADATA_KEY])
         assert meta["model"] == str(ensure_bundled_model())
         assert meta["model_impl"] == "transformers"
         assert meta["sampling"] == {
@@ -409,9 +409,11 @@ def test_fake_engine_run_writes_the_documented_output(
         assert (meta["rank"], meta["num_shards"], meta["seed"]) == (0, 1, 0)
 
     # The hidden .batchgen/ state folder must not confuse a `datasets` reader.
-    assert sorted(p.name for p in (out / ".batchgen").iterdir()) == [
-        "rank-00000.json",
-        "rank-00000.lock",
+    assert sorted(str(p.relative_to(out)) for p in (out / ".batchgen").rglob("*")) == [
+        ".batchgen/job.json",
+        ".batchgen/rank-00000",
+        ".batchgen/rank-00000/lock",
+        ".batchgen/rank-00000/manifest-00000001.json",
     ]
     import datasets
 

@@ -4,15 +4,10 @@ before these fields existed still load, resume and report."""
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
-from conftest import FAKE_ENGINE, run_args, run_cli
-
-
-def manifest_file(out: Path) -> Path:
-    return out / ".batchgen" / "rank-00000.json"
+from conftest import FAKE_ENGINE, manifest_state, run_args, run_cli, save_manifest_state
 
 
 def args(src: Path, out: Path) -> list[str]:
@@ -24,7 +19,7 @@ def test_each_shard_records_its_commit_time_and_generation_seconds(prompts_file,
     before = time.time()
     run_cli(*args(prompts_file, out))
     after = time.time()
-    manifest = json.loads(manifest_file(out).read_text())
+    manifest = manifest_state(out)
     shards = manifest["shards"]
     assert [s["file"] for s in shards] == [f"part-00000-00000{i}.parquet" for i in range(4)]
     times = [s["committed_at"] for s in shards]
@@ -39,29 +34,31 @@ def test_each_shard_records_its_commit_time_and_generation_seconds(prompts_file,
 def test_an_adopted_shard_takes_its_file_time(prompts_file, tmp_path):
     out = tmp_path / "out"
     run_cli(*args(prompts_file, out))
-    manifest = json.loads(manifest_file(out).read_text())
+    manifest = manifest_state(out)
     dropped = manifest["shards"].pop()
     manifest["status"] = "running"
-    manifest_file(out).write_text(json.dumps(manifest))
+    save_manifest_state(out, manifest)
     run_cli(*args(prompts_file, out))
-    adopted = json.loads(manifest_file(out).read_text())["shards"][-1]
+    adopted = manifest_state(out)["shards"][-1]
     assert adopted["file"] == dropped["file"]
-    assert adopted["committed_at"] == round((out / dropped["file"]).stat().st_mtime, 3)
+    assert adopted["committed_at"] == round(
+        (out / "rank-00000" / dropped["file"]).stat().st_mtime, 3
+    )
     assert adopted["generate_seconds"] is None
 
 
 def test_a_manifest_without_commit_times_still_resumes_and_reports(prompts_file, tmp_path):
     out = tmp_path / "out"
     run_cli(*args(prompts_file, out))
-    manifest = json.loads(manifest_file(out).read_text())
+    manifest = manifest_state(out)
     for shard in manifest["shards"]:
         del shard["committed_at"], shard["generate_seconds"]
     manifest["shards"].pop()  # one shard short: the rerun redoes it
-    (out / "part-00000-000003.parquet").unlink()
+    (out / "rank-00000" / "part-00000-000003.parquet").unlink()
     manifest["status"] = "running"
-    manifest_file(out).write_text(json.dumps(manifest))
+    save_manifest_state(out, manifest)
     result = run_cli(*args(prompts_file, out))
     assert "50 prompts this run" in result.output
-    shards = json.loads(manifest_file(out).read_text())["shards"]
+    shards = manifest_state(out)["shards"]
     assert ["committed_at" in s for s in shards] == [False, False, False, True]
     assert run_cli("status", out).output.startswith("rank 0: finished | 200/200 prompts")

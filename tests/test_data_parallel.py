@@ -20,9 +20,17 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import FAKE_ENGINE, HOOKED_BATCHGEN, read_output, run_args, run_cli, write_prompts
+from conftest import (
+    FAKE_ENGINE,
+    HOOKED_BATCHGEN,
+    manifest_state,
+    read_output,
+    run_args,
+    run_cli,
+    write_prompts,
+)
 
-from pipeline.checkpoint import lock_path, manifest_path
+from pipeline.checkpoint import lock_path
 from pipeline.cli.flags import run_config
 from pipeline.cli.run import rank_flags, run
 from pipeline.errors import ConfigError
@@ -94,7 +102,7 @@ def wait_until(check, proc: subprocess.Popen, log: Path, what: str, timeout: flo
 
 
 def every_rank_committed(out: Path) -> bool:
-    return all(list(out.glob(f"part-{r:05d}-*.parquet")) for r in range(RANKS))
+    return all(list(out.glob(f"rank-*/part-{r:05d}-*.parquet")) for r in range(RANKS))
 
 
 def rank_pids(out: Path) -> dict[int, int]:
@@ -111,7 +119,7 @@ def alive(pid: int) -> bool:
 
 
 def manifest(out: Path, rank: int) -> dict:
-    return json.loads(manifest_path(out, rank).read_text())
+    return manifest_state(out, rank)
 
 
 def cpu_slot(rank: int) -> str:
@@ -208,7 +216,7 @@ def test_sigterm_reaches_every_rank_exit_75_and_a_rerun_completes(src, tmp_path,
     assert lines[-2].startswith("HH:MM:SS batchgen: interrupted: 4 ranks | ")
     assert lines[-1] == (
         f"HH:MM:SS batchgen: output: {partial:,} prompts committed of 400 in "
-        f"{len(list(out.glob('part-*.parquet')))} shard(s) of 4 rank(s) under {out}"
+        f"{len(list(out.glob('rank-*/part-*.parquet')))} shard(s) of 4 rank(s) under {out}"
     )
 
     result = run_cli(*args(src, out, "--data-parallel", "4"))

@@ -49,7 +49,7 @@ def test_two_ranks_write_what_one_process_writes(tmp_path, monkeypatch):
     got = read_output(out).select(["id", "text", "finish_reason"]).to_pylist()
     assert len(got) == PROMPTS and len({r["id"] for r in got}) == PROMPTS
     assert sorted(got, key=lambda r: r["id"]) == sorted(expected, key=lambda r: r["id"])
-    assert {p.name[:10] for p in out.glob("part-*.parquet")} == {"part-00000", "part-00001"}
+    assert {p.name[:10] for p in out.glob("rank-*/part-*.parquet")} == {"part-00000", "part-00001"}
 
     pids = [
         int(p) for p in re.findall(r"batchgen: rank \d of 2: pid (\d+) on CPU core", proc.stderr)

@@ -288,7 +288,7 @@ def test_documented_command_then_sigterm_and_resume(tmp_path):
     run_cli(*greedy_sample_args(reference))
     proc = subprocess.Popen([str(BATCHGEN), *args], stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 600  # a slow CI box: the engine alone starts in ~40 s here
-    while not list(resumed.glob("part-*.parquet")):
+    while not list(resumed.glob("rank-*/part-*.parquet")):
         assert proc.poll() is None and time.monotonic() < deadline
         time.sleep(0.1)
     proc.send_signal(signal.SIGTERM)

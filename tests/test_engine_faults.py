@@ -5,11 +5,10 @@ cause named, commits what finished, and a rerun completes exactly once."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
-from conftest import FAKE_ENGINE, read_output, run_args, run_cli, write_prompts
+from conftest import FAKE_ENGINE, manifest_state, read_output, run_args, run_cli, write_prompts
 
 from pipeline.engines.base import EngineDied
 from pipeline.engines.fake import FakeEngine
@@ -27,7 +26,7 @@ def args(src: Path, out: Path, *extra: str) -> list[str]:
 
 
 def manifest(out: Path) -> dict:
-    return json.loads((out / ".batchgen" / "rank-00000.json").read_text())
+    return manifest_state(out)
 
 
 def dying_step(monkeypatch, should_die) -> list[int]:

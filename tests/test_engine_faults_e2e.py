@@ -19,6 +19,7 @@ import pytest
 from conftest import (
     REAL_ENGINE,
     greedy_sample_args,
+    manifest_state,
     read_output,
     run_args,
     run_cli,
@@ -59,7 +60,7 @@ def run_in_thread(args: list[str]) -> tuple[threading.Thread, dict]:
 
 
 def report(out: Path) -> dict:
-    return json.loads((out / ".batchgen" / "rank-00000.json").read_text())["report"]
+    return manifest_state(out)["report"]
 
 
 @pytest.mark.parametrize("fault", ["sigkill", "sigstop"])

@@ -4,17 +4,16 @@ they are committed either way; what changes is the exit code and the recorded st
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import FAKE_ENGINE, read_output, run_args, run_cli, write_prompts
+from conftest import FAKE_ENGINE, manifest_state, read_output, run_args, run_cli, write_prompts
 
 
 def manifest(out: Path) -> dict:
-    return json.loads((out / ".batchgen" / "rank-00000.json").read_text())
+    return manifest_state(out)
 
 
 @pytest.mark.parametrize(
@@ -43,7 +42,7 @@ def test_a_column_of_the_wrong_type_is_a_usage_error_before_any_row(
     out = tmp_path / "out"
     result = run_cli("run", "--parquet", src, *flags, *FAKE_ENGINE, "--output", out, expect=2)
     assert result.output.endswith(f"\nError: {message}\n"), result.output
-    assert not list(out.glob("part-*.parquet"))
+    assert not list(out.glob("rank-*/part-*.parquet"))
 
 
 def test_an_integer_column_formatted_by_a_template_runs(tmp_path: Path) -> None:
@@ -76,7 +75,7 @@ def test_a_run_over_the_error_rate_commits_everything_exits_1_and_says_where_to_
     assert result.output.splitlines()[-1] == (
         f"Error: 3 of 10 rows of rank 0 (30.0%) are error rows, above --max-error-rate 0.1; "
         f"every row is committed in {out}: see why in their `error` column (e.g. duckdb -c "
-        f"\"select error, count(*) from '{out}/*.parquet' group by error\"), fix the input or "
+        f"\"select error, count(*) from '{out}/*/*.parquet' group by error\"), fix the input or "
         "flags and rerun with --overwrite, or rerun with a higher --max-error-rate to accept them"
     )
     assert read_output(out).num_rows == 10

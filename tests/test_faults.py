@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import errno
 import io
-import json
 import os
 import re
 import shutil
@@ -19,11 +18,11 @@ from types import SimpleNamespace
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import FAKE_ENGINE, read_output, run_args, run_cli, write_prompts
+from conftest import FAKE_ENGINE, manifest_state, read_output, run_args, run_cli, write_prompts
 from hooks import PAUSE_ENV as TEST_PAUSE_ENV
 from test_kill_harness import Victim, read_as_users_do, rows_by_key
 
-from pipeline import checkpoint, sinks
+from pipeline import checkpoint, rankstate, sinks
 
 ROWS = 1000
 FIX = "and rerun the same command to resume"
@@ -64,7 +63,7 @@ def files(out: Path) -> dict[str, tuple[int, int]]:
 
 
 def manifest(out: Path) -> dict:
-    return json.loads((out / ".batchgen" / "rank-00000.json").read_text())
+    return manifest_state(out)
 
 
 def error_line(output: str) -> str:
@@ -146,7 +145,7 @@ def test_disk_full_mid_shard_fails_clearly_and_the_next_run_continues(
     )
     assert error_line(result.output) == f"Error: {message}"
     assert full.partial is not None and not full.partial.exists()  # the half shard is gone
-    assert not list(out.glob(".tmp-*")) and not list(out.glob(".batchgen/.tmp-*"))
+    assert not list(out.glob("*/.tmp-*")) and not list(out.glob(".batchgen/*/.tmp-*"))
     assert len(read_as_users_do(out, tmp_path / "hf")) == 100
     state = manifest(out)
     assert (state["status"], state["report"]["error"]) == ("failed", message)
@@ -167,24 +166,20 @@ def test_disk_full_mid_shard_fails_clearly_and_the_next_run_continues(
 def test_disk_full_when_recording_a_shard_keeps_it_for_the_next_run(
     src, reference, tmp_path, monkeypatch
 ):
-    """The shard is renamed, then the manifest cannot be written (nor later the failure)."""
+    """The shard is renamed, then its commit record cannot be written (nor later the failure)."""
     out = tmp_path / "out"
-    real_save, saves = checkpoint.Manifest.save, []
+    real_write, writes = rankstate.write_new, []
 
-    def save(self, out_dir: Path) -> None:
-        saves.append(len(self.shards))
-        if len(saves) >= 4:  # 1: status running, 2-3: shards 0-1, then the disk is full
-            tmp = out_dir / ".batchgen" / f".tmp-rank-00000.json.{os.getpid()}"
-            tmp.write_text("{")  # what a real failing write leaves; save must remove it
-            try:
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-            finally:
-                tmp.unlink()
-        real_save(self, out_dir)
+    def write_new(path: Path, data: dict) -> None:
+        writes.append(path.name)
+        if len(writes) >= 4:  # 1: manifest (running), 2-3: shards 0-1, then the disk is full
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_write(path, data)
 
-    monkeypatch.setattr(checkpoint.Manifest, "save", save)
+    monkeypatch.setattr(rankstate, "write_new", write_new)
     result = run_cli(*args(src, out), expect=1)
-    path = out / ".batchgen" / "rank-00000.json"
+    assert writes[3:] == ["commit-000002.json", "manifest-00000001.json"]
+    path = out / ".batchgen" / "rank-00000"
     assert (
         f"recording the failed state in {path} failed too (No space left on device); "
         "`batchgen status` will show rank 0 as crashed" in result.output
@@ -251,7 +246,7 @@ def test_disk_full_on_a_real_filesystem(src, reference, tmp_path, tiny_disk):
     result = run_cli(*args(src, out), expect=1)
     pattern = (
         rf"Error: (writing shard part-00000-\d{{6}}\.parquet in {out}|recording shard "
-        rf"part-00000-\d{{6}}\.parquet in {out}/\.batchgen/rank-00000\.json) failed: no space "
+        rf"part-00000-\d{{6}}\.parquet in {out}/\.batchgen/rank-00000) failed: no space "
         rf"left on device; (\d+) prompts committed in {out} are safe; free space on the disk "
         rf"holding {out} {FIX}"
     )
@@ -260,12 +255,12 @@ def test_disk_full_on_a_real_filesystem(src, reference, tmp_path, tiny_disk):
     committed = int(match.group(2))
     assert 0 < committed < ROWS
     assert len(read_as_users_do(out, tmp_path / "hf")) == committed  # all readable, none lost
-    assert not list(out.glob(".tmp-*")) and not list(out.glob(".batchgen/.tmp-*"))
+    assert not list(out.glob("*/.tmp-*")) and not list(out.glob(".batchgen/*/.tmp-*"))
 
     fill(tiny_disk, "filler2")  # still full: the rerun stops at its first write
     result = run_cli(*args(src, out), expect=1)
     assert error_line(result.output) == (
-        f"Error: updating {out}/.batchgen/rank-00000.json failed: no space left on device; "
+        f"Error: updating {out}/.batchgen/rank-00000 failed: no space left on device; "
         f"{committed} prompts committed in {out} are safe; free space on the disk holding "
         f"{out} {FIX}"
     )
@@ -282,11 +277,12 @@ def test_stray_temporary_files_are_removed_for_this_rank_only(src, reference, tm
     out = tmp_path / "out"
     orphan = crashed_run(src, out, point="in_write:3")
     assert orphan == "part-00000-000002.parquet"
-    debris = sorted(p.name for p in out.glob(".tmp-*"))
+    debris = sorted(p.name for p in out.glob("rank-00000/.tmp-*"))
     assert len(debris) == 1 and debris[0].startswith(f".tmp-{orphan}.")
-    stale_manifest = out / ".batchgen" / ".tmp-rank-00000.json.4242"
+    stale_manifest = out / ".batchgen" / "rank-00000" / ".tmp-manifest-00000009.json.4242"
     stale_manifest.write_text('{"half": ')
-    other_rank = out / ".tmp-part-00001-000000.parquet.4343"  # may be a live writer's
+    other_rank = out / "rank-00001" / ".tmp-part-00001-000000.parquet.4343"  # a live writer's?
+    other_rank.parent.mkdir()
     other_rank.write_bytes(b"PAR1")
     assert len(read_as_users_do(out, tmp_path / "hf")) == 100  # readers skip all of them
 
@@ -294,14 +290,14 @@ def test_stray_temporary_files_are_removed_for_this_rank_only(src, reference, tm
     for name in [*debris, stale_manifest.name]:
         assert f"removed an unfinished temporary file from a crash: {name}" in result.output
     assert other_rank.name not in result.output and other_rank.exists()
-    assert not stale_manifest.exists() and not (out / debris[0]).exists()
+    assert not stale_manifest.exists() and not (out / "rank-00000" / debris[0]).exists()
     assert rows_by_key(read_output(out)) == reference
 
 
 def test_unreadable_committed_shard_is_named_and_regenerated_once_deleted(src, reference, tmp_path):
     out = tmp_path / "out"
     run_cli(*args(src, out))
-    bad = out / "part-00000-000004.parquet"
+    bad = out / "rank-00000" / "part-00000-000004.parquet"
     bad.write_bytes(bad.read_bytes()[:100])  # bit rot, or a copy cut short
     result = run_cli(*args(src, out), expect=1)
     line = error_line(result.output)

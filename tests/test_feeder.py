@@ -11,6 +11,7 @@ from conftest import write_prompts
 from pipeline.config import PromptConfig
 from pipeline.engines import StopFlags
 from pipeline.models import ensure_bundled_model
+from pipeline.positions import Positions
 from pipeline.prompts import PromptBuilder, load_tokenizer
 from pipeline.sources.parquet import ParquetSource
 from pipeline.stages import Feeder
@@ -32,7 +33,9 @@ def test_a_busy_engine_at_the_end_of_the_input_loses_no_rows(
     src = tmp_path / "in.parquet"
     write_prompts(src, [f"row {i}" for i in range(24)])
     flags = StopFlags()
-    feeder = Feeder(ParquetSource(str(src)), builder, set(), None, flags, batch_rows=4, depth=2)
+    feeder = Feeder(
+        ParquetSource(str(src)), builder, Positions(), None, flags, batch_rows=4, depth=2
+    )
     feeder.start()
     got = []
     for row in feeder.feed():
@@ -52,7 +55,9 @@ def test_a_stopped_run_ends_the_feeder_even_with_a_full_queue(
     src = tmp_path / "in.parquet"
     write_prompts(src, [f"row {i}" for i in range(40)])
     flags = StopFlags()
-    feeder = Feeder(ParquetSource(str(src)), builder, set(), None, flags, batch_rows=4, depth=2)
+    feeder = Feeder(
+        ParquetSource(str(src)), builder, Positions(), None, flags, batch_rows=4, depth=2
+    )
     feeder.start()
     deadline = time.monotonic() + 5
     while not feeder.queue.full() and time.monotonic() < deadline:
@@ -86,8 +91,7 @@ def test_first_rows_reach_the_engine_in_small_chunks(
     then doubling; rows keep their order and positions, and a resume still skips its rows."""
     src = tmp_path / "in.parquet"
     write_prompts(src, [f"row {i}" for i in range(300)])
-    done_ids = {f"in.parquet:{i}" for i in range(done)}
-    feeder = Feeder(ParquetSource(str(src)), builder, done_ids, None, StopFlags())
+    feeder = Feeder(ParquetSource(str(src)), builder, Positions([[0, done]]), None, StopFlags())
     feeder.start()
     items = drain(feeder)
     feeder.join(timeout=5)

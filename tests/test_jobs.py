@@ -76,7 +76,7 @@ def test_sample_config_runs_the_bundled_sample(tmp_path: Path):
     source = pq.read_table(REPO / "data" / "prompts.parquet")
     assert sorted(table.column("id").to_pylist()) == sorted(source.column("id").to_pylist())
     assert table.column_names[-1] == "category"
-    assert len(list(out.glob("part-00000-*.parquet"))) == 6  # rows-per-shard = 8 of 48
+    assert len(list(out.glob("rank-*/part-00000-*.parquet"))) == 6  # rows-per-shard = 8 of 48
 
 
 @pytest.mark.parametrize("path", SCRIPTS, ids=lambda p: p.name)
@@ -153,7 +153,7 @@ def test_array_script_by_hand_passes_a_signal_on_and_keeps_exit_75(tmp_path, env
     )
     out = tmp_path / "out"
     deadline = time.monotonic() + 60
-    while not list(out.glob("part-*.parquet")):
+    while not list(out.glob("rank-*/part-*.parquet")):
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
         time.sleep(0.1)
     proc.send_signal(signal.SIGUSR1)

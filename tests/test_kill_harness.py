@@ -13,7 +13,6 @@ group is killed, as Slurm or the OOM killer would, so vLLM's engine process dies
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import random
 import signal
@@ -31,6 +30,7 @@ from conftest import (
     FAKE_ENGINE,
     HOOKED_BATCHGEN,
     greedy_sample_args,
+    manifest_state,
     read_output,
     run_args,
     run_cli,
@@ -102,7 +102,7 @@ class Victim:
 
 
 def shard_files(out: Path) -> list[Path]:
-    return sorted(out.glob("part-*.parquet"))
+    return sorted(out.glob("rank-*/part-*.parquet"))
 
 
 def wait_until(condition, victim: Victim, timeout: float, what: str) -> bool:
@@ -147,13 +147,12 @@ def read_as_users_do(out: Path, cache: Path) -> dict[Key, tuple]:
 
 
 def manifest(out: Path) -> dict | None:
-    path = out / ".batchgen" / "rank-00000.json"
-    return json.loads(path.read_text()) if path.exists() else None
+    return manifest_state(out) if any(out.glob(".batchgen/rank-00000/manifest-*")) else None
 
 
 def crash_debris(out: Path) -> tuple[list[str], list[str]]:
     """(temporary files of an unfinished write, complete shards the manifest does not list)."""
-    tmps = sorted(p.name for p in [*out.glob(".tmp-*"), *out.glob(".batchgen/.tmp-*")])
+    tmps = sorted(p.name for p in [*out.glob("*/.tmp-*"), *out.glob(".batchgen/*/.tmp-*")])
     listed = {s["file"] for s in (manifest(out) or {"shards": []})["shards"]}
     orphans = [p.name for p in shard_files(out) if p.name not in listed]
     return tmps, orphans
@@ -163,7 +162,7 @@ def expected_notes(out: Path, tmps: list[str], orphans: list[str]) -> set[str]:
     """What the next run must say about the debris a kill left."""
     notes = {f"removed an unfinished temporary file from a crash: {t}" for t in tmps}
     for name in orphans:
-        rows = pq.ParquetFile(out / name).metadata.num_rows
+        rows = pq.ParquetFile(out / "rank-00000" / name).metadata.num_rows
         notes.add(f"adopted {name} ({rows} rows), committed just before a crash")
     return notes
 

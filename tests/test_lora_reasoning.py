@@ -6,17 +6,16 @@ tests/test_lora_reasoning_e2e.py."""
 
 from __future__ import annotations
 
-import json
 import signal
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import pytest
 from conftest import (
     FAKE_ENGINE,
     HOOKED_BATCHGEN,  # noqa: F401  (Victim runs it)
     make_adapter,
     make_think_model,
+    manifest_state,
     read_output,
     run_args,
     run_cli,
@@ -123,7 +122,7 @@ def test_adapters_are_checked_against_the_base_model_before_any_engine_time(
         args = run_args(src, out, *FAKE_ENGINE, "--lora", f"x={folder}")
         result = run_cli(*args, expect=2)
         assert result.output.splitlines()[-1] == f"Error: {message}", name
-        assert not list(out.glob("part-*"))
+        assert not list(out.glob("rank-*/part-*"))
 
 
 def test_several_adapters_need_a_column(src, tmp_path, adapters):
@@ -177,7 +176,7 @@ def test_chat_template_kwargs_reach_the_template_and_the_settings(tmp_path):
     off = tmp_path / "off"
     run_cli(*run_args(src, off, *base, "--chat-template-kwarg", "enable_thinking=false"))
     assert read_output(off).column("prompt")[0].as_py().endswith("<|im_start|>assistant\n")
-    meta = json.loads(pq.read_schema(next(off.glob("part-*"))).metadata[b"batchgen"])
+    meta = manifest_state(off)
     assert meta["fingerprint"]["prompt"]["chat_template_kwargs"] == {"enable_thinking": False}
     result = run_cli(
         *run_args(src, off, *base, "--chat-template-kwarg", "enable_thinking=true"), expect=1
@@ -197,7 +196,7 @@ def test_a_reasoning_parser_for_a_model_without_think_tokens_is_refused_before_t
         "drop --reasoning-parser for a model that does not think. Parsers whose markers this "
         "model's tokenizer has: "
     ), last
-    assert not out.exists() or not list(out.glob("part-*"))
+    assert not out.exists() or not list(out.glob("rank-*/part-*"))
     result = run_cli(*run_args(src, out, "--chat", "--reasoning-parser", "nope"), expect=2)
     assert "Error: --reasoning-parser 'nope': vLLM has no such parser; its parsers are: " in (
         result.output

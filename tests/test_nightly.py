@@ -74,7 +74,7 @@ def test_interrupted_night_is_resumed_before_the_next_and_then_nights_run_alone(
         text=True,
     )
     deadline = time.monotonic() + 60
-    while not list(first.glob("part-*.parquet")):
+    while not list(first.glob("rank-*/part-*.parquet")):
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
         time.sleep(0.1)
     proc.send_signal(signal.SIGTERM)  # a shutdown: the script passes it on to batchgen

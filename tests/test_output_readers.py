@@ -21,7 +21,7 @@ def output(tmp_path: Path) -> Path:
     flags = ["--rows-per-shard", "50", "--keep-columns", "lang", *FAKE_ENGINE]
     run_cli(*run_args(src, out, *flags, max_tokens=4))
     # What a crash mid-write leaves behind must not reach readers either.
-    (out / ".tmp-part-00000-000009.parquet.999").write_bytes(b"PAR1 truncated")
+    (out / "rank-00000" / ".tmp-part-00000-000009.parquet.999").write_bytes(b"PAR1 truncated")
     return out
 
 
@@ -46,7 +46,7 @@ def test_duckdb_reads_the_shards(output):
     import duckdb
 
     rows = duckdb.sql(
-        f"SELECT count(*), count(DISTINCT id), min(sample_index) FROM '{output}/*.parquet'"
+        f"SELECT count(*), count(DISTINCT id), min(sample_index) FROM '{output}/*/*.parquet'"
     ).fetchall()
     assert rows == [(ROWS, ROWS, 0)]
 

@@ -12,7 +12,15 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import FAKE_ENGINE, REPO, read_output, run_args, run_cli
+from conftest import (
+    FAKE_ENGINE,
+    REPO,
+    manifest_state,
+    read_output,
+    run_args,
+    run_cli,
+    save_manifest_state,
+)
 
 from pipeline.models import ensure_bundled_model
 from pipeline.prompts import error_kind
@@ -194,13 +202,12 @@ def test_an_output_with_other_settings_is_refused_unless_overwrite(prompts_file,
 def test_a_resume_plans_the_rest_from_the_earlier_runs_rate_and_outputs(prompts_file, tmp_path):
     out = tmp_path / "out"
     run_cli(*run_args(prompts_file, out, "--rows-per-shard", "50", *FAKE_ENGINE, *CONTEXT))
-    manifest = out / ".batchgen" / "rank-00000.json"
-    state = json.loads(manifest.read_text())
+    state = manifest_state(out)
     state["shards"].pop()
     state["status"] = "interrupted"
     state["report"]["this_run"].update(prompts=150, errors=0, generate_seconds=6.0)
-    manifest.write_text(json.dumps(state))
-    (out / "part-00000-000003.parquet").unlink()
+    save_manifest_state(out, state)
+    (out / "rank-00000" / "part-00000-000003.parquet").unlink()
     result = run_cli(*plan_args(prompts_file, *CONTEXT, "--output", str(out), max_tokens=8))
     lines = result.output.splitlines()
     assert lines[2] == (

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import REAL_ENGINE, SAMPLE, read_output, run_cli, write_prompts
+from conftest import REAL_ENGINE, SAMPLE, manifest_state, read_output, run_cli, write_prompts
 
 from pipeline.bench.workload import SENTENCES
 from pipeline.prompts import error_kind
@@ -78,7 +78,7 @@ def test_calibrated_eta_is_within_30_percent_of_the_run(tmp_path):
     plan = json.loads(run_cli("plan", *args, "--calibrate", "20", "--json").stdout)
     out = tmp_path / "out"
     run_cli("run", *args, "--output", out)
-    this_run = json.loads((out / ".batchgen" / "rank-00000.json").read_text())["report"]["this_run"]
+    this_run = manifest_state(out)["report"]["this_run"]
     eta, measured = plan["eta"]["seconds"], this_run["generate_seconds"]
     calibration = plan["calibration"]
     summary = (

@@ -16,10 +16,10 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import HOOKED_BATCHGEN, run_args, run_cli
+from conftest import HOOKED_BATCHGEN, manifest_state, run_args, run_cli, save_manifest_state
 from hooks import STEP_ENV
 
-from pipeline.checkpoint import Manifest, manifest_path
+from pipeline.checkpoint import Manifest
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHART_TITLES = [
@@ -96,13 +96,12 @@ def out(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     run_rank(0)
     run_rank(1)
-    path = manifest_path(out, 1)
-    state = json.loads(path.read_text())
+    state = manifest_state(out, 1)
     for shard in state["shards"][-2:]:
-        (out / shard["file"]).unlink()
+        (out / "rank-00001" / shard["file"]).unlink()
     state["shards"] = state["shards"][:-2]
     state["status"] = "interrupted"
-    path.write_text(json.dumps(state))
+    save_manifest_state(out, state, 1)
     run_rank(1)
     return out
 
@@ -118,7 +117,7 @@ def test_the_page_holds_what_is_committed(out, tmp_path):
     page = html.read_text()
     assert said == (
         f"wrote {html} ({len(page.encode()) / 1024:,.0f} KB): 120 committed rows of {out} in "
-        f"{len(list(out.glob('part-*.parquet')))} shards, 2 rank(s)\n"
+        f"{len(list(out.glob('rank-*/part-*.parquet')))} shards, 2 rank(s)\n"
     )
     assert page.count('<svg class="chart"') == 5
     assert re.findall(r'aria-label="([^"]+)"', page) == CHART_TITLES
@@ -144,12 +143,11 @@ def test_old_manifests_without_commit_times(out, tmp_path):
     copy = tmp_path / "out"
     shutil.copytree(out, copy)
     for rank in (0, 1):
-        path = manifest_path(copy, rank)
-        state = json.loads(path.read_text())
+        state = manifest_state(copy, rank)
         for shard in state["shards"]:
             shard.pop("committed_at"), shard.pop("generate_seconds")
-        path.write_text(json.dumps(state))
-    assert Manifest.load(manifest_path(copy, 0)) is not None
+        save_manifest_state(copy, state, rank)
+    assert Manifest.load(copy, 0) is not None
     html = tmp_path / "old.html"
     report(copy, html)
     page = html.read_text()
@@ -160,7 +158,7 @@ def test_old_manifests_without_commit_times(out, tmp_path):
 def test_not_a_run(tmp_path):
     result = run_cli("report", tmp_path, "--html", tmp_path / "r.html", expect=1)
     assert result.output == (
-        f"Error: {tmp_path}: no batchgen run there (no .batchgen/rank-*.json); give the "
+        f"Error: {tmp_path}: no batchgen run there (no .batchgen/rank-*/); give the "
         "--output folder of a run\n"
     )
     result = run_cli("report", tmp_path, expect=2)
@@ -243,7 +241,7 @@ def test_every_chart_renders_without_console_errors(out, tmp_path):
         assert chart["marks"], chart["title"]
     table = pq.read_table(out).to_pylist()
     engine_rows = [r for r in table if r["error"] is None]
-    shards = [json.loads(manifest_path(out, r).read_text())["shards"] for r in (0, 1)]
+    shards = [manifest_state(out, r)["shards"] for r in (0, 1)]
     # One point per commit, plus each rank's start.
     assert len(charts["Prompts committed"]["marks"]) == sum(len(s) + 1 for s in shards)
     assert counts(charts["Prompt length"]["marks"]) == len(engine_rows)

@@ -36,7 +36,7 @@ def schema_file(tmp_path: Path) -> Path:
 
 def usage_error(src: Path, out: Path, *flags: str) -> str:
     result = run_cli(*run_args(src, out, *FAKE_ENGINE, *flags), expect=2)
-    assert not out.exists() or not list(out.glob("part-*")), "nothing is written"
+    assert not out.exists() or not list(out.glob("rank-*/part-*")), "nothing is written"
     return result.output.splitlines()[-1]
 
 
@@ -158,7 +158,7 @@ def test_logprob_columns_are_typed_and_shards_are_cut_when_they_pile_up(tmp_path
         "--max-num-seqs",
         "10",
     )
-    shards = sorted(out.glob("part-*.parquet"))
+    shards = sorted(out.glob("rank-*/part-*.parquet"))
     assert len(shards) >= 3, shards
     schema = pq.read_schema(shards[0])
     entry = schema.field("logprobs").type.value_type

@@ -4,7 +4,6 @@ settings are refused. (Crash-at-any-instant proof with SIGKILL lives in test_kil
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import subprocess
@@ -15,7 +14,16 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import FAKE_ENGINE, HOOKED_BATCHGEN, read_output, run_args, run_cli, write_prompts
+from conftest import (
+    FAKE_ENGINE,
+    HOOKED_BATCHGEN,
+    manifest_state,
+    read_output,
+    run_args,
+    run_cli,
+    save_manifest_state,
+    write_prompts,
+)
 
 ROWS = 1000
 
@@ -44,7 +52,7 @@ def start(args: list[str], step_seconds: float) -> subprocess.Popen:
 def wait_for_shards(out: Path, count: int, proc: subprocess.Popen, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if len(list(out.glob("part-*.parquet"))) >= count:
+        if len(list(out.glob("rank-*/part-*.parquet"))) >= count:
             return
         assert proc.poll() is None, proc.communicate()
         time.sleep(0.05)
@@ -77,7 +85,7 @@ def test_signal_commits_and_exits_75_then_rerun_finishes(big_input, tmp_path, si
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == code, err
     assert f"{sig.name} received" in err
-    manifest = json.loads((out / ".batchgen" / "rank-00000.json").read_text())
+    manifest = manifest_state(out)
     assert manifest["status"] == "interrupted"
     assert manifest["report"]["signal"] == sig.name
     partial = read_output(out).num_rows
@@ -106,14 +114,14 @@ def test_sigkill_then_rerun_exactly_once(big_input, tmp_path):
 def test_finished_run_rerun_is_a_noop(big_input, tmp_path):
     out = tmp_path / "out"
     run_cli(*base_args(big_input, out))
-    before = {p.name: p.stat().st_mtime_ns for p in out.glob("part-*.parquet")}
+    before = {p.name: p.stat().st_mtime_ns for p in out.glob("rank-*/part-*.parquet")}
     assert len(before) == ROWS // 50
     result = run_cli(*base_args(big_input, out))
     assert (
         f"already complete: {ROWS:,} rows ({ROWS:,} prompts, 0 errors) in 20 shard(s)"
         in result.output
     )
-    assert {p.name: p.stat().st_mtime_ns for p in out.glob("part-*.parquet")} == before
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("rank-*/part-*.parquet")} == before
 
 
 @pytest.mark.parametrize(
@@ -168,25 +176,24 @@ def test_shard_committed_before_manifest_update_is_adopted(big_input, tmp_path):
     """A crash between a shard's rename and the manifest write leaves a complete, unlisted shard."""
     out = tmp_path / "out"
     run_cli(*base_args(big_input, out))
-    path = out / ".batchgen" / "rank-00000.json"
-    manifest = json.loads(path.read_text())
+    manifest = manifest_state(out)
     dropped = manifest["shards"].pop()
     manifest["status"] = "running"
-    path.write_text(json.dumps(manifest))
-    (out / ".tmp-part-00000-000099.parquet.123").write_bytes(b"half a shard")
+    save_manifest_state(out, manifest)
+    (out / "rank-00000" / ".tmp-part-00000-000099.parquet.123").write_bytes(b"half a shard")
 
     result = run_cli(*base_args(big_input, out))
     assert f"adopted {dropped['file']} (50 rows), committed just before a crash" in result.output
     assert "removed an unfinished temporary file from a crash" in result.output
     assert "0 prompts this run" in result.output
-    assert not list(out.glob(".tmp-*"))
+    assert not list(out.glob("*/.tmp-*"))
     assert_exactly_once(out, all_ids(big_input))
 
 
 def test_deleted_shard_is_regenerated(big_input, tmp_path):
     out = tmp_path / "out"
     run_cli(*base_args(big_input, out))
-    (out / "part-00000-000003.parquet").unlink()
+    (out / "rank-00000" / "part-00000-000003.parquet").unlink()
     result = run_cli(*base_args(big_input, out))
     assert "1 shard(s) listed in the manifest are gone" in result.output
     assert "50 prompts this run" in result.output
@@ -234,9 +241,7 @@ def test_overwrite_does_not_remove_a_live_rank_of_another_run(big_input, tmp_pat
 
     def files() -> dict[str, int]:  # shards and manifests; lock files change with holders
         return {
-            p.name: p.stat().st_mtime_ns
-            for p in out.rglob("*")
-            if p.is_file() and p.suffix != ".lock"
+            p.name: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.name != "lock"
         }
 
     before = files()
@@ -249,7 +254,7 @@ def test_overwrite_does_not_remove_a_live_rank_of_another_run(big_input, tmp_pat
         assert files() == before
     result = run_cli(*base_args(big_input, out), *ranks, "0", "--max-tokens", "9", "--overwrite")
     assert "--overwrite removed 10 shard(s) and 1 manifest(s) of rank(s) 0, 1" in result.output
-    assert not list(out.glob("part-00001-*"))
+    assert not list(out.glob("rank-*/part-00001-*"))
     assert read_output(out).num_rows == ROWS // 2
 
 

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import read_output, run_args, run_cli, write_prompts
+from conftest import manifest_state, read_output, run_args, run_cli, write_prompts
 from fake_openai import FakeOpenAI
 
 from pipeline.models import ensure_bundled_model
@@ -50,7 +50,7 @@ def by_id(out: Path) -> dict[str, dict]:
 
 
 def manifest(out: Path) -> dict:
-    return json.loads((out / ".batchgen" / "rank-00000.json").read_text())
+    return manifest_state(out)
 
 
 def test_rows_go_as_token_ids_with_their_settings(tmp_path, src, tokenizer):

@@ -34,6 +34,7 @@ import pytest
 from conftest import (
     REAL_ENGINE,
     REPO,
+    manifest_state,
     read_output,
     run_args,
     run_cli,
@@ -329,7 +330,7 @@ def test_faults_between_batchgen_and_the_server(tmp_path, vllm_server, decode, a
     answered = [r for r in table if not r["error"]]
     assert all(r["completion_tokens"] >= 1 for r in answered)
     assert {r["finish_reason"] for r in answered} <= {"stop", "length"}
-    report = json.loads((out / ".batchgen" / "rank-00000.json").read_text())["report"]
+    report = manifest_state(out)["report"]
     requests = report["this_run"]["requests"]
     assert requests["retries"] >= injected  # a loaded machine may add timeouts of its own
     assert requests["refused_rows"] == 1 and requests["failed_rows"] == 0

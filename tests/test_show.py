@@ -222,7 +222,7 @@ def test_not_an_output_folder(tmp_path):
     )
     result = run_cli("show", tmp_path, expect=1)
     assert result.output == (
-        f"Error: {tmp_path}: no batchgen run there (no part-*.parquet shards and no .batchgen); "
+        f"Error: {tmp_path}: no batchgen run there (no rank-*/part-*.parquet shards and no .batchgen); "
         "give the --output folder of a run\n"
     )
 
@@ -233,6 +233,9 @@ def test_reads_only_committed_shards(out, tmp_path):
 
     copy = tmp_path / "out"
     shutil.copytree(out, copy)
-    pq.write_table(pq.read_table(copy / "part-00000-000000.parquet"), copy / ".tmp-part-x.parquet")
+    pq.write_table(
+        pq.read_table(copy / "rank-00000" / "part-00000-000000.parquet"),
+        copy / "rank-00000" / ".tmp-part-x.parquet",
+    )
     result = run_cli("show", copy, "--limit", "1")
     assert result.output.splitlines()[0] == f"{copy}: 5 committed rows in 3 shards; showing 1"

@@ -11,7 +11,6 @@ returns the highest of them too, but polls with growing pauses: a 3-task array t
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -23,7 +22,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import HOOKED_BATCHGEN, REPO, read_output
+from conftest import HOOKED_BATCHGEN, REPO, manifest_state, read_output
 
 from pipeline.sources import rank_range
 
@@ -147,8 +146,9 @@ def final_states(job_id: str, tasks: int) -> dict[int, list[tuple[str, str]]]:
 
 def manifests(out: Path) -> dict[int, dict]:
     return {
-        int(p.stem.split("-")[1]): json.loads(p.read_text())
-        for p in sorted((out / ".batchgen").glob("rank-*.json"))
+        int(p.name.split("-")[1]): manifest_state(out, int(p.name.split("-")[1]))
+        for p in sorted((out / ".batchgen").glob("rank-*"))
+        if any(p.glob("manifest-*"))
     }
 
 
@@ -163,13 +163,13 @@ def assert_exactly_once(out: Path) -> pa.Table:
 def assert_ranks_own_their_slices(out: Path, ranks: int) -> None:
     for rank in range(ranks):
         start, stop = rank_range(ROWS, ranks, rank)
-        files = sorted(out.glob(f"part-{rank:05d}-*.parquet"))
+        files = sorted(out.glob(f"rank-*/part-{rank:05d}-*.parquet"))
         ids = sorted(i for f in files for i in pq.read_table(f, columns=["id"])["id"].to_pylist())
         assert ids == [f"row-{i:03d}" for i in range(start, stop)], f"rank {rank}"
 
 
 def shards_of(out: Path, rank: int) -> Callable[[], bool]:
-    return lambda: any(out.glob(f"part-{rank:05d}-*.parquet"))
+    return lambda: any(out.glob(f"rank-*/part-{rank:05d}-*.parquet"))
 
 
 def test_array_job_writes_the_input_exactly_once(tmp_path, config, job_env):
@@ -190,7 +190,7 @@ def test_array_job_writes_the_input_exactly_once(tmp_path, config, job_env):
         assert f"output: 20 prompts committed of 20 in 5 shard(s) under {out}" in log
 
     # Resubmitting the same command as is: every rank is already complete and leaves its files.
-    before = {p.name: p.stat().st_mtime_ns for p in out.glob("part-*.parquet")}
+    before = {p.name: p.stat().st_mtime_ns for p in out.glob("rank-*/part-*.parquet")}
     again = sbatch(f"--array=0-{TASKS - 1}", ARRAY_JOB, config, cwd=tmp_path, env=job_env)
     wait_done(again)
     assert final_states(again, TASKS) == {t: [("COMPLETED", "0:0")] for t in range(TASKS)}
@@ -199,7 +199,7 @@ def test_array_job_writes_the_input_exactly_once(tmp_path, config, job_env):
         assert (
             f"already complete: 20 rows (20 prompts, 0 errors) in 5 shard(s) of rank {task}" in log
         )
-    assert {p.name: p.stat().st_mtime_ns for p in out.glob("part-*.parquet")} == before
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("rank-*/part-*.parquet")} == before
 
 
 def test_usr1_requeues_a_task_a_cancel_does_not_and_rerunning_it_finishes(
@@ -331,7 +331,7 @@ def test_usr1_requeues_in_a_row_on_the_real_engine_never_drain_the_node(
         return watched
 
     def shard_count() -> int:
-        return len(list(out.glob("part-00000-*.parquet")))
+        return len(list(out.glob("rank-*/part-00000-*.parquet")))
 
     try:
         for restart in range(3):

@@ -15,7 +15,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import FAKE_ENGINE, run_args, run_cli
+from conftest import FAKE_ENGINE, manifest_state, run_args, run_cli, save_manifest_state
 
 from pipeline import status as status_mod
 
@@ -75,24 +75,23 @@ def out(three_ranks: Path, tmp_path: Path) -> Path:
 
 
 def manifest(out: Path, rank: int) -> dict:
-    return json.loads((out / ".batchgen" / f"rank-{rank:05d}.json").read_text())
+    return manifest_state(out, rank)
 
 
 def edit(out: Path, rank: int, **fields) -> None:
-    path = out / ".batchgen" / f"rank-{rank:05d}.json"
-    path.write_text(json.dumps({**json.loads(path.read_text()), **fields}))
+    save_manifest_state(out, {**manifest_state(out, rank), **fields}, rank)
 
 
 def tokens(out: Path, files: list[str]) -> tuple[int, int]:
     """(prompt, output) tokens of these shards, counted from the data, not the manifest."""
-    table = pa.concat_tables(pq.read_table(out / f) for f in files)
+    table = pa.concat_tables(pq.read_table(out / f"rank-{f[5:10]}" / f) for f in files)
     rows = table.to_pylist()
     prompt = sum(r["prompt_tokens"] or 0 for r in rows if r["sample_index"] == 0 and not r["error"])
     return prompt, sum(r["completion_tokens"] or 0 for r in rows)
 
 
 def shards_of(out: Path, rank: int) -> list[str]:
-    return sorted(p.name for p in out.glob(f"part-{rank:05d}-*.parquet"))
+    return sorted(p.name for p in out.glob(f"rank-*/part-{rank:05d}-*.parquet"))
 
 
 def finished_block(out: Path, rank: int) -> list[str]:
@@ -130,8 +129,8 @@ def test_all_finished_exits_0(out):
 def test_crashed_and_missing_ranks_exit_3(out):
     dropped = crash_rank_1(out)
     assert dropped == "part-00001-000003.parquet"
-    for path in [*out.glob("part-00002-*"), *out.glob(".batchgen/rank-00002.*")]:
-        path.unlink()
+    shutil.rmtree(out / "rank-00002")
+    shutil.rmtree(out / ".batchgen" / "rank-00002")
     pt, ct = tokens(out, shards_of(out, 1)[:3])
     result = run_cli("status", out, expect=3)
     assert result.output.splitlines() == [
@@ -149,8 +148,8 @@ def test_crashed_and_missing_ranks_exit_3(out):
 
 def test_json_is_one_object_with_every_rank(out):
     crash_rank_1(out)
-    for path in [*out.glob("part-00002-*"), *out.glob(".batchgen/rank-00002.*")]:
-        path.unlink()
+    shutil.rmtree(out / "rank-00002")
+    shutil.rmtree(out / ".batchgen" / "rank-00002")
     result = run_cli("status", out, "--json", expect=3)
     assert len(result.output.splitlines()) == 1
     got = json.loads(result.output)
@@ -248,7 +247,8 @@ def test_failed_rank_shows_its_error_and_exits_4(out):
 def test_running_needs_a_live_lock_holder_and_interrupted_names_its_signal(out):
     edit(out, 0, status="interrupted", report={**manifest(out, 0)["report"], "signal": "SIGUSR1"})
     edit(out, 1, status="running")
-    (out / ".batchgen" / "rank-00002.json").unlink()  # rank 2 has taken its lock, no manifest yet
+    for path in (out / ".batchgen" / "rank-00002").glob("manifest-*"):
+        path.unlink()  # rank 2 has taken its lock, no manifest yet
     holders = [
         subprocess.Popen(
             [
@@ -266,7 +266,7 @@ def test_running_needs_a_live_lock_holder_and_interrupted_names_its_signal(out):
     try:
         for holder in holders:
             assert holder.stdout.readline().strip() == "held"
-        who = [(out / ".batchgen" / f"rank-0000{r}.lock").read_text().strip() for r in (1, 2)]
+        who = [(out / ".batchgen" / f"rank-0000{r}" / "lock").read_text().strip() for r in (1, 2)]
         assert who[0].startswith(f"pid {holders[0].pid} on ")
         result = run_cli("status", out, expect=3)
         lines = result.output.splitlines()
@@ -299,7 +299,7 @@ def test_running_needs_a_live_lock_holder_and_interrupted_names_its_signal(out):
         ("missing", "Error: {path}: no such folder; give the --output folder of a run"),
         (
             "empty",
-            "Error: {path}: no batchgen run there (no .batchgen/rank-*.json); give the --output "
+            "Error: {path}: no batchgen run there (no .batchgen/rank-*/); give the --output "
             "folder of a run",
         ),
     ],

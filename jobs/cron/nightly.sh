@@ -153,7 +153,13 @@ is_complete() {
 import json, sys
 from pathlib import Path
 
-manifests = [json.loads(p.read_text()) for p in Path(sys.argv[1], ".batchgen").glob("rank-*.json")]
+state = Path(sys.argv[1], ".batchgen")
+# rank-*.json: an earlier batchgen's flat manifests; rank-*/manifest-*.json: each rank's newest
+# manifest generation (a rank's shards committed since are in its commit records; a finished
+# rank's last generation lists them all).
+paths = [*state.glob("rank-*.json")]
+paths += [max(d.glob("manifest-*.json")) for d in state.glob("rank-*/") if any(d.glob("manifest-*.json"))]
+manifests = [json.loads(p.read_text()) for p in paths]
 finished = {m["rank"] for m in manifests if m.get("status") == "finished"}
 num_ranks = {m.get("num_ranks", m.get("num_shards")) for m in manifests}
 sys.exit(0 if len(num_ranks) == 1 and finished == set(range(num_ranks.pop())) else 1)

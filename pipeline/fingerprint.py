@@ -1,0 +1,123 @@
+"""The config fingerprint: every setting that changes what a row's output is, and the words
+that name what changed when a resume's settings differ."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from pipeline.adapters import Adapter
+from pipeline.config import RunConfig
+from pipeline.models import model_signature
+
+# Fingerprint fields that name the rank rather than the run; every other field must agree
+# across all ranks writing one output folder.
+RANK_FIELDS = ("shard_index",)
+
+
+def run_fingerprint(
+    cfg: RunConfig,
+    model: str,
+    input_identity: dict[str, Any],
+    chat_template: str | None,
+    sampling: dict[str, Any],
+    adapters: list[Adapter] = (),
+    server: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Every setting that changes what a row's output is. A resume must match it exactly.
+
+    The keys are stored in manifests and shards; renaming one makes every earlier run
+    unresumable, so they keep their first spelling (`num_shards` is the rank count). A --server
+    run adds `server` (the served model, the prompt form and the tokenizer: see
+    ServerEngine.settings); the server decides model_impl, dtype and context, so those are null.
+    """
+    in_process = server is None
+    fingerprint = {
+        "model": model,
+        "model_files": model_signature(model),
+        "model_impl": cfg.engine.model_impl if in_process else None,
+        "dtype": cfg.engine.dtype if in_process else None,
+        "max_model_len": cfg.engine.max_model_len,
+        "engine": cfg.engine.backend if in_process else "server",
+        "prompt": {
+            "prompt_column": cfg.prompt.prompt_column,
+            "template": cfg.prompt.template,
+            "messages_column": cfg.prompt.messages_column,
+            "chat": cfg.prompt.chat,
+            "system_prompt": cfg.prompt.system_prompt,
+        },
+        "chat_template_sha256": hashlib.sha256(chat_template.encode()).hexdigest()[:16]
+        if chat_template
+        else None,
+        "sampling": sampling,
+        "seed": cfg.engine.seed,
+        "input": input_identity,
+        "id_column": cfg.source.id_column,
+        "columns": {
+            "keep_prompt": cfg.output.keep_prompt,
+            "keep_columns": list(cfg.output.keep_columns),
+        },
+        "num_shards": cfg.num_ranks,
+        "shard_index": cfg.rank,
+    }
+    # Recorded only when used, so the fingerprints of runs that never used them are unchanged.
+    if cfg.prompt.chat_template_kwargs:
+        fingerprint["prompt"]["chat_template_kwargs"] = dict(cfg.prompt.chat_template_kwargs)
+    if adapters:
+        fingerprint["adapters"] = {a.name: a.sha256 for a in adapters}
+        fingerprint["lora_column"] = cfg.lora_column
+    if cfg.engine.reasoning_parser:
+        fingerprint["reasoning_parser"] = cfg.engine.reasoning_parser
+    if cfg.engine.batch_invariant:
+        fingerprint["batch_invariant"] = True
+    # Speculative decoding changes what is sampled for a given seed (greedy texts only up to
+    # floating-point effects): a resume must keep it, unlike the engine's batch limits.
+    speculative = dict(cfg.engine.engine_args).get("speculative_config")
+    if speculative is not None:
+        fingerprint["speculative_config"] = speculative
+    if server is not None:
+        fingerprint["server"] = server
+    return fingerprint
+
+
+def diff_fingerprints(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Human-readable `field: old -> new` lines for every setting that differs."""
+    flat_old, flat_new = _flatten(old), _flatten(new)
+    lines = []
+    for key in sorted(set(flat_old) | set(flat_new)):
+        a, b = flat_old.get(key, _ABSENT), flat_new.get(key, _ABSENT)
+        if a != b:
+            lines.append(f"{key}: {_short(a)} -> {_short(b)}")
+    return lines
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = json.dumps(v, sort_keys=True) if isinstance(v, list) else v
+    return out
+
+
+_ABSENT = object()
+
+
+def _short(value: Any, limit: int = 120) -> str:
+    if value is _ABSENT or value is None:
+        return "(not set)"
+    text = value if isinstance(value, str) else json.dumps(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def shared_fingerprint(fingerprint: dict[str, Any]) -> dict[str, Any]:
+    """The fingerprint less its rank fields: what every rank of one run shares."""
+    return {k: v for k, v in fingerprint.items() if k not in RANK_FIELDS}
+
+
+def fingerprint_digest(fingerprint: dict[str, Any]) -> str:
+    """A fixed-size reference to a fingerprint (what a shard carries instead of a copy)."""
+    return hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:32]

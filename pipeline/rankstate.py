@@ -1,0 +1,276 @@
+"""One rank's resume state on disk: its manifest generations, its commit records and its lock.
+
+    OUT/.batchgen/rank-00003/manifest-00000002.json   generation 2: status, fingerprint,
+                                                      report, every shard committed before it
+    OUT/.batchgen/rank-00003/commit-000012.json       one per shard committed since (ShardInfo)
+    OUT/.batchgen/rank-00003/lock                     held (lockf) while a process writes rank 3
+
+Every file is written once under a name no other attempt uses and never rewritten or appended
+to (what an object store offers: put a new object, read, list a prefix, delete). A commit
+writes one small record; a run's start and end write a new manifest generation and delete
+what it folds in. The rank's state is the newest generation plus the commit records after it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import re
+import socket
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import BatchgenError, OutputLocked
+from pipeline.sinks import RANK_DIR_RE, fsync_dir, shard_seq, temp_path
+
+STATE_DIR = ".batchgen"
+MANIFEST_RE = re.compile(r"^manifest-(\d{8})\.json$")
+COMMIT_RE = re.compile(r"^commit-(\d{6})\.json$")
+# 3: shards record the input positions they hold (resume keeps ranges, not a set of ids) and
+# carry a digest of the fingerprint; the run's shared settings are in .batchgen/job.json.
+MANIFEST_VERSION = 3
+# Manifest keys renamed in version 2, read from older manifests under their new names.
+_RENAMED_KEYS = {"num_shards": "num_ranks", "total_rows": "total_prompts"}
+# How long a starting run retries a taken rank lock. `batchgen status` takes it (shared) for a
+# few microseconds to see whether a process holds it; a run starting then must not give up.
+LOCK_RETRY_SECONDS = 1.0
+# Lock files this process holds. POSIX locks belong to the process and closing any descriptor
+# of the file drops them, so a probe from the holding process must not open and close it.
+_HELD_LOCKS: set[Path] = set()
+
+
+def manifest_path(out_dir: Path, rank: int) -> Path:
+    """The folder of a rank's resume state: its manifest generations and commit records."""
+    return out_dir / STATE_DIR / f"rank-{rank:05d}"
+
+
+def engine_log_path(out_dir: Path, rank: int) -> Path:
+    """Where a rank's engine writes its own log (vLLM's lines), appended across resumes."""
+    return out_dir / STATE_DIR / "logs" / f"engine-rank-{rank:05d}.log"
+
+
+def lock_path(out_dir: Path, rank: int) -> Path:
+    return manifest_path(out_dir, rank) / "lock"
+
+
+def legacy_manifest_path(out_dir: Path, rank: int) -> Path:
+    """Where batchgen before resume format 3 kept a rank's manifest (a flat folder)."""
+    return out_dir / STATE_DIR / f"rank-{rank:05d}.json"
+
+
+def state_ranks(out_dir: Path) -> list[int]:
+    """The ranks that have a state folder in `out_dir` (started at least once), sorted."""
+    try:
+        names = os.listdir(out_dir / STATE_DIR)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    return sorted(int(m.group(1)) for n in names if (m := RANK_DIR_RE.match(n)))
+
+
+def job_path(out_dir: Path) -> Path:
+    """The job record: the settings every rank of the run shares, written once by the first
+    rank to start, so a starting rank compares itself with one file, not with every rank."""
+    return out_dir / STATE_DIR / "job.json"
+
+
+@dataclass(slots=True)
+class Manifest:
+    """One rank's committed progress, as `Manifest.load` assembles it from the rank's state
+    folder: the latest manifest generation plus the commit records written after it."""
+
+    rank: int
+    num_ranks: int
+    fingerprint: dict[str, Any]
+    status: str = "running"  # running | finished | interrupted | failed
+    total_prompts: int | None = None  # input rows (prompts) of this rank, when the source knows
+    shards: list[dict[str, Any]] = field(default_factory=list)  # committed shard files
+    started_at: float = 0.0
+    updated_at: float = 0.0
+    host: str = ""
+    pid: int = 0
+    report: dict[str, Any] = field(default_factory=dict)
+    version: int = MANIFEST_VERSION
+    generation: int = -1  # of the manifest file it was read from; -1: none written yet
+
+    @property
+    def prompts_committed(self) -> int:
+        return sum(s["prompts"] for s in self.shards)
+
+    @property
+    def rows_committed(self) -> int:
+        return sum(s["rows"] for s in self.shards)
+
+    @property
+    def errors(self) -> int:
+        return sum(s["errors"] for s in self.shards)
+
+    @classmethod
+    def load(cls, out_dir: Path, rank: int) -> Manifest | None:
+        """The rank's committed state (None if it never started): one listing of its state
+        folder, its latest manifest generation and the commit records not yet folded in."""
+        folder = manifest_path(out_dir, rank)
+        try:
+            names = sorted(os.listdir(folder))
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        generations = [n for n in names if MANIFEST_RE.match(n)]
+        if not generations:
+            return None
+        data = _read_json(folder / generations[-1])
+        data = {_RENAMED_KEYS.get(k, k): v for k, v in data.items()}
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        known.setdefault("version", 1)
+        manifest = cls(**known)
+        manifest.generation = int(MANIFEST_RE.match(generations[-1]).group(1))
+        listed = {s["file"] for s in manifest.shards}
+        for name in names:
+            if COMMIT_RE.match(name):
+                entry = _read_json(folder / name)
+                if entry["file"] not in listed:
+                    manifest.shards.append(entry)
+                    manifest.updated_at = max(manifest.updated_at, entry.get("committed_at") or 0)
+        manifest.shards.sort(key=lambda s: s["file"])
+        return manifest
+
+    def save(self, out_dir: Path) -> None:
+        """Write the next manifest generation (every shard, the status and report) under a new
+        name, then remove what it replaces: older generations and the commit records it folds
+        in. Called at a run's start and end, never per shard; a crash between the write and
+        the removals leaves records that the new generation already lists (read once)."""
+        self.updated_at = time.time()
+        self.version = MANIFEST_VERSION
+        folder = manifest_path(out_dir, self.rank)
+        folder.mkdir(parents=True, exist_ok=True)
+        before = [n for n in os.listdir(folder) if MANIFEST_RE.match(n) or COMMIT_RE.match(n)]
+        generation = self.generation + 1
+        data = asdict(self)
+        del data["generation"]
+        write_new(folder / f"manifest-{generation:08d}.json", data)
+        self.generation = generation
+        for name in before:
+            with contextlib.suppress(FileNotFoundError):
+                (folder / name).unlink()
+
+    def record_commit(self, out_dir: Path, info: dict[str, Any]) -> None:
+        """Record one committed shard: a new commit record, written once, never rewritten; the
+        cost of the millionth commit is that of the first."""
+        # Counted first: the shard is published, so it is committed even if this write fails
+        # (the next run adopts it), and a failure message counts its rows as safe.
+        self.shards.append(info)
+        write_new(manifest_path(out_dir, self.rank) / commit_record_name(info["file"]), info)
+
+
+def commit_record_name(shard: str) -> str:
+    """The commit record of a shard file: commit-<seq>.json."""
+    return f"commit-{shard_seq(shard):06d}.json"
+
+
+def write_new(path: Path, data: dict[str, Any]) -> None:
+    """Write a JSON file under a name nothing else writes (a temporary name, fsync, rename,
+    fsync of the folder): what an object store's PUT of a new object gives. A full disk fails
+    here and leaves no file under `path`."""
+    tmp = temp_path(path)
+    try:
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=1, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, OSError) as exc:
+        raise BatchgenError(
+            f"{path} is unreadable ({exc}); it is batchgen's resume state: restore it, or "
+            "pass --overwrite to start this rank afresh"
+        ) from exc
+
+
+class RankLock:
+    """An exclusive lock on one rank of an output folder.
+
+    POSIX record locks (lockf) are released by the kernel when their process dies, however it
+    dies, so a lock left by a killed run never blocks the next; they also work on NFS.
+    """
+
+    def __init__(self, out_dir: Path, rank: int) -> None:
+        self.path = lock_path(out_dir, rank)
+        self.rank = rank
+        self._file = None
+
+    def acquire(self) -> RankLock:
+        """Take the lock, or raise OutputLocked naming the holder (OSError if it cannot be made)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        key = self.path.resolve()
+        if key in _HELD_LOCKS:  # a second run in this process: lockf would let it through
+            raise self._locked(f"this process (pid {os.getpid()})")
+        f = open(self.path, "a+")  # noqa: SIM115 - held for the life of the run
+        deadline = time.monotonic() + LOCK_RETRY_SECONDS
+        while True:
+            try:
+                fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError:
+                if time.monotonic() < deadline:
+                    time.sleep(0.05)
+                    continue
+                f.seek(0)
+                holder = f.read().strip() or "another process"
+                f.close()
+                raise self._locked(holder) from None
+        # Who holds it, for the refusal above and `batchgen status`. Only informative: on a
+        # full disk this write fails and the run then stops at its first manifest write.
+        with contextlib.suppress(OSError):
+            f.seek(0)
+            f.truncate()
+            f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%F %T')}\n")
+            f.flush()
+        self._file = f
+        _HELD_LOCKS.add(key)
+        return self
+
+    def _locked(self, holder: str) -> OutputLocked:
+        return OutputLocked(
+            f"rank {self.rank} of {self.path.parent.parent.parent} is being written by {holder}; "
+            "wait for it to finish or stop it (a killed process releases the lock at once), "
+            "or write to another --output"
+        )
+
+    def release(self) -> None:
+        if self._file is not None:
+            _HELD_LOCKS.discard(self.path.resolve())
+            with contextlib.suppress(OSError):
+                self._file.close()  # closing drops the lock
+            self._file = None
+
+
+def lock_holder(out_dir: Path, rank: int) -> str | None:
+    """Who holds a rank's lock now ("pid 12 on node3 since ..."), or None if no live process does.
+
+    Probes with a non-blocking shared lock on a read-only descriptor: it needs no write access,
+    changes nothing, and a manifest that says "running" under a free lock means a dead process.
+    """
+    path = lock_path(out_dir, rank)
+    if path.resolve() in _HELD_LOCKS:
+        return f"pid {os.getpid()} on {socket.gethostname()} (this process)"
+    try:
+        f = open(path)  # noqa: SIM115 - closed below; closing drops the probe's lock
+    except OSError:
+        return None
+    with f:
+        try:
+            fcntl.lockf(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            return f.read().strip() or "another process"
+    return None
