@@ -138,6 +138,12 @@ def _options(*decorators: Callable) -> Callable:
 input_options = _options(
     click.option("--parquet", metavar="PATH", help="Parquet file, folder (recursive) or glob."),
     click.option(
+        "--openai-batch",
+        metavar="PATH",
+        help="Batch request JSONL (OpenAI / vllm run-batch / Anthropic): file, folder or glob; "
+        "see docs/openai-batch.md.",
+    ),
+    click.option(
         "--dataset",
         metavar="NAME",
         help="HF hub id, local dataset folder "
@@ -693,10 +699,23 @@ def _build_config(kw: dict[str, Any]):
     from pipeline.sampling import SamplingConfig
 
     keep = tuple(c.strip() for c in (kw["keep_columns"] or "").split(",") if c.strip())
+    request_column = None
+    if kw.get("openai_batch"):
+        from pipeline.sources import openai_batch
+
+        if kw["sampling_column"]:
+            raise click.UsageError(
+                "--sampling-column: with --openai-batch each line's body gives its settings; "
+                "drop it"
+            )
+        request_column = openai_batch.REQUEST_COLUMN
+        kw["sampling_column"] = openai_batch.SAMPLING_COLUMN
+        keep = (*openai_batch.KEEP_COLUMNS, *keep)
     try:
         return RunConfig(
             source=SourceConfig(
                 parquet=kw["parquet"],
+                openai_batch=kw.get("openai_batch"),
                 dataset=kw["dataset"],
                 data_files=tuple(kw["data_files"]),
                 config_name=kw["config_name"],
@@ -715,6 +734,7 @@ def _build_config(kw: dict[str, Any]):
                 chat_template_kwargs=_key_values(
                     kw["chat_template_kwarg"], "--chat-template-kwarg", "enable_thinking=false"
                 ),
+                request_column=request_column,
             ),
             engine=_engine_config(
                 kw, kw["backend"], _server_config(kw) if "server" in kw else None
