@@ -152,7 +152,7 @@ class OpenAIBatchSource:
 class _HashSpill:
     """(64-bit id hash, position) pairs: a fixed buffer, spilled to hash partitions on disk."""
 
-    BUFFER = 1 << 20  # pairs held in memory (16 MiB)
+    BUFFER = 1 << 18  # pairs held in memory (4 MiB)
     PARTS = 64  # partitions: each is sorted alone, 1/64 of the pairs (16 GiB at 10^9 rows)
 
     def __init__(self) -> None:
