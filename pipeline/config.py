@@ -19,6 +19,14 @@ class SourceConfig:
     """Where rows come from and how each gets its stable id."""
 
     parquet: str | None = option(None, "Parquet file, folder (recursive) or glob.", metavar="PATH")
+    # A batch request file (OpenAI Batch API / vllm run-batch, or Anthropic Message Batches
+    # JSONL): each line's custom_id is the row id, its body the prompt and its own settings.
+    openai_batch: str | None = option(
+        None,
+        "Batch request JSONL (OpenAI / vllm run-batch / Anthropic): file, folder or glob; "
+        "see docs/openai-batch.md.",
+        metavar="PATH",
+    )
     dataset: str | None = option(
         None,
         "HF hub id, local dataset folder (save_to_disk or data files), or builder name "
@@ -43,8 +51,16 @@ class SourceConfig:
     )
 
     def __post_init__(self) -> None:
-        if (self.parquet is None) == (self.dataset is None):
-            raise ConfigError("give exactly one input: --parquet PATH or --dataset NAME_OR_DIR")
+        inputs = [v for v in (self.parquet, self.dataset, self.openai_batch) if v is not None]
+        if len(inputs) != 1:
+            raise ConfigError(
+                "give exactly one input: --parquet PATH, --dataset NAME_OR_DIR or "
+                "--openai-batch FILE.jsonl"
+            )
+        if self.openai_batch is not None and self.id_column is not None:
+            raise ConfigError(
+                "--id-column: with --openai-batch each line's custom_id is the row id; drop it"
+            )
         if self.parquet is not None and (
             self.data_files or self.config_name or self.revision or self.streaming
         ):
@@ -79,8 +95,14 @@ class PromptConfig:
         "--chat-template-kwarg",
         "enable_thinking=false",
     )
+    # A column of whole requests (set by --openai-batch, never a flag of its own): each row's
+    # messages or prompt text, the model it names, or why it cannot be served.
+    request_column: str | None = None
 
     def __post_init__(self) -> None:
+        if self.request_column is not None:
+            self._check_requests()
+            return
         given = [
             name
             for name, value in (
@@ -108,9 +130,27 @@ class PromptConfig:
         if self.template is not None:
             self.template_fields()  # raises on a malformed template
 
+    def _check_requests(self) -> None:
+        """With --openai-batch each line gives its prompt: refuse the flags that would too."""
+        given = [
+            flag
+            for flag, value in (
+                ("--prompt-column", self.prompt_column),
+                ("--template", self.template),
+                ("--messages-column", self.messages_column),
+                ("--chat", self.chat or None),
+            )
+            if value is not None
+        ]
+        if given:
+            raise ConfigError(
+                f"{', '.join(given)}: with --openai-batch each line's body gives the prompt "
+                "(messages: chat template; prompt: as is); drop them"
+            )
+
     @property
     def uses_chat_template(self) -> bool:
-        return self.chat or self.messages_column is not None
+        return self.chat or self.messages_column is not None or self.request_column is not None
 
     def template_fields(self) -> list[str]:
         """Column names a --template refers to, in order of first use."""
@@ -476,9 +516,15 @@ class RunConfig:
             raise ConfigError(
                 f"--max-error-rate {self.max_error_rate}: must be a share in [0, 1], e.g. 0.1"
             )
+        if self.lora_column is not None and self.prompt.request_column is not None:
+            raise ConfigError(
+                "--lora-column: with --openai-batch each line's body.model names its adapter; "
+                "drop --lora-column"
+            )
         if self.lora_column is not None and not self.engine.loras:
             raise ConfigError("--lora-column needs the adapters it names: --lora NAME=PATH")
-        if len(self.engine.loras) > 1 and self.lora_column is None:
+        per_row = self.lora_column is not None or self.prompt.request_column is not None
+        if len(self.engine.loras) > 1 and not per_row:
             names = ", ".join(n for n, _ in self.engine.loras)
             raise ConfigError(
                 f"--lora {names}: with several adapters, name each row's adapter with "

@@ -5,6 +5,7 @@ here, so a plan renders and tokenizes exactly what the run would send."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.adapters import check_adapters
@@ -55,6 +56,7 @@ def read_job(cfg: RunConfig, server: ServerEngine | None = None) -> Job:
         cfg.engine.seed,
         adapters=tuple(a.name for a in adapters),
         lora_column=cfg.lora_column,
+        model_names=model_names(cfg.engine.model, model),
     )
     wanted = builder.columns()
     if cfg.source.id_column is not None:
@@ -72,3 +74,10 @@ def read_job(cfg: RunConfig, server: ServerEngine | None = None) -> Job:
         server_settings,
     )
     return Job(model, source, builder, sampling, fingerprint)
+
+
+def model_names(given: str | None, model: str) -> tuple[str, ...]:
+    """The names a request may use for the base model (--openai-batch lines' model): the
+    --model value as given, the resolved model, and its folder's name."""
+    names = [n for n in (given, model, Path(model).name) if n]
+    return tuple(dict.fromkeys(names))

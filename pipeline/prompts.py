@@ -65,6 +65,7 @@ class PromptBuilder:
         seed: int = 0,
         adapters: tuple[str, ...] = (),
         lora_column: str | None = None,
+        model_names: tuple[str, ...] = (),
     ):
         self.cfg = cfg
         self.tokenizer = tokenizer
@@ -75,6 +76,8 @@ class PromptBuilder:
         self.seeded = self.sampling.get("temperature", 0) > 0
         self.adapters = adapters
         self.lora_column = lora_column
+        # --openai-batch: the names a line's model may give for the base model.
+        self.model_names = model_names
         # One adapter and no column: every row runs with it.
         self.default_adapter = adapters[0] if len(adapters) == 1 and lora_column is None else None
         self.max_model_len: int | None = None  # set once the engine reports it
@@ -89,7 +92,7 @@ class PromptBuilder:
                 self.chat_template = path.read_text()
             else:
                 self.chat_template = getattr(tokenizer, "chat_template", None)
-            if not self.chat_template:
+            if not self.chat_template and cfg.request_column is None:
                 flag = "--chat" if cfg.chat else "--messages-column"
                 raise ConfigError(
                     f"{flag} needs a chat template, and the model's tokenizer has none; pass "
@@ -104,6 +107,8 @@ class PromptBuilder:
             wanted[cfg.prompt_column] = "--prompt-column"
         if cfg.messages_column is not None:
             wanted[cfg.messages_column] = "--messages-column"
+        if cfg.request_column is not None:
+            wanted[cfg.request_column] = "--openai-batch"
         if cfg.template is not None:
             for name in cfg.template_fields():
                 wanted.setdefault(name, "--template field")
@@ -174,6 +179,8 @@ class PromptBuilder:
             )
             values = {c: v[i] for c, v in columns.items()}
             try:
+                if self.cfg.request_column is not None:
+                    self._batch_request(row, values[self.cfg.request_column])
                 self._request(row, values)
                 self._render(row, values)
             except _RowError as exc:
@@ -181,6 +188,23 @@ class PromptBuilder:
             rows.append(row)
         self._tokenize([r for r in rows if r.error is None])
         return rows
+
+    def _batch_request(self, row: PromptRow, request: Any) -> None:
+        """A batch file line (pipeline/batchfile.py): its error, else its model: the base
+        model under one of its names, or an adapter."""
+        if request.error is not None:
+            raise _RowError(request.error)
+        model = request.model
+        if model is None or model in self.model_names:
+            return
+        if model in self.adapters:
+            row.adapter = model
+            return
+        served = ", ".join(repr(n) for n in (*self.model_names, *self.adapters))
+        raise _RowError(
+            f"{request.place}: model {model!r} is not served by this run; it serves "
+            f"{served}: set the line's model to one of them, or add the adapter with --lora"
+        )
 
     def _request(self, row: PromptRow, values: dict[str, Any]) -> None:
         """The row's own request settings: its adapter (--lora-column), its schema
@@ -208,8 +232,11 @@ class PromptBuilder:
         sampling_column = self.sampling.get("sampling_column")
         if sampling_column is not None and values[sampling_column] is not None:
             try:
+                label = None
+                if self.cfg.request_column is not None:
+                    label = values[self.cfg.request_column].place
                 row.sampling, seed = row_sampling(
-                    row.sampling, values[sampling_column], sampling_column
+                    row.sampling, values[sampling_column], sampling_column, label
                 )
             except ValueError as exc:
                 raise _RowError(str(exc)) from exc
@@ -234,6 +261,16 @@ class PromptBuilder:
             row.max_tokens = _max_tokens(values[self.max_tokens_column], self.max_tokens_column)
         if cfg.messages_column is not None:
             row.messages = _parse_messages(values[cfg.messages_column], cfg.messages_column)
+        elif cfg.request_column is not None:
+            request = values[cfg.request_column]
+            row.messages, row.prompt = request.messages, request.prompt
+            if row.messages is None and not row.prompt.strip():
+                raise _RowError(f"{request.place}: the prompt is empty; give it text")
+            if row.messages is not None and not self.chat_template and self.tokenizer is not None:
+                raise _RowError(
+                    f"{request.place}: a chat request, and the model has no chat template; "
+                    "pass --chat-template FILE.jinja"
+                )
         else:
             if cfg.prompt_column is not None:
                 text = values[cfg.prompt_column]

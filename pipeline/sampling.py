@@ -363,60 +363,53 @@ def engine_params(sampling: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def row_sampling(base: dict[str, Any], overrides: Any, column: str) -> tuple[dict[str, Any], Any]:
+def row_sampling(
+    base: dict[str, Any], overrides: Any, column: str, label: str | None = None
+) -> tuple[dict[str, Any], Any]:
     """A row's sampling record: `base` with the row's overrides (a dict, or JSON text), and the
-    row's own seed (None if it gives none). ValueError naming the key on a bad override."""
+    row's own seed (None if it gives none). ValueError naming the key on a bad override, after
+    `label` (default: the --sampling-column flag and column)."""
+    where = label or f"--sampling-column {column!r}"
     if isinstance(overrides, str):
         try:
             overrides = json.loads(overrides)
         except json.JSONDecodeError as exc:
-            raise ValueError(f"--sampling-column {column!r} is text but not JSON ({exc})") from exc
+            raise ValueError(f"{where} is text but not JSON ({exc})") from exc
     if not isinstance(overrides, dict):
-        raise ValueError(
-            f"--sampling-column {column!r} must hold an object of settings, not "
-            f"{type(overrides).__name__}"
-        )
+        raise ValueError(f"{where} must hold an object of settings, not {type(overrides).__name__}")
     record = dict(base)
     seed = None
     given = {k: v for k, v in overrides.items() if v is not None}  # a struct's unset fields
     for key, value in given.items():
         if key == "seed":
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(
-                    f"--sampling-column {column!r}: seed={value!r}: expected an int >= 0"
-                )
+                raise ValueError(f"{where}: seed={value!r}: expected an int >= 0")
             seed = value
             continue
         option = OPTIONS_BY_NAME.get(key)
         if option is None:
             valid = ", ".join(sorted([*OPTIONS_BY_NAME, *ROW_ONLY_KEYS]))
-            raise ValueError(
-                f"--sampling-column {column!r}: unknown key {key!r}; valid keys: {valid}"
-            )
+            raise ValueError(f"{where}: unknown key {key!r}; valid keys: {valid}")
         if option.name == "json_schema" and isinstance(value, str):
             try:
                 value = json.loads(value)
             except json.JSONDecodeError as exc:
-                raise ValueError(
-                    f"--sampling-column {column!r}: json_schema is text but not JSON ({exc})"
-                ) from exc
+                raise ValueError(f"{where}: json_schema is text but not JSON ({exc})") from exc
         if option.kind is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         problem = option.problem(value)
         if problem:
-            raise ValueError(f"--sampling-column {column!r}: {key}={value!r}: {problem}")
+            raise ValueError(f"{where}: {key}={value!r}: {problem}")
         if option.structured:  # a row's constraint replaces the run's
             for other in structured.ENGINE_NAMES:
                 record.pop(other, None)
         record[key] = list(value) if option.multiple else value
     kinds = [k for k in given if k in structured.ENGINE_NAMES]
     if len(kinds) > 1:
-        raise ValueError(
-            f"--sampling-column {column!r}: one structured-output key per row, not {', '.join(kinds)}"
-        )
+        raise ValueError(f"{where}: one structured-output key per row, not {', '.join(kinds)}")
     if record["n"] > 1 and record["temperature"] == 0:
         raise ValueError(
-            f"--sampling-column {column!r}: n={record['n']} with temperature 0 would repeat one "
+            f"{where}: n={record['n']} with temperature 0 would repeat one "
             "text; give the row a temperature above 0 or n 1"
         )
     return record, seed

@@ -190,11 +190,27 @@ def engine_config(kw: dict[str, Any], **extra: Any) -> EngineConfig:
 def run_config(kw: dict[str, Any]) -> RunConfig:
     """The RunConfig of the parsed flags of `run` (also `plan` and `tune`); the sections are
     checked in the order of --help, so the first bad flag is the one reported."""
-    source, prompt, engine = (
-        build(config.SourceConfig, kw),
-        build(config.PromptConfig, kw),
-        engine_config(kw),
-    )
+    source = build(config.SourceConfig, kw)
+    prompt_extra: dict[str, Any] = {}
+    if source.openai_batch is not None:
+        # Each line's body is the row's prompt and its own settings, through the
+        # --sampling-column machinery; the line's custom_id and url are kept as columns.
+        from pipeline.sources import openai_batch
+
+        if kw.get("sampling_column"):
+            raise click.UsageError(
+                "--sampling-column: with --openai-batch each line's body gives its settings; "
+                "drop it"
+            )
+        prompt_extra["request_column"] = openai_batch.REQUEST_COLUMN
+        kw = {
+            **kw,
+            "sampling_column": openai_batch.SAMPLING_COLUMN,
+            "keep_columns": ",".join(
+                (*openai_batch.KEEP_COLUMNS, *_keep_columns(kw.get("keep_columns")))
+            ),
+        }
+    prompt, engine = build(config.PromptConfig, kw, **prompt_extra), engine_config(kw)
     try:
         sampling = SamplingConfig.of(
             **field_values(SamplingConfig, kw), **{o.name: kw[o.name] for o in SAMPLING_OPTIONS}
@@ -211,6 +227,14 @@ def run_config(kw: dict[str, Any]) -> RunConfig:
         output=build(config.OutputConfig, kw),
         engine_log=kw.get("engine_log", True),
     )
+
+
+def _keep_columns(value: Any) -> tuple[str, ...]:
+    """The --keep-columns a user gave, as click parsed them (a comma list, or a TOML list)."""
+    if not value:
+        return ()
+    items = value if isinstance(value, (list, tuple)) else str(value).split(",")
+    return tuple(c.strip() for item in items for c in str(item).split(",") if c.strip())
 
 
 def load_config_file(ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
