@@ -287,7 +287,7 @@ def test_a_repeated_custom_id_is_refused_naming_both_lines(
         "in.jsonl; custom_ids must be unique (OpenAI refuses such a file too): give one of them "
         "another id"
     )
-    assert not list(out.glob("part-*"))
+    assert not list(out.rglob("part-*"))
 
 
 def test_unique_ids_pass_through_the_spill(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
@@ -385,13 +385,13 @@ def test_export_merges_overlapping_shards_in_input_order(tmp_path: Path):
     src = write_lines(tmp_path / "in.jsonl", [chat(f"r{i}") for i in range(12)])
     out = tmp_path / "out"
     batch_run(src, out, "--rows-per-shard", "12")
-    (shard,) = out.glob("part-*.parquet")
+    (shard,) = (out / "rank-00000").glob("part-*.parquet")
     table = pq.read_table(shard)
     order = [[0, 1, 4, 9], [2, 3, 5, 11], [6, 7, 8, 10]]  # each shard sorted, shards overlapping
     shard.unlink()
     for seq, picks in enumerate(order):
         part = table.take(pa.array(picks)).replace_schema_metadata(table.schema.metadata)
-        pq.write_table(part, out / f"part-00000-{seq:06d}.parquet")
+        pq.write_table(part, out / "rank-00000" / f"part-00000-{seq:06d}.parquet")
     results = tmp_path / "results.jsonl"
     run_cli("export", out, "--openai-batch", results)
     assert [json.loads(x)["custom_id"] for x in results.read_text().splitlines()] == [
@@ -403,7 +403,9 @@ def test_export_says_what_is_not_committed_yet(tmp_path: Path):
     src = write_lines(tmp_path / "in.jsonl", [chat(f"r{i}") for i in range(6)])
     out = tmp_path / "out"
     batch_run(src, out, "--rows-per-shard", "2")
-    sorted(out.glob("part-*.parquet"))[1].unlink()  # as if rows 2-3 were never committed
+    sorted((out / "rank-00000").glob("part-*.parquet"))[
+        1
+    ].unlink()  # as if rows 2-3 were never committed
     result = run_cli("export", out, "--openai-batch", tmp_path / "r.jsonl")
     assert result.output.splitlines() == [
         f"4 requests written to {tmp_path / 'r.jsonl'}: 4 succeeded, 0 failed",
