@@ -82,12 +82,14 @@ def _parse(args: list[str]) -> None:
     """Parse `batchgen ARGS` as click would before running it: down the subcommands, then the
     command's own flags and values (callbacks such as --config's included)."""
     command: click.Command = main
-    ctx = click.Context(main, info_name="batchgen")
+    # The group's context settings (-h beside --help) as click gives them: a context without them
+    # would make click cache a help option without -h on the shared command objects.
+    ctx = click.Context(main, info_name="batchgen", **main.context_settings)
     while isinstance(command, click.Group) and args and not args[0].startswith("-"):
         sub = command.get_command(ctx, args[0])
         if sub is None:
             raise click.UsageError(f"no such command {args[0]!r}")
-        ctx = click.Context(sub, info_name=args[0], parent=ctx)
+        ctx = click.Context(sub, info_name=args[0], parent=ctx, **sub.context_settings)
         command, args = sub, args[1:]
     with command.make_context(ctx.info_name, list(args), parent=ctx.parent) as parsed:
         assert parsed.command is command
