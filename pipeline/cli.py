@@ -428,6 +428,13 @@ output_options = _options(
     click.option(
         "--overwrite", is_flag=True, help="Discard earlier output in --output and start afresh."
     ),
+    click.option(
+        "--reuse",
+        metavar="DIR",
+        multiple=True,
+        help="An earlier output folder (repeatable): rows whose identical request is committed "
+        "there take its outputs instead of being generated.",
+    ),
 )
 
 
@@ -744,6 +751,7 @@ def _build_config(kw: dict[str, Any]):
             engine_log=kw.get("engine_log", True),
             engine_restarts=kw["engine_restarts"],
             stall_seconds=kw["stall_seconds"],
+            reuse=tuple(kw.get("reuse", ())),
         )
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from exc

@@ -327,6 +327,11 @@ class RunConfig:
     # A step that produces nothing for this long is a stall, handled like a death. Generous: a
     # step only waits this long when the engine is hung or stopped, never on long outputs.
     stall_seconds: float = 600.0
+    # Earlier output folders (--reuse, repeatable): a row whose identical request is committed
+    # in one of them takes its outputs from there instead of the engine. Costs one pass over
+    # their key indexes at the start (about 24 bytes of disk per earlier prompt, under
+    # OUT/.batchgen while the run lasts); a folder made with other settings reuses nothing.
+    reuse: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.num_ranks < 1:

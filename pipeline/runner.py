@@ -31,6 +31,8 @@ from pipeline.errors import BatchgenError, ConfigError, committed_note, storage_
 from pipeline.job import Job, read_job
 from pipeline.progress import Progress, fmt_duration
 from pipeline.report import log_summary, run_report
+from pipeline.reuse.dedup import RequestDedup
+from pipeline.reuse.run import engine_requests, open_reuse, reuse_report
 from pipeline.sinks import ParquetShardWriter, output_schema, prepare_output_dir
 from pipeline.stages import Committer, Feeder
 
@@ -114,13 +116,20 @@ def _run_locked(
         interval=cfg.progress_seconds,
         report_fd=cfg.progress_fd,
     )
-    feeder = Feeder(job.source, job.builder, state.done_ids, cfg.source.id_column, flags)
+    reuse = open_reuse(job.fingerprint, cfg.reuse, cfg.output_dir, cfg.rank, writer.schema.names)
+    feeder = Feeder(
+        job.source, job.builder, state.done_ids, cfg.source.id_column, flags, reuse.annotate
+    )
     committer = Committer(
         writer, checkpoint, state.next_seq, cfg.output.rows_per_shard, cfg.output.checkpoint_seconds
     )
     gen_start = time.monotonic()
     failures_before = len(engine.failures)
-    engine_error = _generate(cfg, engine, feeder, committer, progress, flags)
+    requests_before = engine_requests(engine)
+    try:
+        engine_error, dedup = _generate(cfg, engine, feeder, committer, progress, flags)
+    finally:
+        reuse.close()
     gen_seconds = time.monotonic() - gen_start
 
     failure = _failure(cfg, checkpoint, feeder, committer, engine_error, flags)
@@ -134,6 +143,10 @@ def _run_locked(
         status, progress, engine, gen_seconds, time.monotonic() - wall_start, checkpoint, flags
     )
     report["engine_failures"] = engine.failures[failures_before:]
+    requests = engine_requests(engine)
+    report["this_run"]["reuse"] = reuse_report(
+        reuse, dedup, progress.prompts, None if requests is None else requests - requests_before
+    )
     if failure is not None:
         report["error"] = str(failure)  # for `batchgen status`
     log_summary(report, cfg.output_dir)
@@ -251,15 +264,25 @@ def _generate(
     committer: Committer,
     progress: Progress,
     flags: StopFlags,
-) -> BaseException | None:
+) -> tuple[BaseException | None, RequestDedup]:
     """Feed the engine and commit its results until the input ends or a stop; the engine's
-    exception, if it raised one."""
+    exception, if it raised one, and what the deduplication did."""
     engine_error: BaseException | None = None
+
+    def deliver(results: list) -> None:  # results that needed no engine (reused, duplicates)
+        committer.put(results)
+        progress.add(results)
+        if committer.error or feeder.error:
+            flags.stop.set()
+
+    dedup = RequestDedup(deliver)
     feeder.start()
     committer.start()
     try:
         faults = FaultPolicy(cfg.engine_restarts, cfg.stall_seconds)
-        for results in engine.generate(feeder.feed(), flags, cfg.max_inflight, faults):
+        feed = dedup.feed(feeder.feed())
+        for results in engine.generate(feed, flags, cfg.max_inflight, faults):
+            results = dedup.expand(results)
             committer.put(results)
             progress.add(results)
             if committer.error or feeder.error:
@@ -282,7 +305,7 @@ def _generate(
         feeder.join()
         committer.close()
     progress.close()
-    return engine_error
+    return engine_error, dedup
 
 
 def _hopeless(progress: Progress, max_error_rate: float) -> bool:
