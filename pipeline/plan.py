@@ -65,6 +65,7 @@ class Tally:
         self.prompt_tokens = 0
         self.samples = 0  # engine prompts x n
         self.ceiling = 0  # output tokens if every sample ran to its budget
+        self.reused = 0  # prompts whose outputs --reuse finds in an earlier run
 
     def add(self, rows: list[PromptRow]) -> None:
         for row in rows:
@@ -73,6 +74,9 @@ class Tally:
             self.rows += n
             if row.error is not None:
                 self._error(row, n)
+                continue
+            if row.reused is not None:
+                self.reused += 1
                 continue
             tokens = len(row.token_ids or ())
             self.lengths[tokens] += 1
@@ -99,7 +103,7 @@ class Tally:
                 heapq.heappushpop(self.worst, item)
 
     def merge(self, other: Tally) -> None:
-        for name in ("prompts", "rows", "error_prompts", "error_rows", "prompt_tokens"):
+        for name in ("prompts", "rows", "error_prompts", "error_rows", "prompt_tokens", "reused"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.samples += other.samples
         self.ceiling += other.ceiling
@@ -115,8 +119,8 @@ class Tally:
 
     @property
     def engine_prompts(self) -> int:
-        """Prompts the engine would get (the rest are error rows)."""
-        return self.prompts - self.error_prompts
+        """Prompts the engine would get (the rest are error rows or reused)."""
+        return self.prompts - self.error_prompts - self.reused
 
     def percentile(self, q: float) -> int | None:
         """The q-th percentile of prompt tokens (nearest rank, exact)."""
@@ -150,6 +154,8 @@ class Tally:
             "rows": self.rows,
             "error_prompts": self.error_prompts,
             "error_rows": self.error_rows,
+            "reused_prompts": self.reused,
+            "generate_prompts": self.engine_prompts,
             "errors": {
                 kind: {"prompts": e.prompts, "examples": e.examples, "message": e.message}
                 for kind, e in sorted(self.errors.items(), key=lambda kv: (-kv[1].prompts, kv[0]))
@@ -466,6 +472,7 @@ class Plan:
         else:
             lines.append(
                 f"can run: {_plural(t.engine_prompts, 'prompt')} to generate"
+                + (f", {t.reused:,} reused (--reuse)" if t.reused else "")
                 + (f", {_plural(t.error_prompts, 'error row')}" if t.error_prompts else "")
             )
         return "\n".join(lines)
@@ -619,6 +626,7 @@ def make_plan(cfg: RunConfig, all_ranks: bool = False, calibrate: float | None =
 def _make_plan(cfg: RunConfig, all_ranks: bool, calibrate: float | None, server: Any) -> Plan:
     from pipeline.job import read_job
     from pipeline.models import context_length
+    from pipeline.reuse.run import planned_reuse
     from pipeline.stages import request_batches
 
     reservoir = _Reservoir(CALIBRATION_SAMPLE) if calibrate else None
@@ -643,10 +651,16 @@ def _make_plan(cfg: RunConfig, all_ranks: bool, calibrate: float | None, server:
         job.builder.max_model_len = plan.max_model_len
         rank_plan = _rank_plan(cfg, rank, job.fingerprint, job.sampling.get("n", 1), plan)
         done_ids = rank_plan.done_ids
-        for rows in request_batches(job.source, job.builder, done_ids, cfg.source.id_column):
-            rank_plan.tally.add(rows)
-            if reservoir is not None:
-                reservoir.add(rows)
+        with planned_reuse(job.fingerprint, cfg.reuse, rank) as reuse:
+            batches = request_batches(
+                job.source, job.builder, done_ids, cfg.source.id_column, annotate=reuse.annotate
+            )
+            for rows in batches:
+                rank_plan.tally.add(rows)
+                if reservoir is not None:
+                    reservoir.add([r for r in rows if r.reused is None])
+            if rank == cfg.rank or all_ranks:
+                plan.notes += [n for n in reuse.counts.skipped if n not in plan.notes]
         rank_plan.input_prompts = job.source.total_rows
         rank_plan.done_ids = set()  # counted; not kept
         plan.ranks.append(rank_plan)

@@ -16,7 +16,7 @@ from typing import Any
 from pipeline.checkpoint import STATE_DIR, Manifest, lock_holder, manifest_path
 from pipeline.errors import EXIT_OK, EXIT_STATUS_FAILED, EXIT_STATUS_INCOMPLETE, BatchgenError
 from pipeline.progress import fmt_duration
-from pipeline.report import requests_line
+from pipeline.report import requests_line, reuse_line
 from pipeline.sinks import shard_files
 
 # A rank's state, and what `batchgen status` says about it.
@@ -129,6 +129,7 @@ class RunStatus:
                 "errors": sum(m.errors for m in started),
                 **_token_totals(started),
                 "states": counts,
+                "last_run_reuse": _reuse_totals(started),
             },
         }
 
@@ -164,6 +165,11 @@ class RunStatus:
             requests = (this_run or {}).get("requests")
             if requests:
                 detail.append(f"server requests in the last run: {requests_line(requests)}")
+            reuse = (this_run or {}).get("reuse")
+            if reuse and (
+                reuse["reused_prompts"] or reuse["duplicate_prompts"] or reuse["sources"]
+            ):
+                detail.append(f"last run: {reuse_line(reuse)}")
             if r.state == "interrupted" and (m.report or {}).get("stop_reason"):
                 detail.append(f"stopped because {m.report['stop_reason']}")
             deaths = (m.report or {}).get("engine_failures") or []
@@ -248,6 +254,15 @@ def _rank_status(out_dir: Path, rank: int) -> RankStatus:
         listed = {s["file"] for s in manifest.shards}
         unlisted = [p.name for p in shard_files(out_dir, rank) if p.name not in listed]
     return RankStatus(rank, state, manifest, holder, unlisted)
+
+
+def _reuse_totals(manifests: list[Manifest]) -> dict[str, int] | None:
+    """Prompts generated, reused and deduplicated by the last run of each rank, summed."""
+    reports = [r for m in manifests if (r := ((m.report or {}).get("this_run") or {}).get("reuse"))]
+    if not reports:
+        return None
+    names = ("generated_prompts", "reused_prompts", "duplicate_prompts", "engine_requests")
+    return {k: sum(r.get(k) or 0 for r in reports) for k in names}
 
 
 def _token_totals(manifests: list[Manifest]) -> dict[str, Any]:

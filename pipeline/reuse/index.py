@@ -1,6 +1,6 @@
 """Key indexes on disk.
 
-Per shard: at commit, beside `part-R-S.parquet`, a hidden `.part-R-S.keys.parquet` holding the
+Per shard: at commit, beside `part-R-S.parquet`, a hidden `.part-R-S.keys` (Parquet, named so that no `*.parquet` glob takes it for a shard) holding the
 request key and row position of every prompt of the shard that is not an error row, sorted by
 key. It is written before the shard is renamed into place, so every committed shard has one.
 
@@ -40,7 +40,7 @@ INDEX_META = b"batchgen_keys"
 
 def key_index_path(shard: Path) -> Path:
     """Where a shard's key index lives: beside it, hidden from readers of the folder."""
-    return shard.with_name(f".{shard.stem}.keys.parquet")
+    return shard.with_name(f".{shard.stem}.keys")
 
 
 def write_key_index(shard: Path, rows: list[ResultRow]) -> None:

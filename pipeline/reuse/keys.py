@@ -45,6 +45,23 @@ def output_context(fingerprint: dict[str, Any]) -> dict[str, Any]:
     return {k: fingerprint.get(k) for k in CONTEXT_FIELDS}
 
 
+def folder_settings(fingerprint: dict[str, Any]) -> dict[str, Any]:
+    """What must agree for a --reuse folder to hold any of this run's requests: the output
+    context, plus the run-wide prompt form and sampling (and the run seed when it samples), which
+    reach every row. With --sampling-column rows carry their own settings, so the run's sampling
+    may differ and single rows still match."""
+    settings = output_context(fingerprint)
+    prompt = fingerprint.get("prompt") or {}
+    settings["prompt"] = {k: v for k, v in prompt.items() if not k.endswith("_column")}
+    settings["chat_template_sha256"] = fingerprint.get("chat_template_sha256")
+    sampling = fingerprint.get("sampling") or {}
+    if "sampling_column" not in sampling:
+        settings["sampling"] = sampling
+        if sampling.get("temperature", 0) > 0:
+            settings["seed"] = fingerprint.get("seed")
+    return settings
+
+
 def context_difference(ours: dict[str, Any], theirs: dict[str, Any]) -> str | None:
     """The first output-changing setting that differs, as `field: theirs -> ours`, or None."""
     from pipeline.checkpoint import diff_fingerprints

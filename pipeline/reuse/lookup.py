@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 
 from pipeline.records import PromptRow, ResultRow
 from pipeline.reuse.index import KEY_DTYPE, MergedIndex, read_key_index
-from pipeline.reuse.keys import RequestKeys, context_difference, output_context
+from pipeline.reuse.keys import RequestKeys, context_difference, folder_settings
 from pipeline.sinks import read_shard_metadata, shard_files
 
 log = logging.getLogger("batchgen")
@@ -86,7 +86,7 @@ class Reuse:
         self._cache: OrderedDict[int, pa.Table] = OrderedDict()
         if folders:
             assert work_dir is not None
-            self._open(output_context(fingerprint), folders, work_dir)
+            self._open(folder_settings(fingerprint), folders, work_dir)
 
     def _open(self, ours: dict[str, Any], folders: tuple[str, ...], work_dir: Path) -> None:
         usable: list[tuple[str, list[Path]]] = []
@@ -191,7 +191,7 @@ def check_folder(folder: Path, ours: dict[str, Any]) -> tuple[list[Path], str | 
     meta = read_shard_metadata(shards[0])
     if meta is None or "fingerprint" not in meta:
         return [], f"{shards[0].name} is not a readable batchgen shard; skipped"
-    changed = context_difference(ours, output_context(meta["fingerprint"]))
+    changed = context_difference(ours, folder_settings(meta["fingerprint"]))
     if changed is not None:
         return [], f"made with other output-changing settings ({changed}); reuses nothing"
     for shard in shards:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -42,3 +45,17 @@ def reuse_report(
         "engine_requests": requests,
         **{k: v for k, v in reuse.counts.to_dict().items() if k != "reused_prompts"},
     }
+
+
+@contextmanager
+def planned_reuse(
+    fingerprint: dict[str, Any], folders: tuple[str, ...], rank: int
+) -> Iterator[Reuse]:
+    """`batchgen plan`'s view of --reuse: the same lookups as the run, with the merged index in
+    a temporary folder (a plan writes nothing in --output)."""
+    with tempfile.TemporaryDirectory(prefix="batchgen-plan-reuse-") as tmp:
+        reuse = Reuse(fingerprint, folders, Path(tmp) / f"rank-{rank:05d}")
+        try:
+            yield reuse
+        finally:
+            reuse.close()
