@@ -32,7 +32,7 @@ from pipeline.job import Job, read_job
 from pipeline.progress import Progress, fmt_duration
 from pipeline.report import log_summary, run_report
 from pipeline.reuse.dedup import RequestDedup
-from pipeline.reuse.run import engine_requests, open_reuse, reuse_report
+from pipeline.reuse.run import engine_requests, open_reuse, requests_since, reuse_report
 from pipeline.sinks import ParquetShardWriter, output_schema, prepare_output_dir
 from pipeline.stages import Committer, Feeder
 
@@ -143,10 +143,8 @@ def _run_locked(
         status, progress, engine, gen_seconds, time.monotonic() - wall_start, checkpoint, flags
     )
     report["engine_failures"] = engine.failures[failures_before:]
-    requests = engine_requests(engine)
-    report["this_run"]["reuse"] = reuse_report(
-        reuse, dedup, progress.prompts, None if requests is None else requests - requests_before
-    )
+    requests = requests_since(requests_before, engine_requests(engine))
+    report["this_run"]["reuse"] = reuse_report(reuse, dedup, progress.prompts, requests)
     if failure is not None:
         report["error"] = str(failure)  # for `batchgen status`
     log_summary(report, cfg.output_dir)

@@ -304,6 +304,14 @@ class VllmEngine(SteppingEngine):
         self.requests_accepted += 1  # requests vLLM took, over the engine's life
         return request_id
 
+    def finished_requests(self) -> int | None:
+        """vLLM's own count of the requests it finished (its `vllm:request_success` counter),
+        when its stats are on (--engine-arg disable_log_stats=false); else None."""
+        if not getattr(self.engine, "log_stats", False):
+            return None
+        metrics = self.engine.get_metrics()
+        return int(sum(m.value for m in metrics if m.name == "vllm:request_success"))
+
     def _step(self) -> list[tuple[str, Any]]:
         watchdog = self._watchdog
         watchdog.step_started = time.monotonic()

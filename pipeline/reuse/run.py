@@ -28,13 +28,23 @@ def open_reuse(
     return Reuse(fingerprint, folders, work_dir, wanted)
 
 
-def engine_requests(engine: Any) -> int | None:
-    """Requests the engine accepted so far (its own count; None for engines that keep none)."""
-    return getattr(engine, "requests_accepted", None)
+def engine_requests(engine: Any) -> dict[str, int | None]:
+    """The engine's own request counts so far: the requests it accepted, and (vLLM with its
+    stats on) the requests vLLM itself counts as finished; None where an engine keeps none."""
+    finished = getattr(engine, "finished_requests", None)
+    return {
+        "accepted": getattr(engine, "requests_accepted", None),
+        "vllm_finished": finished() if finished is not None else None,
+    }
+
+
+def requests_since(before: dict[str, int | None], now: dict[str, int | None]) -> dict[str, Any]:
+    """The counts of `engine_requests` made between two readings."""
+    return {k: None if now[k] is None or before[k] is None else now[k] - before[k] for k in now}
 
 
 def reuse_report(
-    reuse: Reuse, dedup: RequestDedup, prompts: int, requests: int | None
+    reuse: Reuse, dedup: RequestDedup, prompts: int, requests: dict[str, Any]
 ) -> dict[str, Any]:
     """The run report's `reuse` entry: prompts generated, reused and deduplicated this run,
     and the requests the engine itself accepted."""
@@ -42,7 +52,8 @@ def reuse_report(
         "generated_prompts": prompts - dedup.reused - dedup.duplicates,
         "reused_prompts": dedup.reused,
         "duplicate_prompts": dedup.duplicates,
-        "engine_requests": requests,
+        "engine_requests": requests["accepted"],
+        "vllm_finished_requests": requests["vllm_finished"],
         **{k: v for k, v in reuse.counts.to_dict().items() if k != "reused_prompts"},
     }
 
