@@ -913,6 +913,13 @@ _THROUGHPUT_ONLY = (
 @click.option(
     "--work-dir", metavar="DIR", help="Keep inputs and outputs here [default: a temp dir]."
 )
+@click.option(
+    "--reuse-lookup",
+    type=int,
+    metavar="ROWS",
+    help="Measure the --reuse lookup over a folder of ROWS committed rows instead "
+    "(pipeline/bench/reuse.py); --work-dir holds the folder.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("-v", "--verbose", count=True, help="More logging (-v: vLLM's too).")
 @click.pass_context
@@ -931,6 +938,9 @@ def bench(ctx: click.Context, **kw: Any) -> None:
         for name in kw
         if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT
     }
+    if kw["reuse_lookup"] is not None:
+        _bench_reuse_lookup(kw)
+        return
     if kw["memory"]:
         wrong = sorted(given & set(_THROUGHPUT_ONLY))
         if wrong:
@@ -1001,6 +1011,22 @@ def bench(ctx: click.Context, **kw: Any) -> None:
     except BatchgenError as exc:
         raise click.ClickException(str(exc)) from exc
     emit(benchmod.to_json(report) if kw["as_json"] else text)
+
+
+def _bench_reuse_lookup(kw: dict[str, Any]) -> None:
+    """`batchgen bench --reuse-lookup ROWS`: pipeline/bench/reuse.py does the work."""
+    from pipeline.bench.machine import bench_folder, reserve_stdout, to_json
+    from pipeline.bench.reuse import format_reuse_lookup, run_reuse_lookup
+
+    if kw["reuse_lookup"] < 1:
+        raise click.UsageError(f"--reuse-lookup {kw['reuse_lookup']}: must be at least 1 row")
+    emit = reserve_stdout() if kw["as_json"] else click.echo
+    try:
+        with bench_folder(kw["work_dir"]) as folder:
+            report = run_reuse_lookup(kw["reuse_lookup"], folder)
+    except BatchgenError as exc:
+        raise click.ClickException(str(exc)) from exc
+    emit(to_json(report) if kw["as_json"] else format_reuse_lookup(report))
 
 
 def _memory_sizes(value: str | None) -> tuple[int, ...]:

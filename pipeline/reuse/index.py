@@ -50,15 +50,24 @@ def write_key_index(shard: Path, rows: list[ResultRow]) -> None:
         if r.sample_index == 0 and r.error is None and r.request_key is not None:
             keys.append(r.request_key)
             positions.append(i)
+    write_index(
+        shard, np.array(keys, dtype=KEY_DTYPE), np.array(positions, dtype=np.uint32), len(rows)
+    )
+
+
+def write_index(shard: Path, keys: np.ndarray, positions: np.ndarray, shard_rows: int) -> None:
+    """Write a shard's key index: `keys` (KEY_DTYPE) of the prompts at `positions`, unsorted."""
+    order = np.argsort(keys, kind="stable")
+    keys, positions = keys[order], positions[order]
     table = pa.table(
         {
-            "key": pa.array(keys, type=pa.binary(KEY_BYTES)),
+            "key": pa.FixedSizeBinaryArray.from_buffers(
+                pa.binary(KEY_BYTES), len(keys), [None, pa.py_buffer(keys.tobytes())]
+            ),
             "row": pa.array(positions, type=pa.uint32()),
         }
     )
-    if keys:
-        table = table.take(np.argsort(np.array(keys, dtype=KEY_DTYPE), kind="stable"))
-    meta = json.dumps({"shard": shard.name, "shard_rows": len(rows)})
+    meta = json.dumps({"shard": shard.name, "shard_rows": shard_rows})
     table = table.replace_schema_metadata({INDEX_META: meta})
     path = key_index_path(shard)
     tmp = path.with_name(f".tmp{path.name}.{os.getpid()}")

@@ -117,6 +117,10 @@ class Reuse:
     def annotate(self, rows: list[PromptRow]) -> None:
         """Stamp every row's request key; attach `reused` outputs to rows found earlier."""
         self.keys.stamp(rows)
+        self.lookup(rows)
+
+    def lookup(self, rows: list[PromptRow]) -> None:
+        """Attach `reused` outputs to the rows (already stamped) found in the folders."""
         if self.index is None or not self.index.size:
             return
         asking = [r for r in rows if r.request_key is not None]
@@ -125,34 +129,41 @@ class Reuse:
         wanted = np.array([r.request_key for r in asking], dtype=KEY_DTYPE)
         found, locs = self.index.lookup(wanted)
         hits = [r for r, f in zip(asking, found, strict=True) if f]
-        for row, loc in sorted(zip(hits, locs.tolist(), strict=True), key=lambda h: h[1]):
-            results = self._read_back(row, loc[0], loc[1])
-            if results is None:
-                self.counts.mismatched += 1
-            else:
-                row.reused = results
-                self.counts.reused += 1
+        by_shard: dict[int, list[tuple[PromptRow, int]]] = {}
+        for row, (shard_no, at) in zip(hits, locs.tolist(), strict=True):
+            by_shard.setdefault(shard_no, []).append((row, at))
+        for shard_no, wanted_rows in sorted(by_shard.items()):
+            self._read_back(shard_no, wanted_rows)
 
-    def _read_back(self, row: PromptRow, shard_no: int, at: int) -> list[ResultRow] | None:
-        """The row's earlier outputs, or None where the shard's rows are not its request."""
+    def _read_back(self, shard_no: int, hits: list[tuple[PromptRow, int]]) -> None:
+        """Attach to each (row, position) its earlier outputs, read from one shard at once;
+        a position whose rows are not the row's request (a stale index) is not reused."""
         table = self._table(shard_no)
-        n = row.n
-        if at + n > table.num_rows:
-            return None
-        part = table.slice(at, n).to_pydict()
-        if part["request_key"] != [row.request_key] * n or part["sample_index"] != list(range(n)):
-            return None
-        if any(e is not None for e in part["error"]):
-            return None
+        hits = [(row, at) for row, at in hits if at + row.n <= table.num_rows]
+        taken = [at + i for row, at in hits for i in range(row.n)]
+        part = table.take(taken).to_pydict()
         source = str(self._shards[shard_no])
-        results = []
-        for i in range(n):
-            fields = {c: part[c][i] for c in self.columns if c in part}
-            for c in ("logprobs", "prompt_logprobs"):
-                if fields.get(c) is not None:
-                    fields[c] = _entries(fields[c])
-            results.append(ResultRow.of(row, i, reused_from=source, **_complete(fields)))
-        return results
+        offset = 0
+        for row, _ in hits:
+            n = row.n
+            span = range(offset, offset + n)
+            offset += n
+            if (
+                any(part["request_key"][j] != row.request_key for j in span)
+                or [part["sample_index"][j] for j in span] != list(range(n))
+                or any(part["error"][j] is not None for j in span)
+            ):
+                self.counts.mismatched += 1
+                continue
+            results = []
+            for i, j in enumerate(span):
+                fields = {c: part[c][j] for c in self.columns if c in part}
+                for c in ("logprobs", "prompt_logprobs"):
+                    if fields.get(c) is not None:
+                        fields[c] = _entries(fields[c])
+                results.append(ResultRow.of(row, i, reused_from=source, **_complete(fields)))
+            row.reused = results
+            self.counts.reused += 1
 
     def _table(self, shard_no: int) -> pa.Table:
         table = self._cache.get(shard_no)
