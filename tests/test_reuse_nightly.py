@@ -37,7 +37,7 @@ def setup(tmp_path: Path, engine: list[str], batchgen: Path) -> tuple[Path, Path
     )
     config.write_text(
         f'parquet = "{src}"\nprompt-column = "prompt"\nid-column = "id"\nmax-tokens = 16\n'
-        f"temperature = 0.0\nrows-per-shard = 8\n{flags}\n"
+        f"chat = true\ntemperature = 0.0\nrows-per-shard = 8\n{flags}\n"
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     env.update(
@@ -79,6 +79,7 @@ def three_nights(tmp_path: Path, src: Path, config: Path, env: dict, *flags: str
     reports.append(night(config, env, NIGHTS[2], *flags))
     first, second, third = (outputs(root / d) for d in NIGHTS)
     assert len(first) == 40 and len(second) == len(third) == 60
+    assert all(row["completion_tokens"] > 1 for row in first.values())  # real answers
     for i, row in first.items():  # the 40 reused rows, byte for byte
         assert {k: second[i][k] for k in OUTPUTS} == {k: row[k] for k in OUTPUTS}
         assert second[i]["reused_from"].startswith(str(root / NIGHTS[0]))
