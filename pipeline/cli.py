@@ -933,26 +933,10 @@ def bench(ctx: click.Context, **kw: Any) -> None:
     _setup_logging(kw.pop("verbose"))
     # vLLM logs to stdout by default; --json promises stdout holds one JSON object.
     os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
-    given = {
-        name
-        for name in kw
-        if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT
-    }
     if kw["reuse_lookup"] is not None:
         _bench_reuse_lookup(kw)
         return
-    if kw["memory"]:
-        wrong = sorted(given & set(_THROUGHPUT_ONLY))
-        if wrong:
-            flags = ", ".join("--" + n.replace("_", "-") for n in wrong)
-            raise click.UsageError(f"{flags}: only for the throughput bench; drop --memory")
-    elif kw["memory_rows"] is not None:
-        raise click.UsageError("--memory-rows needs --memory")
-    if kw["backend"] == "fake" and not kw["memory"]:
-        raise click.UsageError(
-            "--engine fake: the throughput bench compares batchgen with vLLM; use --memory for "
-            "the fake engine"
-        )
+    _check_bench_flags(ctx, kw)
     from pipeline import bench as benchmod
 
     emit = benchmod.reserve_stdout() if kw["as_json"] else click.echo
@@ -1011,6 +995,27 @@ def bench(ctx: click.Context, **kw: Any) -> None:
     except BatchgenError as exc:
         raise click.ClickException(str(exc)) from exc
     emit(benchmod.to_json(report) if kw["as_json"] else text)
+
+
+def _check_bench_flags(ctx: click.Context, kw: dict[str, Any]) -> None:
+    """Refuse flag combinations of `batchgen bench` that do not go together."""
+    given = {
+        name
+        for name in kw
+        if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT
+    }
+    if kw["memory"]:
+        wrong = sorted(given & set(_THROUGHPUT_ONLY))
+        if wrong:
+            flags = ", ".join("--" + n.replace("_", "-") for n in wrong)
+            raise click.UsageError(f"{flags}: only for the throughput bench; drop --memory")
+    elif kw["memory_rows"] is not None:
+        raise click.UsageError("--memory-rows needs --memory")
+    if kw["backend"] == "fake" and not kw["memory"]:
+        raise click.UsageError(
+            "--engine fake: the throughput bench compares batchgen with vLLM; use --memory for "
+            "the fake engine"
+        )
 
 
 def _bench_reuse_lookup(kw: dict[str, Any]) -> None:

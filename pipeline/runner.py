@@ -109,13 +109,7 @@ def _run_locked(
     writer = ParquetShardWriter(
         cfg.output_dir, cfg.rank, _schema(cfg, job), _metadata(cfg, job, engine)
     )
-    todo = None if job.source.total_rows is None else job.source.total_rows - len(state.done_ids)
-    progress = Progress(
-        todo,
-        state.manifest.prompts_committed,
-        interval=cfg.progress_seconds,
-        report_fd=cfg.progress_fd,
-    )
+    progress = _progress(cfg, job, state)
     reuse = open_reuse(job.fingerprint, cfg.reuse, cfg.output_dir, cfg.rank, writer.schema.names)
     feeder = Feeder(
         job.source, job.builder, state.done_ids, cfg.source.id_column, flags, reuse.annotate
@@ -133,12 +127,7 @@ def _run_locked(
     gen_seconds = time.monotonic() - gen_start
 
     failure = _failure(cfg, checkpoint, feeder, committer, engine_error, flags)
-    if failure is not None:
-        status = "failed"
-    elif flags.interrupted or not feeder.exhausted:
-        status = "interrupted"
-    else:
-        status = "finished"
+    status = _end_status(failure, flags, feeder)
     report = run_report(
         status, progress, engine, gen_seconds, time.monotonic() - wall_start, checkpoint, flags
     )
@@ -152,6 +141,24 @@ def _run_locked(
     if failure is not None:
         raise failure
     return RunResult(status, cfg.output_dir, report)
+
+
+def _progress(cfg: RunConfig, job: Job, state: ResumeState) -> Progress:
+    todo = None if job.source.total_rows is None else job.source.total_rows - len(state.done_ids)
+    return Progress(
+        todo,
+        state.manifest.prompts_committed,
+        interval=cfg.progress_seconds,
+        report_fd=cfg.progress_fd,
+    )
+
+
+def _end_status(failure: BatchgenError | None, flags: StopFlags, feeder: Feeder) -> str:
+    if failure is not None:
+        return "failed"
+    if flags.interrupted or not feeder.exhausted:
+        return "interrupted"
+    return "finished"
 
 
 def _stopped_before_generation(

@@ -155,21 +155,7 @@ class RunStatus:
                     f"{tokens['completion_tokens']:,} output | finish reasons: "
                     + _reasons(tokens["finish_reasons"])
                 )
-            this_run = (m.report or {}).get("this_run")
-            if this_run and this_run.get("generate_seconds"):
-                detail.append(
-                    f"last run: {this_run['prompts']:,} prompts in "
-                    f"{_seconds(this_run['generate_seconds'])} of generation, "
-                    f"{this_run['output_tokens_per_second'] or 0:,.1f} output tok/s"
-                )
-            requests = (this_run or {}).get("requests")
-            if requests:
-                detail.append(f"server requests in the last run: {requests_line(requests)}")
-            reuse = (this_run or {}).get("reuse")
-            if reuse and (
-                reuse["reused_prompts"] or reuse["duplicate_prompts"] or reuse["sources"]
-            ):
-                detail.append(f"last run: {reuse_line(reuse)}")
+            detail += _last_run_lines((m.report or {}).get("this_run") or {})
             if r.state == "interrupted" and (m.report or {}).get("stop_reason"):
                 detail.append(f"stopped because {m.report['stop_reason']}")
             deaths = (m.report or {}).get("engine_failures") or []
@@ -280,6 +266,24 @@ def _token_totals(manifests: list[Manifest]) -> dict[str, Any]:
         "completion_tokens": completion_tokens,
         "finish_reasons": dict(sorted(reasons.items())),
     }
+
+
+def _last_run_lines(this_run: dict[str, Any]) -> list[str]:
+    """What the last run of a rank did: its rate, a server's requests, what it reused."""
+    lines = []
+    if this_run.get("generate_seconds"):
+        lines.append(
+            f"last run: {this_run['prompts']:,} prompts in "
+            f"{_seconds(this_run['generate_seconds'])} of generation, "
+            f"{this_run['output_tokens_per_second'] or 0:,.1f} output tok/s"
+        )
+    requests = this_run.get("requests")
+    if requests:
+        lines.append(f"server requests in the last run: {requests_line(requests)}")
+    reuse = this_run.get("reuse")
+    if reuse and (reuse["reused_prompts"] or reuse["duplicate_prompts"] or reuse["sources"]):
+        lines.append(f"last run: {reuse_line(reuse)}")
+    return lines
 
 
 def _prompts(done: int, total: int | None) -> str:

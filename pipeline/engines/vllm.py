@@ -51,6 +51,8 @@ INSTALL_HINT = (
 class VllmEngine(SteppingEngine):
     """`vllm.LLM` with the Transformers modeling backend by default."""
 
+    requests_accepted = 0  # requests vLLM took, over the engine's life (per instance once set)
+
     def __init__(self, cfg: EngineConfig, model: str, log_path: Path | None = None) -> None:
         started = time.monotonic()
         self.log_path = log_path
@@ -110,7 +112,6 @@ class VllmEngine(SteppingEngine):
         self.prefix_caching = getattr(cache_config, "enable_prefix_caching", None)
         self.start_seconds = time.monotonic() - started
         self._counter = 0
-        self.requests_accepted = 0
         # SamplingParams per distinct sampling record (one for a run without per-row settings);
         # the record is kept alongside so its id() is not reused while cached.
         self._params: dict[int, tuple[dict[str, Any], Any]] = {}
@@ -301,7 +302,7 @@ class VllmEngine(SteppingEngine):
             raise RejectedPrompt(f"vLLM rejected the prompt: {exc}") from exc
         except Exception as exc:
             raise EngineDied(self._watchdog.death or _describe(exc)) from exc
-        self.requests_accepted += 1  # requests vLLM took, over the engine's life
+        self.requests_accepted += 1
         return request_id
 
     def finished_requests(self) -> int | None:

@@ -21,6 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.errors import BatchgenError
 from pipeline.records import PromptRow, ResultRow
 from pipeline.reuse.index import KEY_DTYPE, MergedIndex, read_key_index
 from pipeline.reuse.keys import RequestKeys, context_difference, folder_settings
@@ -84,6 +85,7 @@ class Reuse:
         self.index: MergedIndex | None = None
         self._shards: list[Path] = []
         self._cache: OrderedDict[int, pa.Table] = OrderedDict()
+        self._warned = False
         if folders:
             assert work_dir is not None
             self._open(folder_settings(fingerprint), folders, work_dir)
@@ -100,7 +102,14 @@ class Reuse:
             self.counts.sources.append(folder)
         self._shards = [s for _, shards in usable for s in shards]
         shutil.rmtree(work_dir, ignore_errors=True)  # a killed run's leftovers
-        self.index = MergedIndex.build(work_dir, self._shard_indexes())
+        try:
+            self.index = MergedIndex.build(work_dir, self._shard_indexes())
+        except (OSError, pa.ArrowException, ValueError) as exc:
+            shutil.rmtree(work_dir, ignore_errors=True)
+            raise BatchgenError(
+                f"--reuse: building the index of {', '.join(self.counts.sources)} in {work_dir} "
+                f"failed ({exc}); nothing was generated; free space there, or drop --reuse"
+            ) from exc
         self.counts.indexed = self.index.size
         if usable:
             log.info(
@@ -133,7 +142,17 @@ class Reuse:
         for row, (shard_no, at) in zip(hits, locs.tolist(), strict=True):
             by_shard.setdefault(shard_no, []).append((row, at))
         for shard_no, wanted_rows in sorted(by_shard.items()):
-            self._read_back(shard_no, wanted_rows)
+            try:
+                self._read_back(shard_no, wanted_rows)
+            except (OSError, pa.ArrowException) as exc:  # gone or damaged since the start
+                self.counts.mismatched += len(wanted_rows)
+                if not self._warned:
+                    self._warned = True
+                    log.warning(
+                        "--reuse: reading %s failed (%s); its rows are generated instead",
+                        self._shards[shard_no],
+                        exc,
+                    )
 
     def _read_back(self, shard_no: int, hits: list[tuple[PromptRow, int]]) -> None:
         """Attach to each (row, position) its earlier outputs, read from one shard at once;
