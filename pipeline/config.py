@@ -503,6 +503,18 @@ class RunConfig:
     # vLLM's own log (its start-up chatter, its processes' warnings) goes to a file beside the
     # run's state instead of the terminal; batchgen -v shows it on the terminal instead.
     engine_log: bool = True
+    # Earlier output folders (--reuse, repeatable): a row whose identical request is committed
+    # in one of them takes its outputs from there instead of the engine. Costs one pass over
+    # their key indexes at the start (about 24 bytes of disk per earlier prompt, under
+    # OUT/.batchgen while the run lasts); a folder made with other settings reuses nothing.
+    reuse: tuple[str, ...] = option(
+        (),
+        "An earlier output folder (repeatable): rows whose identical request is committed "
+        "there take its outputs instead of being generated.",
+        group="output",
+        metavar="DIR",
+        multiple=True,
+    )
 
     def __post_init__(self) -> None:
         if self.num_ranks < 1:

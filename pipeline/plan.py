@@ -217,6 +217,7 @@ class Plan:
         else:
             lines.append(
                 f"can run: {plural(t.engine_prompts, 'prompt')} to generate"
+                + (f", {t.reused:,} reused (--reuse)" if t.reused else "")
                 + (f", {plural(t.error_prompts, 'error row')}" if t.error_prompts else "")
             )
         return "\n".join(lines)
@@ -361,7 +362,6 @@ def make_plan(cfg: RunConfig, all_ranks: bool = False, calibrate: float | None =
 def _make_plan(cfg: RunConfig, all_ranks: bool, calibrate: float | None, server: Any) -> Plan:
     from pipeline.job import read_job
     from pipeline.models import context_length
-    from pipeline.stages import request_batches
 
     reservoir = Reservoir(CALIBRATION_SAMPLE) if calibrate else None
     plan: Plan | None = None
@@ -384,10 +384,7 @@ def _make_plan(cfg: RunConfig, all_ranks: bool, calibrate: float | None, server:
             plan = Plan(cfg, job.model, job.sampling, max_len, max_len_from, [], Tally(max_len))
         job.builder.max_model_len = plan.max_model_len
         rank_plan = _rank_plan(cfg, rank, job.fingerprint, job.sampling.get("n", 1), plan)
-        for rows in request_batches(job.source, job.builder, rank_plan.done, cfg.source.id_column):
-            rank_plan.tally.add(rows)
-            if reservoir is not None:
-                reservoir.add(rows)
+        _tally_rank(cfg, job, rank_plan, plan, reservoir)
         rank_plan.input_prompts = job.source.total_rows
         rank_plan.done = Positions()  # counted; not kept
         plan.ranks.append(rank_plan)
@@ -411,6 +408,28 @@ def _make_plan(cfg: RunConfig, all_ranks: bool, calibrate: float | None, server:
                     f"--max-model-len {c.engine_max_model_len} for exact over-long counts"
                 )
     return plan
+
+
+def _tally_rank(
+    cfg: RunConfig, job: Any, rank_plan: RankPlan, plan: Plan, reservoir: Reservoir | None
+) -> None:
+    """Count a rank's requests still to do, as the run builds them (--reuse lookups included)."""
+    from pipeline.reuse.run import planned_reuse
+    from pipeline.stages import request_batches
+
+    with planned_reuse(job.fingerprint, cfg.reuse, rank_plan.rank) as reuse:
+        batches = request_batches(
+            job.source,
+            job.builder,
+            rank_plan.done,
+            cfg.source.id_column,
+            annotate=reuse.annotate,
+        )
+        for rows in batches:
+            rank_plan.tally.add(rows)
+            if reservoir is not None:  # calibration times the engine: reused rows skip it
+                reservoir.add([r for r in rows if r.reused is None])
+        plan.notes += [n for n in reuse.counts.skipped if n not in plan.notes]
 
 
 def _rank_plan(

@@ -34,6 +34,10 @@ class PromptRow:
     # The row's own settings as JSON, written to the `sampling` column (--sampling-column runs).
     sampling_note: str | None = None
     adapter: str | None = None  # the LoRA adapter this row runs with (None: the base model)
+    # A digest of the whole request (pipeline.reuse.keys), set once the request is final.
+    request_key: bytes | None = None
+    # --reuse: the row's outputs found in an earlier run; it is not sent to the engine.
+    reused: list[ResultRow] | None = None
 
     @property
     def n(self) -> int:
@@ -67,6 +71,8 @@ class ResultRow:
     reasoning: str | None = None
     reasoning_tokens: int | None = None
     reasoning_ended: bool | None = None
+    request_key: bytes | None = None
+    reused_from: str | None = None  # --reuse: the earlier shard this row's outputs came from
 
     @classmethod
     def of(cls, row: PromptRow, sample_index: int, **fields: Any) -> ResultRow:
@@ -81,6 +87,7 @@ class ResultRow:
             constraint=structured.constraint(row.sampling),
             sampling=row.sampling_note,
             adapter=row.adapter,
+            request_key=row.request_key,
             **fields,
         )
 

@@ -79,6 +79,9 @@ def log_summary(report: dict[str, Any], out_dir: Path) -> None:
     requests = this.get("requests")
     if requests:
         log.info("server requests: %s", requests_line(requests))
+    reuse = this.get("reuse")
+    if reuse and (reuse["reused_prompts"] or reuse["duplicate_prompts"] or reuse["sources"]):
+        log.info("reuse: %s", reuse_line(reuse))
     log_output(committed, out_dir)
 
 
@@ -103,4 +106,15 @@ def requests_line(requests: dict[str, Any]) -> str:
         + (f" ({reasons})" if reasons else "")
         + f", {requests['refused_rows']:,} row(s) refused, {requests['failed_rows']:,} row(s) "
         "failed after retries"
+    )
+
+
+def reuse_line(reuse: dict[str, Any]) -> str:
+    """Prompts generated, reused from earlier folders and answered by an identical request."""
+    requests = reuse.get("engine_requests")
+    return (
+        f"{reuse['generated_prompts']:,} prompts generated, {reuse['reused_prompts']:,} reused"
+        + (f" from {', '.join(reuse['sources'])}" if reuse["sources"] else "")
+        + f", {reuse['duplicate_prompts']:,} identical to another row's request"
+        + ("" if requests is None else f"; the engine took {requests:,} requests")
     )

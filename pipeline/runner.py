@@ -39,6 +39,8 @@ from pipeline.fingerprint import fingerprint_digest
 from pipeline.job import Job, read_job
 from pipeline.progress import Progress, fmt_duration
 from pipeline.report import log_summary, run_report
+from pipeline.reuse.dedup import RequestDedup
+from pipeline.reuse.run import engine_requests, open_reuse, requests_since, reuse_report
 from pipeline.sinks import ParquetShardWriter, output_schema, prepare_output_dir
 from pipeline.stages import Committer, Feeder
 from pipeline.version import __version__
@@ -113,33 +115,31 @@ def _run_locked(
     writer = ParquetShardWriter(
         cfg.output_dir, cfg.rank, _schema(cfg, job), _metadata(cfg, job, engine)
     )
-    todo = None if job.source.total_rows is None else job.source.total_rows - state.done.count()
-    progress = Progress(
-        todo,
-        state.manifest.prompts_committed,
-        interval=cfg.progress_seconds,
-        report_fd=cfg.progress_fd,
+    progress = _progress(cfg, job, state)
+    reuse = open_reuse(job.fingerprint, cfg.reuse, cfg.output_dir, cfg.rank, writer.schema.names)
+    feeder = Feeder(
+        job.source, job.builder, state.done, cfg.source.id_column, flags, reuse.annotate
     )
-    feeder = Feeder(job.source, job.builder, state.done, cfg.source.id_column, flags)
     committer = Committer(
         writer, checkpoint, state.next_seq, cfg.output.rows_per_shard, cfg.output.checkpoint_seconds
     )
     gen_start = time.monotonic()
     failures_before = len(engine.failures)
-    engine_error = _generate(cfg, engine, feeder, committer, progress, flags)
+    requests_before = engine_requests(engine)
+    try:
+        engine_error, dedup = _generate(cfg, engine, feeder, committer, progress, flags)
+    finally:
+        reuse.close()
     gen_seconds = time.monotonic() - gen_start
 
     failure = _failure(cfg, checkpoint, feeder, committer, engine_error, flags)
-    if failure is not None:
-        status = "failed"
-    elif flags.interrupted or not feeder.exhausted:
-        status = "interrupted"
-    else:
-        status = "finished"
+    status = _end_status(failure, flags, feeder)
     report = run_report(
         status, progress, engine, gen_seconds, time.monotonic() - wall_start, checkpoint, flags
     )
     report["engine_failures"] = engine.failures[failures_before:]
+    requests = requests_since(requests_before, engine_requests(engine))
+    report["this_run"]["reuse"] = reuse_report(reuse, dedup, progress.prompts, requests)
     if failure is not None:
         report["error"] = str(failure)  # for `batchgen status`
     log_summary(report, cfg.output_dir)
@@ -147,6 +147,24 @@ def _run_locked(
     if failure is not None:
         raise failure
     return RunResult(status, cfg.output_dir, report)
+
+
+def _progress(cfg: RunConfig, job: Job, state: ResumeState) -> Progress:
+    todo = None if job.source.total_rows is None else job.source.total_rows - state.done.count()
+    return Progress(
+        todo,
+        state.manifest.prompts_committed,
+        interval=cfg.progress_seconds,
+        report_fd=cfg.progress_fd,
+    )
+
+
+def _end_status(failure: BatchgenError | None, flags: StopFlags, feeder: Feeder) -> str:
+    if failure is not None:
+        return "failed"
+    if flags.interrupted or not feeder.exhausted:
+        return "interrupted"
+    return "finished"
 
 
 def _stopped_before_generation(
@@ -258,15 +276,25 @@ def _generate(
     committer: Committer,
     progress: Progress,
     flags: StopFlags,
-) -> BaseException | None:
+) -> tuple[BaseException | None, RequestDedup]:
     """Feed the engine and commit its results until the input ends or a stop; the engine's
-    exception, if it raised one."""
+    exception, if it raised one, and what the deduplication did."""
     engine_error: BaseException | None = None
+
+    def deliver(results: list) -> None:  # results that needed no engine (reused, duplicates)
+        committer.put(results)
+        progress.add(results)
+        if committer.error or feeder.error:
+            flags.stop.set()
+
+    dedup = RequestDedup(deliver)
     feeder.start()
     committer.start()
     try:
         faults = FaultPolicy(cfg.engine_restarts, cfg.stall_seconds)
-        for results in engine.generate(feeder.feed(), flags, cfg.max_inflight, faults):
+        feed = dedup.feed(feeder.feed())
+        for results in engine.generate(feed, flags, cfg.max_inflight, faults):
+            results = dedup.expand(results)
             committer.put(results)
             progress.add(results)
             if committer.error or feeder.error:
@@ -289,7 +317,7 @@ def _generate(
         feeder.join()
         committer.close()
     progress.close()
-    return engine_error
+    return engine_error, dedup
 
 
 def _hopeless(progress: Progress, max_error_rate: float) -> bool:

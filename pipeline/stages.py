@@ -10,7 +10,7 @@ import contextlib
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from pipeline.checkpoint import Checkpoint, manifest_path
@@ -41,6 +41,7 @@ class Feeder(threading.Thread):
         done: Positions,
         id_column: str | None,
         flags: StopFlags,
+        annotate: Callable[[list[PromptRow]], None] | None = None,
         batch_rows: int = READ_BATCH_ROWS,
         depth: int = 16,
     ) -> None:
@@ -48,6 +49,7 @@ class Feeder(threading.Thread):
         self.source, self.builder = source, builder
         self.done, self.id_column = done, id_column
         self.flags = flags
+        self.annotate = annotate
         self.batch_rows = batch_rows
         self.queue: queue.Queue = queue.Queue(maxsize=depth)  # of lists of PromptRow
         self.error: BaseException | None = None
@@ -63,7 +65,7 @@ class Feeder(threading.Thread):
 
     def _read(self) -> None:
         for rows in request_batches(
-            self.source, self.builder, self.done, self.id_column, self.batch_rows
+            self.source, self.builder, self.done, self.id_column, self.batch_rows, self.annotate
         ):
             if not self._put(rows):
                 return
@@ -104,11 +106,26 @@ def request_batches(
     done: Positions,
     id_column: str | None,
     batch_rows: int = READ_BATCH_ROWS,
+    annotate: Callable[[list[PromptRow]], None] | None = None,
 ) -> Iterator[list[PromptRow]]:
     """The requests of every row not yet committed (`done` holds committed positions), in input
     order, in chunks: what a run sends the engine (the feeder's thread runs this) and what
     `batchgen plan` counts. With `id_column`, its values are checked unique over the whole
-    rank's input, committed rows included (see pipeline/idcheck.py)."""
+    rank's input, committed rows included (see pipeline/idcheck.py). `annotate` sees each chunk
+    once its requests are final (pipeline.reuse stamps keys and finds reused rows)."""
+    for rows in _built_batches(source, builder, done, id_column, batch_rows):
+        if annotate is not None:
+            annotate(rows)
+        yield rows
+
+
+def _built_batches(
+    source: Source,
+    builder: PromptBuilder,
+    done: Positions,
+    id_column: str | None,
+    batch_rows: int,
+) -> Iterator[list[PromptRow]]:
     columns = list(builder.columns())
     if id_column is not None and id_column not in columns:
         columns.append(id_column)

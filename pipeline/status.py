@@ -18,7 +18,7 @@ from pipeline.errors import EXIT_OK, EXIT_STATUS_FAILED, EXIT_STATUS_INCOMPLETE,
 from pipeline.humanize import fmt_duration
 from pipeline.humanize import plural as _plural
 from pipeline.rankstate import legacy_manifest_path, state_ranks
-from pipeline.report import requests_line
+from pipeline.report import requests_line, reuse_line
 from pipeline.sinks import shard_files
 
 # A rank's state, and what `batchgen status` says about it.
@@ -131,6 +131,7 @@ class RunStatus:
                 "errors": sum(m.errors for m in started),
                 **_token_totals(started),
                 "states": counts,
+                "last_run_reuse": _reuse_totals(started),
             },
         }
 
@@ -156,16 +157,7 @@ class RunStatus:
                     f"{tokens['completion_tokens']:,} output | finish reasons: "
                     + _reasons(tokens["finish_reasons"])
                 )
-            this_run = (m.report or {}).get("this_run")
-            if this_run and this_run.get("generate_seconds"):
-                detail.append(
-                    f"last run: {this_run['prompts']:,} prompts in "
-                    f"{fmt_duration(this_run['generate_seconds'], tenths=True)} of generation, "
-                    f"{this_run['output_tokens_per_second'] or 0:,.1f} output tok/s"
-                )
-            requests = (this_run or {}).get("requests")
-            if requests:
-                detail.append(f"server requests in the last run: {requests_line(requests)}")
+            detail += _last_run_lines((m.report or {}).get("this_run") or {})
             if r.state == "interrupted" and (m.report or {}).get("stop_reason"):
                 detail.append(f"stopped because {m.report['stop_reason']}")
             deaths = (m.report or {}).get("engine_failures") or []
@@ -251,6 +243,15 @@ def _rank_status(out_dir: Path, rank: int) -> RankStatus:
     return RankStatus(rank, state, manifest, holder, unlisted)
 
 
+def _reuse_totals(manifests: list[Manifest]) -> dict[str, int] | None:
+    """Prompts generated, reused and deduplicated by the last run of each rank, summed."""
+    reports = [r for m in manifests if (r := ((m.report or {}).get("this_run") or {}).get("reuse"))]
+    if not reports:
+        return None
+    names = ("generated_prompts", "reused_prompts", "duplicate_prompts", "engine_requests")
+    return {k: sum(r.get(k) or 0 for r in reports) for k in names}
+
+
 def _token_totals(manifests: list[Manifest]) -> dict[str, Any]:
     """Tokens and finish reasons over every committed shard (all runs, not just the last)."""
     reasons: dict[str, int] = {}
@@ -266,6 +267,24 @@ def _token_totals(manifests: list[Manifest]) -> dict[str, Any]:
         "completion_tokens": completion_tokens,
         "finish_reasons": dict(sorted(reasons.items())),
     }
+
+
+def _last_run_lines(this_run: dict[str, Any]) -> list[str]:
+    """What the last run of a rank did: its rate, a server's requests, what it reused."""
+    lines = []
+    if this_run.get("generate_seconds"):
+        lines.append(
+            f"last run: {this_run['prompts']:,} prompts in "
+            f"{fmt_duration(this_run['generate_seconds'], tenths=True)} of generation, "
+            f"{this_run['output_tokens_per_second'] or 0:,.1f} output tok/s"
+        )
+    requests = this_run.get("requests")
+    if requests:
+        lines.append(f"server requests in the last run: {requests_line(requests)}")
+    reuse = this_run.get("reuse")
+    if reuse and (reuse["reused_prompts"] or reuse["duplicate_prompts"] or reuse["sources"]):
+        lines.append(f"last run: {reuse_line(reuse)}")
+    return lines
 
 
 def _prompts(done: int, total: int | None) -> str:

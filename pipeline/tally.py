@@ -43,6 +43,7 @@ class Tally:
         self.prompt_tokens = 0
         self.samples = 0  # engine prompts x n
         self.ceiling = 0  # output tokens if every sample ran to its budget
+        self.reused = 0  # prompts whose outputs --reuse finds in an earlier run
 
     def add(self, rows: list[PromptRow]) -> None:
         for row in rows:
@@ -51,6 +52,9 @@ class Tally:
             self.rows += n
             if row.error is not None:
                 self._error(row, n)
+                continue
+            if row.reused is not None:
+                self.reused += 1
                 continue
             tokens = len(row.token_ids or ())
             self.lengths[tokens] += 1
@@ -77,7 +81,7 @@ class Tally:
                 heapq.heappushpop(self.worst, item)
 
     def merge(self, other: Tally) -> None:
-        for name in ("prompts", "rows", "error_prompts", "error_rows", "prompt_tokens"):
+        for name in ("prompts", "rows", "error_prompts", "error_rows", "prompt_tokens", "reused"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.samples += other.samples
         self.ceiling += other.ceiling
@@ -93,8 +97,8 @@ class Tally:
 
     @property
     def engine_prompts(self) -> int:
-        """Prompts the engine would get (the rest are error rows)."""
-        return self.prompts - self.error_prompts
+        """Prompts the engine would get (the rest are error rows or reused)."""
+        return self.prompts - self.error_prompts - self.reused
 
     def percentile(self, q: float) -> int | None:
         """The q-th percentile of prompt tokens (nearest rank, exact)."""
@@ -128,6 +132,8 @@ class Tally:
             "rows": self.rows,
             "error_prompts": self.error_prompts,
             "error_rows": self.error_rows,
+            "reused_prompts": self.reused,
+            "generate_prompts": self.engine_prompts,
             "errors": {
                 kind: {"prompts": e.prompts, "examples": e.examples, "message": e.message}
                 for kind, e in sorted(self.errors.items(), key=lambda kv: (-kv[1].prompts, kv[0]))

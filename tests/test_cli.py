@@ -22,7 +22,7 @@ from pipeline.prompts import load_tokenizer
 from pipeline.sinks import METADATA_KEY
 
 RESERVED = (
-    "id, sample_index, text, finish_reason, prompt_tokens, completion_tokens, error, prompt, "
+    "id, sample_index, text, finish_reason, prompt_tokens, completion_tokens, error, request_key, reused_from, prompt, "
     "parsed_ok, logprobs, cumulative_logprob, prompt_logprobs, sampling, adapter, reasoning, "
     "reasoning_tokens, reasoning_ended"
 )
@@ -336,6 +336,8 @@ EXPECTED_SCHEMA = pa.schema(
         pa.field("prompt_tokens", pa.int32()),
         pa.field("completion_tokens", pa.int32()),
         pa.field("error", pa.string()),
+        pa.field("request_key", pa.binary(16)),
+        pa.field("reused_from", pa.string()),
         pa.field("prompt", pa.string()),
         pa.field("topic", pa.string()),
     ]

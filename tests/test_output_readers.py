@@ -67,5 +67,7 @@ def test_datasets_reads_the_folder(output, monkeypatch, tmp_path):
         "prompt_tokens",
         "completion_tokens",
         "error",
+        "request_key",
+        "reused_from",
         "lang",
     }

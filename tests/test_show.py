@@ -191,7 +191,7 @@ def test_a_terminal_gets_the_pager(out, tmp_path):
             ["--where", "reason=stop"],
             2,
             "Error: --where reason=stop: no column 'reason'; the output's columns are: id, "
-            "sample_index, text, finish_reason, prompt_tokens, completion_tokens, error, prompt, "
+            "sample_index, text, finish_reason, prompt_tokens, completion_tokens, error, request_key, reused_from, prompt, "
             "topic",
         ),
         (

@@ -220,6 +220,13 @@ def test_json_is_one_object_with_every_rank(out):
             "completion_tokens": ct0 + ct1,
             "finish_reasons": {"error": 4, "length": 696},
             "states": {"finished": 1, "crashed": 1, "not_started": 1},
+            # Only rank 0's last run finished and reported; it generated every prompt.
+            "last_run_reuse": {
+                "generated_prompts": 200,
+                "reused_prompts": 0,
+                "duplicate_prompts": 0,
+                "engine_requests": rank0_run["reuse"]["engine_requests"],
+            },
         },
     }
 

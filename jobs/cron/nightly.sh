@@ -9,7 +9,10 @@
 #   2. finds the newest earlier dated folder under NIGHTLY_ROOT that is not complete (a run
 #      interrupted by a reboot, a failure since fixed) and resumes it with the same command;
 #   3. runs today's job into NIGHTLY_ROOT/YYYY-MM-DD (`--output` here overrides the config's
-#      `output` key; everything else comes from CONFIG and the extra flags).
+#      `output` key; everything else comes from CONFIG and the extra flags), with
+#      `--reuse` of the newest complete earlier folder: rows whose identical request was
+#      answered there are copied instead of generated, so a grown dataset costs only its new
+#      and changed rows (docs/reuse.md).
 # Every run uses all GPUs of this machine: `--data-parallel auto` (one rank per GPU, or per
 # --tensor-parallel-size GPUs; one process on a machine without GPUs). A folder begun on
 # another GPU count is refused (exit 1, naming the rank layout): finish it by hand as the
@@ -32,6 +35,7 @@
 #   NIGHTLY_LOG   log file, appended to [default: NIGHTLY_ROOT/nightly.log]
 #   NIGHTLY_LOCK  lock file [default: NIGHTLY_ROOT/.nightly.lock]
 #   NIGHTLY_DATE  today's folder name [default: today as YYYY-MM-DD]; for backfills
+#   NIGHTLY_REUSE  1: pass the newest complete earlier folder as --reuse [default: 1]; 0: do not
 #   NIGHTLY_DATA_PARALLEL  batchgen's --data-parallel [default: auto]; empty: leave it out
 #                 (for extra flags that set the ranks themselves, --num-ranks/--rank)
 #   BATCHGEN      the batchgen executable [default: .venv/bin/batchgen of this repository, else
@@ -195,8 +199,27 @@ if [[ -n $earlier ]]; then
   fi
 fi
 
+# The newest earlier folder that is complete (after the resume above), for --reuse; an older
+# batchgen without --reuse generates everything, as it always did.
+reuse=()
+case ${NIGHTLY_REUSE:-1} in
+  1)
+    if [[ $("$batchgen" run --help 2>/dev/null) == *--reuse* ]]; then
+      for dir in "${dated[@]}"; do
+        if [[ $(basename "$dir") < $today ]] && is_complete "$dir"; then
+          reuse=(--reuse "$dir")
+          break
+        fi
+      done
+      note "reusing the outputs of ${reuse[1]:-no earlier folder (none is complete)}"
+    fi
+    ;;
+  0) note "NIGHTLY_REUSE=0: generating every row" ;;
+  *) note "NIGHTLY_REUSE=$NIGHTLY_REUSE: expected 1 or 0; generating every row" ;;
+esac
+
 stop_if_signalled "today's run"
-run_into "$root/$today" "$@"
+run_into "$root/$today" "${reuse[@]}" "$@"
 rc=$?
 case $rc in
   "$EXIT_OK") ;;

@@ -151,6 +151,13 @@ _THROUGHPUT_ONLY = (
 @click.option(
     "--work-dir", metavar="DIR", help="Keep inputs and outputs here [default: a temp dir]."
 )
+@click.option(
+    "--reuse-lookup",
+    type=int,
+    metavar="ROWS",
+    help="Measure the --reuse lookup over a folder of ROWS committed rows instead "
+    "(pipeline/bench/reuse.py); --work-dir holds the folder.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("-v", "--verbose", count=True, help="More logging (-v: vLLM's too).")
 @click.pass_context
@@ -163,6 +170,9 @@ def bench(ctx: click.Context, **kw: Any) -> None:
     """
     setup_logging(kw.pop("verbose"))
     logs_to_stderr()  # --json promises stdout holds one JSON object
+    if kw["reuse_lookup"] is not None:
+        _bench_reuse_lookup(kw)
+        return
     _check_flags(ctx, kw)
     from pipeline import bench as benchmod
 
@@ -203,6 +213,19 @@ def _check_flags(ctx: click.Context, kw: dict[str, Any]) -> None:
             "--engine fake: the throughput bench compares batchgen with vLLM; use --memory for "
             "the fake engine"
         )
+
+
+def _bench_reuse_lookup(kw: dict[str, Any]) -> None:
+    """`batchgen bench --reuse-lookup ROWS`: pipeline/bench/reuse.py does the work."""
+    from pipeline.bench.machine import bench_folder, reserve_stdout, to_json
+    from pipeline.bench.reuse import format_reuse_lookup, run_reuse_lookup
+
+    if kw["reuse_lookup"] < 1:
+        raise click.UsageError(f"--reuse-lookup {kw['reuse_lookup']}: must be at least 1 row")
+    emit = reserve_stdout() if kw["as_json"] else click.echo
+    with click_errors(usage=False), bench_folder(kw["work_dir"]) as folder:
+        report = run_reuse_lookup(kw["reuse_lookup"], folder)
+    emit(to_json(report) if kw["as_json"] else format_reuse_lookup(report))
 
 
 def _throughput_config(kw: dict[str, Any]) -> Any:

@@ -23,7 +23,8 @@ from pipeline.errors import ConfigError
 from pipeline.options import FIELD_DEFAULT, Option, flag_name, option_of
 from pipeline.sampling import SAMPLING_OPTIONS, SamplingConfig, SamplingOption
 
-# The group of a field that names none: its class's. (seed and lora_column name "sampling".)
+# The group of a field that names none: its class's. (seed and lora_column name "sampling",
+# reuse names "output".)
 SECTIONS: dict[type, str] = {
     config.SourceConfig: "input",
     config.PromptConfig: "prompt",
@@ -41,7 +42,7 @@ GROUPS: dict[str, tuple[type, ...]] = {
     "engine": (EngineConfig,),
     "server": (ServerConfig,),
     "sampling": (SamplingConfig, RunConfig, EngineConfig),
-    "output": (config.OutputConfig,),
+    "output": (config.OutputConfig, RunConfig),
     "ranks": (RunConfig,),
 }
 _CLICK_TYPES = {int: click.INT, float: click.FLOAT, str: click.STRING}

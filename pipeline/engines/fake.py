@@ -30,6 +30,7 @@ class FakeEngine(SteppingEngine):
         self.start_seconds = 0.0
         self._queue: deque[tuple[str, PromptRow]] = deque()
         self._counter = 0
+        self.requests_accepted = 0  # requests taken, over the engine's life
         self.failures: list[dict[str, Any]] = []
 
     def describe(self) -> dict[str, Any]:
@@ -73,6 +74,7 @@ class FakeEngine(SteppingEngine):
         if len(row.token_ids) >= self.max_model_len:
             raise RejectedPrompt(f"prompt of {len(row.token_ids)} tokens is too long")
         self._counter += 1
+        self.requests_accepted += 1
         request_id = str(self._counter)
         self._queue.append((request_id, row))
         return request_id

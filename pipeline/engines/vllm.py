@@ -60,6 +60,8 @@ INSTALL_HINT = (
 class VllmEngine(SteppingEngine):
     """`vllm.LLM` with the Transformers modeling backend by default."""
 
+    requests_accepted = 0  # requests vLLM took, over the engine's life (per instance once set)
+
     def __init__(self, cfg: EngineConfig, model: str, log_path: Path | None = None) -> None:
         started = time.monotonic()
         self.log_path = log_path
@@ -286,7 +288,16 @@ class VllmEngine(SteppingEngine):
             raise RejectedPrompt(f"vLLM rejected the prompt: {exc}") from exc
         except Exception as exc:
             raise EngineDied(self._watchdog.death or describe_exception(exc)) from exc
+        self.requests_accepted += 1
         return request_id
+
+    def finished_requests(self) -> int | None:
+        """vLLM's own count of the requests it finished (its `vllm:request_success` counter),
+        when its stats are on (--engine-arg disable_log_stats=false); else None."""
+        if not getattr(self.engine, "log_stats", False):
+            return None
+        metrics = self.engine.get_metrics()
+        return int(sum(m.value for m in metrics if m.name == "vllm:request_success"))
 
     def _step(self) -> list[tuple[str, Any]]:
         watchdog = self._watchdog

@@ -1,0 +1,266 @@
+"""--reuse DIR: find each row's request among an earlier run's committed rows, in batches.
+
+A folder is read only through `pipeline.sinks.shard_files` (its committed shards), each
+shard's embedded metadata (`read_shard_metadata`) and the key index beside each shard. A
+folder made with other output-changing settings reuses nothing and says which setting
+differs; an unreadable or partial one (a shard without its key index, an index that does not
+match its shard) is reported and skipped, never trusted.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.checkpoint import read_job_record
+from pipeline.errors import BatchgenError
+from pipeline.records import PromptRow, ResultRow
+from pipeline.reuse.index import KEY_DTYPE, MergedIndex, read_key_index
+from pipeline.reuse.keys import RequestKeys, context_difference, folder_settings
+from pipeline.sinks import shard_files
+
+log = logging.getLogger("batchgen")
+
+# The columns an engine makes: what a reused row takes from the earlier shard. Everything
+# else (id, prompt, kept columns, sampling and adapter notes) comes from the new row.
+OUTPUT_COLUMNS = (
+    "text",
+    "finish_reason",
+    "prompt_tokens",
+    "completion_tokens",
+    "logprobs",
+    "cumulative_logprob",
+    "prompt_logprobs",
+    "reasoning",
+    "reasoning_tokens",
+    "reasoning_ended",
+)
+CACHED_SHARDS = 4  # shards read back at once: consecutive rows mostly come from one shard
+
+
+@dataclass(slots=True)
+class ReuseCounts:
+    """What --reuse found, for the run's report and `batchgen plan`."""
+
+    sources: list[str] = field(default_factory=list)  # folders in use
+    skipped: list[str] = field(default_factory=list)  # one line per folder not used, and why
+    indexed: int = 0  # prompts findable in the folders in use
+    reused: int = 0  # prompts whose outputs were reused
+    mismatched: int = 0  # index hits whose shard rows did not match (not reused)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "sources": self.sources,
+            "skipped": self.skipped,
+            "indexed_prompts": self.indexed,
+            "reused_prompts": self.reused,
+        }
+
+
+class Reuse:
+    """Stamps request keys on built rows and, with --reuse folders, attaches reused outputs.
+
+    Made once per rank; `annotate` runs on the feeder's thread, one built batch at a time.
+    """
+
+    def __init__(
+        self,
+        fingerprint: dict[str, Any],
+        folders: tuple[str, ...] = (),
+        work_dir: Path | None = None,
+        columns: tuple[str, ...] = OUTPUT_COLUMNS,
+    ) -> None:
+        self.keys = RequestKeys(fingerprint)
+        self.counts = ReuseCounts()
+        self.columns = columns
+        self.work_dir = work_dir
+        self.index: MergedIndex | None = None
+        self._shards: list[Path] = []
+        self._cache: OrderedDict[int, pa.Table] = OrderedDict()
+        self._warned = False
+        if folders:
+            assert work_dir is not None
+            self._open(folder_settings(fingerprint), folders, work_dir)
+
+    def _open(self, ours: dict[str, Any], folders: tuple[str, ...], work_dir: Path) -> None:
+        usable: list[tuple[str, list[Path]]] = []
+        for folder in folders:
+            shards, problem = check_folder(Path(folder), ours)
+            if problem is not None:
+                self.counts.skipped.append(f"--reuse {folder}: {problem}")
+                log.warning("--reuse %s: %s", folder, problem)
+                continue
+            usable.append((folder, shards))
+            self.counts.sources.append(folder)
+        self._shards = [s for _, shards in usable for s in shards]
+        shutil.rmtree(work_dir, ignore_errors=True)  # a killed run's leftovers
+        try:
+            self.index = MergedIndex.build(work_dir, self._shard_indexes())
+        except (OSError, pa.ArrowException, ValueError) as exc:
+            shutil.rmtree(work_dir, ignore_errors=True)
+            raise BatchgenError(
+                f"--reuse: building the index of {', '.join(self.counts.sources)} in {work_dir} "
+                f"failed ({exc}); nothing was generated; free space there, or drop --reuse"
+            ) from exc
+        self.counts.indexed = self.index.size
+        if usable:
+            log.info(
+                "--reuse: %s earlier prompts indexed in %s",
+                f"{self.index.size:,}",
+                ", ".join(self.counts.sources),
+            )
+
+    def _shard_indexes(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        for shard in self._shards:
+            keys, rows, _ = read_key_index(shard)
+            yield keys, rows
+
+    def annotate(self, rows: list[PromptRow]) -> None:
+        """Stamp every row's request key; attach `reused` outputs to rows found earlier."""
+        self.keys.stamp(rows)
+        self.lookup(rows)
+
+    def lookup(self, rows: list[PromptRow]) -> None:
+        """Attach `reused` outputs to the rows (already stamped) found in the folders."""
+        if self.index is None or not self.index.size:
+            return
+        asking = [r for r in rows if r.request_key is not None]
+        if not asking:
+            return
+        wanted = np.array([r.request_key for r in asking], dtype=KEY_DTYPE)
+        found, locs = self.index.lookup(wanted)
+        hits = [r for r, f in zip(asking, found, strict=True) if f]
+        by_shard: dict[int, list[tuple[PromptRow, int]]] = {}
+        for row, (shard_no, at) in zip(hits, locs.tolist(), strict=True):
+            by_shard.setdefault(shard_no, []).append((row, at))
+        for shard_no, wanted_rows in sorted(by_shard.items()):
+            try:
+                self._read_back(shard_no, wanted_rows)
+            except (OSError, pa.ArrowException) as exc:  # gone or damaged since the start
+                self.counts.mismatched += len(wanted_rows)
+                if not self._warned:
+                    self._warned = True
+                    log.warning(
+                        "--reuse: reading %s failed (%s); its rows are generated instead",
+                        self._shards[shard_no],
+                        exc,
+                    )
+
+    def _read_back(self, shard_no: int, hits: list[tuple[PromptRow, int]]) -> None:
+        """Attach to each (row, position) its earlier outputs, read from one shard at once;
+        a position whose rows are not the row's request (a stale index) is not reused."""
+        table = self._table(shard_no)
+        hits = [(row, at) for row, at in hits if at + row.n <= table.num_rows]
+        taken = [at + i for row, at in hits for i in range(row.n)]
+        part = table.take(taken).to_pydict()
+        source = str(self._shards[shard_no])
+        offset = 0
+        for row, _ in hits:
+            n = row.n
+            span = range(offset, offset + n)
+            offset += n
+            if (
+                any(part["request_key"][j] != row.request_key for j in span)
+                or [part["sample_index"][j] for j in span] != list(range(n))
+                or any(part["error"][j] is not None for j in span)
+            ):
+                self.counts.mismatched += 1
+                continue
+            results = []
+            for i, j in enumerate(span):
+                fields = {c: part[c][j] for c in self.columns if c in part}
+                for c in ("logprobs", "prompt_logprobs"):
+                    if fields.get(c) is not None:
+                        fields[c] = _entries(fields[c])
+                results.append(ResultRow.of(row, i, reused_from=source, **_complete(fields)))
+            row.reused = results
+            self.counts.reused += 1
+
+    def _table(self, shard_no: int) -> pa.Table:
+        table = self._cache.get(shard_no)
+        if table is not None:
+            self._cache.move_to_end(shard_no)
+            return table
+        path = self._shards[shard_no]
+        present = set(pq.read_schema(path).names)
+        wanted = ["request_key", "sample_index", "error", *self.columns]
+        table = pq.read_table(path, columns=[c for c in wanted if c in present])
+        self._cache[shard_no] = table
+        if len(self._cache) > CACHED_SHARDS:
+            self._cache.popitem(last=False)
+        return table
+
+    def close(self) -> None:
+        """Drop the merged index and its files."""
+        if self.index is not None:
+            self.index.close()
+            self.index = None
+        self._cache.clear()
+        if self.work_dir is not None:
+            shutil.rmtree(self.work_dir, ignore_errors=True)
+
+
+def check_folder(folder: Path, ours: dict[str, Any]) -> tuple[list[Path], str | None]:
+    """The committed shards of a --reuse folder, or why it cannot be used."""
+    if not folder.is_dir():
+        return [], "no such folder; skipped"
+    try:
+        shards = shard_files(folder)
+    except OSError as exc:
+        return [], f"unreadable ({exc.strerror or exc}); skipped"
+    if not shards:
+        return [], "holds no committed shards; nothing to reuse"
+    try:
+        record = read_job_record(folder)  # the settings every rank of that run shared
+    except BatchgenError as exc:
+        return [], f"{exc}; skipped"
+    if record is None or "fingerprint" not in record:
+        return [], "has no readable job record (.batchgen/job.json); skipped"
+    changed = context_difference(ours, folder_settings(record["fingerprint"]))
+    if changed is not None:
+        return [], f"made with other output-changing settings ({changed}); reuses nothing"
+    for shard in shards:
+        try:
+            _, _, shard_rows = read_key_index(shard)
+            actual = pq.read_metadata(shard).num_rows
+        except (OSError, pa.ArrowException, ValueError, KeyError) as exc:
+            return [], (
+                f"partial: {shard.name} has no readable key index ({type(exc).__name__}: {exc}; "
+                "a batchgen without --reuse wrote it, or the folder was copied without its "
+                "hidden files); skipped"
+            )
+        if shard_rows != actual:
+            return [], (
+                f"partial: the key index of {shard.name} lists {shard_rows} rows, the shard "
+                f"has {actual}; skipped"
+            )
+    return shards, None
+
+
+def _entries(entries: list[dict[str, Any]]) -> list[tuple]:
+    """Logprob entries as read from Parquet (dicts) in the tuples that ResultRow holds."""
+    return [
+        (
+            e["token_id"],
+            e["token"],
+            e["logprob"],
+            [(t["token_id"], t["token"], t["logprob"]) for t in e["top"] or []],
+        )
+        for e in entries
+    ]
+
+
+def _complete(fields: dict[str, Any]) -> dict[str, Any]:
+    """ResultRow's required engine fields, present even when the shard lacks a column."""
+    for name in ("text", "finish_reason", "prompt_tokens", "completion_tokens"):
+        fields.setdefault(name, None)
+    return fields

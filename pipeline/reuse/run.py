@@ -1,0 +1,72 @@
+"""What a run calls: open --reuse for a rank, count the engine's requests, report the counts."""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from pipeline.reuse.dedup import RequestDedup
+from pipeline.reuse.lookup import OUTPUT_COLUMNS, Reuse
+
+
+def open_reuse(
+    fingerprint: dict[str, Any],
+    folders: tuple[str, ...],
+    out_dir: Path,
+    rank: int,
+    columns: list[str],
+) -> Reuse:
+    """The rank's request keys and --reuse lookups; the merged index is built under the run's
+    state folder (on the output's disk, sized like the folders' keys) and removed at close."""
+    from pipeline.checkpoint import STATE_DIR
+
+    work_dir = out_dir / STATE_DIR / f"reuse-rank-{rank:05d}"
+    wanted = tuple(c for c in OUTPUT_COLUMNS if c in columns)
+    return Reuse(fingerprint, folders, work_dir, wanted)
+
+
+def engine_requests(engine: Any) -> dict[str, int | None]:
+    """The engine's own request counts so far: the requests it accepted, and (vLLM with its
+    stats on) the requests vLLM itself counts as finished; None where an engine keeps none."""
+    finished = getattr(engine, "finished_requests", None)
+    return {
+        "accepted": getattr(engine, "requests_accepted", None),
+        "vllm_finished": finished() if finished is not None else None,
+    }
+
+
+def requests_since(before: dict[str, int | None], now: dict[str, int | None]) -> dict[str, Any]:
+    """The counts of `engine_requests` made between two readings."""
+    return {k: None if now[k] is None or before[k] is None else now[k] - before[k] for k in now}
+
+
+def reuse_report(
+    reuse: Reuse, dedup: RequestDedup, prompts: int, requests: dict[str, Any]
+) -> dict[str, Any]:
+    """The run report's `reuse` entry: prompts generated, reused and deduplicated this run,
+    and the requests the engine itself accepted."""
+    return {
+        "generated_prompts": prompts - dedup.reused - dedup.duplicates,
+        "reused_prompts": dedup.reused,
+        "duplicate_prompts": dedup.duplicates,
+        "engine_requests": requests["accepted"],
+        "vllm_finished_requests": requests["vllm_finished"],
+        **{k: v for k, v in reuse.counts.to_dict().items() if k != "reused_prompts"},
+    }
+
+
+@contextmanager
+def planned_reuse(
+    fingerprint: dict[str, Any], folders: tuple[str, ...], rank: int
+) -> Iterator[Reuse]:
+    """`batchgen plan`'s view of --reuse: the same lookups as the run, with the merged index in
+    a temporary folder (a plan writes nothing in --output)."""
+    with tempfile.TemporaryDirectory(prefix="batchgen-plan-reuse-") as tmp:
+        reuse = Reuse(fingerprint, folders, Path(tmp) / f"rank-{rank:05d}")
+        try:
+            yield reuse
+        finally:
+            reuse.close()
