@@ -2,6 +2,7 @@
 
 base.py    the Engine interface, stop flags and the continuous-admission loop
 vllm.py    vLLM in this process (the only module that imports vllm)
+detach.py  starts its processes in a session of their own (no Ctrl-C from the terminal)
 server.py  an OpenAI-compatible server (`vllm serve`) over HTTP
 fake.py    an instant stand-in for I/O, crash and scale tests
 """

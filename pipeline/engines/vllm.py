@@ -28,6 +28,7 @@ from pipeline.adapters import check_adapters
 from pipeline.adapters import engine_args as lora_engine_args
 from pipeline.config import EngineConfig
 from pipeline.engines.base import EngineDied, FaultPolicy, RejectedPrompt, SteppingEngine
+from pipeline.engines.detach import own_session
 from pipeline.errors import BatchgenError
 from pipeline.records import PromptRow, ResultRow
 from pipeline.sampling import engine_params
@@ -122,7 +123,7 @@ class VllmEngine(SteppingEngine):
 
         log_start = _size(self.log_path)
         try:
-            with _engine_output(self.log_path):
+            with _engine_output(self.log_path), own_session():
                 self.llm = vllm.LLM(**self._kwargs)
         except TypeError as exc:
             raise BatchgenError(
