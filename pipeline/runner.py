@@ -30,6 +30,7 @@ from pipeline.engines import Engine, EngineGaveUp, FaultPolicy, StopFlags, get_e
 from pipeline.errors import BatchgenError, ConfigError, committed_note, storage_failure
 from pipeline.job import Job, read_job
 from pipeline.progress import Progress, fmt_duration
+from pipeline.refusal import RankFootprint, check_output_path
 from pipeline.report import log_summary, run_report
 from pipeline.sinks import ParquetShardWriter, output_schema, prepare_output_dir
 from pipeline.stages import Committer, Feeder
@@ -61,7 +62,10 @@ def run(cfg: RunConfig) -> RunResult:
     out_dir = cfg.output_dir
     # A server is asked who it is before the output is touched: an unreachable one, or one
     # serving another model, is refused with nothing written; its answers enter the fingerprint.
+    check_output_path(out_dir)
     server = get_engine(cfg.engine, cfg.engine.model) if cfg.engine.server is not None else None
+    footprint = RankFootprint(out_dir, cfg.rank)  # removed again if the run is refused
+    refused = False
     try:
         prepare_output_dir(out_dir)
         try:
@@ -73,9 +77,15 @@ def run(cfg: RunConfig) -> RunResult:
         flags = StopFlags()
         try:
             with _stop_on_signals(flags, cfg.drain_seconds) as phase:
-                return _run_locked(cfg, wall_start, flags, phase, server)
+                try:
+                    return _run_locked(cfg, wall_start, flags, phase, server)
+                except ConfigError:
+                    refused = phase.starting  # a usage error before any generation
+                    raise
         finally:
             lock.release()
+            if refused:
+                footprint.remove()
     finally:
         if server is not None:
             server.close()

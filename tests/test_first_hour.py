@@ -1,0 +1,105 @@
+"""The first hour of a new user, with the fake engine where the engine does not matter: a
+refused run leaves nothing behind; a Hub id without network is answered in seconds."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from conftest import BATCHGEN, FAKE_ENGINE, SAMPLE, run_args, run_cli
+
+from pipeline.engines.fake import FakeEngine
+
+
+def files_under(out: Path) -> list[str]:
+    return sorted(str(p.relative_to(out)) for p in out.rglob("*")) if out.exists() else []
+
+
+USAGE_ERRORS = {
+    "missing column": (["--prompt-column", "promt"], "--prompt-column 'promt': no such column"),
+    "missing id column": (["--id-column", "nope"], "nope"),
+    "missing model folder": (["--model", "./no-such-model"], "--model ./no-such-model: no such"),
+    "bad flag value": (["--temperature", "-1"], "temperature"),
+}
+
+
+@pytest.mark.parametrize("fresh", [True, False], ids=["new-folder", "empty-folder"])
+@pytest.mark.parametrize("case", list(USAGE_ERRORS))
+def test_a_usage_error_leaves_no_file_under_out(tmp_path, case, fresh):
+    out = tmp_path / "out"
+    if not fresh:
+        out.mkdir()
+    flags, said = USAGE_ERRORS[case]
+    result = run_cli(*run_args(SAMPLE, out, *FAKE_ENGINE, *flags), expect=2)
+    assert said in result.output
+    assert out.exists() is not fresh
+    assert files_under(out) == []
+
+
+def test_a_refusal_once_the_engine_runs_leaves_no_file_either(tmp_path, monkeypatch):
+    """The engine's own sampling check comes after the rank's lock and manifest exist."""
+    monkeypatch.setattr(FakeEngine, "check_sampling", lambda self, s: "--logprobs 99: too many")
+    out = tmp_path / "out"
+    result = run_cli(*run_args(SAMPLE, out, *FAKE_ENGINE), expect=2)
+    assert "Error: --logprobs 99: too many" in result.output
+    assert not out.exists()
+    run_cli("status", out, expect=1)  # no run there, not "incomplete" (3)
+
+
+def test_a_refused_rank_leaves_the_other_ranks_files(tmp_path):
+    out = tmp_path / "out"
+    run_cli(*run_args(SAMPLE, out, *FAKE_ENGINE, "--num-shards", "2", "--shard-index", "1"))
+    before = files_under(out)
+    flags = ["--num-shards", "2", "--shard-index", "0", "--prompt-column", "promt"]
+    run_cli(*run_args(SAMPLE, out, *FAKE_ENGINE, *flags), expect=2)
+    assert files_under(out) == before
+
+
+def test_output_naming_a_file_says_it_is_a_file(tmp_path):
+    existing = tmp_path / "results.parquet"
+    existing.write_bytes(b"PAR1")
+    result = run_cli(*run_args(SAMPLE, existing, *FAKE_ENGINE), expect=2)
+    assert (
+        f"Error: --output {existing} is a file, not a folder: batchgen writes a folder of "
+        f"Parquet shards there; choose a folder path that is new or a folder (e.g. --output "
+        f"{tmp_path / 'results'}-out)"
+    ) in " ".join(result.output.split())
+    assert existing.read_bytes() == b"PAR1"
+    result = run_cli(*run_args(SAMPLE, existing / "out", *FAKE_ENGINE), expect=2)
+    assert f"lies under {existing}, which is a file" in " ".join(result.output.split())
+
+
+HUB_ID = "HuggingFaceTB/no-such-model-for-batchgen-tests"
+
+
+@pytest.mark.parametrize(
+    "env, said",
+    [
+        ({"HF_HUB_OFFLINE": "1"}, "HF_HUB_OFFLINE is set with no copy of it"),
+        ({"HF_ENDPOINT": "http://127.0.0.1:9"}, "(http://127.0.0.1:9) cannot be reached"),
+    ],
+    ids=["offline", "unreachable"],
+)
+def test_a_hub_id_without_network_is_a_usage_error_within_seconds(tmp_path, env, said):
+    out = tmp_path / "out"
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), **env}
+    env.pop("HF_HUB_OFFLINE", None) if "HF_ENDPOINT" in env else None
+    started = time.monotonic()
+    proc = subprocess.run(
+        [str(BATCHGEN), *run_args(SAMPLE, out, "--model", HUB_ID)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+    assert time.monotonic() - started < 10
+    assert proc.returncode == 2, proc.stderr
+    error = " ".join(proc.stderr.split("Error: ", 1)[1].split())
+    assert error.startswith(f"--model {HUB_ID}: not a local folder, and ")
+    assert said in error
+    assert "HF_HUB_OFFLINE=1" in error or "hf download" in error
+    assert error.endswith("or pass --model a local model folder (config.json, weights, tokenizer)")
+    assert "Traceback" not in proc.stderr and not out.exists()
