@@ -130,13 +130,16 @@ def _run_locked(
     )
     gen_start = time.monotonic()
     failures_before = len(engine.failures)
-    engine_error = _generate(cfg, engine, feeder, committer, progress, flags)
+    engine_error, stopped_early = _generate(cfg, engine, feeder, committer, progress, flags)
     gen_seconds = time.monotonic() - gen_start
 
-    failure = _failure(cfg, checkpoint, feeder, committer, engine_error, flags)
+    # The feeder may have read the whole input into its queue before an early stop: only a run
+    # that was not stopped early has sent (and so committed) every row it read.
+    read_all = feeder.exhausted and not stopped_early
+    failure = _failure(cfg, checkpoint, feeder, committer, engine_error, flags, read_all)
     if failure is not None:
         status = "failed"
-    elif flags.interrupted or not feeder.exhausted:
+    elif flags.interrupted or not read_all:
         status = "interrupted"
     else:
         status = "finished"
@@ -261,10 +264,11 @@ def _generate(
     committer: Committer,
     progress: Progress,
     flags: StopFlags,
-) -> BaseException | None:
+) -> tuple[BaseException | None, bool]:
     """Feed the engine and commit its results until the input ends or a stop; the engine's
-    exception, if it raised one."""
+    exception, if it raised one, and whether the run stopped early (hopeless)."""
     engine_error: BaseException | None = None
+    stopped_early = False
     feeder.start()
     committer.start()
     try:
@@ -283,6 +287,7 @@ def _generate(
                     f"{progress.rows:,}",
                 )
                 flags.stop.set()
+                stopped_early = True
     except Exception as exc:  # the engine died (or was killed by the same signal)
         engine_error = exc
         if not flags.stop.is_set():
@@ -292,7 +297,7 @@ def _generate(
         feeder.join()
         committer.close()
     progress.close()
-    return engine_error
+    return engine_error, stopped_early
 
 
 def _hopeless(progress: Progress, max_error_rate: float) -> bool:
@@ -309,6 +314,7 @@ def _failure(
     committer: Committer,
     engine_error: BaseException | None,
     flags: StopFlags,
+    read_all: bool,
 ) -> BatchgenError | None:
     """The error that ended the run, worded for the user; None if nothing failed."""
     out_dir = cfg.output_dir
@@ -341,7 +347,7 @@ def _failure(
         )
     elif (
         not flags.interrupted
-        and feeder.exhausted
+        and read_all
         and manifest.total_prompts is not None
         and manifest.prompts_committed != manifest.total_prompts
     ):
@@ -353,7 +359,7 @@ def _failure(
         )
     elif not flags.interrupted and manifest.rows_committed:
         failure = _error_rate_failure(
-            cfg, manifest.errors, manifest.rows_committed, stopped_early=not feeder.exhausted
+            cfg, manifest.errors, manifest.rows_committed, stopped_early=not read_all
         )
     if failure is not None:
         failure.__cause__ = cause
