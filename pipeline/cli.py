@@ -136,6 +136,11 @@ def _options(*decorators: Callable) -> Callable:
 
 
 input_options = _options(
+    click.option(
+        "--input",
+        metavar="PATH",
+        help="Input file or glob; its extension names the format (.parquet, .jsonl, .json, .csv).",
+    ),
     click.option("--parquet", metavar="PATH", help="Parquet file, folder (recursive) or glob."),
     click.option(
         "--dataset",
@@ -161,6 +166,13 @@ input_options = _options(
         "--id-column",
         metavar="COL",
         help="Unique row ids from this column [default: file:row or split:row position].",
+    ),
+    click.option(
+        "--limit",
+        type=int,
+        metavar="N",
+        help="Only the first N rows of the input (of this rank): a quick try; a later run "
+        "without --limit does the rest.",
     ),
 )
 
@@ -704,6 +716,8 @@ def _build_config(kw: dict[str, Any]):
                 revision=kw["revision"],
                 streaming=kw["streaming"],
                 id_column=kw["id_column"],
+                input=kw.get("input"),
+                limit=kw.get("limit"),
             ),
             prompt=PromptConfig(
                 prompt_column=kw["prompt_column"],
@@ -809,6 +823,42 @@ _THROUGHPUT_ONLY = (
     "task",
     "stop_at_eos",
 )
+
+
+TRY_EXAMPLES = """\b
+Examples:
+  batchgen try "What is the capital of France?" --chat --max-tokens 32
+  batchgen try "Write a haiku about rain." --chat --system-prompt "You are a poet." \\
+      --temperature 0.7 --seed 1 --model ./my-model
+"""
+
+
+@main.command(
+    "try",
+    epilog=TRY_EXAMPLES,
+    context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+)
+@click.argument("prompt")
+@click.pass_context
+def try_prompt(ctx: click.Context, prompt: str) -> None:
+    """Generate a completion of PROMPT and print it: check a model, its chat template and the
+    sampling flags before a job. Takes the prompt, engine and sampling flags of `run`
+    (--chat, --system-prompt, --model, --max-tokens, --temperature, ...)."""
+    from pipeline.trial import check_flags, completions, one_prompt_run
+
+    try:
+        check_flags(ctx.args)
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from exc
+    with one_prompt_run(prompt) as (source, out):
+        args = ["--parquet", str(source), "--prompt-column", "prompt", "--output", str(out)]
+        run.main([*args, *ctx.args], prog_name="batchgen try", standalone_mode=False)
+        try:
+            texts = completions(out)
+        except BatchgenError as exc:
+            raise click.ClickException(str(exc)) from exc
+    for text in texts:
+        click.echo(text)
 
 
 @main.command(epilog=BENCH_EXAMPLES)

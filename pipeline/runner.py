@@ -51,7 +51,7 @@ HOPELESS_RATE = 0.9
 class RunResult:
     """How a run ended, for the CLI's exit code and for callers of `run()`."""
 
-    status: str  # finished | interrupted | noop
+    status: str  # finished | interrupted | limited (--limit's rows done) | noop
     out_dir: Path
     report: dict[str, Any] = field(default_factory=dict)
 
@@ -135,7 +135,8 @@ def _run_locked(
 
     # The feeder may have read the whole input into its queue before an early stop: only a run
     # that was not stopped early has sent (and so committed) every row it read.
-    read_all = feeder.exhausted and not stopped_early
+    limited = getattr(job.source, "cuts", False)  # --limit left rows out: not the whole input
+    read_all = feeder.exhausted and not stopped_early and not limited
     failure = _failure(cfg, checkpoint, feeder, committer, engine_error, flags, read_all)
     if failure is not None:
         status = "failed"
@@ -153,6 +154,12 @@ def _run_locked(
     _record_status(cfg, checkpoint, status, report, failure)
     if failure is not None:
         raise failure
+    if limited and feeder.exhausted and not flags.interrupted and not stopped_early:
+        log.info(
+            "--limit %s: done; rerun without --limit (or with a larger one) to do the rest",
+            f"{cfg.source.limit:,}",
+        )
+        status = "limited"
     return RunResult(status, cfg.output_dir, report)
 
 

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import BATCHGEN, FAKE_ENGINE, SAMPLE, run_args, run_cli
+from conftest import BATCHGEN, FAKE_ENGINE, SAMPLE, read_output, run_args, run_cli
 
 from pipeline.engines.fake import FakeEngine
 
@@ -103,3 +103,58 @@ def test_a_hub_id_without_network_is_a_usage_error_within_seconds(tmp_path, env,
     assert "HF_HUB_OFFLINE=1" in error or "hf download" in error
     assert error.endswith("or pass --model a local model folder (config.json, weights, tokenizer)")
     assert "Traceback" not in proc.stderr and not out.exists()
+
+
+def test_input_reads_the_format_its_extension_names(tmp_path, hf_offline):
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    prompts = ["one", "two", "three"]
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "a.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    (folder / "b.jsonl").write_text(json.dumps({"prompt": "four"}) + "\n")
+    (folder / "c.csv").write_text("prompt\n" + "\n".join(prompts) + "\n")
+    pq.write_table(pa.table({"prompt": prompts}), folder / "d.parquet")
+    for given, rows in [("a.jsonl", 3), ("*.jsonl", 4), ("c.csv", 3), ("d.parquet", 3)]:
+        out = tmp_path / f"out-{given.replace('*', 'all')}"
+        run_cli("run", "--input", folder / given, "--prompt-column", "prompt", *FAKE_ENGINE,
+                "--output", out)  # fmt: skip
+        assert read_output(out).num_rows == rows, given
+    result = run_cli("plan", "--input", folder / "a.jsonl", "--prompt-column", "prompt")
+    assert f"input: {folder / 'a.jsonl'}" in result.output or str(folder / "a.jsonl") in (
+        result.output
+    )
+    assert " json " not in result.output
+
+
+@pytest.mark.parametrize(
+    "flags, said",
+    [
+        (["--input", "notes.txt"], "--input notes.txt: cannot tell its format from the extension"),
+        (["--input", "a.jsonl", "--parquet", "b.parquet"], "give one input: --input, --parquet"),
+        (["--input", "a.jsonl", "--limit", "0"], "--limit 0: give a number of rows, 1 or more"),
+    ],
+)
+def test_input_and_limit_mistakes_are_one_line(tmp_path, flags, said):
+    result = run_cli("run", *flags, "--prompt-column", "p", "--output", tmp_path / "o", expect=2)
+    assert result.output.endswith(f"Error: {said}") or said in result.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_limit_then_the_rest_exactly_once(tmp_path):
+    out = tmp_path / "out"
+    args = run_args(SAMPLE, out, *FAKE_ENGINE)
+    result = run_cli(*args, "--limit", "10")
+    assert "--limit 10: done" in result.output
+    assert read_output_ids(out) == [f"prompts.parquet:{i}" for i in range(10)]
+    plan = run_cli("plan", *args[1:], "--limit", "20")
+    assert "10" in plan.output
+    run_cli(*args)
+    assert read_output_ids(out) == [f"prompts.parquet:{i}" for i in range(48)]
+
+
+def read_output_ids(out: Path) -> list[str]:
+    return sorted(read_output(out).column("id").to_pylist(), key=lambda s: int(s.split(":")[1]))

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import BATCHGEN, SAMPLE, greedy_sample_args, read_output
+from conftest import BATCHGEN, REAL_ENGINE, SAMPLE, greedy_sample_args, read_output, run_cli
 from test_kill_harness import shard_files
 
 pytestmark = pytest.mark.engine
@@ -69,3 +69,51 @@ def test_ctrl_c_in_a_terminal_drains_and_a_second_one_stops_now(tmp_path):
     assert done.returncode == 0, done.stderr
     ids = read_output(out).column("id").to_pylist()
     assert sorted(ids) == sorted(f"{SAMPLE.name}:{i}" for i in range(48))  # exactly once
+
+
+def write_jsonl(path: Path, prompts: list[str]) -> Path:
+    path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    return path
+
+
+PROMPTS = ["What is the capital of France?", "Name three primary colors."] + [
+    f"Say the number {i} in words." for i in range(6)
+]
+
+
+def test_try_input_by_extension_and_limit_then_the_rest(tmp_path, hf_offline):
+    """`batchgen try` prints what Transformers' own greedy generate says; --input reads a JSONL
+    file by its extension; --limit 3 does the first 3 rows and a run without it the other 5,
+    exactly once, with the texts of a run that never had a limit."""
+    from test_engine_e2e import transformers_greedy
+
+    from pipeline.models import ensure_bundled_model
+
+    greedy = ["--chat", "--temperature", "0", "--max-tokens", "16", *REAL_ENGINE]
+    result = run_cli("try", PROMPTS[0], *greedy)
+    expected = transformers_greedy(ensure_bundled_model(), PROMPTS[:1], True, 16)
+    assert result.stdout == expected[0] + "\n"
+
+    src = write_jsonl(tmp_path / "questions.jsonl", PROMPTS)
+    out = tmp_path / "out"
+    args = ["run", "--input", src, "--prompt-column", "prompt", *greedy, "--output", out]
+    result = run_cli(*args, "--limit", "3")
+    assert "--limit 3: done; rerun without --limit (or with a larger one) to do the rest" in (
+        result.output
+    )
+    assert (
+        sorted(read_output(out).column("id").to_pylist())
+        == [f"questions.jsonl:{i}" for i in range(3)]
+        or read_output(out).num_rows == 3
+    )
+    run_cli("status", out, expect=3)  # incomplete: the rest is still to do
+    result = run_cli(*args)
+    assert "resuming rank 0: 3 prompts already committed" in result.output
+    whole = tmp_path / "whole"
+    run_cli("run", "--input", src, "--prompt-column", "prompt", *greedy, "--output", whole)
+    texts = dict(zip(*read_output(out).select(["id", "text"]).to_pydict().values(), strict=True))
+    assert len(texts) == read_output(out).num_rows == 8
+    assert texts == dict(
+        zip(*read_output(whole).select(["id", "text"]).to_pydict().values(), strict=True)
+    )
+    assert texts[next(i for i in texts if i.endswith(":0"))] == expected[0]
