@@ -37,6 +37,7 @@ from pipeline.engines import (
 from pipeline.errors import BatchgenError, ConfigError, committed_note, storage_failure
 from pipeline.job import Job, read_job
 from pipeline.progress import Progress, fmt_duration
+from pipeline.refusal import RankFootprint, check_output_path
 from pipeline.report import log_summary, run_report
 from pipeline.sinks import ParquetShardWriter, output_schema, prepare_output_dir
 from pipeline.stages import Committer, Feeder
@@ -58,7 +59,7 @@ HOPELESS_RATE = 0.9
 class RunResult:
     """How a run ended, for the CLI's exit code and for callers of `run()`."""
 
-    status: str  # finished | interrupted | noop
+    status: str  # finished | interrupted | limited (--limit's rows done) | noop
     out_dir: Path
     report: dict[str, Any] = field(default_factory=dict)
 
@@ -69,8 +70,11 @@ def run(cfg: RunConfig) -> RunResult:
     out_dir = cfg.output_dir
     # A server is asked who it is before the output is touched: an unreachable one, or one
     # serving another model, is refused with nothing written; its answers enter the fingerprint.
+    check_output_path(out_dir)
     asked = cfg.engine.server is not None
     with open_engine(cfg.engine, cfg.engine.model) if asked else contextlib.nullcontext() as server:
+        footprint = RankFootprint(out_dir, cfg.rank)  # removed again if the run is refused
+        refused = False
         prepare_output_dir(out_dir)
         try:
             lock = RankLock(out_dir, cfg.rank).acquire()
@@ -81,9 +85,15 @@ def run(cfg: RunConfig) -> RunResult:
         flags = StopFlags()
         try:
             with _stop_on_signals(flags, cfg.drain_seconds) as phase:
-                return _run_locked(cfg, wall_start, flags, phase, server)
+                try:
+                    return _run_locked(cfg, wall_start, flags, phase, server)
+                except ConfigError:
+                    refused = phase.starting  # a usage error before any generation
+                    raise
         finally:
             lock.release()
+            if refused:
+                footprint.remove()
 
 
 def _run_locked(
@@ -125,13 +135,17 @@ def _run_locked(
     )
     gen_start = time.monotonic()
     failures_before = len(engine.failures)
-    engine_error = _generate(cfg, engine, feeder, committer, progress, flags)
+    engine_error, stopped_early = _generate(cfg, engine, feeder, committer, progress, flags)
     gen_seconds = time.monotonic() - gen_start
 
-    failure = _failure(cfg, checkpoint, feeder, committer, engine_error, flags)
+    # The feeder may have read the whole input into its queue before an early stop: only a run
+    # that was not stopped early has sent (and so committed) every row it read.
+    limited = getattr(job.source, "cuts", False)  # --limit left rows out: not the whole input
+    read_all = feeder.exhausted and not stopped_early and not limited
+    failure = _failure(cfg, checkpoint, feeder, committer, engine_error, flags, read_all)
     if failure is not None:
         status = "failed"
-    elif flags.interrupted or not feeder.exhausted:
+    elif flags.interrupted or not read_all:
         status = "interrupted"
     else:
         status = "finished"
@@ -145,6 +159,12 @@ def _run_locked(
     _record_status(cfg, checkpoint, status, report, failure)
     if failure is not None:
         raise failure
+    if limited and feeder.exhausted and not flags.interrupted and not stopped_early:
+        log.info(
+            "--limit %s: done; rerun without --limit (or with a larger one) to do the rest",
+            f"{cfg.source.limit:,}",
+        )
+        status = "limited"
     return RunResult(status, cfg.output_dir, report)
 
 
@@ -256,10 +276,11 @@ def _generate(
     committer: Committer,
     progress: Progress,
     flags: StopFlags,
-) -> BaseException | None:
+) -> tuple[BaseException | None, bool]:
     """Feed the engine and commit its results until the input ends or a stop; the engine's
-    exception, if it raised one."""
+    exception, if it raised one, and whether the run stopped early (hopeless)."""
     engine_error: BaseException | None = None
+    stopped_early = False
     feeder.start()
     committer.start()
     try:
@@ -278,6 +299,7 @@ def _generate(
                     f"{progress.rows:,}",
                 )
                 flags.stop.set()
+                stopped_early = True
     except Exception as exc:  # the engine died (or was killed by the same signal)
         engine_error = exc
         if not flags.stop.is_set():
@@ -287,7 +309,7 @@ def _generate(
         feeder.join()
         committer.close()
     progress.close()
-    return engine_error
+    return engine_error, stopped_early
 
 
 def _hopeless(progress: Progress, max_error_rate: float) -> bool:
@@ -304,6 +326,7 @@ def _failure(
     committer: Committer,
     engine_error: BaseException | None,
     flags: StopFlags,
+    read_all: bool,
 ) -> BatchgenError | None:
     """The error that ended the run, worded for the user; None if nothing failed."""
     out_dir = cfg.output_dir
@@ -336,7 +359,7 @@ def _failure(
         )
     elif (
         not flags.interrupted
-        and feeder.exhausted
+        and read_all
         and manifest.total_prompts is not None
         and manifest.prompts_committed != manifest.total_prompts
     ):
@@ -348,7 +371,7 @@ def _failure(
         )
     elif not flags.interrupted and manifest.rows_committed:
         failure = _error_rate_failure(
-            cfg, manifest.errors, manifest.rows_committed, stopped_early=not feeder.exhausted
+            cfg, manifest.errors, manifest.rows_committed, stopped_early=not read_all
         )
     if failure is not None:
         failure.__cause__ = cause

@@ -31,12 +31,12 @@ RESERVED = (
 BAD_FLAGS = [
     pytest.param(
         ["--prompt-column", "prompt", "-o", "OUT"],
-        "give exactly one input: --parquet PATH or --dataset NAME_OR_DIR",
+        "give exactly one input: --input PATH, --parquet PATH or --dataset NAME_OR_DIR",
         id="no-input",
     ),
     pytest.param(
         ["--parquet", "IN", "--dataset", "x", "--prompt-column", "prompt", "-o", "OUT"],
-        "give exactly one input: --parquet PATH or --dataset NAME_OR_DIR",
+        "give exactly one input: --input PATH, --parquet PATH or --dataset NAME_OR_DIR",
         id="parquet-and-dataset",
     ),
     pytest.param(

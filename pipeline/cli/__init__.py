@@ -7,6 +7,7 @@
   bench.py    batchgen bench                         tune.py    batchgen tune
   status.py   batchgen status                        show.py    batchgen show
   report.py   batchgen report                        model.py   batchgen model prepare
+  trial.py    batchgen try "prompt": one completion printed
 
 Each command checks its flags, builds the config and calls one library function; heavy modules
 (vllm, torch, datasets, transformers) are imported only inside commands, so `batchgen --help`
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 import click
 
-from pipeline.cli import bench, model, plan, report, run, show, status, tune
+from pipeline.cli import bench, model, plan, report, run, show, status, trial, tune
 from pipeline.version import __version__
 
 
@@ -41,5 +42,6 @@ for _command in (
     plan.plan,
     show.show,
     report.report,
+    trial.try_prompt,
 ):
     main.add_command(_command)
