@@ -49,12 +49,40 @@ class SourceConfig:
         "Unique row ids from this column [default: file:row or split:row position].",
         metavar="COL",
     )
+    # A plain file, folder-free glob or list of files whose format its extension names
+    # (.parquet, .jsonl/.json, .csv); mapped onto --parquet or the `datasets` builder.
+    input: str | None = option(
+        None,
+        "Input file or glob; its extension names the format (.parquet, .jsonl, .json, .csv).",
+        metavar="PATH",
+    )
+    # Only the first N rows of this rank's slice (a quick try); not part of the run's settings,
+    # so a later run without it resumes and does the rest.
+    limit: int | None = option(
+        None,
+        "Only the first N rows of the input (of this rank): a quick try; a later run "
+        "without --limit does the rest.",
+        metavar="N",
+    )
 
     def __post_init__(self) -> None:
+        if self.input is not None:
+            if any(v is not None for v in (self.parquet, self.dataset, self.openai_batch)):
+                raise ConfigError(
+                    "give one input: --input, --parquet, --dataset or --openai-batch, not two"
+                )
+            builder = input_builder(self.input)
+            if builder == "parquet":
+                object.__setattr__(self, "parquet", self.input)
+            else:
+                object.__setattr__(self, "dataset", builder)
+                object.__setattr__(self, "data_files", (self.input,))
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError(f"--limit {self.limit}: give a number of rows, 1 or more")
         inputs = [v for v in (self.parquet, self.dataset, self.openai_batch) if v is not None]
         if len(inputs) != 1:
             raise ConfigError(
-                "give exactly one input: --parquet PATH, --dataset NAME_OR_DIR or "
+                "give exactly one input: --input PATH, --parquet PATH, --dataset NAME_OR_DIR or "
                 "--openai-batch FILE.jsonl"
             )
         if self.openai_batch is not None and self.id_column is not None:
@@ -68,6 +96,38 @@ class SourceConfig:
                 "--data-files, --config-name, --revision and --streaming apply to --dataset, "
                 "not to --parquet"
             )
+
+    @property
+    def label(self) -> str:
+        """The input as plan and report lines name it: the files, not a builder's name."""
+        if self.parquet is not None:
+            return self.parquet
+        if self.dataset in INPUT_FORMATS.values() and self.data_files:
+            return ", ".join(self.data_files)
+        return str(self.dataset)
+
+
+# File extensions --input reads, and the `datasets` builder (or Parquet reader) of each.
+INPUT_FORMATS = {
+    ".parquet": "parquet",
+    ".jsonl": "json",
+    ".json": "json",
+    ".jsonl.gz": "json",
+    ".csv": "csv",
+}
+
+
+def input_builder(path: str) -> str:
+    """The reader of an --input path, from its extension (a glob's pattern included)."""
+    name = path.rstrip("/").lower()
+    for extension in sorted(INPUT_FORMATS, key=len, reverse=True):
+        if name.endswith(extension):
+            return INPUT_FORMATS[extension]
+    raise ConfigError(
+        f"--input {path}: cannot tell its format from the extension; --input reads "
+        f"{', '.join(INPUT_FORMATS)} files (globs ok); for other inputs use --dataset "
+        "NAME_OR_DIR (a Hub id, a dataset folder, or a `datasets` builder with --data-files)"
+    )
 
 
 @dataclass(frozen=True, slots=True)

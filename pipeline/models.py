@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import BatchgenError
+from pipeline.errors import BatchgenError, ConfigError
 
 log = logging.getLogger("batchgen")
 
@@ -107,13 +107,21 @@ def resolve_model(model: str | None) -> str:
     path = Path(model).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():
-            raise BatchgenError(
+            raise ConfigError(
                 f"--model {model}: the folder has no config.json; point it at a Hugging Face "
                 "model folder (config.json, weights, tokenizer)"
             )
         return str(path.resolve())
     if model.startswith((".", "/", "~")):
-        raise BatchgenError(f"--model {model}: no such folder")
+        raise ConfigError(
+            f"--model {model}: no such folder; pass a model folder (config.json, weights, "
+            "tokenizer) or a Hugging Face Hub id such as HuggingFaceTB/SmolLM2-135M-Instruct"
+        )
+    from pipeline.hubcheck import hub_model_problem
+
+    problem = hub_model_problem(model)  # seconds, not Transformers' minute of retries
+    if problem:
+        raise ConfigError(problem)
     return model  # a hub id; vLLM and Transformers fetch it (needs network or a warm HF cache)
 
 

@@ -146,7 +146,7 @@ class Plan:
         expected = self.expected_output()
         reasons = self.reasons()
         return {
-            "input": cfg.source.parquet or cfg.source.dataset,
+            "input": cfg.source.label,
             "output": cfg.output.path or None,
             "model": self.model,
             "max_model_len": self.max_model_len,
@@ -185,7 +185,7 @@ class Plan:
             scope = f"rank {self.ranks[0].rank} of {cfg.num_ranks}"
         else:
             scope = "one rank"
-        source = cfg.source.parquet or cfg.source.dataset
+        source = cfg.source.label
         lines = [
             f"plan: {source} -> {cfg.output.path or '(no --output)'} ({scope})",
             f"  model: {self.model}, context {self.max_model_len:,} tokens "

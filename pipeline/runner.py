@@ -38,6 +38,7 @@ from pipeline.errors import BatchgenError, ConfigError, committed_note, storage_
 from pipeline.fingerprint import fingerprint_digest
 from pipeline.job import Job, read_job
 from pipeline.progress import Progress, fmt_duration
+from pipeline.refusal import RankFootprint, check_output_path
 from pipeline.report import log_summary, run_report
 from pipeline.reuse.dedup import RequestDedup
 from pipeline.reuse.run import engine_requests, open_reuse, requests_since, reuse_report
@@ -61,7 +62,7 @@ HOPELESS_RATE = 0.9
 class RunResult:
     """How a run ended, for the CLI's exit code and for callers of `run()`."""
 
-    status: str  # finished | interrupted | noop
+    status: str  # finished | interrupted | limited (--limit's rows done) | noop
     out_dir: Path
     report: dict[str, Any] = field(default_factory=dict)
 
@@ -72,8 +73,11 @@ def run(cfg: RunConfig) -> RunResult:
     out_dir = cfg.output_dir
     # A server is asked who it is before the output is touched: an unreachable one, or one
     # serving another model, is refused with nothing written; its answers enter the fingerprint.
+    check_output_path(out_dir)
     asked = cfg.engine.server is not None
     with open_engine(cfg.engine, cfg.engine.model) if asked else contextlib.nullcontext() as server:
+        footprint = RankFootprint(out_dir, cfg.rank)  # removed again if the run is refused
+        refused = False
         prepare_output_dir(out_dir)
         try:
             lock = RankLock(out_dir, cfg.rank).acquire()
@@ -84,9 +88,15 @@ def run(cfg: RunConfig) -> RunResult:
         flags = StopFlags()
         try:
             with _stop_on_signals(flags, cfg.drain_seconds) as phase:
-                return _run_locked(cfg, wall_start, flags, phase, server)
+                try:
+                    return _run_locked(cfg, wall_start, flags, phase, server)
+                except ConfigError:
+                    refused = phase.starting  # a usage error before any generation
+                    raise
         finally:
             lock.release()
+            if refused:
+                footprint.remove()
 
 
 def _run_locked(
@@ -127,13 +137,19 @@ def _run_locked(
     failures_before = len(engine.failures)
     requests_before = engine_requests(engine)
     try:
-        engine_error, dedup = _generate(cfg, engine, feeder, committer, progress, flags)
+        engine_error, dedup, stopped_early = _generate(
+            cfg, engine, feeder, committer, progress, flags
+        )
     finally:
         reuse.close()
     gen_seconds = time.monotonic() - gen_start
 
-    failure = _failure(cfg, checkpoint, feeder, committer, engine_error, flags)
-    status = _end_status(failure, flags, feeder)
+    # The feeder may have read the whole input into its queue before an early stop: only a run
+    # that was not stopped early has sent (and so committed) every row it read.
+    limited = getattr(job.source, "cuts", False)  # --limit left rows out: not the whole input
+    read_all = feeder.exhausted and not stopped_early and not limited
+    failure = _failure(cfg, checkpoint, feeder, committer, engine_error, flags, read_all)
+    status = _end_status(failure, flags, read_all)
     report = run_report(
         status, progress, engine, gen_seconds, time.monotonic() - wall_start, checkpoint, flags
     )
@@ -146,6 +162,12 @@ def _run_locked(
     _record_status(cfg, checkpoint, status, report, failure)
     if failure is not None:
         raise failure
+    if limited and feeder.exhausted and not flags.interrupted and not stopped_early:
+        log.info(
+            "--limit %s: done; rerun without --limit (or with a larger one) to do the rest",
+            f"{cfg.source.limit:,}",
+        )
+        status = "limited"
     return RunResult(status, cfg.output_dir, report)
 
 
@@ -159,10 +181,10 @@ def _progress(cfg: RunConfig, job: Job, state: ResumeState) -> Progress:
     )
 
 
-def _end_status(failure: BatchgenError | None, flags: StopFlags, feeder: Feeder) -> str:
+def _end_status(failure: BatchgenError | None, flags: StopFlags, read_all: bool) -> str:
     if failure is not None:
         return "failed"
-    if flags.interrupted or not feeder.exhausted:
+    if flags.interrupted or not read_all:
         return "interrupted"
     return "finished"
 
@@ -276,10 +298,12 @@ def _generate(
     committer: Committer,
     progress: Progress,
     flags: StopFlags,
-) -> tuple[BaseException | None, RequestDedup]:
+) -> tuple[BaseException | None, RequestDedup, bool]:
     """Feed the engine and commit its results until the input ends or a stop; the engine's
-    exception, if it raised one, and what the deduplication did."""
+    exception, if it raised one, what the deduplication did, and whether the run stopped early
+    (hopeless)."""
     engine_error: BaseException | None = None
+    stopped_early = False
 
     def deliver(results: list) -> None:  # results that needed no engine (reused, duplicates)
         committer.put(results)
@@ -308,6 +332,7 @@ def _generate(
                     f"{progress.rows:,}",
                 )
                 flags.stop.set()
+                stopped_early = True
     except Exception as exc:  # the engine died (or was killed by the same signal)
         engine_error = exc
         if not flags.stop.is_set():
@@ -317,7 +342,7 @@ def _generate(
         feeder.join()
         committer.close()
     progress.close()
-    return engine_error, dedup
+    return engine_error, dedup, stopped_early
 
 
 def _hopeless(progress: Progress, max_error_rate: float) -> bool:
@@ -334,6 +359,7 @@ def _failure(
     committer: Committer,
     engine_error: BaseException | None,
     flags: StopFlags,
+    read_all: bool,
 ) -> BatchgenError | None:
     """The error that ended the run, worded for the user; None if nothing failed."""
     out_dir = cfg.output_dir
@@ -366,7 +392,7 @@ def _failure(
         )
     elif (
         not flags.interrupted
-        and feeder.exhausted
+        and read_all
         and manifest.total_prompts is not None
         and manifest.prompts_committed != manifest.total_prompts
     ):
@@ -378,7 +404,7 @@ def _failure(
         )
     elif not flags.interrupted and manifest.rows_committed:
         failure = _error_rate_failure(
-            cfg, manifest.errors, manifest.rows_committed, stopped_early=not feeder.exhausted
+            cfg, manifest.errors, manifest.rows_committed, stopped_early=not read_all
         )
     if failure is not None:
         failure.__cause__ = cause

@@ -31,12 +31,12 @@ RESERVED = (
 BAD_FLAGS = [
     pytest.param(
         ["--prompt-column", "prompt", "-o", "OUT"],
-        "give exactly one input: --parquet PATH, --dataset NAME_OR_DIR or --openai-batch FILE.jsonl",
+        "give exactly one input: --input PATH, --parquet PATH, --dataset NAME_OR_DIR or --openai-batch FILE.jsonl",
         id="no-input",
     ),
     pytest.param(
         ["--parquet", "IN", "--dataset", "x", "--prompt-column", "prompt", "-o", "OUT"],
-        "give exactly one input: --parquet PATH, --dataset NAME_OR_DIR or --openai-batch FILE.jsonl",
+        "give exactly one input: --input PATH, --parquet PATH, --dataset NAME_OR_DIR or --openai-batch FILE.jsonl",
         id="parquet-and-dataset",
     ),
     pytest.param(

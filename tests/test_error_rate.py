@@ -4,12 +4,15 @@ they are committed either way; what changes is the exit code and the recorded st
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import FAKE_ENGINE, manifest_state, read_output, run_args, run_cli, write_prompts
+
+from pipeline.stages import Feeder
 
 
 def manifest(out: Path) -> dict:
@@ -91,7 +94,28 @@ def test_a_run_over_the_error_rate_commits_everything_exits_1_and_says_where_to_
     run_cli("status", out, expect=0)
 
 
-def test_a_hopeless_run_stops_early_after_1000_prompts(tmp_path: Path) -> None:
+@pytest.fixture
+def input_read_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The order a loaded machine can produce: the feeder reads the whole input (it fits in its
+    queue) before the engine gets its first row, so it has read everything when the run stops."""
+    feed = Feeder.feed
+
+    def feed_after_the_whole_input(self: Feeder):
+        deadline = time.monotonic() + 60
+        while not self.exhausted:
+            assert time.monotonic() < deadline, "the feeder did not read the whole input"
+            time.sleep(0.01)
+        yield from feed(self)
+
+    monkeypatch.setattr(Feeder, "feed", feed_after_the_whole_input)
+
+
+@pytest.mark.parametrize("order", ["any", "input-read-first"])
+def test_a_hopeless_run_stops_early_after_1000_prompts(
+    tmp_path: Path, request: pytest.FixtureRequest, order: str
+) -> None:
+    if order == "input-read-first":
+        request.getfixturevalue("input_read_first")
     prompts: list[str | None] = [None] * 5000
     prompts[0] = "the only good prompt"
     src = write_prompts(tmp_path / "in.parquet", prompts, row_group_size=100)

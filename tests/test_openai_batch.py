@@ -445,7 +445,7 @@ def test_export_refuses_a_run_not_made_from_a_batch_file(tmp_path: Path):
         ),
         (
             ["--parquet", "x.parquet"],
-            "give exactly one input: --parquet PATH, --dataset NAME_OR_DIR or --openai-batch FILE.jsonl",
+            "give exactly one input: --input PATH, --parquet PATH, --dataset NAME_OR_DIR or --openai-batch FILE.jsonl",
         ),
     ],
 )

@@ -8,6 +8,7 @@
   status.py   batchgen status                        show.py    batchgen show
   report.py   batchgen report                        model.py   batchgen model prepare
   export.py   batchgen export (OpenAI batch output lines)
+  trial.py    batchgen try "prompt": one completion printed
 
 Each command checks its flags, builds the config and calls one library function; heavy modules
 (vllm, torch, datasets, transformers) are imported only inside commands, so `batchgen --help`
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import click
 
-from pipeline.cli import bench, export, model, plan, report, run, show, status, tune
+from pipeline.cli import bench, export, model, plan, report, run, show, status, trial, tune
 from pipeline.version import __version__
 
 
@@ -43,5 +44,6 @@ for _command in (
     show.show,
     report.report,
     export.export,
+    trial.try_prompt,
 ):
     main.add_command(_command)

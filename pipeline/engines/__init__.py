@@ -5,6 +5,7 @@ vllm.py         the vLLM adapter: vLLM in this process
 reasoning.py    its reasoning parser: the thinking split from the answer
 supervise.py    its processes: exit causes, killing the tree, the reaper, leftover shared memory
 logs.py         its output: diverted to the engine log, read back for why a start failed
+detach.py       its processes in a session of their own (no Ctrl-C from the terminal)
 server.py       an OpenAI-compatible server (`vllm serve`) as the engine
 http.py         the server engine's HTTP client: retry rules, the request loop, /tokenize
 openai_wire.py  rows as OpenAI request bodies, responses as result rows

@@ -30,6 +30,7 @@ from pipeline.engines.base import (
     SteppingEngine,
     StopFlags,
 )
+from pipeline.engines.detach import own_session
 from pipeline.engines.logs import describe_exception, engine_output, log_size, start_failure
 from pipeline.engines.reasoning import ReasoningSplit
 from pipeline.engines.supervise import (
@@ -110,7 +111,7 @@ class VllmEngine(SteppingEngine):
 
         log_start = log_size(self.log_path)
         try:
-            with engine_output(self.log_path):
+            with engine_output(self.log_path), own_session():
                 self.llm = vllm.LLM(**self._kwargs)
         except TypeError as exc:
             raise BatchgenError(

@@ -6,6 +6,7 @@ time, an Arrow-backed `datasets.Dataset` is sliced (memory-mapped), a streaming 
   base.py      the batch a reader yields, the Source protocol, the rows of each rank
   parquet.py   Parquet files, folders and globs (pyarrow)
   hf.py        Hugging Face datasets: hub ids, local folders, builders, save_to_disk
+  limit.py     --limit N: the first N rows of a rank's slice
   openai_batch.py  OpenAI / Anthropic batch request JSONL, line by line
 """
 
@@ -33,15 +34,23 @@ def require_columns(source: Source, wanted: dict[str, str]) -> None:
 
 
 def open_source(cfg: SourceConfig, num_ranks: int = 1, rank: int = 0) -> Source:
-    """The reader for --parquet, --dataset or --openai-batch, positioned on one rank's slice."""
+    """The reader for --parquet, --dataset or --openai-batch, positioned on one rank's slice
+    (its first --limit rows only, with --limit)."""
+    source: Source
     if cfg.openai_batch is not None:
         from pipeline.sources.openai_batch import OpenAIBatchSource
 
-        return OpenAIBatchSource(cfg.openai_batch, num_ranks, rank)
-    if cfg.parquet is not None:
+        source = OpenAIBatchSource(cfg.openai_batch, num_ranks, rank)
+    elif cfg.parquet is not None:
         from pipeline.sources.parquet import ParquetSource
 
-        return ParquetSource(cfg.parquet, num_ranks, rank)
-    from pipeline.sources.hf import HFDatasetSource
+        source = ParquetSource(cfg.parquet, num_ranks, rank)
+    else:
+        from pipeline.sources.hf import HFDatasetSource
 
-    return HFDatasetSource(cfg, num_ranks, rank)
+        source = HFDatasetSource(cfg, num_ranks, rank)
+    if cfg.limit is not None:
+        from pipeline.sources.limit import LimitedSource
+
+        source = LimitedSource(source, cfg.limit)
+    return source
