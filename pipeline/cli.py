@@ -19,6 +19,7 @@ import click
 from pipeline import __version__
 from pipeline.errors import EXIT_INTERRUPTED, BatchgenError, ConfigError
 from pipeline.ranks import launcher_rank, resolve_rank
+from pipeline.replicas import ReplicaConfig
 from pipeline.sampling import SAMPLING_OPTIONS, SamplingOption
 
 log = logging.getLogger("batchgen")
@@ -456,6 +457,14 @@ scale_options = _options(
         "(auto: visible GPUs / --tensor-parallel-size; 1 on CPU).",
     ),
     click.option(
+        "--replicas-per-gpu",
+        type=click.IntRange(min=1),
+        default=1,
+        show_default=True,
+        help=ReplicaConfig.__dataclass_fields__["replicas_per_gpu"].metadata["help"]
+        + " Implies --data-parallel auto.",
+    ),
+    click.option(
         "--num-shards",
         type=int,
         help="Split the input into this many ranks [default: from the launcher, else 1].",
@@ -541,8 +550,11 @@ def run(**kw: Any) -> None:
     if not kw["output"]:
         raise click.UsageError("Missing option '--output' / '-o' (or `output` in --config).")
     data_parallel = kw.pop("data_parallel")
+    replicas = kw.pop("replicas_per_gpu")
+    if replicas > 1 and data_parallel is None:
+        data_parallel = "auto"
     if data_parallel is not None:
-        node = _node_plan(kw, data_parallel)
+        node = _node_plan(kw, data_parallel, replicas)
         if node is not None:
             _run_node(ctx, kw, node)
             return
@@ -566,7 +578,7 @@ def run(**kw: Any) -> None:
         sys.exit(EXIT_INTERRUPTED)
 
 
-def _node_plan(kw: dict[str, Any], data_parallel: int | str):
+def _node_plan(kw: dict[str, Any], data_parallel: int | str, replicas: int = 1):
     """The ranks and slots of `--data-parallel`; None when that is one rank in this process."""
     if kw["shard_index"] is not None:
         raise click.UsageError(
@@ -586,7 +598,17 @@ def _node_plan(kw: dict[str, Any], data_parallel: int | str):
     from pipeline.launch import plan_node
 
     try:
-        plan = plan_node(data_parallel, kw["num_shards"], kw["tensor_parallel_size"])
+        plan = plan_node(
+            data_parallel,
+            kw["num_shards"],
+            kw["tensor_parallel_size"],
+            replicas_per_gpu=replicas,
+            run_flags={
+                "gpu_memory_utilization": kw["gpu_memory_utilization"],
+                "model": kw["model"],
+                "engine_args": _key_values(kw["engine_arg"]),
+            },
+        )
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from exc
     if plan.num_ranks == 1 and kw["num_shards"] is None:
@@ -620,6 +642,7 @@ def _run_node(ctx: click.Context, kw: dict[str, Any], plan: Any) -> None:
 _NOT_FOR_RANKS = (
     "config",
     "data_parallel",
+    "replicas_per_gpu",
     "num_shards",
     "shard_index",
     "overwrite",
