@@ -831,6 +831,7 @@ _THROUGHPUT_ONLY = (
     "raw_defaults",
     "task",
     "stop_at_eos",
+    "replicas_per_gpu",
 )
 
 
@@ -897,6 +898,12 @@ _THROUGHPUT_ONLY = (
     is_flag=True,
     help="Time raw vLLM on its own engine with vLLM's defaults for the settings `batchgen tune` "
     "searches; batchgen on the engine these flags describe.",
+)
+@click.option(
+    "--replicas-per-gpu",
+    metavar="N[,N...]",
+    help="Batchgen sides of N engine replicas sharing each GPU (e.g. 1,2: two sides); every "
+    "side on engines of its own, kept warm, rounds alternating.",
 )
 @click.option(
     "--with-transformers", is_flag=True, help="Also time plain Transformers generate (the floor)."
@@ -1008,14 +1015,30 @@ def bench(ctx: click.Context, **kw: Any) -> None:
                 ),
                 task=kw["task"],
                 stop_at_eos=kw["stop_at_eos"],
+                replicas=_replica_counts(kw["replicas_per_gpu"]),
             )
             report = benchmod.run_throughput(cfg)
-            text = benchmod.format_throughput(report)
+            text = benchmod.format_report(report)
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from exc
     except BatchgenError as exc:
         raise click.ClickException(str(exc)) from exc
     emit(benchmod.to_json(report) if kw["as_json"] else text)
+
+
+def _replica_counts(value: str | None) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    try:
+        counts = tuple(int(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        counts = ()
+    if not counts or min(counts) < 1 or len(set(counts)) != len(counts):
+        raise click.BadParameter(
+            f"{value!r}: expected distinct replica counts separated by commas, e.g. 1,2",
+            param_hint="--replicas-per-gpu",
+        )
+    return counts
 
 
 def _memory_sizes(value: str | None) -> tuple[int, ...]:
