@@ -578,6 +578,7 @@ def test_tune_on_the_fake_engine_writes_a_config_run_accepts(tmp_path: Path) -> 
         (["--try", "max_num_seqs"], "Invalid value for --try: 'max_num_seqs': expected "
          "KEY=VALUE, e.g. --try max_num_seqs=64"),
         (["--sample", "0"], "--sample 0: must be at least 1"),
+        (["--verify", "-1"], "Invalid value for '--verify': -1 is not in the range x>=0."),
         (["--repeats", "0"], "--repeats 0: must be at least 1"),
         (["--min-gain", "1.5"], "--min-gain 1.5: must be a share in [0, 1), e.g. 0.03"),
     ],
@@ -661,3 +662,27 @@ def test_tune_on_the_real_engine_writes_a_config_run_accepts(tmp_path: Path) -> 
     run_cli("run", "--config", written, "--parquet", two, "--output", tmp_path / "run")
     table = read_output(tmp_path / "run")
     assert table.num_rows == 2 and table.column("error").null_count == 2
+
+
+def test_verify_runs_the_whole_job_as_baseline_and_winner_and_scores_the_trials() -> None:
+    """--verify 2 on the fake engine: the default sample takes every row of this 48-row input
+    (4 x max_num_seqs is more), then two alternating rounds of the whole job, each side in a
+    warm worker process; each trial's figure is set against its side's whole run."""
+    args = run_args(SAMPLE, "x", *FAKE_ENGINE, "--max-tokens", "8")[1:-2]
+    result = run_cli("tune", *args, "--repeats", "1", "--try", "max_num_seqs=4", "--verify", "2",
+                     "--json")  # fmt: skip
+    report = json.loads(result.stdout)
+    assert report["sample"]["rows"] == 48
+    v = report["verify"]
+    assert v["rounds"] == 2 and v["ratio"]["rounds"] == 2
+    for name in ("baseline", "winner"):
+        side = v["sides"][name]
+        assert side["rows"] == 48 and side["output_tokens_median"] == 48 * 8
+        assert side["run_output_tok_s"]["median"] > 0
+        trial = report["trials"][0 if name == "baseline" else report["winner"]["trial"]]
+        expected = trial["median_output_tok_s"] / side["run_output_tok_s"]["median"] - 1
+        assert abs(side["trial_error"] - expected) < 0.01
+        assert side["trial_predicts_run"] == (abs(side["trial_error"]) <= 0.10)
+    text = run_cli("tune", *args, "--repeats", "1", "--try", "max_num_seqs=4", "--verify", "1")
+    assert "\nverify: the whole job, 1 alternating round(s) on warm engines\n" in text.output
+    assert "winner / baseline on the whole job: " in text.output

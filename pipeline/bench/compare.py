@@ -10,7 +10,6 @@ with different settings, which one shared engine cannot give).
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import statistics
@@ -19,10 +18,8 @@ from typing import Any
 
 from pipeline.bench.machine import bench_folder, machine_info
 from pipeline.bench.stats import spread, spread_text
-from pipeline.bench.warm import Pass, Side, WarmSides
+from pipeline.bench.warm import Pass, Side, WarmSides, alternate, place_sides
 from pipeline.bench.workload import make_prompts, write_prompt_file
-from pipeline.config import EngineConfig
-from pipeline.errors import BatchgenError
 
 log = logging.getLogger("batchgen")
 
@@ -34,42 +31,10 @@ def side_name(replicas: int) -> str:
 def bench_sides(cfg: Any, model: str) -> tuple[list[Side], dict[str, Any]]:
     """Raw vLLM and a batchgen side per replica count, each engine given its memory share;
     and that share, for the report."""
-    from pipeline.engines.vllm import CPU_KVCACHE_GIB
-    from pipeline.launch import visible_gpus
-    from pipeline.replicas import gpu_memory_bytes, replica_memory, weights_bytes
-
-    counts = cfg.replicas or (1,)
-    engines = 1 + sum(counts)
-    gpus = visible_gpus(os.environ)
-    if gpus:
-        memory = replica_memory(engines, gpu_memory_bytes(gpus[0]), weights_bytes(model))
-        share = {
-            "engines_on_the_gpu": engines,
-            "gpu_memory_utilization": memory.utilization,
-            "kv_cache_memory_bytes": memory.kv_cache_bytes,
-        }
-        env: dict[str, str] = {}
-    else:
-        kv = max(int(os.environ.get("VLLM_CPU_KVCACHE_SPACE", CPU_KVCACHE_GIB)) // engines, 1)
-        share = {"engines_on_the_cpu": engines, "VLLM_CPU_KVCACHE_SPACE": kv}
-        env = {"VLLM_CPU_KVCACHE_SPACE": str(kv)}
-
-    def placed(engine: EngineConfig) -> EngineConfig:
-        if not gpus:
-            return engine
-        args = dict(engine.engine_args)
-        if share["kv_cache_memory_bytes"] is not None:
-            args.setdefault("kv_cache_memory_bytes", share["kv_cache_memory_bytes"])
-        return dataclasses.replace(
-            engine,
-            gpu_memory_utilization=share["gpu_memory_utilization"],
-            engine_args=tuple(args.items()),
-        )
-
     raw = cfg.raw_engine if cfg.raw_engine is not None else cfg.engine
-    sides = [Side("raw", "raw", placed(raw), 1, env)]
-    sides += [Side(side_name(n), "batchgen", placed(cfg.engine), n, env) for n in counts]
-    return sides, share
+    sides = [Side("raw", "raw", raw)]
+    sides += [Side(side_name(n), "batchgen", cfg.engine, n) for n in cfg.replicas or (1,)]
+    return place_sides(sides, model)
 
 
 def run_warm(cfg: Any) -> dict[str, Any]:
@@ -98,7 +63,7 @@ def run_warm(cfg: Any) -> dict[str, Any]:
             warm.start()
             log.info("bench: cold pass of each side (untimed: first batch shapes, first cache)")
             cold = {n: warm.run_pass(n, "cold") for n in names}
-            rounds = _rounds(cfg, warm, names, bench_start)
+            rounds = alternate(warm, names, cfg.rounds, cfg.budget_seconds, bench_start)
             tunables = {n: warm.tunables(n) for n in names}
             starts = dict(warm.starts)
         report = warm_report(cfg, sides, share, cold, rounds, budgets)
@@ -106,43 +71,6 @@ def run_warm(cfg: Any) -> dict[str, Any]:
         report["tunables"] = tunables
         report["bench_seconds"] = round(time.monotonic() - bench_start, 1)
         return report
-
-
-def _rounds(
-    cfg: Any, warm: WarmSides, names: list[str], bench_start: float
-) -> list[dict[str, Pass]]:
-    """The timed rounds, each side once per round, the order rotated so each side goes first
-    in turn; no round starts that would end past the budget."""
-    rounds: list[dict[str, Pass]] = []
-    for i in range(cfg.rounds):
-        order = names[i % len(names) :] + names[: i % len(names)]
-        passes = {n: warm.run_pass(n, f"round-{i}") for n in order}
-        prompt_tokens = {p.prompt_tokens for p in passes.values()}
-        if len(prompt_tokens) != 1:
-            raise BatchgenError(
-                "the sides sent different prompts: "
-                + ", ".join(f"{n} {p.prompt_tokens} prompt tokens" for n, p in passes.items())
-            )
-        rounds.append({"order": order, **passes})  # type: ignore[dict-item]
-        raw = passes["raw"].output_tok_s
-        log.info(
-            "bench round %d/%d (%s): %s",
-            i + 1,
-            cfg.rounds,
-            " -> ".join(order),
-            "; ".join(
-                f"{n} {p.output_tok_s:,.0f} out tok/s ({p.output_tok_s / raw:.3f}x raw)"
-                for n, p in passes.items()
-            ),
-        )
-        elapsed = time.monotonic() - bench_start
-        one = sum(p.seconds for p in passes.values())
-        if cfg.budget_seconds and i + 1 < cfg.rounds and elapsed + 1.1 * one > cfg.budget_seconds:
-            log.info(
-                "bench: stopping after %d round(s): --budget-seconds %g", i + 1, cfg.budget_seconds
-            )
-            break
-    return rounds
 
 
 def _median(values: list[float | None]) -> float | None:

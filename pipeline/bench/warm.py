@@ -200,6 +200,74 @@ class WarmSides:
         self.workers.clear()
 
 
+def place_sides(sides: list[Side], model: str) -> tuple[list[Side], dict[str, Any]]:
+    """The sides with each engine given its share of the GPU (as for `--replicas-per-gpu`,
+    counting every engine of every side), or of the CPU engine's KV cache; and that share."""
+    from pipeline.engines.vllm import CPU_KVCACHE_GIB
+    from pipeline.launch import visible_gpus
+    from pipeline.replicas import gpu_memory_bytes, replica_memory, weights_bytes
+
+    engines = sum(s.replicas for s in sides)
+    gpus = visible_gpus(os.environ)
+    if not gpus:
+        kv = max(int(os.environ.get("VLLM_CPU_KVCACHE_SPACE", CPU_KVCACHE_GIB)) // engines, 1)
+        env = {"VLLM_CPU_KVCACHE_SPACE": str(kv)}
+        share = {"engines_on_the_cpu": engines, "VLLM_CPU_KVCACHE_SPACE": kv}
+        return [dataclasses.replace(s, env={**s.env, **env}) for s in sides], share
+    memory = replica_memory(engines, gpu_memory_bytes(gpus[0]), weights_bytes(model))
+    share = {
+        "engines_on_the_gpu": engines,
+        "gpu_memory_utilization": memory.utilization,
+        "kv_cache_memory_bytes": memory.kv_cache_bytes,
+    }
+    placed = []
+    for side in sides:
+        args = dict(side.engine.engine_args)
+        if memory.kv_cache_bytes is not None:
+            args.setdefault("kv_cache_memory_bytes", memory.kv_cache_bytes)
+        engine = dataclasses.replace(
+            side.engine, gpu_memory_utilization=memory.utilization, engine_args=tuple(args.items())
+        )
+        placed.append(dataclasses.replace(side, engine=engine))
+    return placed, share
+
+
+def alternate(
+    warm: WarmSides, names: list[str], rounds: int, budget_seconds: float, started: float
+) -> list[dict[str, Any]]:
+    """The timed rounds: each side once per round, the order rotated so each goes first in
+    turn; no round starts that would end past `budget_seconds` after `started` (0: no limit).
+    Each round: {"order": [...], name: Pass}. Ratios in the log are to the first side."""
+    done: list[dict[str, Any]] = []
+    for i in range(rounds):
+        order = names[i % len(names) :] + names[: i % len(names)]
+        passes = {n: warm.run_pass(n, f"round-{i}") for n in order}
+        prompt_tokens = {p.prompt_tokens for p in passes.values()}
+        if len(prompt_tokens) != 1:
+            raise BatchgenError(
+                "the sides sent different prompts: "
+                + ", ".join(f"{n} {p.prompt_tokens} prompt tokens" for n, p in passes.items())
+            )
+        done.append({"order": order, **passes})
+        first = passes[names[0]].output_tok_s
+        log.info(
+            "round %d/%d (%s): %s",
+            i + 1,
+            rounds,
+            " -> ".join(order),
+            "; ".join(
+                f"{n} {p.output_tok_s:,.0f} out tok/s ({p.output_tok_s / first:.3f}x)"
+                for n, p in passes.items()
+            ),
+        )
+        one = sum(p.seconds for p in passes.values())
+        late = time.monotonic() - started + 1.1 * one > budget_seconds
+        if budget_seconds and i + 1 < rounds and late:
+            log.info("stopping after %d round(s): the budget of %g s", i + 1, budget_seconds)
+            break
+    return done
+
+
 def _first_gpu() -> str:
     visible = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0].strip()
     return visible or "0"

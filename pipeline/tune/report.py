@@ -16,6 +16,7 @@ from pipeline.bench.machine import OTHER_CPU_WARN, machine_info
 from pipeline.tune.search import Trial, settings_label, settings_text
 from pipeline.tune.space import FIELD_FLAGS, KNOBS
 from pipeline.tune.tuner import TuneConfig, Tuned
+from pipeline.tune.verify import format_verify
 
 
 def tune_report(cfg: TuneConfig, tuned: Tuned) -> dict[str, Any]:
@@ -162,6 +163,8 @@ def format_tune(report: dict[str, Any]) -> str:
             f"warning: other processes used up to {other:.0%} of this machine's CPU during the "
             "trials; on a quiet machine the spreads are smaller and small gains show"
         )
+    if report.get("verify"):
+        lines += format_verify(report["verify"])
     written = report.get("config_written")
     if written:
         lines.append(f"config: {written} (run it with: batchgen run --config {written})")

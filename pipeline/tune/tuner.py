@@ -27,9 +27,12 @@ class TuneConfig:
     """What `batchgen tune` does; `run` is the job, exactly as `batchgen run` would take it."""
 
     run: RunConfig
-    # Rows taken from the start of the input. More than max_num_seqs, or the engine never
-    # fills the way the whole job fills it; every pass runs them all.
-    sample: int = 256
+    # Rows taken from the start of the input; every pass runs them all. None: SAMPLE_SEQS x
+    # the baseline engine's max_num_seqs (at least MIN_SAMPLE), so a pass fills the engine,
+    # runs full and drains as a whole job does: with a sample of max_num_seqs rows or fewer
+    # every row runs at once, which a job never does, and trials overstated the run (36,769
+    # out tok/s on a 1,024-row sample of a job whose whole run makes ~20,000 on an H200).
+    sample: int | None = None
     repeats: int = 3  # timed passes per trial, after one untimed warm-up pass
     # Wall time for the whole tune, engine starts included; the baseline always runs.
     budget_seconds: float = 1800.0
@@ -38,9 +41,12 @@ class TuneConfig:
     min_gain: float = 0.03
     tries: tuple[tuple[str, Any], ...] = ()  # --try KEY=VALUE: only these values are tried
     allow_output_changes: bool = False
+    # After the search: this many alternating rounds of the whole job with the baseline's and
+    # the winner's settings (pipeline/tune/verify.py), each on a warm engine; 0: none.
+    verify_rounds: int = 0
 
     def __post_init__(self) -> None:
-        if self.sample < 1:
+        if self.sample is not None and self.sample < 1:
             raise ConfigError(f"--sample {self.sample}: must be at least 1")
         if self.repeats < 1:
             raise ConfigError(f"--repeats {self.repeats}: must be at least 1")
@@ -48,6 +54,8 @@ class TuneConfig:
             raise ConfigError("--budget-seconds must be 0 (no limit) or more")
         if not 0 <= self.min_gain < 1:
             raise ConfigError(f"--min-gain {self.min_gain}: must be a share in [0, 1), e.g. 0.03")
+        if self.verify_rounds < 0:
+            raise ConfigError(f"--verify {self.verify_rounds}: rounds, 0 (none) or more")
         check_tries(self.tries)
 
 
@@ -98,7 +106,8 @@ class TrialRunner:
             start_seconds = time.monotonic() - started
             if baseline:
                 self.described = engine.describe()
-                self.rows, self.refused = read_sample(self.cfg.run, self.job, self.cfg.sample)
+                count = self.cfg.sample or sample_size(engine.tunables())
+                self.rows, self.refused = read_sample(self.cfg.run, self.job, count)
             return self._passes(engine, start_seconds, floor)
         except Exception as exc:  # vLLM refuses a setting in many ways; a candidate's failure
             if baseline:  # is a result, the baseline's ends the tune
@@ -146,6 +155,16 @@ class TrialRunner:
                 else:
                     texts[(r.id, r.sample_index)] = f"error: {r.error}"
         return time.monotonic() - started, tokens, texts
+
+
+SAMPLE_SEQS = 4
+MIN_SAMPLE = 256
+
+
+def sample_size(tunables: dict[str, Any]) -> int:
+    """The default sample: SAMPLE_SEQS x the engine's max_num_seqs, at least MIN_SAMPLE."""
+    seqs = tunables.get("max_num_seqs") or 0
+    return max(SAMPLE_SEQS * int(seqs), MIN_SAMPLE)
 
 
 def read_sample(cfg: RunConfig, job: Job, count: int) -> tuple[list[PromptRow], int]:
