@@ -43,10 +43,13 @@ class Side:
     """One side of a comparison."""
 
     name: str  # "raw", "batchgen", "batchgen x2"
-    kind: str  # "raw": one LLM.generate call; "batchgen": the whole runner
+    kind: str  # "raw": one LLM.generate call; "batchgen": the whole runner; "trial": see sample
     engine: EngineConfig
     replicas: int = 1  # processes, each a rank of the rows on an engine of its own
     env: dict[str, str] = field(default_factory=dict)  # every worker's, e.g. the KV cache share
+    # kind "trial" (`batchgen tune`): `Engine.generate` over the first `sample` rows of the
+    # input, each replica taking every replicas-th of them, as a tune trial times one engine.
+    sample: int | None = None
 
 
 @dataclass(slots=True)
@@ -61,6 +64,8 @@ class Pass:
     gpu_busy: float | None = None  # mean share of time the GPU ran a kernel
     front_cpu: float | None = None  # CPU seconds per second of the workers themselves
     core_cpu: float | None = None  # ... of their children (vLLM's engine cores)
+    # kind "trial": every row's text, (id, sample index) -> text (error rows: their error)
+    texts: dict[tuple[str, int], str | None] | None = None
 
     @property
     def output_tok_s(self) -> float:
@@ -68,6 +73,7 @@ class Pass:
 
     def as_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
+        del out["texts"]
         out["seconds"] = round(self.seconds, 2)
         out["output_tok_s"] = round(self.output_tok_s, 1)
         return out
@@ -86,7 +92,7 @@ class _Worker:
         out = work / f"{_slug(side.name)}-r{rank}"
         self.proc = ctx.Process(
             target=_worker_main,
-            args=(child, side.kind, cfg, out, side.env),
+            args=(child, side.kind, cfg, out, side.env, side.sample),
             name=f"bench-{_slug(side.name)}-{rank}",
         )  # not a daemon: vLLM starts its engine core as a child process
         self.proc.start()
@@ -174,6 +180,9 @@ class WarmSides:
         after = [tree_cpu_seconds(w.proc.pid) for w in workers]
         front = sum(a[0] - b[0] for a, b in zip(after, before, strict=True)) / seconds
         core = sum(a[1] - b[1] for a, b in zip(after, before, strict=True)) / seconds
+        texts = None
+        if all(len(r) > 4 for r in replies):
+            texts = {k: v for r in replies for k, v in r[4].items()}
         return Pass(
             name,
             seconds,
@@ -183,6 +192,7 @@ class WarmSides:
             gpu_busy,
             round(front, 3),
             round(core, 3),
+            texts,
         )
 
     def close(self) -> None:
@@ -276,13 +286,15 @@ def _first_gpu() -> str:
 # --- inside a worker process --------------------------------------------------------------------
 
 
-def _worker_main(conn: Any, kind: str, cfg: RunConfig, out: Path, env: dict[str, str]) -> None:
+def _worker_main(
+    conn: Any, kind: str, cfg: RunConfig, out: Path, env: dict[str, str], sample: int | None
+) -> None:
     """A worker: start the engine, then answer ("pass", tag) until ("close",)."""
     os.environ.update(env)  # before vLLM or torch loads: CUDA_VISIBLE_DEVICES, KV cache share
     os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
     try:
         started = time.monotonic()
-        job, engine, rows = _start(kind, cfg, out.parent / f"engine-{out.name}.log")
+        job, engine, rows = _start(kind, cfg, out.parent / f"engine-{out.name}.log", sample)
         conn.send(("ready", time.monotonic() - started, engine.tunables()))
         while True:
             message = conn.recv()
@@ -290,6 +302,8 @@ def _worker_main(conn: Any, kind: str, cfg: RunConfig, out: Path, env: dict[str,
                 break
             if kind == "raw":
                 conn.send(("done", *_raw_pass(engine, rows)))
+            elif kind == "trial":
+                conn.send(("done", *_trial_pass(engine, rows, cfg)))
             else:
                 conn.send(("done", *_batchgen_pass(engine, cfg, out / message[1])))
         engine.close()
@@ -299,14 +313,20 @@ def _worker_main(conn: Any, kind: str, cfg: RunConfig, out: Path, env: dict[str,
         sys.exit(1)
 
 
-def _start(kind: str, cfg: RunConfig, log_path: Path) -> tuple[Any, Any, list]:
-    """The job, its started engine, and (raw side) every row of this rank as the run builds
-    them: ids, chat template, token ids, per-row sampling."""
+def _start(kind: str, cfg: RunConfig, log_path: Path, sample: int | None) -> tuple[Any, Any, list]:
+    """The job, its started engine, and the rows a pass sends, as the run builds them (ids,
+    chat template, token ids, per-row sampling): the raw side's every row of this rank; a
+    trial's every num_ranks-th row of the input's first `sample` (the sample one engine's
+    trial times, dealt out among the replicas)."""
     from pipeline.job import read_job
     from pipeline.runner import start_engine
     from pipeline.tune.tuner import read_sample
 
-    job = read_job(cfg)
+    if kind == "trial":
+        whole = dataclasses.replace(cfg, num_ranks=1, rank=0)
+        job = read_job(whole)
+    else:
+        job = read_job(cfg)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     engine = start_engine(cfg.engine, job, log_path)
     rows: list = []
@@ -314,6 +334,9 @@ def _start(kind: str, cfg: RunConfig, log_path: Path) -> tuple[Any, Any, list]:
         if not hasattr(engine, "raw_generate"):
             raise BatchgenError("the raw side needs the vllm engine")
         rows, _ = read_sample(cfg, job, sys.maxsize)
+    elif kind == "trial":
+        rows, _ = read_sample(whole, job, sample or sys.maxsize)
+        rows = rows[cfg.rank :: cfg.num_ranks]
     return job, engine, rows
 
 
@@ -321,6 +344,22 @@ def _raw_pass(engine: Any, rows: list) -> tuple[int, int, int]:
     engine.reset_prefix_cache()  # the other sides ran the same prompts
     prompts, output_tokens = engine.raw_generate(rows)
     return prompts, sum(len(r.token_ids) for r in rows), output_tokens
+
+
+def _trial_pass(engine: Any, rows: list, cfg: RunConfig) -> tuple:
+    """`Engine.generate` over the rows, as a tune trial's pass: counts and every row's text."""
+    from pipeline.engines import FaultPolicy, StopFlags
+
+    engine.reset_prefix_cache()
+    faults = FaultPolicy(restarts=0, stall_seconds=cfg.stall_seconds)
+    texts: dict[tuple[str, int], str | None] = {}
+    tokens = 0
+    for results in engine.generate(iter(rows), StopFlags(), cfg.max_inflight, faults):
+        for r in results:
+            ok = r.error is None
+            tokens += (r.completion_tokens or 0) if ok else 0
+            texts[(r.id, r.sample_index)] = r.text if ok else f"error: {r.error}"
+    return len(rows), sum(len(r.token_ids) for r in rows), tokens, texts
 
 
 def _batchgen_pass(engine: Any, cfg: RunConfig, out: Path) -> tuple[int, int, int]:

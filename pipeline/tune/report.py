@@ -14,7 +14,7 @@ from typing import Any
 from pipeline import __version__
 from pipeline.bench.machine import OTHER_CPU_WARN, machine_info
 from pipeline.tune.search import Trial, settings_label, settings_text
-from pipeline.tune.space import FIELD_FLAGS, KNOBS
+from pipeline.tune.space import FIELD_FLAGS, KNOBS, RUN_FLAGS
 from pipeline.tune.tuner import TuneConfig, Tuned
 from pipeline.tune.verify import format_verify
 
@@ -203,11 +203,12 @@ def job_config_toml(
     the tuned settings in place (`max-num-seqs`, `gpu-memory-utilization`, the rest as
     `engine-arg` entries, each replacing one of the job's with the same key)."""
     keys = dict(job_keys)
-    for key, flag in FIELD_FLAGS.items():
+    flags = {**FIELD_FLAGS, **RUN_FLAGS}
+    for key, flag in flags.items():
         if key in settings:
             keys[flag] = settings[key]
     args = [a for a in keys.get("engine-arg", ()) if _arg_key(a) not in settings]
-    args += [f"{k}={json.dumps(v)}" for k, v in settings.items() if k not in FIELD_FLAGS]
+    args += [f"{k}={json.dumps(v)}" for k, v in settings.items() if k not in flags]
     keys.pop("engine-arg", None)
     if args:
         keys["engine-arg"] = args

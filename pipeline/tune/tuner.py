@@ -5,8 +5,10 @@ trial's settings; the search itself is pipeline/tune/search.py."""
 from __future__ import annotations
 
 import logging
+import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from pipeline.bench.machine import OtherCpuMeter
@@ -101,6 +103,8 @@ class TrialRunner:
     def measure(self, settings: dict[str, Any], floor: float | None) -> Measurement:
         baseline = self.rows is None
         started = time.monotonic()
+        if settings.get("replicas_per_gpu", 1) > 1:
+            return self._replicas(settings, started)
         try:
             engine = start_engine(apply_settings(self.cfg.run.engine, settings), self.job)
             start_seconds = time.monotonic() - started
@@ -136,6 +140,41 @@ class TrialRunner:
             tunables=engine.tunables(),
             other_cpu=meter.share(),
             cut_short=cut_short,
+        )
+
+    def _replicas(self, settings: dict[str, Any], started: float) -> Measurement:
+        """A trial of several engines sharing the GPU, each in a worker process of its own
+        (pipeline/bench/warm.py), the sample dealt out among them; every pass timed from the
+        first replica's start to the last one's end."""
+        from pipeline.bench.warm import Side, WarmSides, place_sides
+        from pipeline.engines import close_engines
+
+        assert self.rows is not None and self.described is not None
+        close_engines()  # the in-process trial engine: the replicas need the memory
+        n = settings["replicas_per_gpu"]
+        engine = apply_settings(self.cfg.run.engine, settings)
+        sides, _ = place_sides([Side("trial", "trial", engine, n, sample=len(self.rows))],
+                               self.described["model"])  # fmt: skip
+        try:
+            with (
+                tempfile.TemporaryDirectory(prefix="batchgen-tune-") as tmp,
+                WarmSides(sides, self.cfg.run, Path(tmp), parallel=True) as warm,
+            ):
+                warm.start()
+                start_seconds = time.monotonic() - started
+                first = warm.run_pass("trial", "warm-up").texts
+                passes = [warm.run_pass("trial", f"pass-{i}") for i in range(self.cfg.repeats)]
+        except Exception as exc:
+            return Measurement(
+                start_seconds=time.monotonic() - started, error=f"{type(exc).__name__}: {exc}"
+            )
+        return Measurement(
+            tok_s=[p.output_tok_s for p in passes],
+            output_tokens=passes[-1].output_tokens,
+            start_seconds=start_seconds,
+            texts=first,
+            unstable_rows=rows_differ(first, passes[-1].texts)[0] or 0,
+            tunables={"replicas_per_gpu": n},
         )
 
     def _pass(self, engine: Engine) -> tuple[float, int, dict[tuple[str, int], str | None]]:
