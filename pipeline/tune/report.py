@@ -130,14 +130,7 @@ def format_tune(report: dict[str, Any]) -> str:
             f"{t['trial']:>4}{mark}  {what:<34}{tok:>10}{spread:>8}{gain:>7}{start:>9}  "
             f"{t['verdict']}"
         )
-    if report["not_tried"]:
-        lines.append("")
-        lines.append("not tried:")
-        for item in report["not_tried"]:
-            name = item["setting"]
-            if item["value"] is not None:
-                name = settings_label({name: item["value"]})
-            lines.append(f"  {name}: {item['why']}")
+    lines += _not_tried_lines(report)
     w, b = report["winner"], report["baseline"]
     lines.append("")
     if w["trial"] == 0:
@@ -169,6 +162,19 @@ def format_tune(report: dict[str, Any]) -> str:
     if written:
         lines.append(f"config: {written} (run it with: batchgen run --config {written})")
     return "\n".join(lines)
+
+
+def _not_tried_lines(report: dict[str, Any]) -> list[str]:
+    lines: list[str] = []
+    if report["not_tried"]:
+        lines.append("")
+        lines.append("not tried:")
+        for item in report["not_tried"]:
+            name = item["setting"]
+            if item["value"] is not None:
+                name = settings_label({name: item["value"]})
+            lines.append(f"  {name}: {item['why']}")
+    return lines
 
 
 def _outputs_line(report: dict[str, Any]) -> str:
