@@ -253,6 +253,7 @@ class NodeRun:
             *rank_command(),
             "run",
             *self.flags,
+            *slot.flags,
             "--num-ranks",
             str(n),
             "--rank",

@@ -22,6 +22,7 @@ class Slot:
     env: dict[str, str]
     cpus: tuple[int, ...] | None  # process affinity; None: leave it
     where: str  # for the log: "GPU 0,1", "CPU core 1, 1 GiB KV cache"
+    flags: tuple[str, ...] = ()  # `batchgen run` flags of this slot alone (--replicas-per-gpu)
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,13 +68,24 @@ def plan_node(
     tensor_parallel_size: int,
     env: Mapping[str, str] | None = None,
     cpus: list[int] | None = None,
+    replicas_per_gpu: int = 1,
+    run_flags: Mapping[str, object] | None = None,
 ) -> NodePlan:
     """The slots for `--data-parallel N` (or `auto`: every visible GPU divided by the tensor
     parallel size; 1 without GPUs), and the run's rank count: `--num-ranks` where given (then
-    ranks wait for a free slot), else one rank per slot."""
+    ranks wait for a free slot), else one rank per slot. `replicas_per_gpu` > 1: that many
+    slots share each GPU (pipeline/replicas.py computes their memory shares from `run_flags`)."""
     env = os.environ if env is None else env
     gpus = visible_gpus(env)
     tp = tensor_parallel_size
+    if replicas_per_gpu > 1:
+        from pipeline.replicas import replica_slots
+
+        made = replica_slots(env, gpus, data_parallel, tp, replicas_per_gpu, run_flags or {})
+        slots = tuple(Slot(e, None, where, tuple(f)) for e, f, where in made)
+        if num_ranks is not None and len(slots) > num_ranks:
+            slots = slots[:num_ranks]
+        return NodePlan(num_ranks or len(slots), slots)
     if data_parallel == "auto":
         slots = max(len(gpus) // tp, 1)
         if num_ranks is not None:

@@ -12,6 +12,7 @@ import pytest
 from conftest import REAL_ENGINE, run_cli
 
 from pipeline.bench import BenchConfig, make_prompts
+from pipeline.bench.stats import bootstrap_median, spread, spread_text
 from pipeline.errors import ConfigError
 
 # (arguments after `bench`, the exact error line); all fail before any engine or model loads.
@@ -83,6 +84,29 @@ BAD_BENCH_FLAGS = [
     ),
     pytest.param(
         ["--task", "  "], "--task: give the instruction every prompt starts with", id="blank-task"
+    ),
+    pytest.param(
+        ["--replicas-per-gpu", "1,x"],
+        "Invalid value for --replicas-per-gpu: '1,x': expected distinct replica counts separated "
+        "by commas, e.g. 1,2",
+        id="replicas-not-numbers",
+    ),
+    pytest.param(
+        ["--replicas-per-gpu", "2,2"],
+        "Invalid value for --replicas-per-gpu: '2,2': expected distinct replica counts separated "
+        "by commas, e.g. 1,2",
+        id="replicas-twice",
+    ),
+    pytest.param(
+        ["--replicas-per-gpu", "1,2", "--with-transformers"],
+        "--replicas-per-gpu and --raw-defaults run each side on engines of its own: drop "
+        "--server and --with-transformers",
+        id="replicas-with-transformers",
+    ),
+    pytest.param(
+        ["--memory", "--replicas-per-gpu", "2"],
+        "--replicas-per-gpu: only for the throughput bench; drop --memory",
+        id="replicas-with-memory",
     ),
 ]
 
@@ -234,3 +258,19 @@ def test_bench_json_end_to_end_on_the_real_engine(tmp_path: Path) -> None:
     assert report["shards_per_run"] == 8  # rows_per_shard 8 // 8 = 1
     assert len(report["rounds"]) == 1
     assert report["machine"]["vllm"]
+
+
+def test_spread_reports_median_min_max_and_a_reproducible_bootstrap_interval() -> None:
+    ratios = [0.84, 1.16, 1.07, 1.02, 0.98]
+    s = spread(ratios)
+    assert (s["median"], s["min"], s["max"], s["rounds"]) == (1.02, 0.84, 1.16, 5)
+    lo, hi = s["bootstrap_90"]
+    assert 0.84 <= lo <= 1.02 <= hi <= 1.16 and lo < hi
+    assert spread(ratios) == s  # seeded: the same rounds give the same interval
+    assert spread_text(s) == (
+        f"1.020 (min-max 0.840-1.160, 90% bootstrap {lo:.3f}-{hi:.3f}, 5 rounds)"
+    )
+    assert bootstrap_median([1.5]) == (1.5, 1.5)
+    # five rounds: a 90% interval of the median spans about min-max; more rounds narrow it
+    nine = spread([0.84, 1.16, 1.07, 1.02, 0.98, 1.0, 1.05, 0.95, 1.1])
+    assert 0.84 < nine["bootstrap_90"][0] < nine["median"] < nine["bootstrap_90"][1] < 1.16

@@ -19,7 +19,9 @@ from pipeline.config import EngineConfig
 from pipeline.errors import BatchgenError, ConfigError
 from pipeline.tune import apply_settings, baseline_engine, job_config_toml
 from pipeline.tune.search import EARLY_STOP, Measurement, search
-from pipeline.tune.space import NGRAM_DRAFTS, NGRAM_GPU_DRAFTS, Space
+from pipeline.tune.space import KNOBS, NGRAM_DRAFTS, NGRAM_GPU_DRAFTS, Space
+
+KNOB_BY_KEY = {k.key: k for k in KNOBS}
 
 # What vLLM 0.32 resolves on this CPU machine for the bundled model (Engine.tunables()).
 CPU = {
@@ -354,6 +356,7 @@ def test_a_failed_baseline_ends_the_tune() -> None:
         (GPU, 4096, "speculative_config", {}, (None, *NGRAM_GPU_DRAFTS), 0),
         (GPU, 4096, "gpu_memory_utilization", {}, (0.92, 0.95), 0),
         (GPU, 4096, "max_cudagraph_capture_size", {"max_num_seqs": 2048}, (512, 2048), 0),
+        (GPU, 4096, "replicas_per_gpu", {}, (1, 2, 3, 4), 0),
     ],
 )
 def test_ladders(effective, sample, key, incumbent, values, start) -> None:
@@ -573,11 +576,13 @@ def test_tune_on_the_fake_engine_writes_a_config_run_accepts(tmp_path: Path) -> 
             ["--try", "max_num_sequences=8"],
             "--try max_num_sequences=...: not a setting batchgen tune searches; those are: "
             "speculative_config, max_num_seqs, max_num_batched_tokens, enable_chunked_prefill, "
-            "enable_prefix_caching, gpu_memory_utilization, max_cudagraph_capture_size",
+            "enable_prefix_caching, gpu_memory_utilization, max_cudagraph_capture_size, "
+            "replicas_per_gpu",
         ),
         (["--try", "max_num_seqs"], "Invalid value for --try: 'max_num_seqs': expected "
          "KEY=VALUE, e.g. --try max_num_seqs=64"),
         (["--sample", "0"], "--sample 0: must be at least 1"),
+        (["--verify", "-1"], "Invalid value for '--verify': -1 is not in the range x>=0."),
         (["--repeats", "0"], "--repeats 0: must be at least 1"),
         (["--min-gain", "1.5"], "--min-gain 1.5: must be a share in [0, 1), e.g. 0.03"),
     ],
@@ -661,3 +666,60 @@ def test_tune_on_the_real_engine_writes_a_config_run_accepts(tmp_path: Path) -> 
     run_cli("run", "--config", written, "--parquet", two, "--output", tmp_path / "run")
     table = read_output(tmp_path / "run")
     assert table.num_rows == 2 and table.column("error").null_count == 2
+
+
+def test_verify_runs_the_whole_job_as_baseline_and_winner_and_scores_the_trials() -> None:
+    """--verify 2 on the fake engine: the default sample takes every row of this 48-row input
+    (4 x max_num_seqs is more), then two alternating rounds of the whole job, each side in a
+    warm worker process; each trial's figure is set against its side's whole run."""
+    args = run_args(SAMPLE, "x", *FAKE_ENGINE, "--max-tokens", "8")[1:-2]
+    result = run_cli("tune", *args, "--repeats", "1", "--try", "max_num_seqs=4", "--verify", "2",
+                     "--json")  # fmt: skip
+    report = json.loads(result.stdout)
+    assert report["sample"]["rows"] == 48
+    v = report["verify"]
+    assert v["rounds"] == 2 and v["ratio"]["rounds"] == 2
+    for name in ("baseline", "winner"):
+        side = v["sides"][name]
+        assert side["rows"] == 48 and side["output_tokens_median"] == 48 * 8
+        assert side["run_output_tok_s"]["median"] > 0
+        trial = report["trials"][0 if name == "baseline" else report["winner"]["trial"]]
+        expected = trial["median_output_tok_s"] / side["run_output_tok_s"]["median"] - 1
+        assert abs(side["trial_error"] - expected) < 0.01
+        assert side["trial_predicts_run"] == (abs(side["trial_error"]) <= 0.10)
+    text = run_cli("tune", *args, "--repeats", "1", "--try", "max_num_seqs=4", "--verify", "1")
+    assert "\nverify: the whole job, 1 alternating round(s) on warm engines\n" in text.output
+    assert "winner / baseline on the whole job: " in text.output
+
+
+def test_replicas_are_a_run_flag_not_an_engine_arg() -> None:
+    engine = EngineConfig(engine_args=(("max_num_batched_tokens", 8192),))
+    settings = {"replicas_per_gpu": 2, "max_num_seqs": 512}
+    assert apply_settings(engine, settings) == EngineConfig(
+        max_num_seqs=512, engine_args=(("max_num_batched_tokens", 8192),)
+    )
+    assert Space(GPU, 4096).candidate(KNOB_BY_KEY["replicas_per_gpu"], 1, settings) == {
+        "max_num_seqs": 512
+    }  # one replica is the job's own setting: left out
+    toml = job_config_toml({"parquet": "p"}, settings, ["h"])
+    assert toml == '# h\n\nparquet = "p"\nmax-num-seqs = 512\nreplicas-per-gpu = 2\n'
+
+
+def test_a_replica_trial_deals_the_sample_out_and_answers_every_row(tmp_path: Path) -> None:
+    """Two replicas (worker processes, fake engine): every sample row answered once, with the
+    texts one engine gives, timed over the configured passes."""
+    from pipeline.cli.flags import run_config
+    from pipeline.cli.run import run
+    from pipeline.job import read_job
+    from pipeline.tune.tuner import TrialRunner, TuneConfig
+
+    ctx = run.make_context("run", run_args(SAMPLE, tmp_path / "o", *FAKE_ENGINE)[1:])
+    cfg = TuneConfig(run=run_config(dict(ctx.params, num_ranks=1, rank=0)), sample=20,
+                     repeats=2)  # fmt: skip
+    trials = TrialRunner(cfg, read_job(cfg.run))
+    one = trials.measure({}, None)
+    two = trials.measure({"replicas_per_gpu": 2}, None)
+    assert two.error is None, two.error
+    assert len(two.tok_s) == 2 and two.tunables == {"replicas_per_gpu": 2}
+    assert two.texts == one.texts and len(two.texts) == 20
+    assert two.output_tokens == one.output_tokens

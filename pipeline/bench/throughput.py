@@ -1,7 +1,7 @@
 """Throughput: raw vLLM vs batchgen on one engine, in alternating rounds.
 
-One engine, started once, serves both sides in turns (with `raw_engine`, each side has its
-own engine, started in turn: see `_Sides`):
+One engine, started once, serves both sides in turns (with `raw_engine` or `replicas`, each
+side runs on engines of its own, kept warm in worker processes: pipeline/bench/compare.py):
   (a) raw `LLM.generate` over every prompt in one call, given the prompts as token ids (the
       engine module runs it: `VllmEngine.raw_generate`);
   (b) the full `batchgen run` (`pipeline.runner.run`) from a Parquet file of prompt text to
@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import logging
 import shutil
-import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.bench.machine import OTHER_CPU_WARN, OtherCpuMeter, bench_folder, machine_info
+from pipeline.bench.machine import OtherCpuMeter, bench_folder
+from pipeline.bench.throughput_report import format_throughput, throughput_report
 from pipeline.bench.workload import make_prompts, write_prompt_file
 from pipeline.config import (
     EngineConfig,
@@ -83,6 +83,15 @@ class BenchConfig:
     # Stop at end-of-sequence, as a job does: budgets become caps, and each side's own output
     # tokens count (they differ where the two sides' greedy texts do).
     stop_at_eos: bool = False
+    # Replica counts of the batchgen sides (`--replicas-per-gpu 1,2`): each a side of its own,
+    # its replicas sharing the GPU. Given (or with raw_engine), every side runs on engines of its
+    # own kept warm in worker processes (pipeline/bench/compare.py).
+    replicas: tuple[int, ...] = ()
+
+    @property
+    def warm_sides(self) -> bool:
+        """Whether the sides need engines of their own (pipeline/bench/compare.py)."""
+        return bool(self.replicas) or self.raw_engine is not None
 
     @property
     def constrained(self) -> bool:
@@ -134,6 +143,13 @@ class BenchConfig:
             raise ConfigError(
                 "--lora: the server holds its own adapters; drop --lora with --server"
             )
+        if any(n < 1 for n in self.replicas):
+            raise ConfigError("--replicas-per-gpu: each count must be at least 1, e.g. 1,2")
+        if self.warm_sides and (self.server is not None or self.with_transformers):
+            raise ConfigError(
+                "--replicas-per-gpu and --raw-defaults run each side on engines of its own: drop "
+                "--server and --with-transformers"
+            )
         if self.server is not None and self.raw_engine is not None:
             raise ConfigError(
                 "--raw-defaults starts a second engine for the raw side; with --server side (b) "
@@ -182,10 +198,13 @@ class Timing:
 
 
 def run_throughput(cfg: BenchConfig) -> dict[str, Any]:
-    """Start one engine, time raw vLLM and batchgen over the same prompts, return the report."""
-    from pipeline.engines import get_engine
-    from pipeline.models import generation_defaults, resolve_model
-    from pipeline.prompts import PromptBuilder, load_tokenizer
+    """Time raw vLLM and batchgen over the same prompts, return the report: on one shared
+    engine, or (`cfg.warm_sides`) on engines of each side's own (pipeline/bench/compare.py)."""
+    if cfg.warm_sides:
+        from pipeline.bench.compare import run_warm
+
+        return run_warm(cfg)
+    from pipeline.models import resolve_model
 
     bench_start = time.monotonic()
     model = resolve_model(cfg.engine.model)
@@ -201,180 +220,167 @@ def run_throughput(cfg: BenchConfig) -> dict[str, Any]:
         )
         adapters = cfg.adapters(len(texts))
         src = write_prompt_file(work / "prompts.parquet", texts, budgets, adapters)
-        run_cfg = _run_config(cfg, src, work / "out", cfg.shard_rows)
-        sampling = run_cfg.sampling.resolve(generation_defaults(model))
-
-        log.info("bench: starting the engine (%s)...", model)
-        engine = get_engine(cfg.engine, model)
-        if not hasattr(engine, "raw_generate"):
-            raise BatchgenError("the throughput bench needs the vllm engine")
-        engine_start = engine.start_seconds
+        engine = _start_engine(cfg, model)
         server = _open_server(cfg, model)
-        limit = engine.max_model_len
-        if cfg.max_prompt_tokens + cfg.max_tokens > limit:
-            raise ConfigError(
-                f"--max-prompt-tokens {cfg.max_prompt_tokens} + --max-tokens {cfg.max_tokens} "
-                f"exceed the model's context of {limit} tokens; lower one of them or raise "
-                "--max-model-len"
-            )
-
-        # The raw side gets the very token ids batchgen will send: same tokenizer, same template,
-        # and the row ids batchgen gives these rows (`file:row`), so with --temperature above 0
-        # the per-row seeds match too.
-        builder = PromptBuilder(
-            run_cfg.prompt,
-            load_tokenizer(model),
-            (),
-            "max_tokens",
-            sampling,
-            cfg.engine.seed,
-            adapters=tuple(n for n, _ in cfg.engine.loras),
-            lora_column=run_cfg.lora_column,
-        )
-        builder.max_model_len = limit
-        columns = {"prompt": texts, "max_tokens": budgets}
-        if adapters is not None:
-            columns["adapter"] = adapters
-        rows = builder.build(
-            [f"{src.name}:{i}" for i in range(len(texts))], columns, range(len(texts))
-        )
-        bad = [r for r in rows if r.error is not None]
-        if bad:
-            raise BatchgenError(f"bench prompt {bad[0].id} was refused: {bad[0].error}")
-        token_ids = [r.token_ids for r in rows]
-        prompt_lens = [len(t) for t in token_ids]
-
-        _warm_up(engine, cfg, work, rows)
-        sides = _Sides(cfg, model, engine, rows)
-
-        timings: list[tuple[Timing, Timing]] = []
-        shards: int | None = None
-        for i in range(cfg.rounds):
-            # Alternate which side goes first (ABBA), so drift in the machine's speed over the
-            # bench does not favour one side. With two engines the first round starts on
-            # batchgen's (warm) one, and the one switch of each round falls inside it.
-            run_cfg = _run_config(cfg, src, work / f"out-{i}", cfg.shard_rows)
-            raw_first = (i % 2 == 0) == (cfg.raw_engine is None)
-            if raw_first:
-                raw = _time_raw(sides.engine("raw"), rows)
-                ours, shards = _time_batchgen(sides.engine("batchgen"), run_cfg, model, server)
-            else:
-                ours, shards = _time_batchgen(sides.engine("batchgen"), run_cfg, model, server)
-                raw = _time_raw(sides.engine("raw"), rows)
-            if not cfg.own_lengths and raw.output_tokens != sum(budgets):
-                raise BatchgenError(
-                    f"raw vLLM generated {raw.output_tokens} tokens, not the {sum(budgets)} the "
-                    "budgets ask for: this vLLM does not honour ignore_eos/max_tokens"
-                )
-            same = ours.prompt_tokens == raw.prompt_tokens and (
-                cfg.own_lengths or ours.output_tokens == raw.output_tokens
-            )
-            if not same:
-                raise BatchgenError(
-                    "raw vLLM and batchgen did different work: "
-                    f"{raw.prompt_tokens}+{raw.output_tokens} vs "
-                    f"{ours.prompt_tokens}+{ours.output_tokens} prompt+output tokens"
-                )
-            timings.append((raw, ours))
-            log.info(
-                "bench round %d/%d (%s first): raw %.1f s (%.1f out tok/s), batchgen %.1f s "
-                "(%.1f out tok/s), ratio %.3f; other processes' CPU share %s / %s",
-                i + 1,
-                cfg.rounds,
-                "raw" if raw_first else "batchgen",
-                raw.seconds,
-                raw.output_tok_s,
-                ours.seconds,
-                ours.output_tok_s,
-                ours.output_tok_s / raw.output_tok_s,
-                raw.other_cpu,
-                ours.other_cpu,
-            )
-            elapsed = time.monotonic() - bench_start
-            pair = raw.seconds + ours.seconds + sides.switch_seconds()
-            if (
-                cfg.budget_seconds
-                and i + 1 < cfg.rounds
-                and elapsed + 1.1 * pair > cfg.budget_seconds
-            ):
-                log.info(
-                    "bench: stopping after %d round(s): another would pass --budget-seconds %g",
-                    i + 1,
-                    cfg.budget_seconds,
-                )
-                break
-
+        rows = _bench_rows(cfg, model, engine, src, texts, budgets, adapters)
+        cold = _warm_up(engine, cfg, work, rows)
+        timings, shards = _rounds(cfg, engine, rows, src, work, model, server, bench_start)
         floor = None
-        engine = sides.last["batchgen"]  # its settings are what the report describes
         if cfg.with_transformers:
             described = engine.describe()
-            _shutdown(sides.current)
+            _shutdown(engine)
+            token_ids = [r.token_ids for r in rows]
             floor = _time_transformers(cfg, model, token_ids, budgets, described["dtype"])
-
-        report = _throughput_report(
-            cfg, engine, engine_start, timings, prompt_lens, budgets, shards, floor
+        prompt_lens = [len(r.token_ids) for r in rows]
+        report = throughput_report(
+            cfg, engine, engine.start_seconds, timings, prompt_lens, budgets, shards, floor
         )
-        report["engine_starts_s"] = [round(s, 1) for s in sides.starts]
-        report["tunables"] = sides.tunables
+        report["cold_pass_s"] = round(cold, 2)
+        report["tunables"] = {"batchgen": engine.tunables()}
         if server is not None:
-            report["server"] = {
-                "url": server.url,
-                "vllm": server.version,
-                "model": server.model,
-                "prefix_cache_reset": server.prefix_cache_resets > 0,
-            }
-            report["batchgen_input"] += f", sent to {server.url} as token ids over HTTP"
-            # The server's processes are "other processes" to this bench while (b) runs.
-            report["other_cpu_max"] = max(
-                (r.other_cpu for r, _ in timings if r.other_cpu is not None), default=None
-            )
-            server.close()
+            _add_server(report, server, timings)
         report["bench_seconds"] = round(time.monotonic() - bench_start, 1)
         return report
 
 
-class _Sides:
-    """The engine each side runs on. One shared engine; or, with `raw_engine`, the raw side's
-    and batchgen's in turn (only one vLLM engine fits at a time, so a switch closes the other
-    and starts this one). A fresh engine gets an untimed raw warm-up pass over every prompt
-    first, as the shared one did: its first pass runs ~10% slow on CPU."""
+def _start_engine(cfg: BenchConfig, model: str) -> Any:
+    from pipeline.engines import get_engine
 
-    def __init__(self, cfg: BenchConfig, model: str, engine: Any, rows: list) -> None:
-        self.cfg, self.model, self.rows = cfg, model, rows
-        self.current = engine  # batchgen's engine, started and warmed up by the caller
-        self.last = {"batchgen": engine, "raw": engine}  # each side's latest engine
-        self.starts = [engine.start_seconds]
-        self.warm_ups: list[float] = []
-        self.tunables: dict[str, Any] = {"batchgen": engine.tunables()}
-        if cfg.raw_engine is None:
-            self.tunables["raw"] = self.tunables["batchgen"]
+    log.info("bench: starting the engine (%s)...", model)
+    engine = get_engine(cfg.engine, model)
+    if not hasattr(engine, "raw_generate"):
+        raise BatchgenError("the throughput bench needs the vllm engine")
+    limit = engine.max_model_len
+    if cfg.max_prompt_tokens + cfg.max_tokens > limit:
+        raise ConfigError(
+            f"--max-prompt-tokens {cfg.max_prompt_tokens} + --max-tokens {cfg.max_tokens} "
+            f"exceed the model's context of {limit} tokens; lower one of them or raise "
+            "--max-model-len"
+        )
+    return engine
 
-    def engine(self, side: str) -> Any:
-        config = self.cfg.raw_engine if side == "raw" else self.cfg.engine
-        if config is None:
-            return self.current
-        from pipeline.engines import get_engine
 
-        engine = get_engine(config, self.model)
-        self.last[side] = engine
-        if engine is not self.current:
-            self.current = engine
-            self.starts.append(engine.start_seconds)
-            self.tunables[side] = engine.tunables()
+def _bench_rows(
+    cfg: BenchConfig,
+    model: str,
+    engine: Any,
+    src: Path,
+    texts: list[str],
+    budgets: list[int],
+    adapters: list[str | None] | None,
+) -> list:
+    """The rows as batchgen will send them: the raw side gets the very token ids (same
+    tokenizer, same template), and the row ids batchgen gives these rows (`file:row`), so with
+    --temperature above 0 the per-row seeds match too."""
+    from pipeline.models import generation_defaults
+    from pipeline.prompts import PromptBuilder, load_tokenizer
+
+    run_cfg = bench_run_config(cfg, src, src.parent / "out", cfg.shard_rows)
+    builder = PromptBuilder(
+        run_cfg.prompt,
+        load_tokenizer(model),
+        (),
+        "max_tokens",
+        run_cfg.sampling.resolve(generation_defaults(model)),
+        cfg.engine.seed,
+        adapters=tuple(n for n, _ in cfg.engine.loras),
+        lora_column=run_cfg.lora_column,
+    )
+    builder.max_model_len = engine.max_model_len
+    columns = {"prompt": texts, "max_tokens": budgets}
+    if adapters is not None:
+        columns["adapter"] = adapters
+    rows = builder.build([f"{src.name}:{i}" for i in range(len(texts))], columns, range(len(texts)))
+    bad = [r for r in rows if r.error is not None]
+    if bad:
+        raise BatchgenError(f"bench prompt {bad[0].id} was refused: {bad[0].error}")
+    return rows
+
+
+def _rounds(
+    cfg: BenchConfig,
+    engine: Any,
+    rows: list,
+    src: Path,
+    work: Path,
+    model: str,
+    server: Any,
+    bench_start: float,
+) -> tuple[list[tuple[Timing, Timing]], int | None]:
+    """The timed rounds on the shared engine, alternating which side goes first (ABBA), so
+    drift in the machine's speed over the bench does not favour one side."""
+    budget = sum(r.max_tokens for r in rows) if not cfg.own_lengths else None
+    timings: list[tuple[Timing, Timing]] = []
+    shards: int | None = None
+    for i in range(cfg.rounds):
+        run_cfg = bench_run_config(cfg, src, work / f"out-{i}", cfg.shard_rows)
+        if i % 2 == 0:
+            raw = _time_raw(engine, rows)
+            ours, shards = _time_batchgen(engine, run_cfg, model, server)
+        else:
+            ours, shards = _time_batchgen(engine, run_cfg, model, server)
+            raw = _time_raw(engine, rows)
+        _check_same_work(cfg, raw, ours, budget)
+        timings.append((raw, ours))
+        log.info(
+            "bench round %d/%d (%s first): raw %.1f s (%.1f out tok/s), batchgen %.1f s "
+            "(%.1f out tok/s), ratio %.3f; other processes' CPU share %s / %s",
+            i + 1,
+            cfg.rounds,
+            "raw" if i % 2 == 0 else "batchgen",
+            raw.seconds,
+            raw.output_tok_s,
+            ours.seconds,
+            ours.output_tok_s,
+            ours.output_tok_s / raw.output_tok_s,
+            raw.other_cpu,
+            ours.other_cpu,
+        )
+        elapsed = time.monotonic() - bench_start
+        pair = raw.seconds + ours.seconds
+        if cfg.budget_seconds and i + 1 < cfg.rounds and elapsed + 1.1 * pair > cfg.budget_seconds:
             log.info(
-                "bench: %s engine started in %.1f s; warm-up pass...", side, engine.start_seconds
+                "bench: stopping after %d round(s): another would pass --budget-seconds %g",
+                i + 1,
+                cfg.budget_seconds,
             )
-            self.warm_ups.append(_time_raw(engine, self.rows).seconds)
-        return engine
-
-    def switch_seconds(self) -> float:
-        """What one switch of engines costs (start and warm-up pass); 0 with one engine."""
-        if self.cfg.raw_engine is None or not self.warm_ups:
-            return 0.0
-        return statistics.fmean(self.starts[1:]) + statistics.fmean(self.warm_ups)
+            break
+    return timings, shards
 
 
-def _run_config(cfg: BenchConfig, src: Path, out: Path, rows_per_shard: int) -> RunConfig:
+def _check_same_work(cfg: BenchConfig, raw: Timing, ours: Timing, budget: int | None) -> None:
+    if budget is not None and raw.output_tokens != budget:
+        raise BatchgenError(
+            f"raw vLLM generated {raw.output_tokens} tokens, not the {budget} the "
+            "budgets ask for: this vLLM does not honour ignore_eos/max_tokens"
+        )
+    same = ours.prompt_tokens == raw.prompt_tokens and (
+        cfg.own_lengths or ours.output_tokens == raw.output_tokens
+    )
+    if not same:
+        raise BatchgenError(
+            "raw vLLM and batchgen did different work: "
+            f"{raw.prompt_tokens}+{raw.output_tokens} vs "
+            f"{ours.prompt_tokens}+{ours.output_tokens} prompt+output tokens"
+        )
+
+
+def _add_server(report: dict[str, Any], server: Any, timings: list) -> None:
+    report["server"] = {
+        "url": server.url,
+        "vllm": server.version,
+        "model": server.model,
+        "prefix_cache_reset": server.prefix_cache_resets > 0,
+    }
+    report["batchgen_input"] += f", sent to {server.url} as token ids over HTTP"
+    # The server's processes are "other processes" to this bench while (b) runs.
+    report["other_cpu_max"] = max(
+        (r.other_cpu for r, _ in timings if r.other_cpu is not None), default=None
+    )
+    server.close()
+
+
+def bench_run_config(cfg: BenchConfig, src: Path, out: Path, rows_per_shard: int) -> RunConfig:
     return RunConfig(
         source=SourceConfig(parquet=str(src)),
         prompt=PromptConfig(prompt_column="prompt", chat=cfg.chat, system_prompt=cfg.system_prompt),
@@ -394,7 +400,7 @@ def _run_config(cfg: BenchConfig, src: Path, out: Path, rows_per_shard: int) -> 
     )
 
 
-def _warm_up(engine: Any, cfg: BenchConfig, work: Path, rows: list) -> None:
+def _warm_up(engine: Any, cfg: BenchConfig, work: Path, rows: list) -> float:
     """An untimed pass through both paths, so neither timed side pays first-call costs.
 
     The raw pass covers the whole prompt set: a short one left the first timed pass ~10% slower
@@ -405,10 +411,10 @@ def _warm_up(engine: Any, cfg: BenchConfig, work: Path, rows: list) -> None:
     src = write_prompt_file(work / "warmup.parquet", texts, budgets, cfg.adapters(len(texts)))
     from pipeline.runner import run
 
-    run(_run_config(cfg, src, work / "warmup-out", 4))
+    run(bench_run_config(cfg, src, work / "warmup-out", 4))
     shutil.rmtree(work / "warmup-out", ignore_errors=True)
-    log.info("bench: warm-up pass over all %d prompts (untimed)...", len(rows))
-    _time_raw(engine, rows)
+    log.info("bench: cold pass over all %d prompts (untimed, reported as cold_pass_s)", len(rows))
+    return _time_raw(engine, rows).seconds
 
 
 def _time_raw(engine: Any, rows: list) -> Timing:
@@ -537,194 +543,10 @@ def _time_transformers(
     return Timing("transformers", seconds, n, sum(len(t) for t in token_ids[:n]), sum(budgets[:n]))
 
 
-def _throughput_report(
-    cfg: BenchConfig,
-    engine: Any,
-    engine_start: float,
-    timings: list[tuple[Timing, Timing]],
-    prompt_lens: list[int],
-    budgets: list[int],
-    shards: int | None,
-    floor: Timing | None,
-) -> dict[str, Any]:
-    raw_out = statistics.median(r.output_tok_s for r, _ in timings)
-    ours_out = statistics.median(b.output_tok_s for _, b in timings)
-    described = engine.describe()
-    paired = statistics.median(b.output_tok_s / r.output_tok_s for r, b in timings)
-    report: dict[str, Any] = {
-        # The median of the per-round ratios. Each round's two passes ran back to back, so a
-        # machine whose speed drifts over the bench moves this much less than the ratio of the
-        # two sides' medians (on the CPU here: 0.990 vs 1.020 in one run).
-        "ratio": round(paired, 4),
-        "ratio_of_medians": round(ours_out / raw_out, 4),
-        "raw_output_tok_s": round(raw_out, 1),
-        "batchgen_output_tok_s": round(ours_out, 1),
-        "raw_total_tok_s": round(statistics.median(r.total_tok_s for r, _ in timings), 1),
-        "batchgen_total_tok_s": round(statistics.median(b.total_tok_s for _, b in timings), 1),
-        "ratio_per_round": [round(b.output_tok_s / r.output_tok_s, 4) for r, b in timings],
-        "engine_start_s": round(engine_start, 1),
-        "batchgen_outside_generate_s": round(
-            statistics.median(b.setup_seconds or 0.0 for _, b in timings), 2
-        ),
-        "other_cpu_max": max(
-            (t.other_cpu for pair in timings for t in pair if t.other_cpu is not None),
-            default=None,
-        ),
-        "rounds": [
-            {
-                "raw_s": round(r.seconds, 2),
-                "batchgen_s": round(b.seconds, 2),
-                "raw_output_tok_s": round(r.output_tok_s, 1),
-                "raw_output_tokens": r.output_tokens,
-                "batchgen_output_tokens": b.output_tokens,
-                "batchgen_output_tok_s": round(b.output_tok_s, 1),
-                "raw_other_cpu": r.other_cpu,
-                "batchgen_other_cpu": b.other_cpu,
-            }
-            for r, b in timings
-        ],
-        "prompts": len(prompt_lens),
-        "prompt_tokens": sum(prompt_lens),
-        "output_tokens": sum(budgets) if not cfg.own_lengths else timings[-1][0].output_tokens,
-        "prompt_tokens_min_mean_max": [
-            min(prompt_lens),
-            round(statistics.fmean(prompt_lens), 1),
-            max(prompt_lens),
-        ],
-        "output_tokens_min_mean_max": [
-            min(budgets),
-            round(statistics.fmean(budgets), 1),
-            max(budgets),
-        ],
-        "raw_input": "token ids (TokensPrompt dicts), tokenized before timing",
-        "batchgen_input": "prompt text in Parquet, read and tokenized inside the timed run",
-        "same_work": _same_work(cfg),
-        "stop_at_eos": cfg.own_lengths,
-        "task": cfg.task,
-        "request": {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.request},
-        "loras": [name for name, _ in cfg.engine.loras],
-        "chat_template": cfg.chat,
-        "system_prompt_chars": len(cfg.system_prompt or ""),
-        "prefix_caching": described.get("enable_prefix_caching"),
-        "temperature": cfg.temperature,
-        "rows_per_shard": cfg.shard_rows,
-        "shards_per_run": shards,
-        "max_inflight": cfg.max_inflight,
-        "model": described["model"],
-        "model_impl": described["model_impl"],
-        "dtype": described["dtype"],
-        "max_model_len": described["max_model_len"],
-        "enforce_eager": described.get("enforce_eager"),
-        "max_num_seqs": getattr(engine, "max_num_seqs", None),
-        "engine_args": {k: v for k, v in cfg.engine.engine_args},
-        # --raw-defaults: the raw side ran on its own engine with these settings.
-        "raw_defaults": cfg.raw_engine is not None,
-        "raw_max_num_seqs": None if cfg.raw_engine is None else cfg.raw_engine.max_num_seqs,
-        "raw_engine_args": None
-        if cfg.raw_engine is None
-        else {k: v for k, v in cfg.raw_engine.engine_args},
-        "machine": machine_info(),
-        "transformers_floor": None,
-    }
-    if floor is not None:
-        report["transformers_floor"] = {
-            "prompts": floor.prompts,
-            "seconds": round(floor.seconds, 2),
-            "output_tok_s": round(floor.output_tok_s, 1),
-            "total_tok_s": round(floor.total_tok_s, 1),
-        }
-    return report
+def format_report(report: dict[str, Any]) -> str:
+    """The lines `batchgen bench` prints for either protocol's report."""
+    if "sides" in report:
+        from pipeline.bench.compare import format_warm
 
-
-def _same_work(cfg: BenchConfig) -> str:
-    if cfg.constrained:
-        return (
-            "identical token ids, SamplingParams (structured output, per-row max_tokens) and "
-            "engine; constrained outputs end with their grammar, so each side's own tokens count"
-        )
-    engines = "engine" if cfg.raw_engine is None else "model (each side on its own engine)"
-    if cfg.stop_at_eos:
-        return (
-            f"identical token ids, SamplingParams (per-row max_tokens, stopping at EOS) and "
-            f"{engines}; outputs end where the model ends them, so each side's own tokens count"
-        )
-    return (
-        f"identical token ids, SamplingParams (per-row max_tokens, ignore_eos) and {engines}; "
-        "output token counts checked equal"
-    )
-
-
-def format_throughput(report: dict[str, Any]) -> str:
-    """The throughput report as the lines `batchgen bench` prints."""
-    m = report["machine"]
-    where = m["gpu"] or f"{m['cpu']} ({m['cpus_usable']} usable cores)"
-    p, o = report["prompt_tokens_min_mean_max"], report["output_tokens_min_mean_max"]
-    if report.get("stop_at_eos"):
-        outputs = (
-            f"{report['output_tokens']:,} output tokens in the last raw pass (budgets "
-            f"min/mean/max {o[0]}/{o[1]}/{o[2]}, stopping at EOS)"
-        )
-    else:
-        outputs = (
-            f"{report['output_tokens']:,} output tokens (min/mean/max {o[0]}/{o[1]}/{o[2]}, "
-            "ignore_eos)"
-        )
-    task = f", every prompt: {report['task']!r}" if report.get("task") else ""
-    lines = [
-        f"machine: {where}; vllm {m['vllm']}, torch {m['torch']}, transformers {m['transformers']}",
-        f"model: {report['model']} ({report['model_impl']}, {report['dtype']}, max_num_seqs "
-        f"{report['max_num_seqs']}); engine args {report['engine_args'] or 'none'}",
-        f"work: {report['prompts']} prompts, {report['prompt_tokens']:,} prompt tokens "
-        f"(min/mean/max {p[0]}/{p[1]}/{p[2]}), {outputs}, temperature "
-        f"{report['temperature']}{task}",
-        f"raw vLLM: LLM.generate, one call, {report['raw_input']}"
-        + (
-            f"; on its own engine: vLLM's defaults for the tuned settings (engine args "
-            f"{report['raw_engine_args'] or 'none'})"
-            if report.get("raw_defaults")
-            else ""
-        ),
-        f"batchgen: runner.run, {report['batchgen_input']}, a shard every "
-        f"{report['rows_per_shard']} rows ({report['shards_per_run']} per run)",
-        (
-            f"engine starts (raw and batchgen in turn, in no figure): {report['engine_starts_s']} s; "
-            if report.get("raw_defaults")
-            else f"engine start (once, shared, not in any figure): {report['engine_start_s']} s; "
-        )
-        + f"batchgen's time outside its generate loop (in its figure): "
-        f"{report['batchgen_outside_generate_s']} s",
-        "",
-        f"{'':24}{'output tok/s':>14}{'prompt+output tok/s':>22}",
-        f"{'(a) raw LLM.generate':24}{report['raw_output_tok_s']:>14,.1f}"
-        f"{report['raw_total_tok_s']:>22,.1f}",
-        f"{'(b) batchgen run' + (' --server' if report.get('server') else ''):24}"
-        f"{report['batchgen_output_tok_s']:>14,.1f}"
-        f"{report['batchgen_total_tok_s']:>22,.1f}",
-    ]
-    server = report.get("server")
-    if server:
-        reset = "yes" if server["prefix_cache_reset"] else "no (it may favour (b))"
-        lines.insert(
-            5,
-            f"server: {server['url']} (vLLM {server['vllm']}), {server['model']}; its prefix "
-            f"cache reset before each pass: {reset}",
-        )
-    floor = report.get("transformers_floor")
-    if floor:
-        lines.append(
-            f"{'(c) Transformers':24}{floor['output_tok_s']:>14,.1f}{floor['total_tok_s']:>22,.1f}"
-            f"   ({floor['prompts']} prompts)"
-        )
-    rounds = ", ".join(f"{r:.3f}" for r in report["ratio_per_round"])
-    lines += [
-        "",
-        f"ratio b/a: {report['ratio']:.3f}, the median of {len(report['rounds'])} round(s) "
-        f"[{rounds}]; median b / median a: {report['ratio_of_medians']:.3f}",
-    ]
-    other = report.get("other_cpu_max")
-    if other is not None and other > OTHER_CPU_WARN:
-        lines.append(
-            f"warning: other processes used up to {other:.0%} of this machine's CPU during the "
-            "timed passes; rerun on a quiet machine for figures to quote"
-        )
-    return "\n".join(lines)
+        return format_warm(report)
+    return format_throughput(report)

@@ -60,6 +60,7 @@ _THROUGHPUT_ONLY = (
     "raw_defaults",
     "task",
     "stop_at_eos",
+    "replicas_per_gpu",
 )
 
 
@@ -127,6 +128,12 @@ _THROUGHPUT_ONLY = (
     "searches; batchgen on the engine these flags describe.",
 )
 @click.option(
+    "--replicas-per-gpu",
+    metavar="N[,N...]",
+    help="Batchgen sides of N engine replicas sharing each GPU (e.g. 1,2: two sides); every "
+    "side on engines of its own, kept warm, rounds alternating.",
+)
+@click.option(
     "--with-transformers", is_flag=True, help="Also time plain Transformers generate (the floor)."
 )
 @click.option(
@@ -190,7 +197,7 @@ def bench(ctx: click.Context, **kw: Any) -> None:
             text = benchmod.format_memory(report)
         else:
             report = benchmod.run_throughput(_throughput_config(kw))
-            text = benchmod.format_throughput(report)
+            text = benchmod.format_report(report)
     emit(benchmod.to_json(report) if kw["as_json"] else text)
 
 
@@ -247,6 +254,7 @@ def _throughput_config(kw: dict[str, Any]) -> Any:
             for k in ("json_schema", "choice", "logprobs")
             if (v := kw[k]) not in (None, ())
         ),
+        replicas=_replica_counts(kw["replicas_per_gpu"]),
         **{name: kw[name] for name in _BENCH_FIELDS},
     )
 
@@ -272,6 +280,22 @@ _BENCH_FIELDS = (
     "task",
     "stop_at_eos",
 )
+
+
+def _replica_counts(value: str | None) -> tuple[int, ...]:
+    """--replicas-per-gpu 1,2: the replica count of each batchgen side; () without it."""
+    if value is None:
+        return ()
+    try:
+        counts = tuple(int(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        counts = ()
+    if not counts or min(counts) < 1 or len(set(counts)) != len(counts):
+        raise click.BadParameter(
+            f"{value!r}: expected distinct replica counts separated by commas, e.g. 1,2",
+            param_hint="--replicas-per-gpu",
+        )
+    return counts
 
 
 def _memory_sizes(value: str | None) -> tuple[int, ...]:

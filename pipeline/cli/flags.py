@@ -21,6 +21,7 @@ from pipeline import config
 from pipeline.config import EngineConfig, RunConfig, ServerConfig
 from pipeline.errors import ConfigError
 from pipeline.options import FIELD_DEFAULT, Option, flag_name, option_of
+from pipeline.replicas import ReplicaConfig
 from pipeline.sampling import SAMPLING_OPTIONS, SamplingConfig, SamplingOption
 
 # The group of a field that names none: its class's. (seed and lora_column name "sampling",
@@ -33,6 +34,7 @@ SECTIONS: dict[type, str] = {
     SamplingConfig: "sampling",
     config.OutputConfig: "output",
     RunConfig: "ranks",
+    ReplicaConfig: "ranks",
 }
 # Each group's flags in --help order: the fields of these classes in that group, in the order
 # the classes declare them (the sampling group starts with SAMPLING_OPTIONS).
@@ -43,7 +45,7 @@ GROUPS: dict[str, tuple[type, ...]] = {
     "server": (ServerConfig,),
     "sampling": (SamplingConfig, RunConfig, EngineConfig),
     "output": (config.OutputConfig, RunConfig),
-    "ranks": (RunConfig,),
+    "ranks": (RunConfig, ReplicaConfig),
 }
 _CLICK_TYPES = {int: click.INT, float: click.FLOAT, str: click.STRING}
 

@@ -10,9 +10,18 @@ from typing import Any
 import click
 
 from pipeline.cli.common import click_errors, given_options, log, long_flag, setup_logging
-from pipeline.cli.flags import config_option, group_options, options, run_config
+from pipeline.cli.flags import (
+    build,
+    config_option,
+    field_values,
+    group_options,
+    options,
+    run_config,
+)
+from pipeline.config import EngineConfig
 from pipeline.errors import EXIT_INTERRUPTED
 from pipeline.ranks import launcher_rank, resolve_rank
+from pipeline.replicas import ReplicaConfig
 
 RUN_EXAMPLES = """\b
 Examples:
@@ -97,8 +106,11 @@ def run(**kw: Any) -> None:
     if not kw["path"]:
         raise click.UsageError("Missing option '--output' / '-o' (or `output` in --config).")
     data_parallel = kw.pop("data_parallel")
+    replicas = build(ReplicaConfig, kw).replicas_per_gpu
+    if replicas > 1 and data_parallel is None:
+        data_parallel = "auto"
     if data_parallel is not None:
-        node = _node_plan(kw, data_parallel)
+        node = _node_plan(kw, data_parallel, replicas)
         if node is not None:
             _run_node(ctx, kw, node)
             return
@@ -118,7 +130,7 @@ def run(**kw: Any) -> None:
         sys.exit(EXIT_INTERRUPTED)
 
 
-def _node_plan(kw: dict[str, Any], data_parallel: int | str):
+def _node_plan(kw: dict[str, Any], data_parallel: int | str, replicas: int = 1):
     """The ranks and slots of `--data-parallel`; None when that is one rank in this process."""
     if kw["rank"] is not None:
         raise click.UsageError(
@@ -136,7 +148,17 @@ def _node_plan(kw: dict[str, Any], data_parallel: int | str):
     from pipeline.slots import plan_node
 
     with click_errors():
-        plan = plan_node(data_parallel, kw["num_ranks"], kw["tensor_parallel_size"])
+        plan = plan_node(
+            data_parallel,
+            kw["num_ranks"],
+            kw["tensor_parallel_size"],
+            replicas_per_gpu=replicas,
+            run_flags={
+                "gpu_memory_utilization": kw["gpu_memory_utilization"],
+                "model": kw["model"],
+                "engine_args": field_values(EngineConfig, kw)["engine_args"],
+            },
+        )
     if plan.num_ranks == 1 and kw["num_ranks"] is None:
         return None
     return plan
@@ -157,7 +179,14 @@ def _run_node(ctx: click.Context, kw: dict[str, Any], plan: Any) -> None:
 
 # Not handed to the ranks --data-parallel starts: each gets its own rank, the launcher does
 # --overwrite for all of them at once, and --config's values are handed on as flags.
-_NOT_FOR_RANKS = ("data_parallel", "num_ranks", "rank", "overwrite", "progress_fd")
+_NOT_FOR_RANKS = (
+    "data_parallel",
+    "replicas_per_gpu",  # each replica slot's own flags say its share instead (Slot.flags)
+    "num_ranks",
+    "rank",
+    "overwrite",
+    "progress_fd",
+)
 
 
 def rank_flags(ctx: click.Context) -> list[str]:

@@ -45,6 +45,7 @@ _TUNE_ONLY = (
     "min_gain",
     "try_values",
     "allow_output_changes",
+    "verify_rounds",
     "write_config",
     "as_json",
     "verbose",
@@ -60,9 +61,8 @@ _TUNE_ONLY = (
 @click.option(
     "--sample",
     type=int,
-    default=256,
-    show_default=True,
-    help="Rows from the start of the input timed in every trial; more than --max-num-seqs.",
+    help="Rows from the start of the input timed in every trial [default: 4 x the engine's "
+    "max_num_seqs, at least 256, so each pass fills the engine and drains as the job does].",
 )
 @click.option(
     "--repeats",
@@ -97,6 +97,16 @@ _TUNE_ONLY = (
     is_flag=True,
     help="Accept a faster setting whose texts on the sample differ from the baseline's.",
 )
+@click.option(
+    "--verify",
+    "verify_rounds",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    metavar="ROUNDS",
+    help="Then run the whole job with the baseline's and the winner's settings, alternating "
+    "this many rounds on warm engines, and report both and each trial's error (0: skip).",
+)
 @file_option("--write-config", "Write the job config with the winning engine settings here.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.pass_context
@@ -128,10 +138,14 @@ def tune(ctx: click.Context, **kw: Any) -> None:
             min_gain=kw["min_gain"],
             tries=_tries(kw["try_values"]),
             allow_output_changes=kw["allow_output_changes"],
+            verify_rounds=kw["verify_rounds"],
         )
     emit = reserve_stdout() if kw["as_json"] else click.echo
     with click_errors():
-        report = tunemod.tune_report(cfg, tunemod.run_tune(cfg))
+        tuned = tunemod.run_tune(cfg)
+        report = tunemod.tune_report(cfg, tuned)
+        if cfg.verify_rounds:
+            report["verify"] = tunemod.verify_tune(cfg, tuned)
     report["config_written"] = None
     if kw["write_config"]:
         path = Path(kw["write_config"])

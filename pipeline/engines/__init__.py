@@ -113,7 +113,14 @@ def get_engine(cfg: EngineConfig, model: str | None, log_path: Path | None = Non
     return in_process_engine(cfg, model, log_path)
 
 
+def close_engines() -> None:
+    """Stop every engine this process started, e.g. before other processes need the GPU."""
+    for key in list(_ENGINES):
+        _ENGINES.pop(key).close()
+
+
 __all__ = [
+    "close_engines",
     "Engine",
     "EngineGaveUp",
     "FaultPolicy",

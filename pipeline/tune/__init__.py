@@ -6,11 +6,13 @@ sample of the job's own rows, and write them as a job config.
              is injected)
   tuner.py   the sample rows (through the run's own prompt path) and one trial on an engine
   report.py  the report, its text form, and the job config it writes
+  verify.py  --verify: the whole job with the baseline's and the winner's settings
 """
 
 from pipeline.tune.report import format_tune, job_config_toml, tune_report, write_job_config
 from pipeline.tune.space import KNOBS, apply_settings, baseline_engine
 from pipeline.tune.tuner import TuneConfig, run_tune
+from pipeline.tune.verify import verify_tune
 
 __all__ = [
     "KNOBS",
@@ -21,5 +23,6 @@ __all__ = [
     "job_config_toml",
     "run_tune",
     "tune_report",
+    "verify_tune",
     "write_job_config",
 ]

