@@ -158,9 +158,9 @@ def test_budgets_are_caps_when_outputs_stop_at_eos(
 ) -> None:
     """Without --stop-at-eos (or a grammar) every budget is generated in full, so the bench can
     check both sides generated the same tokens; with it each side's own tokens count."""
-    from pipeline.bench.throughput import _run_config
+    from pipeline.bench.throughput import bench_run_config
 
-    run_cfg = _run_config(cfg, tmp_path / "p.parquet", tmp_path / "out", 4)
+    run_cfg = bench_run_config(cfg, tmp_path / "p.parquet", tmp_path / "out", 4)
     assert dict(run_cfg.sampling.given).get("ignore_eos", False) is ignore_eos
     assert cfg.own_lengths is not ignore_eos
 
