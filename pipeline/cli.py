@@ -1184,8 +1184,19 @@ Exit codes:
 """
 
 
+def _output_folder(_ctx: click.Context, _param: click.Parameter, value: str) -> str:
+    """OUTPUT of status/show/report/card: a URL is refused in one line, never read as a path."""
+    from pipeline.storage import require_output_location
+
+    try:
+        require_output_location(value, "OUTPUT")
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from exc
+    return value
+
+
 @main.command(epilog=STATUS_EPILOG)
-@click.argument("output", type=click.Path(file_okay=False))
+@click.argument("output", type=click.Path(file_okay=False), callback=_output_folder)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object, for scripts.")
 def status(output: str, as_json: bool) -> None:
     """Show what each rank of an --output folder has committed, and whether it is done."""
@@ -1281,7 +1292,7 @@ while the job runs.
 
 
 @main.command(epilog=SHOW_EPILOG)
-@click.argument("output", type=click.Path(file_okay=False))
+@click.argument("output", type=click.Path(file_okay=False), callback=_output_folder)
 @click.option(
     "--where",
     multiple=True,
@@ -1329,7 +1340,7 @@ def show(
 
 
 @main.command()
-@click.argument("output", type=click.Path(file_okay=False))
+@click.argument("output", type=click.Path(file_okay=False), callback=_output_folder)
 @click.option(
     "--html",
     "html",

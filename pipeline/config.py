@@ -274,6 +274,9 @@ class OutputConfig:
     overwrite: bool = False
 
     def __post_init__(self) -> None:
+        from pipeline.storage import require_output_location  # a URL is never a local path
+
+        require_output_location(self.path)
         if self.rows_per_shard < 1:
             raise ConfigError(f"--rows-per-shard {self.rows_per_shard}: must be at least 1")
         if self.checkpoint_seconds <= 0:
