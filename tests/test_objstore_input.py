@@ -113,3 +113,22 @@ def test_the_reader_fetches_ranges_not_the_whole_object(s3):
     assert pf.read_row_group(5).num_rows == 10_000
     assert size > 1_000_000 and sum(reads) < size / 5  # footer + one row group of 20
     assert BUCKET in path
+
+
+def test_data_files_urls_reach_the_datasets_loader_with_the_store_credentials(
+    s3, tmp_path, monkeypatch
+):
+    """(Not under HF_HUB_OFFLINE: `datasets` then refuses every remote URL, s3:// included.)"""
+    pytest.importorskip("s3fs", reason="fsspec's s3:// needs s3fs (pip install s3fs)")
+    import datasets.config
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache")
+    prefix = fresh_prefix()
+    _upload(s3, prefix, {"d/p0.parquet": 12, "d/p1.parquet": 8})
+    out = tmp_path / "out"
+    run_cli(
+        "run", *FAKE_ENGINE, "--dataset", "parquet", "--data-files", f"{prefix}/d/*.parquet",
+        "--prompt-column", "prompt", "--max-tokens", "4", "--output", out,
+    )  # fmt: skip
+    table = read_output(out)
+    assert sorted(table.column("id").to_pylist()) == sorted(f"train:{i}" for i in range(20))
