@@ -428,6 +428,12 @@ output_options = _options(
     click.option(
         "--overwrite", is_flag=True, help="Discard earlier output in --output and start afresh."
     ),
+    click.option(
+        "--card",
+        is_flag=True,
+        help="Write the dataset card OUT/README.md when the run finishes (pandas and pyarrow "
+        "then read OUT/*.parquet, not OUT).",
+    ),
 )
 
 
@@ -732,6 +738,7 @@ def _build_config(kw: dict[str, Any]):
                 keep_prompt=kw["keep_prompt"],
                 keep_columns=keep,
                 overwrite=kw["overwrite"],
+                card=kw["card"],
             ),
             num_ranks=kw["num_shards"],
             rank=kw["shard_index"],
@@ -1337,6 +1344,24 @@ def show(
         click.echo_via_pager(text)
     else:
         click.echo(text)
+
+
+@main.command()
+@click.argument("output", type=click.Path(file_okay=False), callback=_output_folder)
+def card(output: str) -> None:
+    """Write OUTPUT/README.md, the dataset card: features, data files, how the data was made.
+
+    A finished run writes it itself; this (re)writes it for any committed output, so that
+    `datasets.load_dataset(OUTPUT)` and `hf upload-large-folder` take the folder as it is.
+    """
+    from pathlib import Path
+
+    from pipeline.card import write_card
+
+    try:
+        click.echo(write_card(Path(output)))
+    except BatchgenError as exc:
+        raise click.ClickException(str(exc)) from exc
 
 
 @main.command()

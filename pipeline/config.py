@@ -272,6 +272,12 @@ class OutputConfig:
     keep_prompt: bool = False
     keep_columns: tuple[str, ...] = ()
     overwrite: bool = False
+    # Write OUT/README.md, the dataset card, when the run finishes: `datasets.load_dataset(OUT)`
+    # and `hf upload-large-folder` then take the folder as it is. Off by default because a
+    # non-Parquet file beside the shards makes `pyarrow.parquet.read_table(OUT)` and
+    # `pandas.read_parquet(OUT)` fail (they would need OUT/*.parquet); `batchgen card OUT`
+    # writes it at any time.
+    card: bool = False
 
     def __post_init__(self) -> None:
         from pipeline.storage import require_output_location  # a URL is never a local path

@@ -73,7 +73,12 @@ def run(cfg: RunConfig) -> RunResult:
         flags = StopFlags()
         try:
             with _stop_on_signals(flags, cfg.drain_seconds) as phase:
-                return _run_locked(cfg, wall_start, flags, phase, server)
+                result = _run_locked(cfg, wall_start, flags, phase, server)
+            if cfg.output.card and result.status in ("finished", "noop"):
+                from pipeline.card import refresh_card  # OUT/README.md: a HF dataset folder
+
+                refresh_card(cfg.output_dir)
+            return result
         finally:
             lock.release()
     finally:
