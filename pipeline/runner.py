@@ -33,6 +33,7 @@ from pipeline.progress import Progress, fmt_duration
 from pipeline.report import log_summary, run_report
 from pipeline.sinks import ParquetShardWriter, output_schema, prepare_output_dir
 from pipeline.stages import Committer, Feeder
+from pipeline.storage.retry import StoreDown
 
 if TYPE_CHECKING:
     from pipeline.engines.server import ServerEngine
@@ -321,10 +322,7 @@ def _failure(
                 "the cause and rerun the same command to resume"
             )
     elif feeder.error is not None:
-        cause = feeder.error
-        if isinstance(cause, BatchgenError):
-            return cause
-        failure = BatchgenError(f"reading the input failed: {cause}; {committed}")
+        return _input_failure(feeder.error, flags, committed)
     elif isinstance(engine_error, EngineGaveUp):
         cause = engine_error
         failure = BatchgenError(f"{engine_error}; {committed}; rerun the same command to resume")
@@ -352,6 +350,20 @@ def _failure(
         )
     if failure is not None:
         failure.__cause__ = cause
+    return failure
+
+
+def _input_failure(cause: BaseException, flags: StopFlags, committed: str) -> BatchgenError | None:
+    """A failed input read, worded; None when the input's store stayed down past its retries:
+    the run then ends as interrupted (exit 75), to be rerun once the store answers."""
+    if isinstance(cause, StoreDown):
+        log.warning("%s", cause)
+        flags.reason = str(cause)
+        return None
+    if isinstance(cause, BatchgenError):
+        return cause
+    failure = BatchgenError(f"reading the input failed: {cause}; {committed}")
+    failure.__cause__ = cause
     return failure
 
 

@@ -3,13 +3,18 @@ groups, globs on the store, and a store restarted mid-read."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
 import threading
+import time
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import seaweedfs
-from conftest import FAKE_ENGINE, read_output, run_args, run_cli
+from conftest import FAKE_ENGINE, HOOKED_BATCHGEN, read_output, run_args, run_cli
+from hooks import STEP_ENV
 from seaweedfs import BUCKET, fresh_prefix
 
 from pipeline.errors import ConfigError
@@ -132,3 +137,59 @@ def test_data_files_urls_reach_the_datasets_loader_with_the_store_credentials(
     )  # fmt: skip
     table = read_output(out)
     assert sorted(table.column("id").to_pylist()) == sorted(f"train:{i}" for i in range(20))
+
+
+def test_an_input_store_that_stays_down_ends_the_run_as_interrupted_then_resumes(s3, tmp_path):
+    """The store dies mid-run for longer than the retries last: the run commits what it has and
+    exits 75; rerun once the store is back, every row ends up in the output exactly once."""
+    prefix = fresh_prefix()
+    _upload(s3, prefix, {"in.parquet": 60_000}, row_group=1000)
+    out = tmp_path / "out"
+    args = run_args(f"{prefix}/in.parquet", out, *FAKE_ENGINE, "--rows-per-shard", "200")
+    env = {**os.environ, STEP_ENV: "0.05", "BATCHGEN_TEST_STORE_DEADLINE": "3"}
+    proc = subprocess.Popen(
+        [str(HOOKED_BATCHGEN), *args], env=env, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not list(out.glob("part-*.parquet")) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        s3.kill()
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        s3.start()
+    assert proc.returncode == 75, stderr
+    assert "the store kept failing for" in stderr and "rerun the same command" in stderr
+    status = json.loads(run_cli("status", out, "--json", expect=3).output)
+    assert status["ranks"][0]["state"] == "interrupted"
+    done = status["all"]["prompts"]
+    assert 0 < done < 60_000
+    run_cli(*args)
+    ids = read_output(out).column("id").to_pylist()
+    assert sorted(ids) == sorted(f"in.parquet:{i}" for i in range(60_000)) and len(set(ids)) == len(
+        ids
+    )
+
+
+def test_the_source_streams_row_groups_not_the_whole_object(s3, monkeypatch):
+    """Reading a rank's first batch fetches the footer and one row group, not every row group
+    the rank owns (pyarrow's pre-buffering would fetch them all at once)."""
+    prefix = fresh_prefix()
+    _upload(s3, prefix, {"s.parquet": 200_000}, row_group=10_000)
+    fetched = []
+    read = RetryingReader.read
+
+    def counting(self, n=-1):
+        data = read(self, n)
+        fetched.append(len(data))
+        return data
+
+    monkeypatch.setattr(RetryingReader, "read", counting)
+    src = ParquetSource(f"{prefix}/s.parquet")
+    size = src.files[0].size
+    fetched.clear()
+    ids, _ = next(src.iter_batches(["prompt"], 1000))
+    assert ids[0] == "s.parquet:0" and size > 1_000_000
+    assert sum(fetched) < size / 5, (sum(fetched), size)

@@ -138,7 +138,8 @@ class ParquetSource:
             group_start += n
         if not groups:
             return
-        with pq.ParquetFile(self._open(f.path, f.size)) as pf:
+        # From a store, no pre-buffering: pyarrow would fetch every requested row group at once.
+        with pq.ParquetFile(self._open(f.path, f.size), pre_buffer=self.fs is None) as pf:
             row = first_row
             for batch in pf.iter_batches(batch_size=batch_rows, row_groups=groups, columns=columns):
                 b_lo, b_hi = max(lo - row, 0), min(hi - row, batch.num_rows)
