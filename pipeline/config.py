@@ -478,8 +478,19 @@ class OutputConfig:
         flag_default=None,
     )
     overwrite: bool = option(False, "Discard earlier output in --output and start afresh.")
+    # Off by default: a non-Parquet file at OUT's top makes `pyarrow.parquet.read_table(OUT)`
+    # and `pandas.read_parquet(OUT)` fail; `batchgen card OUT` writes it at any time.
+    card: bool = option(
+        False,
+        "Write the dataset card OUT/README.md when the run finishes (datasets.load_dataset(OUT) "
+        "and the Hub then take the folder as it is; pandas and pyarrow then read "
+        "OUT/*/*.parquet, not OUT).",
+    )
 
     def __post_init__(self) -> None:
+        from pipeline.storage import require_output_location  # a URL is never a local path
+
+        require_output_location(self.path)
         if self.rows_per_shard < 1:
             raise ConfigError(f"--rows-per-shard {self.rows_per_shard}: must be at least 1")
         if self.checkpoint_seconds <= 0:

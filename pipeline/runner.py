@@ -44,6 +44,7 @@ from pipeline.reuse.dedup import RequestDedup
 from pipeline.reuse.run import engine_requests, open_reuse, requests_since, reuse_report
 from pipeline.sinks import ParquetShardWriter, output_schema, prepare_output_dir
 from pipeline.stages import Committer, Feeder
+from pipeline.storage.retry import StoreDown
 from pipeline.version import __version__
 
 if TYPE_CHECKING:
@@ -89,10 +90,15 @@ def run(cfg: RunConfig) -> RunResult:
         try:
             with _stop_on_signals(flags, cfg.drain_seconds) as phase:
                 try:
-                    return _run_locked(cfg, wall_start, flags, phase, server)
+                    result = _run_locked(cfg, wall_start, flags, phase, server)
                 except ConfigError:
                     refused = phase.starting  # a usage error before any generation
                     raise
+            if cfg.output.card and result.status in ("finished", "noop"):
+                from pipeline.card import refresh_card  # OUT/README.md: a HF dataset folder
+
+                refresh_card(cfg.output_dir)
+            return result
         finally:
             lock.release()
             if refused:
@@ -377,10 +383,7 @@ def _failure(
                 "the cause and rerun the same command to resume"
             )
     elif feeder.error is not None:
-        cause = feeder.error
-        if isinstance(cause, BatchgenError):
-            return cause
-        failure = BatchgenError(f"reading the input failed: {cause}; {committed}")
+        return _input_failure(feeder.error, flags, committed)
     elif isinstance(engine_error, EngineGaveUp):
         cause = engine_error
         failure = BatchgenError(f"{engine_error}; {committed}; rerun the same command to resume")
@@ -408,6 +411,20 @@ def _failure(
         )
     if failure is not None:
         failure.__cause__ = cause
+    return failure
+
+
+def _input_failure(cause: BaseException, flags: StopFlags, committed: str) -> BatchgenError | None:
+    """A failed input read, worded; None when the input's store stayed down past its retries:
+    the run then ends as interrupted (exit 75), to be rerun once the store answers."""
+    if isinstance(cause, StoreDown):
+        log.warning("%s", cause)
+        flags.reason = str(cause)
+        return None
+    if isinstance(cause, BatchgenError):
+        return cause
+    failure = BatchgenError(f"reading the input failed: {cause}; {committed}")
+    failure.__cause__ = cause
     return failure
 
 

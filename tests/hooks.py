@@ -9,6 +9,8 @@ conftest.py), never by batchgen itself: `batchgen` as users run it reads none of
                                     (after_rename), so a test can SIGKILL it exactly there
   BATCHGEN_TEST_PAUSE=engine_start  the fake engine's start announces itself and hangs, so a
                                     test can signal a run before its generation begins
+  BATCHGEN_TEST_STORE_DEADLINE=3    object-store calls give up (StoreDown) after 3 s of
+                                    failures instead of minutes
   BATCHGEN_TEST_GRANDCHILD=2        the rank with --rank 2 starts a `sleep` child in its
                                     session, announced on stderr, standing for vLLM's engine
                                     core (which a killed rank leaves behind)
@@ -28,6 +30,7 @@ from pathlib import Path
 STEP_ENV = "BATCHGEN_FAKE_STEP_SECONDS"
 PAUSE_ENV = "BATCHGEN_TEST_PAUSE"
 GRANDCHILD_ENV = "BATCHGEN_TEST_GRANDCHILD"
+STORE_DEADLINE_ENV = "BATCHGEN_TEST_STORE_DEADLINE"
 PAUSE_POINTS = ("in_write", "after_rename", "engine_start")
 
 
@@ -55,6 +58,11 @@ def install() -> None:
         point, _, nth = spec.partition(":")
         assert point in PAUSE_POINTS and nth.isdigit(), f"{PAUSE_ENV}={spec!r}"
         _pause_at_commit(point, int(nth))
+    deadline = os.environ.get(STORE_DEADLINE_ENV)
+    if deadline:
+        from pipeline.storage.retry import RetryPolicy
+
+        RetryPolicy.__init__.__defaults__ = (0.2, 1.0, float(deadline))
     rank = os.environ.get(GRANDCHILD_ENV)
     if rank is not None and _rank() == rank:
         child = subprocess.Popen(["sleep", "600"])

@@ -7,6 +7,7 @@
   bench.py    batchgen bench                         tune.py    batchgen tune
   status.py   batchgen status                        show.py    batchgen show
   report.py   batchgen report                        model.py   batchgen model prepare
+  card.py     batchgen card (the dataset card OUT/README.md)
   export.py   batchgen export (OpenAI batch output lines)
   trial.py    batchgen try "prompt": one completion printed
 
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 import click
 
-from pipeline.cli import bench, export, model, plan, report, run, show, status, trial, tune
+from pipeline.cli import bench, card, export, model, plan, report, run, show, status, trial, tune
 from pipeline.version import __version__
 
 
@@ -43,6 +44,7 @@ for _command in (
     plan.plan,
     show.show,
     report.report,
+    card.card,
     export.export,
     trial.try_prompt,
 ):

@@ -71,3 +71,15 @@ def file_option(flag: str, help: str) -> Any:
 def long_flag(param: click.Option) -> str:
     """The first long name of an option (`--output` of `-o/--output`)."""
     return next(o for o in param.opts if o.startswith("--"))
+
+
+def output_folder(_ctx: click.Context, _param: click.Parameter, value: str) -> str:
+    """OUTPUT of status/show/report/card/export: a URL is refused in one line, never read as a
+    local path (`s3:` would otherwise be a folder name)."""
+    from pipeline.storage import require_output_location
+
+    try:
+        require_output_location(value, "OUTPUT")
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from exc
+    return value

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from pipeline.cli.common import click_errors
+from pipeline.cli.common import click_errors, output_folder
 
 EXPORT_EXAMPLES = """
 \b
@@ -17,7 +17,7 @@ Examples:
 
 
 @click.command(epilog=EXPORT_EXAMPLES)
-@click.argument("output", type=click.Path(file_okay=False))
+@click.argument("output", type=click.Path(file_okay=False), callback=output_folder)
 @click.option(
     "--openai-batch",
     "results",

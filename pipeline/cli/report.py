@@ -6,11 +6,11 @@ from pathlib import Path
 
 import click
 
-from pipeline.cli.common import click_errors
+from pipeline.cli.common import click_errors, output_folder
 
 
 @click.command()
-@click.argument("output", type=click.Path(file_okay=False))
+@click.argument("output", type=click.Path(file_okay=False), callback=output_folder)
 @click.option(
     "--html",
     "html",

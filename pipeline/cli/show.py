@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from pipeline.cli.common import click_errors
+from pipeline.cli.common import click_errors, output_folder
 
 SHOW_EPILOG = """\b
 Examples:
@@ -25,7 +25,7 @@ while the job runs.
 
 
 @click.command(epilog=SHOW_EPILOG)
-@click.argument("output", type=click.Path(file_okay=False))
+@click.argument("output", type=click.Path(file_okay=False), callback=output_folder)
 @click.option(
     "--where",
     multiple=True,

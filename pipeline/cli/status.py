@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from pipeline.cli.common import click_errors
+from pipeline.cli.common import click_errors, output_folder
 
 STATUS_EPILOG = """\b
 Each rank is one of: finished; running (its lock is held by a live process); interrupted
@@ -26,7 +26,7 @@ Exit codes:
 
 
 @click.command(epilog=STATUS_EPILOG)
-@click.argument("output", type=click.Path(file_okay=False))
+@click.argument("output", type=click.Path(file_okay=False), callback=output_folder)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object, for scripts.")
 def status(output: str, as_json: bool) -> None:
     """Show what each rank of an --output folder has committed, and whether it is done."""

@@ -123,7 +123,10 @@ def _load_dataset(cfg: SourceConfig):
             split=cfg.split,
             revision=cfg.revision,
             streaming=cfg.streaming,
+            **_storage_options(cfg.data_files),
         )
+    except ImportError as exc:  # fsspec's filesystem for a --data-files URL is not installed
+        raise ConfigError(f"--data-files: {exc}") from exc
     except ValueError as exc:
         if "Unknown split" in str(exc) or "split" in str(exc).lower():
             raise ConfigError(f"--split {cfg.split!r}: {exc}") from exc
@@ -133,6 +136,19 @@ def _load_dataset(cfg: SourceConfig):
             f"--dataset {name}: not found ({exc}); give a hub id, a local dataset folder, or a "
             "builder name (json, csv, parquet, text) with --data-files"
         ) from exc
+
+
+def _storage_options(data_files: tuple[str, ...]) -> dict[str, Any]:
+    """Credentials and endpoint for --data-files URLs (s3://...), by the AWS conventions."""
+    from pipeline.storage import is_url
+
+    urls = [f for f in data_files if is_url(f)]
+    if not urls:
+        return {}
+    from pipeline.storage.resolve import storage_options
+
+    options = storage_options(urls[0])
+    return {"storage_options": options} if options else {}
 
 
 def _streaming_total(ds, split: str) -> int | None:

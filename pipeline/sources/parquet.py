@@ -15,11 +15,12 @@ import pyarrow.parquet as pq
 
 from pipeline.errors import BatchgenError, ConfigError
 from pipeline.sources.base import Batch, rank_range
+from pipeline.storage import is_url
 
 
 @dataclass(slots=True)
 class _ParquetFile:
-    path: Path
+    path: Path | str  # a str in the store's filesystem for URL inputs
     name: str  # relative name used in row ids
     num_rows: int
     row_group_rows: list[int]
@@ -37,13 +38,18 @@ class ParquetSource:
 
     def __init__(self, spec: str, num_ranks: int = 1, rank: int = 0) -> None:
         self.spec = spec
-        paths, root = _resolve_parquet(spec)
+        self.fs = None  # the store's filesystem for a URL; None for local files
+        if is_url(spec):
+            found = self._resolve_url(spec)
+        else:
+            paths, root = _resolve_parquet(spec)
+            found = [(p, os.path.relpath(p, root), p.stat().st_size) for p in paths]
         self.files: list[_ParquetFile] = []
         schema: pa.Schema | None = None
-        first_path: Path | None = None
-        for path in paths:
+        first_path: Path | str | None = None
+        for path, name, size in found:
             try:
-                meta = pq.ParquetFile(path)
+                meta = pq.ParquetFile(self._open(path, size))
             except (pa.ArrowInvalid, OSError) as exc:
                 raise BatchgenError(
                     f"--parquet: {path} is not a readable Parquet file ({exc})"
@@ -67,11 +73,11 @@ class ParquetSource:
             self.files.append(
                 _ParquetFile(
                     path=path,
-                    name=os.path.relpath(path, root),
+                    name=name,
                     num_rows=md.num_rows,
                     row_group_rows=[md.row_group(i).num_rows for i in range(md.num_row_groups)],
-                    size=path.stat().st_size,
-                    footer=_footer_digest(path),
+                    size=size,
+                    footer=_footer_digest(self._open(path, size)),
                 )
             )
             meta.close()
@@ -81,6 +87,22 @@ class ParquetSource:
         total = sum(f.num_rows for f in self.files)
         self.start, self.stop = rank_range(total, num_ranks, rank)
         self.total_rows = self.stop - self.start
+
+    def _resolve_url(self, spec: str) -> list[tuple[str, str, int]]:
+        """(path, name, size) of the objects a URL names, with the store's filesystem."""
+        from pipeline.storage.files import expand
+
+        loc, files = expand(spec, ".parquet", "--parquet")
+        self.fs = loc.fs
+        return [(f.path, f.name, f.size) for f in files]
+
+    def _open(self, path: Path | str, size: int):
+        """A local path, or a reader of an object that fetches byte ranges, retried."""
+        if self.fs is None:
+            return path
+        from pipeline.storage.files import RetryingReader
+
+        return RetryingReader(self.fs, str(path), size)
 
     def field(self, name: str) -> pa.Field:
         return self.schema.field(name)
@@ -116,7 +138,8 @@ class ParquetSource:
             group_start += n
         if not groups:
             return
-        with pq.ParquetFile(f.path) as pf:
+        # From a store, no pre-buffering: pyarrow would fetch every requested row group at once.
+        with pq.ParquetFile(self._open(f.path, f.size), pre_buffer=self.fs is None) as pf:
             row = first_row
             for batch in pf.iter_batches(batch_size=batch_rows, row_groups=groups, columns=columns):
                 b_lo, b_hi = max(lo - row, 0), min(hi - row, batch.num_rows)
@@ -174,11 +197,11 @@ def _glob_root(pattern: str) -> str:
     return str(Path(*parts)) if parts else "."
 
 
-def _footer_digest(path: Path) -> str:
+def _footer_digest(source) -> str:
     """A digest of a Parquet file's footer (schema, row groups, each column chunk's offsets,
     sizes and min/max statistics): one small read at the end of the file, and different for
     nearly any rewrite, including one that keeps the file's size and row count."""
-    with open(path, "rb") as fh:
+    with open(source, "rb") if isinstance(source, Path) else source as fh:
         fh.seek(-8, os.SEEK_END)
         length = int.from_bytes(fh.read(4), "little")
         fh.seek(-(8 + length), os.SEEK_END)

@@ -1,0 +1,308 @@
+"""The storage layer (pipeline/storage/) against a real S3 server on loopback (SeaweedFS)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import pytest
+import seaweedfs
+from seaweedfs import BUCKET, READER, fresh_prefix
+
+from pipeline.errors import ConfigError
+from pipeline.storage.lease import Lease, LeaseHeld, LeaseLost, LeaseRecord, lease_name
+from pipeline.storage.preflight import preflight
+from pipeline.storage.resolve import resolve, s3_settings, storage_options
+from pipeline.storage.retry import RetryPolicy, StoreDown, is_transient, with_retries
+from pipeline.storage.store import ObjectExists, ObjectStore, unique_name
+
+seaweed, s3 = seaweedfs.seaweed, seaweedfs.s3  # the server's fixtures
+
+
+# -- the resolver ---------------------------------------------------------------------------
+
+
+def test_local_paths_resolve_to_the_local_filesystem(tmp_path):
+    loc = resolve(str(tmp_path / "out"))
+    assert isinstance(loc.fs, pafs.LocalFileSystem)
+    assert (loc.scheme, loc.path) == ("file", str(tmp_path / "out"))
+    assert resolve(f"file://{tmp_path}/x").path == str(tmp_path / "x")
+
+
+def test_s3_settings_follow_the_aws_conventions(tmp_path):
+    creds = tmp_path / "credentials"
+    creds.write_text("[work]\naws_access_key_id = AKWORK\naws_secret_access_key = SKWORK\n")
+    config = tmp_path / "config"
+    config.write_text("[profile work]\nregion = eu-west-3\nendpoint_url = http://minio:9000\n")
+    files = {"AWS_SHARED_CREDENTIALS_FILE": str(creds), "AWS_CONFIG_FILE": str(config)}
+    s = s3_settings({**files, "AWS_PROFILE": "work"})
+    assert (s.access_key, s.secret_key, s.region, s.endpoint) == (
+        "AKWORK",
+        "SKWORK",
+        "eu-west-3",
+        "http://minio:9000",
+    )
+    assert s.source == "the AWS profile 'work'"
+    env = {**files, "AWS_PROFILE": "work", "AWS_ACCESS_KEY_ID": "AKENV"}
+    env.update(AWS_SECRET_ACCESS_KEY="SKENV", AWS_REGION="us-west-2")
+    env["AWS_ENDPOINT_URL"] = "http://127.0.0.1:1"
+    s = s3_settings(env)
+    assert (s.access_key, s.region, s.endpoint) == ("AKENV", "us-west-2", "http://127.0.0.1:1")
+    none = s3_settings(files)
+    assert (none.has_keys, none.region, none.endpoint) == (False, "us-east-1", None)
+
+
+def test_credentials_stay_out_of_reprs_and_descriptions(s3):
+    loc = resolve("s3://bucket/some/prefix")
+    assert (loc.bucket, loc.key) == ("bucket", "some/prefix")
+    text = repr(loc) + repr(loc.s3) + repr(loc.s3_endpoint()) + str(loc.describe())
+    assert "batchgen-admin-secret" not in text and "batchgen-admin" not in text
+    assert loc.describe() == {
+        "url": "s3://bucket/some/prefix",
+        "scheme": "s3",
+        "endpoint": s3.endpoint,
+        "region": "us-east-1",
+    }
+    assert storage_options("s3://bucket/x") == {
+        "client_kwargs": {"region_name": "us-east-1", "endpoint_url": s3.endpoint},
+        "key": "batchgen-admin",
+        "secret": "batchgen-admin-secret",
+    }
+
+
+def test_unknown_scheme_is_one_line():
+    with pytest.raises(ConfigError, match=r"^nosuch://b/x: no filesystem for nosuch://"):
+        resolve("nosuch://b/x")
+    with pytest.raises(ConfigError, match=r"names no bucket; give s3://BUCKET/PREFIX"):
+        resolve("s3://")
+
+
+# -- the primitives ---------------------------------------------------------------------------
+
+
+def test_write_once_read_list_delete(s3):
+    store = ObjectStore(fresh_prefix() + "/run")
+    assert store.conditional
+    name = unique_name("part-00000-000001", ".parquet")
+    assert name.startswith("part-00000-000001.") and name.endswith(".parquet")
+    assert name != unique_name("part-00000-000001", ".parquet")
+    store.put_new(name, b"rows")
+    with pytest.raises(ObjectExists, match="already exists"):
+        store.put_new(name, b"other rows")
+    assert store.read(name) == b"rows"
+    assert store.read("missing") is None
+    store.write(".batchgen/rank-00000.json", b"{}")
+    assert [(o.name, o.size) for o in store.iter_objects()] == [
+        (".batchgen/rank-00000.json", 2),
+        (name, 4),
+    ]
+    assert [o.name for o in store.iter_objects(".batchgen")] == [".batchgen/rank-00000.json"]
+    store.delete(name)
+    store.delete(name)  # twice: a retried delete must not fail
+    assert [o.name for o in store.iter_objects()] == [".batchgen/rank-00000.json"]
+
+
+def test_conditional_replace_needs_the_current_etag(s3):
+    store = ObjectStore(fresh_prefix())
+    etag = store.put_if_absent("x", b"1")
+    assert etag and store.put_if_absent("x", b"2") is None
+    assert store.put_if_match("x", b"3", '"not-the-etag"') is None
+    new = store.put_if_match("x", b"4", etag)
+    assert new and new != etag and store.read("x") == b"4"
+
+
+def test_parquet_reads_are_ranged(s3):
+    """A row group read fetches a byte range of the object, not the whole object."""
+    store = ObjectStore(fresh_prefix())
+    table = pa.table({"x": list(range(200_000))})
+    with store.open_output("big.parquet") as out:
+        pq.write_table(table, out, row_group_size=20_000)
+    f = store.open_input("big.parquet")
+    pf = pq.ParquetFile(f)
+    assert pf.read_row_group(3).column("x")[0].as_py() == 60_000
+    assert f.size() > 400_000 and f.tell() < f.size()
+
+
+# -- retries ----------------------------------------------------------------------------------
+
+
+def test_transient_errors_are_retried_then_store_down():
+    calls, sleeps = [], []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) < 3:
+            raise OSError("AWS Error SLOW_DOWN during PutObject operation: SlowDown")
+        return "ok"
+
+    assert with_retries("writing", flaky, RetryPolicy(base_s=1, cap_s=4), sleeps.append) == "ok"
+    assert len(calls) == 3 and all(0 <= s <= 2 for s in sleeps) and len(sleeps) == 2
+    clock = iter(range(0, 1000, 7)).__next__
+
+    def down():
+        raise OSError("HTTP status 503: Service Unavailable")
+
+    with pytest.raises(StoreDown, match=r"^writing: the store kept failing for \d+ s .*resume"):
+        with_retries("writing", down, RetryPolicy(deadline_s=30), lambda s: None, clock)
+    with pytest.raises(FileNotFoundError):  # not transient: at once, no retry
+        with_retries(
+            "reading", lambda: Path("/nonexistent/x").read_bytes(), RetryPolicy(), pytest.fail
+        )
+    assert is_transient(ConnectionResetError()) and not is_transient(PermissionError("denied"))
+
+
+def test_a_read_survives_the_server_being_killed_and_restarted(s3):
+    store = ObjectStore(fresh_prefix(), RetryPolicy(base_s=0.2, cap_s=1, deadline_s=90))
+    store.write("a.txt", b"still here")
+    s3.kill()
+    restarter = threading.Timer(2.0, s3.start)
+    restarter.start()
+    t0 = time.monotonic()
+    try:
+        assert store.read("a.txt") == b"still here"
+    finally:
+        restarter.join()
+    assert time.monotonic() - t0 >= 2.0  # it waited for the restart
+
+
+def test_a_store_that_stays_down_raises_store_down_in_bounded_time(s3):
+    store = ObjectStore(fresh_prefix(), RetryPolicy(base_s=0.1, cap_s=0.5, deadline_s=3))
+    s3.kill()
+    t0 = time.monotonic()
+    with pytest.raises(StoreDown, match="the store kept failing"):
+        store.write("b.txt", b"x")
+    assert time.monotonic() - t0 < 10
+    s3.start()
+
+
+# -- leases -----------------------------------------------------------------------------------
+
+
+def test_a_second_writer_is_refused_while_the_first_is_alive(s3):
+    store = ObjectStore(fresh_prefix() + "/out")
+    first = Lease(store, lease_name(3), ttl_s=60).acquire()
+    second = Lease(store, lease_name(3), ttl_s=60)
+    with pytest.raises(LeaseHeld, match=r"rank-00003\.json is held by pid \d+ on .*expires in"):
+        second.acquire()
+    first.renew()
+    first.release()
+    second.acquire()  # free again
+    record = LeaseRecord.parse(store.read(lease_name(3)))
+    assert record.holder == second.holder and record.expires - record.heartbeat == 60
+
+
+def test_a_dead_holders_lease_is_taken_over_after_expiry(s3):
+    store = ObjectStore(fresh_prefix() + "/out")
+    dead = Lease(store, lease_name(0), ttl_s=1.0).acquire()  # never renews again
+    with pytest.raises(LeaseHeld):
+        Lease(store, lease_name(0), ttl_s=1.0).acquire()
+    time.sleep(1.2)
+    heir = Lease(store, lease_name(0), ttl_s=30).acquire()
+    assert LeaseRecord.parse(store.read(lease_name(0))).holder == heir.holder
+    with pytest.raises(LeaseLost, match="presumed dead"):
+        dead.renew()  # the old holder learns it lost the lease at its next heartbeat
+    dead.release()  # not ours any more: leaves the heir's lease alone
+    assert store.read(lease_name(0)) is not None
+
+
+def test_of_two_racing_writers_exactly_one_wins(s3):
+    store = ObjectStore(fresh_prefix())
+    won, refused = [], []
+
+    def take(i):
+        try:
+            won.append(Lease(store, lease_name(1), ttl_s=60).acquire())
+        except LeaseHeld:
+            refused.append(i)
+
+    threads = [threading.Thread(target=take, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(won) == 1 and len(refused) == 5
+
+
+def test_leases_work_on_local_folders_too(tmp_path):
+    store = ObjectStore(str(tmp_path))
+    assert not store.conditional
+    lease = Lease(store, lease_name(0), ttl_s=60).acquire()
+    with pytest.raises(LeaseHeld):
+        Lease(store, lease_name(0)).acquire()
+    lease.release()
+    assert store.read(lease_name(0)) is None
+
+
+# -- preflight --------------------------------------------------------------------------------
+
+
+def _timed_preflight(url, **kw):
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(ConfigError) as err:
+            preflight(url, **kw)
+    finally:
+        assert time.monotonic() - t0 < 10
+    assert "\n" not in str(err.value)
+    return str(err.value)
+
+
+def test_preflight_passes_and_leaves_nothing(s3):
+    root = fresh_prefix()
+    assert preflight(f"{root}/out").bucket == BUCKET
+    assert list(ObjectStore(root).iter_objects()) == []
+
+
+def test_preflight_missing_bucket(s3):
+    msg = _timed_preflight("s3://no-such-bucket-here/out")
+    assert msg == (
+        f"--output s3://no-such-bucket-here/out: the bucket 'no-such-bucket-here' does not exist "
+        f"at {s3.endpoint}; create it (aws s3 mb s3://no-such-bucket-here) or fix the URL"
+    )
+
+
+def test_preflight_wrong_endpoint(s3, monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    msg = _timed_preflight("s3://b/out")
+    assert msg == (
+        "--output s3://b/out: cannot reach the store at http://127.0.0.1:9; check "
+        "AWS_ENDPOINT_URL (or the profile's endpoint_url) and that the store is up"
+    )
+
+
+def test_preflight_bad_credentials(s3, monkeypatch):
+    bucket = BUCKET
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong")
+    msg = _timed_preflight(f"s3://{bucket}/out")
+    assert msg == (
+        f"--output s3://{bucket}/out: the store refused the credentials from AWS_ACCESS_KEY_ID "
+        "and AWS_SECRET_ACCESS_KEY; fix AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or the profile)"
+    )
+
+
+def test_preflight_no_credentials(s3, monkeypatch):
+    bucket = BUCKET
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    msg = _timed_preflight(f"s3://{bucket}/out")
+    assert msg == (
+        f"--output s3://{bucket}/out: no credentials found (and the store refused anonymous "
+        "access); set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE"
+    )
+
+
+def test_preflight_no_permission_to_write(s3, monkeypatch):
+    bucket = BUCKET
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", READER[0])
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", READER[1])
+    assert preflight(f"s3://{bucket}/in", write=False, flag="--parquet").bucket == bucket
+    msg = _timed_preflight(f"s3://{bucket}/out")
+    assert msg.startswith(f"--output s3://{bucket}/out: permission denied (")
+    assert msg.endswith(
+        "the credentials from AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY may not write to it: "
+        f"grant them read, write and delete on {bucket}"
+    )
