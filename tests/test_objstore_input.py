@@ -152,7 +152,7 @@ def test_an_input_store_that_stays_down_ends_the_run_as_interrupted_then_resumes
     )
     try:
         deadline = time.monotonic() + 120
-        while not list(out.glob("part-*.parquet")) and time.monotonic() < deadline:
+        while not list(out.glob("rank-*/part-*.parquet")) and time.monotonic() < deadline:
             time.sleep(0.1)
         s3.kill()
         _, stderr = proc.communicate(timeout=120)
