@@ -107,8 +107,11 @@ def test_interrupted_night_is_resumed_before_the_next_and_then_nights_run_alone(
     log = log_lines(env)
     tonight = log[next(i for i, x in enumerate(log) if "nightly run for 2026-01-03" in x) :]
     assert tonight[0].endswith(f"for 2026-01-03, config {config}, into {root}/2026-01-03")
-    assert tonight[1].endswith(
+    # The newest complete earlier night is reused (NIGHTLY_REUSE=0 turns that off).
+    assert tonight[1].endswith(f"] reusing the outputs of {root}/2026-01-02")
+    assert tonight[2].endswith(
         f"] {HOOKED_BATCHGEN} run --config {config} --output {root}/2026-01-03 --data-parallel auto"
+        f" --reuse {root}/2026-01-02"
     )
     assert tonight[-1].endswith("] exit 0")
     assert not any("resuming" in x for x in tonight)
