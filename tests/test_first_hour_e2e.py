@@ -11,14 +11,22 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import BATCHGEN, REAL_ENGINE, SAMPLE, greedy_sample_args, read_output, run_cli
+from conftest import (
+    BATCHGEN,
+    REAL_ENGINE,
+    SAMPLE,
+    greedy_sample_args,
+    manifest_state,
+    read_output,
+    run_cli,
+)
 from test_kill_harness import shard_files
 
 pytestmark = pytest.mark.engine
 
 
 def manifest(out: Path) -> dict:
-    return json.loads((out / ".batchgen" / "rank-00000.json").read_text())
+    return manifest_state(out)
 
 
 def ctrl_c(args: list[str], out: Path, presses: int) -> tuple[int, str]:

