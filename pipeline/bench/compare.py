@@ -19,7 +19,6 @@ from typing import Any
 from pipeline.bench.machine import bench_folder, machine_info
 from pipeline.bench.stats import spread, spread_text
 from pipeline.bench.warm import Pass, Side, WarmSides, alternate, place_sides
-from pipeline.bench.workload import make_prompts, write_prompt_file
 
 log = logging.getLogger("batchgen")
 
@@ -39,23 +38,14 @@ def bench_sides(cfg: Any, model: str) -> tuple[list[Side], dict[str, Any]]:
 
 def run_warm(cfg: Any) -> dict[str, Any]:
     """The whole warm bench: prompts, engines, the cold pass, the rounds; the report."""
-    from pipeline.bench.throughput import bench_run_config
+    from pipeline.bench.throughput import bench_prompts, bench_run_config
     from pipeline.models import resolve_model
     from pipeline.slots import visible_gpus
 
     bench_start = time.monotonic()
     model = resolve_model(cfg.engine.model)
     with bench_folder(cfg.work_dir) as work:
-        texts, budgets = make_prompts(
-            cfg.prompts,
-            cfg.min_prompt_tokens,
-            cfg.max_prompt_tokens,
-            cfg.min_tokens,
-            cfg.max_tokens,
-            cfg.seed,
-            cfg.task,
-        )
-        src = write_prompt_file(work / "prompts.parquet", texts, budgets, cfg.adapters(len(texts)))
+        _, budgets, _, src = bench_prompts(cfg, work)
         run_cfg = bench_run_config(cfg, src, work / "out", cfg.shard_rows)
         sides, share = bench_sides(cfg, model)
         names = [s.name for s in sides]

@@ -197,6 +197,24 @@ class Timing:
         return (self.prompt_tokens + self.output_tokens) / self.seconds
 
 
+def bench_prompts(
+    cfg: BenchConfig, work: Path
+) -> tuple[list[str], list[int], list[str | None] | None, Path]:
+    """The bench's prompt set (texts, output budgets, adapters) and its Parquet file in `work`."""
+    texts, budgets = make_prompts(
+        cfg.prompts,
+        cfg.min_prompt_tokens,
+        cfg.max_prompt_tokens,
+        cfg.min_tokens,
+        cfg.max_tokens,
+        cfg.seed,
+        cfg.task,
+    )
+    adapters = cfg.adapters(len(texts))
+    src = write_prompt_file(work / "prompts.parquet", texts, budgets, adapters)
+    return texts, budgets, adapters, src
+
+
 def run_throughput(cfg: BenchConfig) -> dict[str, Any]:
     """Time raw vLLM and batchgen over the same prompts, return the report: on one shared
     engine, or (`cfg.warm_sides`) on engines of each side's own (pipeline/bench/compare.py)."""
@@ -209,17 +227,7 @@ def run_throughput(cfg: BenchConfig) -> dict[str, Any]:
     bench_start = time.monotonic()
     model = resolve_model(cfg.engine.model)
     with bench_folder(cfg.work_dir) as work:
-        texts, budgets = make_prompts(
-            cfg.prompts,
-            cfg.min_prompt_tokens,
-            cfg.max_prompt_tokens,
-            cfg.min_tokens,
-            cfg.max_tokens,
-            cfg.seed,
-            cfg.task,
-        )
-        adapters = cfg.adapters(len(texts))
-        src = write_prompt_file(work / "prompts.parquet", texts, budgets, adapters)
+        texts, budgets, adapters, src = bench_prompts(cfg, work)
         engine = _start_engine(cfg, model)
         server = _open_server(cfg, model)
         rows = _bench_rows(cfg, model, engine, src, texts, budgets, adapters)
