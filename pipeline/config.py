@@ -490,7 +490,8 @@ class OutputConfig:
     def __post_init__(self) -> None:
         from pipeline.storage import require_output_location  # a URL is never a local path
 
-        require_output_location(self.path)
+        if self.path is not None:  # tune's trials have none
+            require_output_location(self.path)
         if self.rows_per_shard < 1:
             raise ConfigError(f"--rows-per-shard {self.rows_per_shard}: must be at least 1")
         if self.checkpoint_seconds <= 0:

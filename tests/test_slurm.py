@@ -254,7 +254,7 @@ def test_usr1_requeues_a_task_a_cancel_does_not_and_rerunning_it_finishes(
     wait_done(again)
     assert final_states(again, 1) == {2: [("COMPLETED", "0:0")]}
     log = (tmp_path / f"batchgen-{again}_2.log").read_text()
-    assert f"--config {config} --num-shards 3 --shard-index 2" in log
+    assert f"--config {config} --num-ranks 3 --rank 2" in log
     assert f"resuming rank 2: {cancelled_at} prompts already committed" in log
     assert_exactly_once(out)
     assert_ranks_own_their_slices(out, TASKS)

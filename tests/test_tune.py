@@ -164,6 +164,7 @@ def test_trials_walk_each_setting_from_the_best_so_far_in_order() -> None:
         ): "not measurable on a sample of 128 rows (every row would run at once)",
         ("gpu_memory_utilization", "null"): "GPU only (this engine runs on the CPU)",
         ("max_cudagraph_capture_size", "null"): "GPU only (this engine runs on the CPU)",
+        ("replicas_per_gpu", "null"): "GPU only (this engine runs on the CPU)",
     }
 
 

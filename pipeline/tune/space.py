@@ -281,7 +281,7 @@ def baseline_engine(engine: EngineConfig) -> EngineConfig:
     if stripped == engine:
         raise ConfigError(
             "--raw-defaults: the engine flags set none of the settings batchgen tune searches "
-            f"({', '.join(KNOB_KEYS)}), so both sides would run vLLM's defaults; give the tuned "
+            f"({', '.join(k for k in KNOB_KEYS if k not in RUN_FLAGS)}), so both sides would run vLLM's defaults; give the tuned "
             "settings, e.g. --max-num-seqs 64 --engine-arg max_num_batched_tokens=8192"
         )
     return stripped

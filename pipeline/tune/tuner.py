@@ -15,6 +15,7 @@ from pipeline.bench.machine import OtherCpuMeter
 from pipeline.config import RunConfig
 from pipeline.engines import Engine, FaultPolicy, StopFlags
 from pipeline.errors import BatchgenError, ConfigError
+from pipeline.positions import Positions
 from pipeline.records import PromptRow
 from pipeline.runner import Job, read_job, start_engine
 from pipeline.stages import READ_BATCH_ROWS, Feeder
@@ -214,7 +215,7 @@ def read_sample(cfg: RunConfig, job: Job, count: int) -> tuple[list[PromptRow], 
     feeder = Feeder(
         job.source,
         job.builder,
-        set(),
+        Positions(),  # nothing committed: a trial reads from the input's start
         cfg.source.id_column,
         flags,
         batch_rows=min(count, READ_BATCH_ROWS),
