@@ -48,6 +48,8 @@ class Option:
     `parse(value, flag)` turns the flag's value into the field's (ValueError: a usage error
     naming the flag). `flag_default` is the flag's default where it differs from the field's
     (None: "not given", resolved later, as a rank from the launcher is).
+    A tuple field's flag is repeatable only with `multiple`; without it `parse` makes the
+    tuple (`--replicas-per-gpu 1,2`).
     """
 
     help: str
@@ -58,7 +60,10 @@ class Option:
     hidden: bool = False
     choices: tuple[str, ...] | None = None
     multiple: bool = False
-    negatable: bool = False  # --x/--no-x, default None (a tri-state: on, off, let it decide)
+    # --x/--no-x; with a field default of None a tri-state (on, off, let it decide)
+    negatable: bool = False
+    file: bool = False  # the value names a file (that need not exist yet): metavar FILE
+    minimum: int | None = None  # an integer flag's least value, checked by click
     parse: Callable[[Any, str], Any] | None = None
     flag_default: Any = FIELD_DEFAULT
 

@@ -13,6 +13,7 @@ from conftest import REAL_ENGINE, run_cli
 
 from pipeline.bench import BenchConfig, make_prompts
 from pipeline.bench.stats import bootstrap_median, spread, spread_text
+from pipeline.config import EngineConfig
 from pipeline.errors import ConfigError
 
 # (arguments after `bench`, the exact error line); all fail before any engine or model loads.
@@ -108,6 +109,23 @@ BAD_BENCH_FLAGS = [
         "--replicas-per-gpu: only for the throughput bench; drop --memory",
         id="replicas-with-memory",
     ),
+    pytest.param(
+        ["--memory", "--server", "http://gpu7:8000/v1"],
+        "--server: only for the throughput bench; drop --memory",
+        id="server-with-memory",
+    ),
+    pytest.param(
+        ["--reuse-lookup", "0"], "--reuse-lookup 0: must be at least 1 row", id="no-lookup-rows"
+    ),
+    pytest.param(
+        ["--raw-defaults", "--dtype", "float32"],
+        "--raw-defaults: the engine flags set none of the settings batchgen tune searches "
+        "(speculative_config, max_num_seqs, max_num_batched_tokens, enable_chunked_prefill, "
+        "enable_prefix_caching, gpu_memory_utilization, max_cudagraph_capture_size), so both "
+        "sides would run vLLM's defaults; give the tuned settings, e.g. --max-num-seqs 64 "
+        "--engine-arg max_num_batched_tokens=8192",
+        id="raw-defaults-of-untuned-settings",
+    ),
 ]
 
 
@@ -150,7 +168,7 @@ def test_one_task_for_every_prompt_keeps_the_prompt_set_otherwise() -> None:
     [
         (BenchConfig(), True),
         (BenchConfig(stop_at_eos=True), False),
-        (BenchConfig(request=(("choice", ("yes", "no")),)), False),
+        (BenchConfig(choice=("yes", "no")), False),
     ],
 )
 def test_budgets_are_caps_when_outputs_stop_at_eos(
@@ -163,6 +181,18 @@ def test_budgets_are_caps_when_outputs_stop_at_eos(
     run_cfg = bench_run_config(cfg, tmp_path / "p.parquet", tmp_path / "out", 4)
     assert dict(run_cfg.sampling.given).get("ignore_eos", False) is ignore_eos
     assert cfg.own_lengths is not ignore_eos
+
+
+def test_bench_config_is_the_python_api_of_the_bench_flags() -> None:
+    """The fields behind --json-schema/--choice/--logprobs make the request both sides send;
+    --raw-defaults gives the raw side vLLM's defaults for the tuned settings."""
+    cfg = BenchConfig(choice=("yes", "no"), logprobs=2)
+    assert cfg.request == (("choice", ("yes", "no")), ("logprobs", 2))
+    assert BenchConfig().request == () and BenchConfig().raw_engine is None
+    tuned = EngineConfig(max_num_seqs=8, engine_args=(("max_num_batched_tokens", 4096),))
+    raw = BenchConfig(engine=tuned, raw_defaults=True).raw_engine
+    assert raw is not None and (raw.max_num_seqs, raw.engine_args) == (None, ())
+    assert BenchConfig(engine=tuned, raw_defaults=True).warm_sides
 
 
 def test_rows_per_shard_defaults_to_an_eighth_of_the_prompts_at_most_2000() -> None:

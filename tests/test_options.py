@@ -83,3 +83,40 @@ def test_a_bad_value_is_a_usage_error_naming_the_flag(demo: click.Command) -> No
     assert result.output.endswith(
         "Error: Invalid value for --pair: 'novalue': expected KEY=VALUE, e.g. --pair a=1\n"
     )
+
+
+@dataclass(frozen=True, slots=True)
+class ModeConfig:
+    """A stand-in kind of bench: a group of one class, named in SECTIONS only."""
+
+    chat: bool = option(True, "On unless --no-chat.", negatable=True)
+    schema: str | None = option(None, "A file.", file=True)
+    rounds: int = option(0, "Rounds, 0 or more.", minimum=0)
+
+
+def test_a_group_of_one_class_needs_only_its_section(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A new group is one dataclass and its SECTIONS line; a negatable switch may default on
+    (shown), `file` gives FILE, `minimum` a range click checks."""
+    monkeypatch.setitem(flags.SECTIONS, ModeConfig, "mode")
+    flags.declared.cache_clear()
+    built: list[ModeConfig] = []
+
+    @click.command()
+    @flags.group_options("mode")
+    def command(**kw: object) -> None:
+        built.append(flags.build(ModeConfig, kw))
+
+    flags.declared.cache_clear()
+    text = CliRunner().invoke(command, ["--help"], terminal_width=100).output
+    assert text.splitlines()[3:6] == [
+        "  --chat / --no-chat      On unless --no-chat.  [default: chat]",
+        "  --schema FILE           A file.",
+        "  --rounds INTEGER RANGE  Rounds, 0 or more.  [default: 0; x>=0]",
+    ]
+    result = CliRunner().invoke(command, ["--no-chat", "--schema", "s.json", "--rounds", "2"])
+    assert result.exit_code == 0, result.output
+    assert built == [ModeConfig(chat=False, schema="s.json", rounds=2)]
+    CliRunner().invoke(command, [])
+    assert built[-1] == ModeConfig()
+    result = CliRunner().invoke(command, ["--rounds", "-1"])
+    assert result.exit_code == 2 and "-1 is not in the range x>=0" in result.output

@@ -22,154 +22,21 @@ from __future__ import annotations
 import logging
 import shutil
 import time
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pipeline.bench.machine import OtherCpuMeter, bench_folder
 from pipeline.bench.throughput_report import format_throughput, throughput_report
 from pipeline.bench.workload import make_prompts, write_prompt_file
-from pipeline.config import (
-    EngineConfig,
-    OutputConfig,
-    PromptConfig,
-    RunConfig,
-    ServerConfig,
-    SourceConfig,
-)
+from pipeline.config import OutputConfig, PromptConfig, RunConfig, SourceConfig
+from pipeline.config.bench import BenchConfig
 from pipeline.errors import BatchgenError, ConfigError
-from pipeline.sampling import OPTIONS_BY_NAME, SamplingConfig
+from pipeline.sampling import SamplingConfig
 
 log = logging.getLogger("batchgen")
-
-
-@dataclass(frozen=True, slots=True)
-class BenchConfig:
-    """What `batchgen bench` measures; the engine settings are those of `batchgen run`."""
-
-    engine: EngineConfig = field(default_factory=EngineConfig)
-    # The raw side's own engine (`--raw-defaults`: vLLM's defaults for the settings batchgen
-    # tune searches), so tuned batchgen is compared with untuned vLLM. None: one shared engine.
-    raw_engine: EngineConfig | None = None
-    prompts: int = 256
-    # Each prompt's output budget is drawn log-uniformly from [min_tokens, max_tokens] and is
-    # generated in full (ignore_eos): many short outputs, a few long ones.
-    min_tokens: int = 8
-    max_tokens: int = 128
-    min_prompt_tokens: int = 16
-    max_prompt_tokens: int = 512
-    temperature: float = 0.0
-    chat: bool = True
-    # One system message shared by every prompt: the case prefix caching is for.
-    system_prompt: str | None = None
-    rounds: int = 5
-    # Stop starting new rounds once another would end past this many seconds (0: no limit).
-    budget_seconds: float = 540.0
-    rows_per_shard: int | None = None  # None: prompts / 8, at most 2,000
-    max_inflight: int | None = None
-    with_transformers: bool = False
-    transformers_prompts: int = 32
-    seed: int = 0
-    work_dir: str | None = None  # None: a temporary folder, removed at the end
-    # Side (b) runs on this server (the same model, on this machine) instead of in process.
-    server: ServerConfig | None = None
-    # The job's own request options (pipeline.sampling names: json_schema, choice, logprobs...),
-    # sent by both sides. A constrained output ends when its grammar completes, so these runs
-    # do without ignore_eos and compare tok/s over what each side generated.
-    request: tuple[tuple[str, Any], ...] = ()
-    # Every prompt's instruction (e.g. "Rewrite the following text in a formal tone."); None:
-    # the bench's mix of tasks.
-    task: str | None = None
-    # Stop at end-of-sequence, as a job does: budgets become caps, and each side's own output
-    # tokens count (they differ where the two sides' greedy texts do).
-    stop_at_eos: bool = False
-    # Replica counts of the batchgen sides (`--replicas-per-gpu 1,2`): each a side of its own,
-    # its replicas sharing the GPU. Given (or with raw_engine), every side runs on engines of its
-    # own kept warm in worker processes (pipeline/bench/compare.py).
-    replicas: tuple[int, ...] = ()
-
-    @property
-    def warm_sides(self) -> bool:
-        """Whether the sides need engines of their own (pipeline/bench/compare.py)."""
-        return bool(self.replicas) or self.raw_engine is not None
-
-    @property
-    def constrained(self) -> bool:
-        return any(OPTIONS_BY_NAME[k].structured for k, _ in self.request)
-
-    @property
-    def own_lengths(self) -> bool:
-        """Whether outputs end where the model (or a grammar) ends them, not at their budgets."""
-        return self.stop_at_eos or self.constrained
-
-    def adapters(self, count: int) -> list[str | None] | None:
-        """Each prompt's adapter in a LoRA bench: the base model and each adapter in turn."""
-        if not self.engine.loras:
-            return None
-        names = [None, *(n for n, _ in self.engine.loras)]
-        return [names[i % len(names)] for i in range(count)]
-
-    def __post_init__(self) -> None:
-        if self.prompts < 1:
-            raise ConfigError(f"--prompts {self.prompts}: must be at least 1")
-        if not 1 <= self.min_tokens <= self.max_tokens:
-            raise ConfigError(
-                f"--min-tokens {self.min_tokens} and --max-tokens {self.max_tokens}: need "
-                "1 <= --min-tokens <= --max-tokens"
-            )
-        if not 1 <= self.min_prompt_tokens <= self.max_prompt_tokens:
-            raise ConfigError(
-                f"--min-prompt-tokens {self.min_prompt_tokens} and --max-prompt-tokens "
-                f"{self.max_prompt_tokens}: need 1 <= --min-prompt-tokens <= --max-prompt-tokens"
-            )
-        if self.rounds < 1:
-            raise ConfigError(f"--rounds {self.rounds}: must be at least 1")
-        if self.budget_seconds < 0:
-            raise ConfigError("--budget-seconds must be 0 (no limit) or more")
-        if self.rows_per_shard is not None and self.rows_per_shard < 1:
-            raise ConfigError(f"--rows-per-shard {self.rows_per_shard}: must be at least 1")
-        if self.transformers_prompts < 1:
-            raise ConfigError("--transformers-prompts must be at least 1")
-        if self.temperature < 0:
-            raise ConfigError(f"--temperature {self.temperature}: must be 0 (greedy) or more")
-        if self.task is not None and not self.task.strip():
-            raise ConfigError("--task: give the instruction every prompt starts with")
-        if self.system_prompt is not None and not self.chat:
-            raise ConfigError("--system-prompt needs the chat template: drop --no-chat")
-        SamplingConfig.of(**dict(self.request))  # a bad schema or choice list: refused now
-        if self.server is not None and self.with_transformers:
-            raise ConfigError("--with-transformers stops the engine; drop it with --server")
-        if self.server is not None and self.engine.loras:
-            raise ConfigError(
-                "--lora: the server holds its own adapters; drop --lora with --server"
-            )
-        if any(n < 1 for n in self.replicas):
-            raise ConfigError("--replicas-per-gpu: each count must be at least 1, e.g. 1,2")
-        if self.warm_sides and (self.server is not None or self.with_transformers):
-            raise ConfigError(
-                "--replicas-per-gpu and --raw-defaults run each side on engines of its own: drop "
-                "--server and --with-transformers"
-            )
-        if self.server is not None and self.raw_engine is not None:
-            raise ConfigError(
-                "--raw-defaults starts a second engine for the raw side; with --server side (b) "
-                "has none of its own: drop one of them"
-            )
-
-    @property
-    def batchgen_engine(self) -> EngineConfig:
-        """The engine settings of side (b): the in-process engine's, or the server's."""
-        if self.server is None:
-            return self.engine
-        return EngineConfig(
-            seed=self.engine.seed,
-            trust_remote_code=self.engine.trust_remote_code,
-            server=self.server,
-        )
-
-    @property
-    def shard_rows(self) -> int:
-        return self.rows_per_shard or max(1, min(2000, self.prompts // 8))
 
 
 @dataclass(slots=True)

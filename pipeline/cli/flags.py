@@ -35,9 +35,14 @@ SECTIONS: dict[type, str] = {
     config.OutputConfig: "output",
     RunConfig: "ranks",
     ReplicaConfig: "ranks",
+    config.BenchConfig: "bench",
+    config.MemoryBenchConfig: "bench-memory",
+    config.ReuseLookupConfig: "bench-reuse",
+    config.TuneConfig: "tune",
 }
 # Each group's flags in --help order: the fields of these classes in that group, in the order
-# the classes declare them (the sampling group starts with SAMPLING_OPTIONS).
+# the classes declare them (the sampling group starts with SAMPLING_OPTIONS). A group of one
+# class needs no entry: a new group is one dataclass and its line in SECTIONS.
 GROUPS: dict[str, tuple[type, ...]] = {
     "input": (config.SourceConfig,),
     "prompt": (config.PromptConfig,),
@@ -72,7 +77,8 @@ def _click_option(cls: type, f: dataclasses.Field, spec: Option) -> Callable:
         how["metavar"] = spec.metavar
     if spec.negatable:
         names = [f"{long}/--no-{long[2:]}"]
-        how["default"] = None
+        how["default"] = default
+        how["show_default"] = default is not None
     elif kind is bool:
         # A plain switch can only turn a setting on; one that defaults on is `negatable`.
         assert default is False, f"{cls.__name__}.{f.name}: a switch defaults to False"
@@ -83,6 +89,11 @@ def _click_option(cls: type, f: dataclasses.Field, spec: Option) -> Callable:
         how["multiple"] = spec.multiple
         if spec.choices:
             how["type"] = click.Choice(list(spec.choices))
+        elif spec.file:
+            how["type"] = click.Path(dir_okay=False)
+            how.setdefault("metavar", "FILE")
+        elif spec.minimum is not None:
+            how["type"] = click.IntRange(min=spec.minimum)
         elif spec.parse is None and kind in _CLICK_TYPES:
             how["type"] = _CLICK_TYPES[kind]
         if not spec.multiple and default is not None:
@@ -112,7 +123,7 @@ def declared(group: str) -> tuple[tuple[type, dataclasses.Field, Option], ...]:
     """The declared fields of one group, in --help order."""
     return tuple(
         (cls, f, spec)
-        for cls in GROUPS[group]
+        for cls in GROUPS.get(group) or [c for c, g in SECTIONS.items() if g == group]
         for f in dataclasses.fields(cls)
         if (spec := option_of(f)) is not None and (spec.group or SECTIONS[cls]) == group
     )

@@ -11,12 +11,18 @@ One module per concern, every name importable from here (`from pipeline.config i
 Sampling settings are pipeline.sampling's (SamplingConfig), re-exported here.
 """
 
+from pipeline.config.bench import BenchConfig, MemoryBenchConfig, ReuseLookupConfig
 from pipeline.config.engine import PROMPT_FORMS, EngineConfig, ServerConfig
 from pipeline.config.inputs import INPUT_FORMATS, PromptConfig, SourceConfig, input_builder
 from pipeline.config.run import OutputConfig, RunConfig
+from pipeline.config.tune import TuneConfig
 from pipeline.sampling import SamplingConfig
 
 __all__ = [
+    "BenchConfig",
+    "MemoryBenchConfig",
+    "ReuseLookupConfig",
+    "TuneConfig",
     "INPUT_FORMATS",
     "PROMPT_FORMS",
     "EngineConfig",

@@ -13,53 +13,17 @@ from typing import Any
 
 from pipeline.bench.machine import OtherCpuMeter
 from pipeline.config import RunConfig
+from pipeline.config.tune import TuneConfig
 from pipeline.engines import Engine, FaultPolicy, StopFlags
-from pipeline.errors import BatchgenError, ConfigError
+from pipeline.errors import BatchgenError
 from pipeline.positions import Positions
 from pipeline.records import PromptRow
 from pipeline.runner import Job, read_job, start_engine
 from pipeline.stages import READ_BATCH_ROWS, Feeder
 from pipeline.tune.search import Measurement, SearchResult, rows_differ, search
-from pipeline.tune.space import Space, apply_settings, check_tries
+from pipeline.tune.space import Space, apply_settings
 
 log = logging.getLogger("batchgen")
-
-
-@dataclass(frozen=True, slots=True)
-class TuneConfig:
-    """What `batchgen tune` does; `run` is the job, exactly as `batchgen run` would take it."""
-
-    run: RunConfig
-    # Rows taken from the start of the input; every pass runs them all. None: SAMPLE_SEQS x
-    # the baseline engine's max_num_seqs (at least MIN_SAMPLE), so a pass fills the engine,
-    # runs full and drains as a whole job does: with a sample of max_num_seqs rows or fewer
-    # every row runs at once, which a job never does, and trials overstated the run (36,769
-    # out tok/s on a 1,024-row sample of a job whose whole run makes ~20,000 on an H200).
-    sample: int | None = None
-    repeats: int = 3  # timed passes per trial, after one untimed warm-up pass
-    # Wall time for the whole tune, engine starts included; the baseline always runs.
-    budget_seconds: float = 1800.0
-    # A setting must beat the incumbent's median by this share (and beyond both trials'
-    # spread) to replace it: the margin against a noisy machine.
-    min_gain: float = 0.03
-    tries: tuple[tuple[str, Any], ...] = ()  # --try KEY=VALUE: only these values are tried
-    allow_output_changes: bool = False
-    # After the search: this many alternating rounds of the whole job with the baseline's and
-    # the winner's settings (pipeline/tune/verify.py), each on a warm engine; 0: none.
-    verify_rounds: int = 0
-
-    def __post_init__(self) -> None:
-        if self.sample is not None and self.sample < 1:
-            raise ConfigError(f"--sample {self.sample}: must be at least 1")
-        if self.repeats < 1:
-            raise ConfigError(f"--repeats {self.repeats}: must be at least 1")
-        if self.budget_seconds < 0:
-            raise ConfigError("--budget-seconds must be 0 (no limit) or more")
-        if not 0 <= self.min_gain < 1:
-            raise ConfigError(f"--min-gain {self.min_gain}: must be a share in [0, 1), e.g. 0.03")
-        if self.verify_rounds < 0:
-            raise ConfigError(f"--verify {self.verify_rounds}: rounds, 0 (none) or more")
-        check_tries(self.tries)
 
 
 @dataclass(slots=True)
