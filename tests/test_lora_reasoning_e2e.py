@@ -35,7 +35,7 @@ def test_rows_with_two_adapters_and_the_base_each_equal_raw_vllm(tmp_path):
     from vllm.lora.request import LoRARequest
 
     from pipeline.config import EngineConfig
-    from pipeline.engines import get_engine
+    from pipeline.engines import in_process_engine
     from pipeline.models import ensure_bundled_model
 
     zero = make_adapter(tmp_path / "zero", zero_b=True, seed=1)
@@ -56,7 +56,7 @@ def test_rows_with_two_adapters_and_the_base_each_equal_raw_vllm(tmp_path):
     model = str(ensure_bundled_model())
     loras = (("zero", str(zero.resolve())), ("tuned", str(tuned.resolve())))
     cfg = EngineConfig(dtype="float32", max_model_len=512, max_num_seqs=8, loras=loras)
-    engine = get_engine(cfg, model)
+    engine = in_process_engine(cfg, model)
     params = SamplingParams(temperature=0, max_tokens=16)
     ids = chat_ids(model)
     requests = {

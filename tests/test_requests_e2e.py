@@ -41,11 +41,11 @@ def raw():
     from transformers import AutoTokenizer
 
     from pipeline.config import EngineConfig
-    from pipeline.engines import get_engine
+    from pipeline.engines import in_process_engine
     from pipeline.models import ensure_bundled_model
 
     model = str(ensure_bundled_model())
-    engine = get_engine(EngineConfig(dtype="float32", max_model_len=512), model)
+    engine = in_process_engine(EngineConfig(dtype="float32", max_model_len=512), model)
     tok = AutoTokenizer.from_pretrained(model)
     ids = []
     for p in PROMPTS:

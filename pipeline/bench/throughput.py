@@ -93,10 +93,9 @@ def run_throughput(cfg: BenchConfig) -> dict[str, Any]:
 
     bench_start = time.monotonic()
     model = resolve_model(cfg.engine.model)
-    with bench_folder(cfg.work_dir) as work:
+    with bench_folder(cfg.work_dir) as work, _open_server(cfg, model) as server:
         texts, budgets, adapters, src = bench_prompts(cfg, work)
         engine = _start_engine(cfg, model)
-        server = _open_server(cfg, model)
         rows = _bench_rows(cfg, model, engine, src, texts, budgets, adapters)
         cold = _warm_up(engine, cfg, work, rows)
         timings, shards = _rounds(cfg, engine, rows, src, work, model, server, bench_start)
@@ -119,10 +118,10 @@ def run_throughput(cfg: BenchConfig) -> dict[str, Any]:
 
 
 def _start_engine(cfg: BenchConfig, model: str) -> Any:
-    from pipeline.engines import get_engine
+    from pipeline.engines import in_process_engine
 
     log.info("bench: starting the engine (%s)...", model)
-    engine = get_engine(cfg.engine, model)
+    engine = in_process_engine(cfg.engine, model)
     if not hasattr(engine, "raw_generate"):
         raise BatchgenError("the throughput bench needs the vllm engine")
     limit = engine.max_model_len
@@ -252,7 +251,6 @@ def _add_server(report: dict[str, Any], server: Any, timings: list) -> None:
     report["other_cpu_max"] = max(
         (r.other_cpu for r, _ in timings if r.other_cpu is not None), default=None
     )
-    server.close()
 
 
 def bench_run_config(cfg: BenchConfig, src: Path, out: Path, rows_per_shard: int) -> RunConfig:
@@ -305,27 +303,29 @@ def _time_raw(engine: Any, rows: list) -> Timing:
     return Timing("raw", seconds, prompts, prompt_tokens, output_tokens, meter.share())
 
 
-def _open_server(cfg: BenchConfig, model: str) -> Any:
-    """The server of side (b), checked to serve the raw side's model; None without --server."""
+@contextmanager
+def _open_server(cfg: BenchConfig, model: str) -> Iterator[Any]:
+    """The server of side (b), checked to serve the raw side's model, for the length of a
+    `with` block; None without --server."""
     if cfg.server is None:
-        return None
-    from pipeline.engines import get_engine
+        yield None
+        return
+    from pipeline.engines import open_engine
 
-    server = get_engine(cfg.batchgen_engine, None)
-    if server.model_dir != model:
-        server.close()
-        raise BatchgenError(
-            f"--server {server.url} serves {server.model}, not the raw side's {model}: start it "
-            f"on the same model (vllm serve {model} --model-impl transformers ...), or pass "
-            "that model's folder as --model"
-        )
-    if not server.reset_prefix_cache():
-        log.warning(
-            "bench: the server cannot reset its prefix cache (start it with "
-            "VLLM_SERVER_DEV_MODE=1, or with --no-enable-prefix-caching): from the second "
-            "round on it may find the prompts cached, which favours side (b)"
-        )
-    return server
+    with open_engine(cfg.batchgen_engine, None) as server:
+        if server.model_dir != model:
+            raise BatchgenError(
+                f"--server {server.url} serves {server.model}, not the raw side's {model}: "
+                f"start it on the same model (vllm serve {model} --model-impl transformers "
+                "...), or pass that model's folder as --model"
+            )
+        if not server.reset_prefix_cache():
+            log.warning(
+                "bench: the server cannot reset its prefix cache (start it with "
+                "VLLM_SERVER_DEV_MODE=1, or with --no-enable-prefix-caching): from the second "
+                "round on it may find the prompts cached, which favours side (b)"
+            )
+        yield server
 
 
 def _time_batchgen(
@@ -333,7 +333,7 @@ def _time_batchgen(
 ) -> tuple[Timing, int]:
     import pyarrow.parquet as pq
 
-    from pipeline.engines import get_engine
+    from pipeline.engines import in_process_engine
     from pipeline.runner import run
 
     engine.reset_prefix_cache()
@@ -344,7 +344,7 @@ def _time_batchgen(
     result = run(run_cfg)
     seconds = time.monotonic() - started
     other_cpu = meter.share()
-    if server is None and get_engine(run_cfg.engine, model) is not engine:
+    if server is None and in_process_engine(run_cfg.engine, model) is not engine:
         raise BatchgenError("batchgen started a second engine; the comparison would be unfair")
     if result.status != "finished":
         raise BatchgenError(f"the batchgen run ended {result.status}")

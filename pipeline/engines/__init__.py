@@ -102,17 +102,6 @@ def in_process_engine(cfg: EngineConfig, model: str, log_path: Path | None = Non
     return engine
 
 
-def get_engine(cfg: EngineConfig, model: str | None, log_path: Path | None = None) -> Engine:
-    """Deprecated: `open_engine` (which closes a server client) or `in_process_engine`. Kept for
-    pipeline/bench, which closes the server engines it gets itself."""
-    if cfg.server is not None:
-        from pipeline.engines.server import ServerEngine
-
-        return ServerEngine(cfg, model)
-    assert model is not None
-    return in_process_engine(cfg, model, log_path)
-
-
 def close_engines() -> None:
     """Stop every engine this process started, e.g. before other processes need the GPU."""
     for key in list(_ENGINES):
@@ -126,7 +115,6 @@ __all__ = [
     "FaultPolicy",
     "RejectedPrompt",
     "StopFlags",
-    "get_engine",
     "in_process_engine",
     "open_engine",
     "preflight",

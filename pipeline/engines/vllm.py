@@ -175,7 +175,7 @@ class VllmEngine(SteppingEngine):
         reaper = getattr(self, "_reaper", None)
         if reaper is not None:
             reaper.release()
-        self.dead = True  # get_engine starts a new one if asked again
+        self.dead = True  # in_process_engine starts a new one if asked again
 
     def describe(self) -> dict[str, Any]:
         import transformers
