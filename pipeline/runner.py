@@ -113,20 +113,10 @@ def _run_locked(
     server: ServerEngine | None,
 ) -> RunResult:
     checkpoint = Checkpoint(cfg.output_dir, cfg.rank, cfg.num_ranks)
-    try:
-        job = read_job(cfg, server)
-        state = _resume_state(cfg, job, checkpoint)
-        if state is None:
-            return RunResult("noop", cfg.output_dir, checkpoint.manifest.report)
-        log_path = engine_log_path(cfg.output_dir, cfg.rank) if cfg.engine_log else None
-        if log_path is not None and cfg.engine.backend == "vllm" and server is None:
-            log.info("vLLM's own log: %s", log_path)
-        engine = start_engine(cfg.engine, job, log_path, server)
-    except BaseException:
-        if flags.signal_name is None:
-            raise
-        # Whatever the start raised, the stop signal's exception was at its origin.
-        return _stopped_before_generation(cfg, checkpoint, flags.signal_name)
+    started = _start_rank(cfg, checkpoint, flags, server)
+    if isinstance(started, RunResult):
+        return started
+    job, state, engine = started
     phase.starting = False
     writer = ParquetShardWriter(
         cfg.output_dir, cfg.rank, _schema(cfg, job), _metadata(cfg, job, engine)
@@ -175,6 +165,27 @@ def _run_locked(
         )
         status = "limited"
     return RunResult(status, cfg.output_dir, report)
+
+
+def _start_rank(
+    cfg: RunConfig, checkpoint: Checkpoint, flags: StopFlags, server: ServerEngine | None
+) -> tuple[Job, ResumeState, Engine] | RunResult:
+    """The job, where to resume it and its started engine; or the result of a rank that ends
+    before generating (nothing left to do, or a stop signal during the start)."""
+    try:
+        job = read_job(cfg, server)
+        state = _resume_state(cfg, job, checkpoint)
+        if state is None:
+            return RunResult("noop", cfg.output_dir, checkpoint.manifest.report)
+        log_path = engine_log_path(cfg.output_dir, cfg.rank) if cfg.engine_log else None
+        if log_path is not None and cfg.engine.backend == "vllm" and server is None:
+            log.info("vLLM's own log: %s", log_path)
+        return job, state, start_engine(cfg.engine, job, log_path, server)
+    except BaseException:
+        if flags.signal_name is None:
+            raise
+        # Whatever the start raised, the stop signal's exception was at its origin.
+        return _stopped_before_generation(cfg, checkpoint, flags.signal_name)
 
 
 def _progress(cfg: RunConfig, job: Job, state: ResumeState) -> Progress:

@@ -119,17 +119,7 @@ def format_tune(report: dict[str, Any]) -> str:
         f"{'trial':>5}  {'settings':<34}{'out tok/s':>10}{'spread':>8}{'gain':>7}{'start s':>9}"
         "  verdict",
     ]
-    for t in report["trials"]:
-        what = settings_label(t["settings"]) or "baseline"
-        tok = "-" if t["median_output_tok_s"] is None else f"{t['median_output_tok_s']:,.1f}"
-        spread = "-" if t["spread"] is None else f"{t['spread']:.1%}"
-        gain = "-" if t["gain"] is None else f"{t['gain']:.3f}"
-        start = "-" if t["engine_start_s"] is None else f"{t['engine_start_s']:.1f}"
-        mark = "*" if t["chosen"] else " "
-        lines.append(
-            f"{t['trial']:>4}{mark}  {what:<34}{tok:>10}{spread:>8}{gain:>7}{start:>9}  "
-            f"{t['verdict']}"
-        )
+    lines += [_trial_line(t) for t in report["trials"]]
     lines += _not_tried_lines(report)
     w, b = report["winner"], report["baseline"]
     lines.append("")
@@ -162,6 +152,19 @@ def format_tune(report: dict[str, Any]) -> str:
     if written:
         lines.append(f"config: {written} (run it with: batchgen run --config {written})")
     return "\n".join(lines)
+
+
+def _trial_line(t: dict[str, Any]) -> str:
+    """One trial's row of the table: settings, median out tok/s, spread, gain, engine start."""
+    what = settings_label(t["settings"]) or "baseline"
+    tok = "-" if t["median_output_tok_s"] is None else f"{t['median_output_tok_s']:,.1f}"
+    spread = "-" if t["spread"] is None else f"{t['spread']:.1%}"
+    gain = "-" if t["gain"] is None else f"{t['gain']:.3f}"
+    start = "-" if t["engine_start_s"] is None else f"{t['engine_start_s']:.1f}"
+    mark = "*" if t["chosen"] else " "
+    return (
+        f"{t['trial']:>4}{mark}  {what:<34}{tok:>10}{spread:>8}{gain:>7}{start:>9}  {t['verdict']}"
+    )
 
 
 def _not_tried_lines(report: dict[str, Any]) -> list[str]:

@@ -113,7 +113,27 @@ def search(
 
     `make_space` gets the baseline engine's effective settings.
     """
-    t0 = clock() if started is None else started
+    baseline = _baseline(measure, clock)
+    space = make_space(baseline.measurement.tunables or {})
+    walk = _Walk(
+        measure,
+        space,
+        baseline,
+        budget_seconds,
+        min_gain,
+        allow_output_changes,
+        clock() if started is None else started,
+        clock,
+    )
+    for knob in space.knobs:
+        walk.knob(knob)
+    return SearchResult(
+        baseline, walk.incumbent, walk.trials, space, walk.not_tried, walk.budget_stopped
+    )
+
+
+def _baseline(measure: Measure, clock: Callable[[], float]) -> Trial:
+    """The first trial: the job's own engine settings; an error if it fails."""
     baseline = _run_trial(0, None, {}, measure, None, clock)
     if baseline.measurement.error or not baseline.measurement.tok_s:
         raise BatchgenError(
@@ -123,48 +143,76 @@ def search(
     baseline.verdict = "baseline: the job's engine settings, vLLM's defaults for the rest"
     baseline.rows_differ = 0 if baseline.measurement.texts is not None else None
     log.info("tune: %s", describe_trial(baseline, baseline))
-    space = make_space(baseline.measurement.tunables or {})
-    trials = [baseline]
-    incumbent = baseline
-    not_tried: list[tuple[str, Any, str]] = []
-    budget_stopped = False
-    for knob in space.knobs:
-        ladder = space.ladder(knob, incumbent.settings)
-        if isinstance(ladder, str) or budget_stopped:
-            not_tried.append((knob.key, None, ladder if isinstance(ladder, str) else BUDGET))
-            continue
-        not_tried.extend((knob.key, value, why) for value, why in ladder.skipped)
-        moved = False
+    return baseline
+
+
+@dataclass(slots=True)
+class _Walk:
+    """The search's state as it walks the knobs: every trial, the incumbent, what was not tried."""
+
+    measure: Measure
+    space: Space
+    baseline: Trial
+    budget_seconds: float
+    min_gain: float
+    allow_output_changes: bool
+    t0: float
+    clock: Callable[[], float]
+    trials: list[Trial] = field(default_factory=list)
+    incumbent: Trial | None = None
+    not_tried: list[tuple[str, Any, str]] = field(default_factory=list)
+    budget_stopped: bool = False
+
+    def __post_init__(self) -> None:
+        self.trials.append(self.baseline)
+        self.incumbent = self.baseline
+
+    def knob(self, knob: Any) -> None:
+        """Walk one knob's ladder from the incumbent's value: up, then (a line search that did
+        not move) down; a value out of bounds or no better ends that direction."""
+        ladder = self.space.ladder(knob, self.incumbent.settings)
+        if isinstance(ladder, str) or self.budget_stopped:
+            self.not_tried.append((knob.key, None, ladder if isinstance(ladder, str) else BUDGET))
+            return
+        self.not_tried.extend((knob.key, value, why) for value, why in ladder.skipped)
         for direction in (1, -1) if ladder.line else (1,):
+            moved = False
             i = ladder.start + direction
             while 0 <= i < len(ladder.values):
                 value = ladder.values[i]
                 i += direction
-                settings = space.candidate(knob, value, incumbent.settings)
-                problem = space.problem(settings)
+                settings = self.space.candidate(knob, value, self.incumbent.settings)
+                problem = self.space.problem(settings)
                 if problem:
-                    not_tried.append((knob.key, value, problem))
+                    self.not_tried.append((knob.key, value, problem))
                     if ladder.line:
                         break  # further along is further out of bounds
                     continue
-                longest = max(t.seconds for t in trials)
-                if budget_seconds and clock() - t0 + longest > budget_seconds:
-                    budget_stopped = True
-                    not_tried.append((knob.key, value, BUDGET))
-                    break
-                floor = EARLY_STOP * incumbent.median if incumbent.median else None
-                trial = _run_trial(len(trials), knob.key, settings, measure, floor, clock)
-                trials.append(trial)
-                kept = _judge(trial, incumbent, baseline, min_gain, allow_output_changes)
-                log.info("tune: %s", describe_trial(trial, baseline))
-                if kept:
-                    incumbent = trial
-                    moved = True
-                elif ladder.line:
-                    break
-            if moved or budget_stopped:
-                break
-    return SearchResult(baseline, incumbent, trials, space, not_tried, budget_stopped)
+                if not self._try(knob.key, value, settings):
+                    if self.budget_stopped or ladder.line:
+                        break
+                    continue
+                moved = True
+            if moved or self.budget_stopped:
+                return
+
+    def _try(self, key: str, value: Any, settings: dict[str, Any]) -> bool:
+        """One trial of `settings` unless the budget has run out; whether it became the
+        incumbent."""
+        longest = max(t.seconds for t in self.trials)
+        if self.budget_seconds and self.clock() - self.t0 + longest > self.budget_seconds:
+            self.budget_stopped = True
+            self.not_tried.append((key, value, BUDGET))
+            return False
+        incumbent = self.incumbent
+        floor = EARLY_STOP * incumbent.median if incumbent.median else None
+        trial = _run_trial(len(self.trials), key, settings, self.measure, floor, self.clock)
+        self.trials.append(trial)
+        kept = _judge(trial, incumbent, self.baseline, self.min_gain, self.allow_output_changes)
+        log.info("tune: %s", describe_trial(trial, self.baseline))
+        if kept:
+            self.incumbent = trial
+        return kept
 
 
 def _run_trial(
