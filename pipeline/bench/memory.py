@@ -68,18 +68,26 @@ def run_memory(
 
 
 def _io_subprocess(job: dict[str, Any]) -> dict[str, Any]:
-    package_root = str(Path(__file__).resolve().parent.parent)
+    return fresh_process("pipeline.bench.memory", "io-child", json.dumps(job), what="I/O bench")
+
+
+def fresh_process(module: str, *args: str, what: str) -> dict[str, Any]:
+    """`python -m module ARGS` in a fresh process (so its peak RSS is its own), this checkout's
+    package first on its path; the JSON object its last line of stdout prints."""
+    package_root = str(Path(__file__).resolve().parents[2])
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
     proc = subprocess.run(
-        [sys.executable, "-m", "pipeline.bench.memory", "io-child", json.dumps(job)],
-        capture_output=True,
-        text=True,
-        env=env,
+        [sys.executable, "-m", module, *args], capture_output=True, text=True, env=env
     )
     if proc.returncode != 0:
-        raise BatchgenError(f"the I/O bench subprocess failed:\n{proc.stderr[-3000:]}")
+        raise BatchgenError(f"the {what} subprocess failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far, in MB."""
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 def io_child(job: dict[str, Any]) -> dict[str, Any]:
@@ -97,7 +105,7 @@ def io_child(job: dict[str, Any]) -> dict[str, Any]:
         output=OutputConfig(path=job["output"], rows_per_shard=job["rows_per_shard"]),
         progress_seconds=3600.0,
     )
-    before = _status_mb("VmRSS")
+    before = status_mb("VmRSS")
     started = time.monotonic()
     result = run(cfg)
     seconds = time.monotonic() - started
@@ -110,12 +118,13 @@ def io_child(job: dict[str, Any]) -> dict[str, Any]:
         "rows_per_s": round(rows / seconds),
         "shards": committed["shards"],
         "rss_before_run_mb": before,
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        "vm_hwm_mb": _status_mb("VmHWM"),
+        "peak_rss_mb": peak_rss_mb(),
+        "vm_hwm_mb": status_mb("VmHWM"),
     }
 
 
-def _status_mb(key: str) -> float | None:
+def status_mb(key: str) -> float | None:
+    """A figure of /proc/self/status (VmRSS, VmHWM) in MB; None where there is none."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith(key + ":"):

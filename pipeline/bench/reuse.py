@@ -11,9 +11,7 @@ its shard. Reported: seconds to open, lookup rows/s, and that process's peak RSS
 from __future__ import annotations
 
 import json
-import os
 import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -21,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.errors import BatchgenError
+from pipeline.bench.memory import fresh_process
 
 ROWS_PER_SHARD = 10_000
 BATCH = 1_024
@@ -39,18 +37,7 @@ def run_reuse_lookup(rows: int, work_dir: Path) -> dict[str, Any]:
 
 
 def _child(job: dict[str, Any]) -> dict[str, Any]:
-    package_root = str(Path(__file__).resolve().parent.parent.parent)
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
-    proc = subprocess.run(
-        [sys.executable, "-m", "pipeline.bench.reuse", json.dumps(job)],
-        capture_output=True,
-        text=True,
-        env=env,
-    )
-    if proc.returncode != 0:
-        raise BatchgenError(f"the reuse bench subprocess failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return fresh_process("pipeline.bench.reuse", json.dumps(job), what="reuse bench")
 
 
 def _keys(start: int, count: int) -> np.ndarray:

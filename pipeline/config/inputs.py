@@ -159,15 +159,7 @@ class PromptConfig:
         if self.request_column is not None:
             self._check_requests()
             return
-        given = [
-            name
-            for name, value in (
-                ("--prompt-column", self.prompt_column),
-                ("--template", self.template),
-                ("--messages-column", self.messages_column),
-            )
-            if value is not None
-        ]
+        given = self._given("prompt_column", "template", "messages_column")
         if len(given) != 1:
             raise ConfigError(
                 "give exactly one of --prompt-column, --template or --messages-column"
@@ -188,21 +180,16 @@ class PromptConfig:
 
     def _check_requests(self) -> None:
         """With --openai-batch each line gives its prompt: refuse the flags that would too."""
-        given = [
-            flag
-            for flag, value in (
-                ("--prompt-column", self.prompt_column),
-                ("--template", self.template),
-                ("--messages-column", self.messages_column),
-                ("--chat", self.chat or None),
-            )
-            if value is not None
-        ]
+        given = self._given("prompt_column", "template", "messages_column", "chat")
         if given:
             raise ConfigError(
                 f"{', '.join(given)}: with --openai-batch each line's body gives the prompt "
                 "(messages: chat template; prompt: as is); drop them"
             )
+
+    def _given(self, *names: str) -> list[str]:
+        """The flags of these fields that are set (a switch: when on), in this order."""
+        return ["--" + n.replace("_", "-") for n in names if getattr(self, n) not in (None, False)]
 
     @property
     def uses_chat_template(self) -> bool:

@@ -107,27 +107,16 @@ def s3_settings(env: Mapping[str, str] | None = None) -> S3Settings:
         or conf.get("endpoint_url")
         or None
     )
-    if env.get("AWS_ACCESS_KEY_ID") and env.get("AWS_SECRET_ACCESS_KEY"):
-        return S3Settings(
-            region,
-            endpoint,
-            env["AWS_ACCESS_KEY_ID"],
-            env["AWS_SECRET_ACCESS_KEY"],
-            env.get("AWS_SESSION_TOKEN"),
-            None,
-            "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY",
-        )
-    keys = {**conf, **creds}
-    if keys.get("aws_access_key_id") and keys.get("aws_secret_access_key"):
-        return S3Settings(
-            region,
-            endpoint,
-            keys["aws_access_key_id"],
-            keys["aws_secret_access_key"],
-            keys.get("aws_session_token"),
-            profile,
-            f"the AWS profile {profile!r}",
-        )
+    # The variables win over the profile; the profile's keys are the variables' names in lower
+    # case (its config file's too, the credentials file winning).
+    names = ("aws_access_key_id", "aws_secret_access_key", "aws_session_token")
+    for keys, case, named, origin in (
+        (env, str.upper, None, "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"),
+        ({**conf, **creds}, str.lower, profile, f"the AWS profile {profile!r}"),
+    ):
+        key_id, secret, token = (keys.get(case(n)) for n in names)
+        if key_id and secret:
+            return S3Settings(region, endpoint, key_id, secret, token, named, origin)
     return S3Settings(region, endpoint, profile=profile)
 
 
