@@ -113,17 +113,11 @@ def search(
 
     `make_space` gets the baseline engine's effective settings.
     """
+    t0 = clock() if started is None else started  # the baseline's time counts
     baseline = _baseline(measure, clock)
     space = make_space(baseline.measurement.tunables or {})
     walk = _Walk(
-        measure,
-        space,
-        baseline,
-        budget_seconds,
-        min_gain,
-        allow_output_changes,
-        clock() if started is None else started,
-        clock,
+        measure, space, baseline, budget_seconds, min_gain, allow_output_changes, t0, clock
     )
     for knob in space.knobs:
         walk.knob(knob)
