@@ -1,5 +1,6 @@
 """`batchgen bench`: batchgen's throughput as a ratio to raw vLLM on the same work, and the I/O
-path's speed and memory with the fake engine.
+path's speed and memory with the fake engine. Its settings (BenchConfig and one dataclass per
+other kind of bench, each field a flag) are pipeline/config/bench.py's.
 
   workload.py    the prompt sets
   throughput.py  raw `LLM.generate` vs `batchgen run` on one engine (`run_throughput`)
