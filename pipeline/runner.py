@@ -114,7 +114,7 @@ def _run_locked(
 ) -> RunResult:
     checkpoint = Checkpoint(cfg.output_dir, cfg.rank, cfg.num_ranks)
     try:
-        job = read_job(cfg, server)
+        job = read_job(cfg, server, save_listing=True)
         state = _resume_state(cfg, job, checkpoint)
         if state is None:
             return RunResult("noop", cfg.output_dir, checkpoint.manifest.report)
