@@ -12,7 +12,7 @@ import logging
 import os
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +36,7 @@ class _ParquetFile:
     num_rows: int
     size: int
     offset: int  # input position of its first row
-    row_group_rows: list[int] = field(default_factory=list)
+    row_group_rows: list[int] | None = None  # from its footer, once read
 
 
 class ParquetSource:
@@ -76,13 +76,16 @@ class ParquetSource:
             self._place(rank)
 
     def for_rank(self, rank: int) -> ParquetSource:
-        """The same input positioned on another rank's slice, from the same listing."""
+        """The same input positioned on another rank's slice, from the same listing, for
+        `batchgen plan --all-ranks`: the files are not checked against the listing here (that
+        would read every footer of the input again); each rank checks its own when it runs."""
         other = copy.copy(self)
-        other._place(rank)
+        other._place(rank, check=False)
         return other
 
-    def _place(self, rank: int) -> None:
-        """Position on one rank's rows; check the files that hold them against the listing."""
+    def _place(self, rank: int, check: bool = True) -> None:
+        """Position on one rank's rows; check the files that hold them against the listing
+        (their footers: one small read each)."""
         listing = self.listing
         assert listing.schema is not None
         self.schema = pa.ipc.read_schema(pa.py_buffer(bytes.fromhex(listing.schema)))
@@ -93,13 +96,12 @@ class ParquetSource:
         for index, offset in listing.owned(self.start, self.stop):
             name, size, rows, digest = listing.files[index]
             f = _ParquetFile(self.paths[name], name, rows, size, offset)
-            groups = listing.row_groups.get(name)
-            if groups is None:
+            f.row_group_rows = listing.row_groups.get(name)
+            if f.row_group_rows is None and check:
                 footer = self._footer(f.path, size)
                 if footer.digest != digest:
                     raise _Changed(f"{name}: its footer differs from the listing's")
-                groups = footer.row_groups
-            f.row_group_rows = groups
+                f.row_group_rows = footer.row_groups
             self.files.append(f)
 
     def _list_all(self) -> Listing:
@@ -151,18 +153,21 @@ class ParquetSource:
             yield from self._iter_file(f, columns, batch_rows)
 
     def _iter_file(self, f: _ParquetFile, columns: list[str], batch_rows: int) -> Iterator[Batch]:
-        # Only the row groups that overlap this rank's range are opened.
         lo, hi = max(self.start - f.offset, 0), min(self.stop - f.offset, f.num_rows)
-        groups, group_start, first_row = [], 0, None
-        for i, n in enumerate(f.row_group_rows):
-            if group_start < hi and group_start + n > lo:
-                groups.append(i)
-                first_row = group_start if first_row is None else first_row
-            group_start += n
-        if not groups:
-            return
         # From a store, no pre-buffering: pyarrow would fetch every requested row group at once.
         with pq.ParquetFile(self._open(f.path, f.size), pre_buffer=self.fs is None) as pf:
+            sizes = f.row_group_rows
+            if sizes is None:  # not checked at the start (plan --all-ranks): from this footer
+                sizes = [pf.metadata.row_group(i).num_rows for i in range(pf.num_row_groups)]
+            # Only the row groups that overlap this rank's range are read.
+            groups, group_start, first_row = [], 0, None
+            for i, n in enumerate(sizes):
+                if group_start < hi and group_start + n > lo:
+                    groups.append(i)
+                    first_row = group_start if first_row is None else first_row
+                group_start += n
+            if not groups:
+                return
             row = first_row
             for batch in pf.iter_batches(batch_size=batch_rows, row_groups=groups, columns=columns):
                 b_lo, b_hi = max(lo - row, 0), min(hi - row, batch.num_rows)
@@ -233,36 +238,44 @@ def _arrow_kind(t: pa.DataType) -> str:
 
 
 def _resolve_local(spec: str) -> list[tuple[Path, str, int]]:
-    """(path, name, size) of the local files --parquet names: a listing, no file opened."""
-    paths, root = _resolve_parquet(spec)
-    return [(p, os.path.relpath(p, root), os.stat(p).st_size) for p in paths]
-
-
-def _resolve_parquet(spec: str) -> tuple[list[Path], Path]:
-    """Files named by --parquet, sorted, and the folder their ids are relative to."""
+    """(path, name, size) of the local files --parquet names, sorted: a listing (one stat per
+    file, no file opened), which every rank makes to notice a file added, removed or resized."""
     path = Path(spec).expanduser()
     if glob.has_magic(spec):
         paths = sorted(Path(p) for p in glob.glob(os.path.expanduser(spec), recursive=True))
-        paths = [p for p in paths if p.is_file()]
         root = Path(_glob_root(os.path.expanduser(spec)))
+        found = [(p, os.path.relpath(p, root), p.stat().st_size) for p in paths if p.is_file()]
         what = "matches no file"
     elif path.is_dir():
-        paths = sorted(
-            p
-            for p in path.rglob("*.parquet")
-            if p.is_file()
-            and not any(part.startswith((".", "_")) for part in p.relative_to(path).parts)
-        )
-        root = path
+        found = [(path / name, name, size) for name, size in _walk(path)]
         what = "holds no .parquet file"
     elif path.is_file():
-        paths, root = [path], path.parent
-        what = ""
+        found, what = [(path, path.name, path.stat().st_size)], ""
     else:
         raise ConfigError(f"--parquet {spec}: no such file or folder")
-    if not paths:
+    if not found:
         raise ConfigError(f"--parquet {spec}: {what}; give a .parquet file, a folder or a glob")
-    return paths, root
+    return found
+
+
+def _walk(folder: Path) -> list[tuple[str, int]]:
+    """(relative name, size) of the .parquet files under `folder`, hidden names (".", "_")
+    left out, in the order of their paths' parts (as sorted Paths are, so row numbering stays
+    what earlier versions made); symlinked folders are not followed."""
+    found: list[tuple[list[str], int]] = []
+    stack: list[tuple[list[str], str]] = [([], str(folder))]
+    while stack:
+        parts, where = stack.pop()
+        with os.scandir(where) as entries:
+            for e in entries:
+                if e.name.startswith((".", "_")):
+                    continue
+                if e.is_dir(follow_symlinks=False):
+                    stack.append(([*parts, e.name], e.path))
+                elif e.name.endswith(".parquet") and e.is_file():
+                    found.append(([*parts, e.name], e.stat().st_size))
+    found.sort()
+    return [("/".join(parts), size) for parts, size in found]
 
 
 def _glob_root(pattern: str) -> str:
