@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -179,3 +180,18 @@ def test_a_claim_left_by_a_dead_rank_is_taken_over(tmp_path):
     )
     assert got.digest == _listing("x").digest
     assert (tmp_path / listing_name(got.digest)).is_file() and not claim.exists()
+
+
+def test_a_claim_of_a_killed_process_on_this_machine_is_taken_over_at_once(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / CLAIM_NAME).write_text(f"pid {dead.pid} on {socket.gethostname()}\n")
+    started = time.monotonic()
+    got = job_listing(
+        ListingStore(tmp_path, save=True),
+        "parquet",
+        "x",
+        [("a.parquet", 10)],
+        lambda: _listing("x"),
+    )
+    assert got.digest == _listing("x").digest and time.monotonic() - started < 5

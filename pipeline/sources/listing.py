@@ -10,7 +10,8 @@ list, so a shard's and a manifest's size does not grow with the input's file cou
 Who makes it: the first rank to start claims `OUT/.batchgen/inputs.claim` (an exclusive create)
 and computes the listing: one footer read per Parquet file (or one read of each JSONL file),
 several files at a time; the other ranks wait for it (the claim's time stamp is refreshed while
-the work goes on; a claim left by a dead rank is taken over after CLAIM_STALE_SECONDS). A rank
+the work goes on; a claim left by a dead rank is taken over after CLAIM_STALE_SECONDS, at once
+when that rank ran on this machine). A rank
 then opens only the files it owns, and checks each against its entry (size and digest) before it
 reads it: a file changed since the job listed it is noticed by the rank that would read it. Every
 rank also lists the input's names and sizes (a folder listing, no file opened), so a file added,
@@ -285,13 +286,30 @@ def _holder_or_take_over(path: Path) -> str:
         age = time.time() - path.stat().st_mtime
     except OSError:
         return "another rank"  # released meanwhile
-    if age > CLAIM_STALE_SECONDS:
-        log.warning("%s stopped making the input listing %.0fs ago; taking it over", holder, age)
+    if age > CLAIM_STALE_SECONDS or _dead_here(holder):
+        log.warning("%s stopped making the input listing; taking it over", holder)
         with contextlib.suppress(OSError):
             stale = path.with_name(f"{path.name}.stale-{os.getpid()}")
             os.rename(path, stale)  # one waiter wins the rename, the others retry
             stale.unlink()
     return holder
+
+
+def _dead_here(holder: str) -> bool:
+    """Whether a claim's holder ("pid 12 on node3") is a process of this machine that is gone
+    (killed while listing): its claim need not age out."""
+    parts = holder.split()
+    if len(parts) != 4 or parts[0] != "pid" or parts[2] != "on" or not parts[1].isdigit():
+        return False
+    if parts[3] != socket.gethostname():
+        return False
+    try:
+        os.kill(int(parts[1]), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # alive, another user's
+        return False
+    return False
 
 
 def remove_listings(state_dir: Path, keep: str | None = None) -> None:

@@ -149,8 +149,23 @@ class ParquetSource:
         return self.listing.identity()
 
     def iter_batches(self, columns: list[str], batch_rows: int) -> Iterator[Batch]:
+        # Rows of small files are gathered into batches of up to `batch_rows`: a prompt
+        # builder call (and a tokenizer call) per batch, not one per five-row file.
+        ids: list[str] = []
+        cols: dict[str, list[Any]] = {}
         for f in self.files:
-            yield from self._iter_file(f, columns, batch_rows)
+            for more_ids, more_cols in self._iter_file(f, columns, batch_rows):
+                if ids and len(ids) + len(more_ids) > batch_rows:
+                    yield ids, cols
+                    ids = []
+                if not ids:
+                    ids, cols = more_ids, more_cols
+                    continue
+                ids += more_ids
+                for c in columns:
+                    cols[c] += more_cols[c]
+        if ids:
+            yield ids, cols
 
     def _iter_file(self, f: _ParquetFile, columns: list[str], batch_rows: int) -> Iterator[Batch]:
         lo, hi = max(self.start - f.offset, 0), min(self.stop - f.offset, f.num_rows)
