@@ -195,3 +195,31 @@ def test_a_claim_of_a_killed_process_on_this_machine_is_taken_over_at_once(tmp_p
         lambda: _listing("x"),
     )
     assert got.digest == _listing("x").digest and time.monotonic() - started < 5
+
+
+def test_batch_request_ranks_share_the_listing_and_check_their_own_files(tmp_path, caplog):
+    from pipeline.sources.openai_batch import OpenAIBatchSource
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for f in range(4):
+        lines = [
+            json.dumps({"custom_id": f"f{f}-r{i}", "url": "/v1/completions", "body": {}})
+            for i in range(3)
+        ]
+        (folder / f"part-{f}.jsonl").write_text("\n".join(lines) + "\n")
+    store = ListingStore(tmp_path / "state", save=True)
+    first = OpenAIBatchSource(str(folder), 2, 0, store)
+    assert len(list((tmp_path / "state").glob("inputs-*.json.gz"))) == 1
+    second = OpenAIBatchSource(str(folder), 2, 1, store)
+    assert second.identity() == first.identity()
+    assert [name for name, _, _ in second.owned] == ["part-2.jsonl", "part-3.jsonl"]
+    ids = [i for s in (first, second) for b, _ in s.iter_batches(["position"], 4) for i in b]
+    assert ids == [f"f{f}-r{i}" for f in range(4) for i in range(3)]
+    # Rewritten at the same size: the rank that reads it notices, and names it.
+    text = (folder / "part-3.jsonl").read_text()
+    (folder / "part-3.jsonl").write_text(text.replace("f3-r0", "f3-rX"))
+    caplog.set_level("WARNING", logger="batchgen")
+    again = OpenAIBatchSource(str(folder), 2, 1, store)
+    assert again.identity()["listing_sha256"] != first.identity()["listing_sha256"]
+    assert "part-3.jsonl changed (" in caplog.text
