@@ -13,9 +13,9 @@ several files at a time; the other ranks wait for it (the claim's time stamp is 
 the work goes on; a claim left by a dead rank is taken over after CLAIM_STALE_SECONDS, at once
 when that rank ran on this machine). A rank
 then opens only the files it owns, and checks each against its entry (size and digest) before it
-reads it: a file changed since the job listed it is noticed by the rank that would read it. Every
-rank also lists the input's names and sizes (a folder listing, no file opened), so a file added,
-removed or resized is noticed by every rank.
+reads it: a file resized or rewritten since the job listed it is noticed by the rank that would
+read it. Every rank also lists the input's names (a folder listing: no file opened, no stat), so
+a file added or removed is noticed by every rank.
 """
 
 from __future__ import annotations
@@ -90,12 +90,13 @@ class Listing:
             "listing_sha256": self.digest,
         }
 
-    def matches(self, kind: str, spec: str, present: list[tuple[str, int]]) -> bool:
-        """Whether this lists the files found now, by name and size, in order."""
+    def matches(self, kind: str, spec: str, present: list[tuple[str, int | None]]) -> bool:
+        """Whether this lists the files found now, by name, in order, and by size where the
+        listing of the input gave one (a store's does; a local folder's gives names only)."""
         if kind != self.kind or spec != self.spec or len(present) != len(self.files):
             return False
         return all(
-            name == f[0] and size == f[1]
+            name == f[0] and size in (None, f[1])
             for (name, size), f in zip(present, self.files, strict=True)
         )
 
@@ -179,7 +180,7 @@ def stored_listing(state_dir: Path, digest: str) -> Listing | None:
 
 
 def find_listing(
-    state_dir: Path, kind: str, spec: str, present: list[tuple[str, int]]
+    state_dir: Path, kind: str, spec: str, present: list[tuple[str, int | None]]
 ) -> Listing | None:
     """A listing kept in `state_dir` that lists the files found now (names and sizes)."""
     try:
@@ -216,7 +217,7 @@ def job_listing(
     store: ListingStore | None,
     kind: str,
     spec: str,
-    present: list[tuple[str, int]],
+    present: list[tuple[str, int | None]],
     compute: Callable[[], Listing],
 ) -> Listing:
     """The job's listing of the files found now: a stored one that matches them, else one

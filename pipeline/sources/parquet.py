@@ -34,7 +34,7 @@ class _ParquetFile:
     path: Path | str  # a str in the store's filesystem for URL inputs
     name: str  # relative name used in row ids
     num_rows: int
-    size: int
+    size: int  # as listed
     offset: int  # input position of its first row
     row_group_rows: list[int] | None = None  # from its footer, once read
 
@@ -98,9 +98,9 @@ class ParquetSource:
             f = _ParquetFile(self.paths[name], name, rows, size, offset)
             f.row_group_rows = listing.row_groups.get(name)
             if f.row_group_rows is None and check:
-                footer = self._footer(f.path, size)
-                if footer.digest != digest:
-                    raise _Changed(f"{name}: its footer differs from the listing's")
+                footer = self._footer(f.path, self.sizes[name])
+                if (footer.size, footer.digest) != (size, digest):
+                    raise _Changed(f"{name}: its size or footer differs from the listing's")
                 f.row_group_rows = footer.row_groups
             self.files.append(f)
 
@@ -114,11 +114,11 @@ class ParquetSource:
         files, groups = [], {}
         for (name, path), footer in zip(items, footers, strict=True):
             _check_schema(schema, footer.schema, first, path)
-            files.append([name, self.sizes[name], footer.rows, footer.digest])
+            files.append([name, footer.size, footer.rows, footer.digest])
             groups[name] = footer.row_groups
         return Listing("parquet", self.spec, files, schema.serialize().to_pybytes().hex(), groups)
 
-    def _footer(self, path: Path | str, size: int) -> _Footer:
+    def _footer(self, path: Path | str, size: int | None) -> _Footer:
         try:
             return _read_footer(self._open(path, size))
         except (pa.ArrowInvalid, OSError, ValueError) as exc:
@@ -134,10 +134,11 @@ class ParquetSource:
         self.fs = loc.fs
         return [(f.path, f.name, f.size) for f in files]
 
-    def _open(self, path: Path | str, size: int):
+    def _open(self, path: Path | str, size: int | None):
         """A local path, or a reader of an object that fetches byte ranges, retried."""
         if self.fs is None:
             return path
+        assert size is not None  # a store's listing gives every object's size
         from pipeline.storage.files import RetryingReader
 
         return RetryingReader(self.fs, str(path), size)
@@ -201,6 +202,7 @@ class _Changed(Exception):
 
 @dataclass(slots=True)
 class _Footer:
+    size: int  # the file's
     rows: int
     row_groups: list[int]
     schema: pa.Schema
@@ -212,6 +214,7 @@ def _read_footer(source: Path | str | Any) -> _Footer:
     offsets, sizes and min/max statistics: different for nearly any rewrite, including one that
     keeps the file's size and row count), row counts and schema."""
     with open(source, "rb") if isinstance(source, (Path, str)) else source as fh:
+        size = fh.seek(0, os.SEEK_END)
         fh.seek(-8, os.SEEK_END)
         tail = fh.read(8)
         if tail[4:] != b"PAR1":
@@ -221,6 +224,7 @@ def _read_footer(source: Path | str | Any) -> _Footer:
         footer = fh.read(length)
     meta = pq.read_metadata(pa.py_buffer(b"PAR1" + footer + tail))
     return _Footer(
+        size=size,
         rows=meta.num_rows,
         row_groups=[meta.row_group(i).num_rows for i in range(meta.num_row_groups)],
         schema=meta.schema.to_arrow_schema(),
@@ -252,17 +256,18 @@ def _arrow_kind(t: pa.DataType) -> str:
     return str(t)
 
 
-def _resolve_local(spec: str) -> list[tuple[Path, str, int]]:
-    """(path, name, size) of the local files --parquet names, sorted: a listing (one stat per
-    file, no file opened), which every rank makes to notice a file added, removed or resized."""
+def _resolve_local(spec: str) -> list[tuple[Path, str, int | None]]:
+    """(path, name, size) of the local files --parquet names, sorted: names from a folder
+    listing (no file opened, and no stat for a folder: the size is None then, checked by the
+    file's owner), which every rank makes to notice a file added or removed."""
     path = Path(spec).expanduser()
     if glob.has_magic(spec):
         paths = sorted(Path(p) for p in glob.glob(os.path.expanduser(spec), recursive=True))
         root = Path(_glob_root(os.path.expanduser(spec)))
-        found = [(p, os.path.relpath(p, root), p.stat().st_size) for p in paths if p.is_file()]
+        found = [(p, os.path.relpath(p, root), None) for p in paths if p.is_file()]
         what = "matches no file"
     elif path.is_dir():
-        found = [(path / name, name, size) for name, size in _walk(path)]
+        found = [(path / name, name, None) for name in _walk(path)]
         what = "holds no .parquet file"
     elif path.is_file():
         found, what = [(path, path.name, path.stat().st_size)], ""
@@ -273,11 +278,12 @@ def _resolve_local(spec: str) -> list[tuple[Path, str, int]]:
     return found
 
 
-def _walk(folder: Path) -> list[tuple[str, int]]:
-    """(relative name, size) of the .parquet files under `folder`, hidden names (".", "_")
-    left out, in the order of their paths' parts (as sorted Paths are, so row numbering stays
-    what earlier versions made); symlinked folders are not followed."""
-    found: list[tuple[list[str], int]] = []
+def _walk(folder: Path) -> list[str]:
+    """Relative names of the .parquet files under `folder`, hidden names (".", "_") left out,
+    in the order of their paths' parts (as sorted Paths are, so row numbering stays what
+    earlier versions made); symlinked folders are not followed. One readdir per folder: no
+    stat of a file whose entry says what it is."""
+    found: list[list[str]] = []
     stack: list[tuple[list[str], str]] = [([], str(folder))]
     while stack:
         parts, where = stack.pop()
@@ -288,9 +294,9 @@ def _walk(folder: Path) -> list[tuple[str, int]]:
                 if e.is_dir(follow_symlinks=False):
                     stack.append(([*parts, e.name], e.path))
                 elif e.name.endswith(".parquet") and e.is_file():
-                    found.append(([*parts, e.name], e.stat().st_size))
+                    found.append([*parts, e.name])
     found.sort()
-    return [("/".join(parts), size) for parts, size in found]
+    return ["/".join(parts) for parts in found]
 
 
 def _glob_root(pattern: str) -> str:
