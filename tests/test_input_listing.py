@@ -141,6 +141,39 @@ def test_an_output_of_the_file_list_fingerprint_resumes(many_files, tmp_path):
     assert "already complete: 50 rows" in result.output
 
 
+def test_a_shard_of_the_file_list_fingerprint_left_unlisted_is_adopted(many_files, tmp_path):
+    """A crash of that batchgen between a shard's rename and its commit record: the shard
+    carries the digest of the fingerprint in its earlier form, and is adopted all the same."""
+    import pyarrow.parquet as pq
+
+    from pipeline.fingerprint import fingerprint_digest
+    from pipeline.sinks import METADATA_KEY
+    from pipeline.sources.listing import read_listing
+
+    out = tmp_path / "out"
+    run_cli(*rank_args(many_files, out, 1), "--rows-per-shard", "10")
+    files = read_listing(next((out / ".batchgen").glob("inputs-*.json.gz"))).files
+    old_input = {"kind": "parquet", "spec": str(many_files), "files": files}
+    folder = manifest_path(out, 1)
+    (gen,) = folder.glob("manifest-*.json")
+    data = json.loads(gen.read_text())
+    data["fingerprint"]["input"] = old_input
+    dropped = data["shards"].pop()  # its commit record never written
+    data["status"] = "interrupted"
+    gen.write_text(json.dumps(data))
+    shard = out / "rank-00001" / dropped["file"]
+    table = pq.read_table(shard)
+    meta = dict(table.schema.metadata)
+    made = json.loads(meta[METADATA_KEY])
+    made["fingerprint_sha256"] = fingerprint_digest(data["fingerprint"])
+    meta[METADATA_KEY] = json.dumps(made).encode()
+    pq.write_table(table.replace_schema_metadata(meta), shard)
+    result = run_cli(*rank_args(many_files, out, 1), "--rows-per-shard", "10")
+    assert f"adopted {dropped['file']} (10 rows)" in result.output
+    assert manifest_state(out, 1)["status"] == "finished"
+    assert sum(s["rows"] for s in manifest_state(out, 1)["shards"]) == 50
+
+
 def _listing(spec: str) -> Listing:
     return Listing("parquet", spec, [["a.parquet", 10, 2, "d1"]], schema="00")
 
