@@ -48,7 +48,8 @@ test: model slurm test-tools
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # Test tools from Debian's packages: shellcheck lints the job scripts (tests/test_jobs.py);
-# chromium opens `batchgen report` pages headless (tests/test_report_html.py).
+# chromium opens `batchgen report` pages headless (tests/test_report_html.py); strace counts
+# the input files a rank opens (tests/test_input_listing.py).
 .PHONY: test-tools
 test-tools:
 	@if command -v shellcheck >/dev/null; then :; \
@@ -64,6 +65,13 @@ test-tools:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
 	else \
 		echo "test-tools: chromium is missing and installing it needs root and apt-get; the report page's browser tests will be skipped"; \
+	fi
+	@if command -v strace >/dev/null; then :; \
+	elif [[ $$(id -u) == 0 ]] && command -v apt-get >/dev/null; then \
+		echo "test-tools: installing strace (counts the input files a rank opens)..."; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq strace >/dev/null; \
+	else \
+		echo "test-tools: strace is missing and installing it needs root and apt-get; its test will be skipped"; \
 	fi
 
 # The Slurm tests (pytest -m slurm) need the local single-node cluster; starting it needs root

@@ -185,9 +185,10 @@ def _input(ident: Any) -> Any:
     """The input's identity without per-file lists (long at scale): kind, spec, file count."""
     if not isinstance(ident, dict):
         return ident
-    out = {k: v for k, v in ident.items() if k != "files"}
-    if isinstance(ident.get("files"), list):
-        out["files"] = len(ident["files"])
+    out = {k: v for k, v in ident.items() if k not in ("files", "listing_sha256")}
+    files = ident.get("files")
+    if files is not None:  # a count (an earlier batchgen's fingerprint held the list)
+        out["files"] = len(files) if isinstance(files, list) else files
     return out
 
 

@@ -28,7 +28,12 @@ from typing import Any
 
 from pipeline import __version__
 from pipeline.errors import BatchgenError, OutputLocked, ResumeMismatch
-from pipeline.fingerprint import diff_fingerprints, fingerprint_digest, shared_fingerprint
+from pipeline.fingerprint import (
+    current_form,
+    diff_fingerprints,
+    fingerprint_digest,
+    shared_fingerprint,
+)
 from pipeline.positions import Positions
 from pipeline.rankstate import (
     MANIFEST_VERSION,
@@ -56,6 +61,7 @@ from pipeline.sinks import (
     temp_files,
     temp_path,
 )
+from pipeline.sources.listing import remove_listings
 
 # Re-exported: what other modules read of a rank's state comes through this module.
 __all__ = [
@@ -149,6 +155,8 @@ def claim_job_record(out_dir: Path, fingerprint: dict[str, Any]) -> None:
     path = job_path(out_dir)
     if path.exists():
         return
+    # Listings of other inputs (an earlier run's, removed by --overwrite) are not this job's.
+    remove_listings(path.parent, (fingerprint.get("input") or {}).get("listing_sha256"))
     record = {
         "version": MANIFEST_VERSION,
         "batchgen": __version__,
@@ -209,23 +217,28 @@ def scan_rank(out_dir: Path, rank: int, fingerprint: dict[str, Any]) -> RankScan
     scan = RankScan(rank)
     job = read_job_record(out_dir)
     if job is not None:
-        scan.other_run = diff_fingerprints(job["fingerprint"], shared_fingerprint(fingerprint))
+        theirs = current_form(job["fingerprint"])
+        scan.other_run = diff_fingerprints(theirs, shared_fingerprint(fingerprint))
     manifest = scan.manifest = Manifest.load(out_dir, rank)
     legacy = legacy_manifest_path(out_dir, rank)
     if legacy.exists():
         scan.legacy = _legacy_note(out_dir, legacy)
     elif manifest is not None:
-        scan.changed = diff_fingerprints(manifest.fingerprint, fingerprint)
+        scan.changed = diff_fingerprints(current_form(manifest.fingerprint), fingerprint)
     if scan.other_run or scan.changed or scan.legacy:
         return scan
-    digest = fingerprint_digest(fingerprint)
+    # Shards carry the digest of the fingerprint they were made under: this one's, or (written
+    # before the input listing) that of the same settings in their earlier form.
+    digests = {fingerprint_digest(fingerprint)}
+    if manifest is not None:
+        digests.add(fingerprint_digest(manifest.fingerprint))
     listed = {s["file"]: s for s in manifest.shards} if manifest is not None else {}
     sizes = {p.name: p.stat().st_size for p in shard_files(out_dir, rank)}
     for name, size in sizes.items():
         entry = listed.get(name)
         if entry is None:
             meta = read_shard_metadata(shard_path(out_dir, name))
-            if meta is None or meta.get("fingerprint_sha256") != digest:
+            if meta is None or meta.get("fingerprint_sha256") not in digests:
                 scan.foreign.append(name)
                 continue
             entry = asdict(read_shard_info(shard_path(out_dir, name)))

@@ -79,8 +79,11 @@ def export_openai_batch(out_dir: Path, results: Path, errors: Path | None = None
 
 
 def _input_rows(meta: dict[str, Any]) -> int | None:
-    files = meta.get("fingerprint", {}).get("input", {}).get("files")
-    return sum(f[2] for f in files) if files else None
+    ident = meta.get("fingerprint", {}).get("input", {})
+    files = ident.get("files")
+    if isinstance(files, list):  # an earlier batchgen's fingerprint listed every file
+        return sum(f[2] for f in files)
+    return ident.get("rows")
 
 
 def _requests(files: list[Path]) -> Iterator[tuple[list[dict[str, Any]], int]]:

@@ -10,6 +10,7 @@ from typing import Any
 from pipeline.adapters import Adapter
 from pipeline.config import RunConfig
 from pipeline.models import model_signature
+from pipeline.sources.listing import listing_digest
 
 # Fingerprint fields that name the rank rather than the run; every other field must agree
 # across all ranks writing one output folder.
@@ -121,3 +122,29 @@ def shared_fingerprint(fingerprint: dict[str, Any]) -> dict[str, Any]:
 def fingerprint_digest(fingerprint: dict[str, Any]) -> str:
     """A fixed-size reference to a fingerprint (what a shard carries instead of a copy)."""
     return hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def for_rank(fingerprint: dict[str, Any], rank: int) -> dict[str, Any]:
+    """The fingerprint of another rank of the same run."""
+    return {**fingerprint, "shard_index": rank}
+
+
+def current_form(fingerprint: dict[str, Any]) -> dict[str, Any]:
+    """A fingerprint as this batchgen writes it. Before the input listing (resume format 3 as
+    first released), the fingerprint held the input's whole file list, [name, size, rows,
+    digest] per file; it now holds that list's digest and counts (pipeline/sources/listing.py),
+    so an output folder of that batchgen compares equal and resumes."""
+    ident = fingerprint.get("input")
+    if not (isinstance(ident, dict) and isinstance(ident.get("files"), list)):
+        return fingerprint
+    if ident.get("kind") not in ("parquet", "openai_batch"):
+        return fingerprint
+    files = ident["files"]
+    listed = {
+        "kind": ident["kind"],
+        "spec": ident.get("spec"),
+        "files": len(files),
+        "rows": sum(f[2] for f in files),
+        "listing_sha256": listing_digest(files),
+    }
+    return {**fingerprint, "input": listed}

@@ -14,7 +14,9 @@ from pipeline.engines import preflight
 from pipeline.fingerprint import run_fingerprint
 from pipeline.models import generation_defaults, resolve_model
 from pipeline.prompts import PromptBuilder, load_tokenizer
-from pipeline.sources import Source, open_source, require_columns
+from pipeline.rankstate import STATE_DIR
+from pipeline.sources import ListingStore, Source, open_source, require_columns
+from pipeline.storage import is_url
 
 if TYPE_CHECKING:
     from pipeline.engines.server import ServerEngine
@@ -31,9 +33,11 @@ class Job:
     fingerprint: dict[str, Any]
 
 
-def read_job(cfg: RunConfig, server: ServerEngine | None = None) -> Job:
+def read_job(cfg: RunConfig, server: ServerEngine | None = None, save_listing: bool = False) -> Job:
     """Model, input, prompt builder, sampling and fingerprint; fails before any engine time.
-    With a server, the model is the served one and the tokenizer the one it found.
+    With a server, the model is the served one and the tokenizer the one it found. The input's
+    listing is the one kept in --output when it matches the input (a run, `save_listing`,
+    makes and keeps it there when none does; pipeline/sources/listing.py).
 
     `batchgen tune` reads its sample through this too, so it times the requests a run sends.
     """
@@ -44,7 +48,10 @@ def read_job(cfg: RunConfig, server: ServerEngine | None = None) -> Job:
         preflight(cfg.engine, model)
     else:
         model, tokenizer, defaults = server.model, server.tokenizer, server.generation_defaults()
-    source = open_source(cfg.source, cfg.num_ranks, cfg.rank)
+    store = None
+    if cfg.output.path and not is_url(cfg.output.path):
+        store = ListingStore(cfg.output_dir / STATE_DIR, save_listing)
+    source = open_source(cfg.source, cfg.num_ranks, cfg.rank, store)
     sampling = cfg.sampling.resolve(defaults)
     adapters = check_adapters(cfg.engine.loras, model) if cfg.engine.loras else []
     builder = PromptBuilder(

@@ -26,6 +26,7 @@ from pipeline.calibrate import CALIBRATION_SAMPLE, Calibration, Reservoir, calib
 from pipeline.checkpoint import Manifest, lock_holder, preview_resume
 from pipeline.config import RunConfig
 from pipeline.errors import BatchgenError, ConfigError
+from pipeline.fingerprint import for_rank
 from pipeline.humanize import fmt_duration, plural
 from pipeline.positions import Positions
 from pipeline.tally import PERCENTILES, ErrorKind, History, RankPlan, Tally
@@ -365,8 +366,11 @@ def _make_plan(cfg: RunConfig, all_ranks: bool, calibrate: float | None, server:
 
     reservoir = Reservoir(CALIBRATION_SAMPLE) if calibrate else None
     plan: Plan | None = None
-    for rank in range(cfg.num_ranks) if all_ranks else [cfg.rank]:
-        job = read_job(dataclasses.replace(cfg, rank=rank), server)
+    ranks = range(cfg.num_ranks) if all_ranks else [cfg.rank]
+    # Read once (model, tokenizer, the input's listing); every other rank is a view of it.
+    first = read_job(dataclasses.replace(cfg, rank=ranks[0]), server)
+    for rank in ranks:
+        job = first if rank == ranks[0] else _rank_job(first, rank)
         if plan is None:
             if server is not None and server.max_model_len is not None:
                 max_len, max_len_from = server.max_model_len, f"the server's, {server.url}"
@@ -408,6 +412,14 @@ def _make_plan(cfg: RunConfig, all_ranks: bool, calibrate: float | None, server:
                     f"--max-model-len {c.engine_max_model_len} for exact over-long counts"
                 )
     return plan
+
+
+def _rank_job(job: Any, rank: int) -> Any:
+    """Another rank of the same job (a pipeline.job.Job): its slice of the input, from the
+    same listing, and its fingerprint."""
+    return dataclasses.replace(
+        job, source=job.source.for_rank(rank), fingerprint=for_rank(job.fingerprint, rank)
+    )
 
 
 def _tally_rank(

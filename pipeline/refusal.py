@@ -16,6 +16,7 @@ from pathlib import Path
 from pipeline.checkpoint import STATE_DIR, engine_log_path, manifest_path
 from pipeline.errors import ConfigError
 from pipeline.rankstate import job_path, state_ranks
+from pipeline.sources.listing import LISTING_GLOB
 
 
 def check_output_path(out_dir: Path) -> None:
@@ -45,8 +46,12 @@ class RankFootprint:
         self.new_files = [p for p in (engine_log_path(out_dir, rank),) if not p.exists()]
         self.new_job_record = not job_path(out_dir).exists()
         state = out_dir / STATE_DIR
+        self.listings = set(state.glob(LISTING_GLOB))  # the input listings kept before it
         # Emptied folders are removed innermost first, and only if this run made them.
         self.new_dirs = [d for d in (state / "logs", state, out_dir) if not d.exists()]
+
+    def _new_listings(self) -> list[Path]:
+        return sorted(set((self.out_dir / STATE_DIR).glob(LISTING_GLOB)) - self.listings)
 
     def remove(self) -> None:
         """Remove what the run added (called once it is refused, its lock released)."""
@@ -56,8 +61,10 @@ class RankFootprint:
             with contextlib.suppress(OSError):
                 path.unlink()
         if self.new_job_record and not [r for r in state_ranks(self.out_dir) if r != self.rank]:
-            with contextlib.suppress(OSError):  # written by this run, and no other rank began
-                job_path(self.out_dir).unlink()
+            # Written by this run, and no other rank began.
+            for path in [job_path(self.out_dir), *self._new_listings()]:
+                with contextlib.suppress(OSError):
+                    path.unlink()
         for folder in self.new_dirs:
             with contextlib.suppress(OSError):  # not empty: another rank is writing there
                 folder.rmdir()

@@ -173,7 +173,7 @@ def _start_rank(
     """The job, where to resume it and its started engine; or the result of a rank that ends
     before generating (nothing left to do, or a stop signal during the start)."""
     try:
-        job = read_job(cfg, server)
+        job = read_job(cfg, server, save_listing=True)
         state = _resume_state(cfg, job, checkpoint)
         if state is None:
             return RunResult("noop", cfg.output_dir, checkpoint.manifest.report)

@@ -149,7 +149,8 @@ def test_changed_input_is_refused_and_overwrite_starts_afresh(big_input, tmp_pat
     run_cli(*base_args(big_input, out))
     pq.write_table(pa.table({"prompt": ["one more row"] * 10}), big_input)
     result = run_cli(*base_args(big_input, out), expect=1)
-    assert "input.files:" in result.output
+    assert "input.rows: 1000 -> 10" in result.output
+    assert "input.listing_sha256: " in result.output
     result = run_cli(*base_args(big_input, out), "--overwrite")
     assert "--overwrite removed 20 shard(s) and 1 manifest(s) of rank(s) 0" in result.output
     assert_exactly_once(out, all_ids(big_input))
@@ -169,7 +170,9 @@ def test_input_rewritten_at_the_same_size_and_row_count_is_refused(tmp_path):
     assert src.stat().st_size == size and pq.ParquetFile(src).metadata.num_rows == 200
     result = run_cli(*base_args(src, out), expect=1)
     assert "holds an earlier run with different settings" in result.output
-    assert "input.files:" in result.output
+    assert "input.listing_sha256: " in result.output
+    # The rank that owns the file notices it against the job's listing, and names it.
+    assert f"rows.parquet changed ({size:,} bytes, 200 rows, digest " in result.output
 
 
 def test_shard_committed_before_manifest_update_is_adopted(big_input, tmp_path):

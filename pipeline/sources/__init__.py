@@ -7,6 +7,7 @@ time, an Arrow-backed `datasets.Dataset` is sliced (memory-mapped), a streaming 
   parquet.py   Parquet files, folders and globs (pyarrow)
   hf.py        Hugging Face datasets: hub ids, local folders, builders, save_to_disk
   limit.py     --limit N: the first N rows of a rank's slice
+  listing.py   the input listing: every file's name, size, rows and digest, once per job
   openai_batch.py  OpenAI / Anthropic batch request JSONL, line by line
 """
 
@@ -17,8 +18,9 @@ import difflib
 from pipeline.config import SourceConfig
 from pipeline.errors import ConfigError
 from pipeline.sources.base import Batch, Source, rank_range
+from pipeline.sources.listing import ListingStore
 
-__all__ = ["Batch", "Source", "open_source", "rank_range", "require_columns"]
+__all__ = ["Batch", "ListingStore", "Source", "open_source", "rank_range", "require_columns"]
 
 
 def require_columns(source: Source, wanted: dict[str, str]) -> None:
@@ -33,18 +35,22 @@ def require_columns(source: Source, wanted: dict[str, str]) -> None:
             )
 
 
-def open_source(cfg: SourceConfig, num_ranks: int = 1, rank: int = 0) -> Source:
+def open_source(
+    cfg: SourceConfig, num_ranks: int = 1, rank: int = 0, store: ListingStore | None = None
+) -> Source:
     """The reader for --parquet, --dataset or --openai-batch, positioned on one rank's slice
-    (its first --limit rows only, with --limit)."""
+    (its first --limit rows only, with --limit). With `store`, a file input's listing is the
+    job's, kept there (pipeline/sources/listing.py); `source.for_rank(r)` gives another rank's
+    slice of the same input without reading it again."""
     source: Source
     if cfg.openai_batch is not None:
         from pipeline.sources.openai_batch import OpenAIBatchSource
 
-        source = OpenAIBatchSource(cfg.openai_batch, num_ranks, rank)
+        source = OpenAIBatchSource(cfg.openai_batch, num_ranks, rank, store)
     elif cfg.parquet is not None:
         from pipeline.sources.parquet import ParquetSource
 
-        source = ParquetSource(cfg.parquet, num_ranks, rank)
+        source = ParquetSource(cfg.parquet, num_ranks, rank, store)
     else:
         from pipeline.sources.hf import HFDatasetSource
 

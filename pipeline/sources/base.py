@@ -25,6 +25,8 @@ class Source(Protocol):
 
     def iter_batches(self, columns: list[str], batch_rows: int) -> Iterator[Batch]: ...
 
+    def for_rank(self, rank: int) -> Source: ...
+
 
 def rank_range(total: int, num_ranks: int, rank: int) -> tuple[int, int]:
     """The contiguous [start, stop) rows of `total` owned by one rank; sizes differ by at most 1."""

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import os
 from collections.abc import Iterator
@@ -22,7 +23,7 @@ class HFDatasetSource:
 
     def __init__(self, cfg: SourceConfig, num_ranks: int = 1, rank: int = 0) -> None:
         self.cfg = cfg
-        self.num_ranks, self.rank = num_ranks, rank
+        self.num_ranks = num_ranks
         self.ds = _load_dataset(cfg)
         features = self.ds.features
         if features is None:  # a streaming dataset whose features are unknown until read
@@ -33,13 +34,23 @@ class HFDatasetSource:
             features = self.ds.features
         self.schema: pa.Schema = features.arrow_schema
         self.columns = list(self.schema.names)
-        if cfg.streaming:
-            known = _streaming_total(self.ds, cfg.split)
+        self._place(rank)
+
+    def _place(self, rank: int) -> None:
+        self.rank = rank
+        if self.cfg.streaming:
+            known = _streaming_total(self.ds, self.cfg.split)
             self.start, self.stop = 0, None
-            self.total_rows = None if known is None else len(range(rank, known, num_ranks))
+            self.total_rows = None if known is None else len(range(rank, known, self.num_ranks))
         else:
-            self.start, self.stop = rank_range(len(self.ds), num_ranks, rank)
+            self.start, self.stop = rank_range(len(self.ds), self.num_ranks, rank)
             self.total_rows = self.stop - self.start
+
+    def for_rank(self, rank: int) -> HFDatasetSource:
+        """Another rank's slice of the same loaded dataset."""
+        other = copy.copy(self)
+        other._place(rank)
+        return other
 
     def field(self, name: str) -> pa.Field:
         return self.schema.field(name)

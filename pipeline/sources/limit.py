@@ -30,6 +30,10 @@ class LimitedSource:
     def identity(self) -> dict[str, Any]:
         return self.inner.identity()
 
+    def for_rank(self, rank: int) -> LimitedSource:
+        """The first `limit` rows of another rank's slice."""
+        return LimitedSource(self.inner.for_rank(rank), self.limit)
+
     def iter_batches(self, columns: list[str], batch_rows: int) -> Iterator[Batch]:
         left = self.limit
         for ids, cols in self.inner.iter_batches(columns, min(batch_rows, self.limit)):

@@ -6,18 +6,21 @@ Each non-blank line is one row whose id is its custom_id; the row carries the pa
 machinery (the --sampling-column path) and, for `batchgen export`, its position in the input,
 its endpoint and the model it named.
 
-Opening the source reads the input once, in bounded memory: it counts the rows (for rank
-ranges), digests the files (for the resume fingerprint) and refuses a repeated custom_id, naming
-both lines. The ids are not held in a set: each id's 64-bit hash and position go to a fixed
+Listing the input reads it once, in bounded memory, once per job (pipeline/sources/listing.py):
+it counts the rows (for rank ranges), digests the files (for the resume fingerprint) and
+refuses a repeated custom_id, naming both lines. A rank then reads only its own files: once to
+check their digests against the listing, once to generate. The ids are not held in a set: each id's 64-bit hash and position go to a fixed
 buffer, spilled to hash partitions in a temporary folder when it fills; each partition is then
 sorted alone, and only hash collisions are read again to tell a real repeat from a collision.
 """
 
 from __future__ import annotations
 
+import copy
 import glob
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -30,7 +33,10 @@ import pyarrow as pa
 
 from pipeline.batchfile import parse_line
 from pipeline.errors import BatchgenError, ConfigError
-from pipeline.sources import Batch, rank_range
+from pipeline.sources.base import Batch, rank_range
+from pipeline.sources.listing import Listing, ListingStore, job_listing, save_listing
+
+log = logging.getLogger("batchgen")
 
 # The columns this source yields: the parsed request, the row's settings, and what export needs.
 REQUEST_COLUMN = "request"
@@ -54,26 +60,57 @@ _ID_PREFIX = re.compile(rb'^\s*\{\s*"custom_id"\s*:\s*("(?:[^"\\]|\\.)*")')
 class OpenAIBatchSource:
     """Batch request lines, streamed; a rank owns a contiguous range of the rows."""
 
-    def __init__(self, spec: str, num_ranks: int = 1, rank: int = 0) -> None:
+    def __init__(
+        self, spec: str, num_ranks: int = 1, rank: int = 0, store: ListingStore | None = None
+    ) -> None:
         self.spec = spec
-        self.paths, root = _resolve(spec)
-        self.names = [os.path.relpath(p, root) for p in self.paths]
+        self.num_ranks = num_ranks
+        paths, root = _resolve(spec)
+        self.paths = {os.path.relpath(p, root): p for p in paths}
         self.columns = list(_TYPES)
-        self.files: list[list[Any]] = []
-        total = self._scan()
-        self.start, self.stop = rank_range(total, num_ranks, rank)
+        present = [(name, p.stat().st_size) for name, p in self.paths.items()]
+        self.listing = job_listing(store, "openai_batch", spec, present, self._list_all)
+        try:
+            self._place(rank)
+        except _Changed as exc:  # a file of this rank differs from the job's listing
+            fresh = self._list_all()
+            lines = self.listing.changes(fresh) or [str(exc)]
+            log.warning("%s %s: %s since this job listed its input", FLAG, spec, "; ".join(lines))
+            self.listing = fresh
+            if store is not None and store.save:
+                save_listing(store.state_dir, fresh)
+            self._place(rank)
+
+    def for_rank(self, rank: int) -> OpenAIBatchSource:
+        """The same input positioned on another rank's rows, from the same listing."""
+        other = copy.copy(self)
+        other._place(rank)
+        return other
+
+    def _place(self, rank: int) -> None:
+        """Position on one rank's rows; check the files that hold them against the listing
+        (their bytes' digest: a rank reads its own files twice, nobody else's)."""
+        listing = self.listing
+        self.start, self.stop = rank_range(listing.rows, self.num_ranks, rank)
         self.total_rows = self.stop - self.start
+        self.owned: list[tuple[str, Path, int]] = []  # (name, path, first row's position)
+        for index, offset in listing.owned(self.start, self.stop):
+            name, _, _, digest = listing.files[index]
+            path = self.paths[name]
+            if name not in listing.row_groups and _file_digest(path) != digest:
+                raise _Changed(f"{name}: its bytes differ from the listing's")
+            self.owned.append((name, path, offset))
 
     def field(self, name: str) -> pa.Field:
         return pa.field(name, _TYPES[name])
 
     def identity(self) -> dict[str, Any]:
-        return {"kind": "openai_batch", "spec": self.spec, "files": self.files}
+        return self.listing.identity()
 
     def iter_batches(self, columns: list[str], batch_rows: int) -> Iterator[Batch]:
         ids: list[str] = []
         cols: dict[str, list[Any]] = {c: [] for c in columns}
-        for position, name, line, raw in self._lines(self.start):
+        for position, name, line, raw in _lines(self.owned, self.start):
             if position >= self.stop:
                 break
             request = parse_line(_decode(raw), line, name)
@@ -93,25 +130,14 @@ class OpenAIBatchSource:
         if ids:
             yield ids, cols
 
-    def _lines(self, skip: int = 0) -> Iterator[tuple[int, str, int, bytes]]:
-        """(position, file name, 1-based line number, bytes) of every non-blank line from
-        position `skip` on; lines before it are counted, not parsed."""
-        position = 0
-        for path, name in zip(self.paths, self.names, strict=True):
-            with open(path, "rb") as fh:
-                for number, raw in enumerate(fh, 1):
-                    if not raw.strip():
-                        continue
-                    if position >= skip:
-                        yield position, name, number, raw
-                    position += 1
-
-    def _scan(self) -> int:
-        """Rows, file digests and the duplicate check, in one bounded pass."""
+    def _list_all(self) -> Listing:
+        """Rows, file digests and the duplicate check over every file, in one bounded pass:
+        the listing, computed once per job."""
         spill = _HashSpill()
         position = 0
+        files = []
         try:
-            for path, name in zip(self.paths, self.names, strict=True):
+            for name, path in self.paths.items():
                 digest, rows = hashlib.sha256(), 0
                 with open(path, "rb") as fh:
                     for raw in fh:
@@ -123,18 +149,22 @@ class OpenAIBatchSource:
                             spill.add(_hash(custom_id), position)
                         position += 1
                         rows += 1
-                self.files.append([name, path.stat().st_size, rows, digest.hexdigest()[:16]])
+                files.append([name, path.stat().st_size, rows, digest.hexdigest()[:16]])
             suspects = spill.collisions()
         finally:
             spill.close()
         if suspects:
-            self._refuse_repeat(suspects)
-        return position
+            self._refuse_repeat(suspects, files)
+        return Listing("openai_batch", self.spec, files, row_groups={f[0]: [] for f in files})
 
-    def _refuse_repeat(self, suspects: set[int]) -> None:
+    def _refuse_repeat(self, suspects: set[int], files: list[list[Any]]) -> None:
         """Read the colliding rows' ids again; raise on the first id that really repeats."""
         first: dict[str, tuple[str, int]] = {}
-        for position, name, line, raw in self._lines():
+        everything, offset = [], 0
+        for name, _, rows, _ in files:
+            everything.append((name, self.paths[name], offset))
+            offset += rows
+        for position, name, line, raw in _lines(everything):
             if position not in suspects:
                 continue
             custom_id = _custom_id(raw)
@@ -147,6 +177,35 @@ class OpenAIBatchSource:
                     "too): give one of them another id"
                 )
             first[custom_id] = (name, line)
+
+
+class _Changed(Exception):
+    """A file this rank owns differs from the job's listing of it."""
+
+
+def _lines(
+    files: list[tuple[str, Path, int]], skip: int = 0
+) -> Iterator[tuple[int, str, int, bytes]]:
+    """(position, file name, 1-based line number, bytes) of every non-blank line of `files`
+    (each with the input position of its first row) from position `skip` on; lines before it
+    are counted, not parsed."""
+    for name, path, position in files:
+        with open(path, "rb") as fh:
+            for number, raw in enumerate(fh, 1):
+                if not raw.strip():
+                    continue
+                if position >= skip:
+                    yield position, name, number, raw
+                position += 1
+
+
+def _file_digest(path: Path) -> str:
+    """A file's bytes' digest, as the listing records it."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
 
 
 class _HashSpill:
