@@ -297,7 +297,7 @@ class Plan:
             f"  calibration: {c.prompts:,} of {plural(c.sample, 'sampled prompt')} finished in "
             f"{c.seconds:,.1f}s on this machine{overdue}: {c.rate:,.2f} prompts/s, "
             f"{c.output_tokens / c.seconds:,.1f} output tok/s; engine start "
-            f"{c.engine_start_seconds:,.1f}s",
+            f"{fmt_duration(c.engine_start_seconds, tenths=True)}",
             f"    spread: {plural(c.events, 'engine step')} finished prompts; in "
             f"{plural(len(c.windows), 'window')} ending on one: {rates} prompts/s",
         ]
