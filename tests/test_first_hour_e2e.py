@@ -123,9 +123,8 @@ def test_try_input_by_extension_and_limit_then_the_rest(tmp_path, hf_offline):
     assert "--limit 3: done; rerun without --limit (or with a larger one) to do the rest" in (
         result.output
     )
-    assert sorted(parquet_shards(out).column("id").to_pylist()) == [
-        f"questions.jsonl:{i}" for i in range(3)
-    ]
+    # `datasets` reads a JSONL file as split "train": ids are train:<row>.
+    assert sorted(parquet_shards(out).column("id").to_pylist()) == ["train:0", "train:1", "train:2"]
     run_cli("status", out, expect=3)  # incomplete: the rest is still to do
     result = run_cli(*args)
     assert "resuming rank 0: 3 prompts already committed" in result.output
@@ -138,7 +137,8 @@ def test_try_input_by_extension_and_limit_then_the_rest(tmp_path, hf_offline):
         zip(*read_output(whole).select(["id", "text"]).to_pydict().values(), strict=True)
     )
     assert texts[next(i for i in texts if i.endswith(":0"))] == expected[0]
-    lines = [json.loads(x) for p in sorted(out.glob("rank-*/*.jsonl")) for x in p.open()]
+    files = sorted(out.glob("rank-*/*.jsonl"))
+    lines = [json.loads(x) for p in files for x in p.read_text().splitlines()]
     assert {x["id"]: x["text"] for x in lines} == texts and len(lines) == 8
 
 
