@@ -120,3 +120,10 @@ def test_the_format_is_a_setting_of_the_run(tmp_path):
 def test_try_refuses_an_output_format():
     result = run_cli("try", "hi", "--output-format", "jsonl", *FAKE_ENGINE, expect=2)
     assert "--output-format: batchgen try takes its one prompt" in result.output
+
+
+def test_values_json_has_no_word_for():
+    from pipeline.jsonl import json_value
+
+    row = {"request_key": b"\x01\xab", "logprobs": [{"logprob": float("-inf"), "top": []}]}
+    assert json_value(row) == {"request_key": "01ab", "logprobs": [{"logprob": None, "top": []}]}
