@@ -3,13 +3,18 @@ this machine, for a while; the rate it measured, its spread, and the outputs' st
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+import os
 import random
+import tempfile
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from pipeline.config import RunConfig
@@ -113,15 +118,41 @@ class Reservoir:
                     self.rows[j] = row
 
 
+@contextlib.contextmanager
+def calibration_log(divert: bool) -> Iterator[Path | None]:
+    """Where vLLM's own output goes while plan starts its engine, as a run's goes to its engine
+    log: a temporary file (plan writes nothing in --output), removed after a calibration,
+    kept when it fails (a failed start names it). None without `divert` (-v): on the terminal."""
+    if not divert:
+        yield None
+        return
+    fd, name = tempfile.mkstemp(prefix="batchgen-plan-engine-", suffix=".log")
+    os.close(fd)
+    path = Path(name)
+    yield path
+    # Reached only when calibration succeeded: after a failure the log stays for its reader.
+    path.unlink(missing_ok=True)
+
+
 def calibrate_engine(
     cfg: RunConfig, model: str, sample: list[PromptRow], seconds: float, whole: bool
 ) -> Calibration:
     """Run `sample` through the real engine for `seconds`, and for at least twice the time its
     first prompt took to finish (so the span holds more than the first requests' lifetime), and
     measure the rate."""
-    from pipeline.engines import StopFlags, in_process_engine
+    from pipeline.engines import in_process_engine
 
-    engine = in_process_engine(cfg.engine, model)
+    with calibration_log(cfg.engine_log) as log_path:
+        engine = in_process_engine(cfg.engine, model, log_path)
+        return _calibrate(cfg, engine, sample, seconds, whole)
+
+
+def _calibrate(
+    cfg: RunConfig, engine: Any, sample: list[PromptRow], seconds: float, whole: bool
+) -> Calibration:
+    """Calibration on a started engine (see calibrate_engine)."""
+    from pipeline.engines import StopFlags
+
     # The ids of a sample may repeat across ranks; results are matched by position instead.
     order = list(sample)
     random.Random(0).shuffle(order)

@@ -70,6 +70,8 @@ def run_fingerprint(
         fingerprint["lora_column"] = cfg.lora_column
     if cfg.engine.reasoning_parser:
         fingerprint["reasoning_parser"] = cfg.engine.reasoning_parser
+    if cfg.output.format != "parquet":  # each shard's JSONL: a resume cannot leave some out
+        fingerprint["columns"]["format"] = cfg.output.format
     if cfg.engine.batch_invariant:
         fingerprint["batch_invariant"] = True
     # Speculative decoding changes what is sampled for a given seed (greedy texts only up to

@@ -118,27 +118,31 @@ class Plan:
         return min(round(per * t.samples), t.ceiling), source, per
 
     def eta(self) -> dict[str, Any] | None:
-        """Seconds of generation (engine start excluded) for all planned ranks on this machine,
-        and per rank; None without a measured rate."""
+        """Seconds for all planned ranks on this machine and per rank, each rank's engine start
+        included (measured as the rate was: by --calibrate, or in the last run); None without
+        a measured rate."""
         c, h = self.calibration, self.history
         if c is not None:
             whole, low, high = c.eta(self.total.engine_prompts)
             per_rank = [c.eta(r.tally.engine_prompts)[0] for r in self.ranks]
-            source = "calibration"
+            source, start = "calibration", c.engine_start_seconds
         elif h is not None and h.rate is not None:
             whole = self.total.engine_prompts / h.rate
             low = high = None
             per_rank = [r.tally.engine_prompts / h.rate for r in self.ranks]
-            source = "last run"
+            source, start = "last run", h.last_start_seconds
         else:
             return None
+        starts = start * len(self.ranks)  # each rank starts its own engine
         return {
             "from": source,
-            "seconds": round(whole, 1),
-            "low": None if low is None else round(low, 1),
-            "high": None if high is None else round(high, 1),
+            "seconds": round(whole + starts, 1),
+            "generate_seconds": round(whole, 1),
+            "engine_start_seconds": round(start, 1),
+            "low": None if low is None else round(low + starts, 1),
+            "high": None if high is None else round(high + starts, 1),
             "per_rank": {
-                str(r.rank): round(s, 1) for r, s in zip(self.ranks, per_rank, strict=True)
+                str(r.rank): round(s + start, 1) for r, s in zip(self.ranks, per_rank, strict=True)
             },
         }
 
@@ -294,7 +298,7 @@ class Plan:
             f"  calibration: {c.prompts:,} of {plural(c.sample, 'sampled prompt')} finished in "
             f"{c.seconds:,.1f}s on this machine{overdue}: {c.rate:,.2f} prompts/s, "
             f"{c.output_tokens / c.seconds:,.1f} output tok/s; engine start "
-            f"{c.engine_start_seconds:,.1f}s, not counted",
+            f"{fmt_duration(c.engine_start_seconds, tenths=True)}",
             f"    spread: {plural(c.events, 'engine step')} finished prompts; in "
             f"{plural(len(c.windows), 'window')} ending on one: {rates} prompts/s",
         ]
@@ -318,9 +322,17 @@ class Plan:
         span = ""
         if eta["low"] is not None and eta["low"] != eta["high"]:
             span = f" ({fmt_duration(eta['low'], tenths=True)} to {fmt_duration(eta['high'], tenths=True)} at the windows' rates)"
-        who = "all ranks on one such machine" if self.all_ranks else "generation"
+        who = "all ranks on one such machine" if self.all_ranks else "the job"
+        start = fmt_duration(eta["engine_start_seconds"], tenths=True)
+        starts = (
+            f"an engine start of {start}"
+            if eta["per_rank"].keys() == {"0"}
+            else (f"each rank's engine start of {start}")
+        )
         lines = [
-            f"  ETA: {fmt_duration(eta['seconds'], tenths=True)} of {who}{span}, {source}; engine start not included"
+            f"  ETA: {fmt_duration(eta['seconds'], tenths=True)} for {who}{span}: "
+            f"{fmt_duration(eta['generate_seconds'], tenths=True)} of generation and {starts}, "
+            f"{source}"
         ]
         if self.all_ranks:
             per = ", ".join(
@@ -480,4 +492,5 @@ def _history(manifest: Manifest, n: int) -> History:
     engine_prompts = prompts - (last.get("errors") or 0) // max(n, 1)
     if engine_prompts > 0 and seconds > 0:
         h.last_prompts, h.last_seconds = engine_prompts, float(seconds)
+        h.last_start_seconds = float(last.get("engine_start_seconds") or 0.0)
     return h

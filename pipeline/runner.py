@@ -37,12 +37,13 @@ from pipeline.engines import (
 from pipeline.errors import BatchgenError, ConfigError, committed_note, storage_failure
 from pipeline.fingerprint import fingerprint_digest
 from pipeline.job import Job, read_job
+from pipeline.jsonl import shard_writer
 from pipeline.progress import Progress, fmt_duration
 from pipeline.refusal import RankFootprint, check_output_path
 from pipeline.report import log_summary, run_report
 from pipeline.reuse.dedup import RequestDedup
 from pipeline.reuse.run import engine_requests, open_reuse, requests_since, reuse_report
-from pipeline.sinks import ParquetShardWriter, output_schema, prepare_output_dir
+from pipeline.sinks import output_schema, prepare_output_dir
 from pipeline.stages import Committer, Feeder
 from pipeline.storage.retry import StoreDown
 from pipeline.version import __version__
@@ -118,8 +119,14 @@ def _run_locked(
         return started
     job, state, engine = started
     phase.starting = False
-    writer = ParquetShardWriter(
-        cfg.output_dir, cfg.rank, _schema(cfg, job), _metadata(cfg, job, engine)
+    kept = [s["file"] for s in state.manifest.shards]
+    writer = shard_writer(
+        cfg.output.format,
+        cfg.output_dir,
+        cfg.rank,
+        _schema(cfg, job),
+        _metadata(cfg, job, engine),
+        kept,
     )
     progress = _progress(cfg, job, state)
     reuse = open_reuse(job.fingerprint, cfg.reuse, cfg.output_dir, cfg.rank, writer.schema.names)

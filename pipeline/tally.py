@@ -154,6 +154,7 @@ class History:
     finish_reasons: Counter[str] = field(default_factory=Counter)
     last_prompts: int = 0  # engine prompts of the last run
     last_seconds: float = 0.0  # its generation time
+    last_start_seconds: float = 0.0  # its engine start (the slowest rank's, merged)
 
     def merge(self, other: History) -> None:
         self.samples += other.samples
@@ -161,6 +162,7 @@ class History:
         self.finish_reasons.update(other.finish_reasons)
         self.last_prompts += other.last_prompts
         self.last_seconds += other.last_seconds
+        self.last_start_seconds = max(self.last_start_seconds, other.last_start_seconds)
 
     @property
     def rate(self) -> float | None:

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import time
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.dataset as pads
 import pytest
 from conftest import (
     BATCHGEN,
@@ -19,6 +22,7 @@ from conftest import (
     manifest_state,
     read_output,
     run_cli,
+    run_subprocess,
 )
 from test_kill_harness import shard_files
 
@@ -73,8 +77,10 @@ def test_ctrl_c_in_a_terminal_drains_and_a_second_one_stops_now(tmp_path):
     assert "engine died" not in err and "Traceback" not in err, err
     assert manifest(out)["report"]["engine_failures"] == []
 
-    done = subprocess.run([str(BATCHGEN), *args], capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr
+    # The rest in this process, on the engine the other tests share: --max-num-seqs is a batch
+    # limit, not a setting of the run, so the resume takes the default without a third start.
+    at = args.index("--max-num-seqs")
+    run_cli(*args[:at], *args[at + 2 :])
     ids = read_output(out).column("id").to_pylist()
     assert sorted(ids) == sorted(f"{SAMPLE.name}:{i}" for i in range(48))  # exactly once
 
@@ -89,39 +95,71 @@ PROMPTS = ["What is the capital of France?", "Name three primary colors."] + [
 ]
 
 
+def parquet_shards(out: Path) -> pa.Table:
+    """The Parquet shards of a folder that holds JSONL files too (read by their extension)."""
+    files = sorted(str(p) for p in out.glob("rank-*/part-*.parquet"))
+    return pads.dataset(files, format="parquet").to_table()
+
+
 def test_try_input_by_extension_and_limit_then_the_rest(tmp_path, hf_offline):
-    """`batchgen try` prints what Transformers' own greedy generate says; --input reads a JSONL
+    """`batchgen try` prints the completion a run gives the same prompt; --input reads a JSONL
     file by its extension; --limit 3 does the first 3 rows and a run without it the other 5,
-    exactly once, with the texts of a run that never had a limit."""
-    from test_engine_e2e import transformers_greedy
-
-    from pipeline.models import ensure_bundled_model
-
+    exactly once, with the texts of a run that never had a limit; with --output-format jsonl,
+    the JSONL files hold those rows too, once each (all on the engine the other tests share)."""
     greedy = ["--chat", "--temperature", "0", "--max-tokens", "16", *REAL_ENGINE]
-    result = run_cli("try", PROMPTS[0], *greedy)
-    expected = transformers_greedy(ensure_bundled_model(), PROMPTS[:1], True, 16)
-    assert result.stdout == expected[0] + "\n"
+    tried = run_cli("try", PROMPTS[0], *greedy).stdout
 
     src = write_jsonl(tmp_path / "questions.jsonl", PROMPTS)
     out = tmp_path / "out"
     args = ["run", "--input", src, "--prompt-column", "prompt", *greedy, "--output", out]
+    args += ["--output-format", "jsonl"]
     result = run_cli(*args, "--limit", "3")
     assert "--limit 3: done; rerun without --limit (or with a larger one) to do the rest" in (
         result.output
     )
-    assert (
-        sorted(read_output(out).column("id").to_pylist())
-        == [f"questions.jsonl:{i}" for i in range(3)]
-        or read_output(out).num_rows == 3
-    )
+    # `datasets` reads a JSONL file as split "train": ids are train:<row>.
+    assert sorted(parquet_shards(out).column("id").to_pylist()) == ["train:0", "train:1", "train:2"]
     run_cli("status", out, expect=3)  # incomplete: the rest is still to do
     result = run_cli(*args)
     assert "resuming rank 0: 3 prompts already committed" in result.output
     whole = tmp_path / "whole"
     run_cli("run", "--input", src, "--prompt-column", "prompt", *greedy, "--output", whole)
-    texts = dict(zip(*read_output(out).select(["id", "text"]).to_pydict().values(), strict=True))
-    assert len(texts) == read_output(out).num_rows == 8
+    table = parquet_shards(out)
+    texts = dict(zip(*table.select(["id", "text"]).to_pydict().values(), strict=True))
+    assert len(texts) == table.num_rows == 8
     assert texts == dict(
         zip(*read_output(whole).select(["id", "text"]).to_pydict().values(), strict=True)
     )
-    assert texts[next(i for i in texts if i.endswith(":0"))] == expected[0]
+    # `try` printed what a job makes of the same prompt (test_engine_e2e checks those texts
+    # against Transformers' own greedy generate).
+    assert tried == texts["train:0"] + "\n" and texts["train:0"]
+    files = sorted(out.glob("rank-*/*.jsonl"))
+    lines = [json.loads(x) for p in files for x in p.read_text().splitlines()]
+    assert {x["id"]: x["text"] for x in lines} == texts and len(lines) == 8
+
+
+BATCHGEN_LINE = re.compile(r"^\d\d:\d\d:\d\d batchgen: ")
+PLAN_LINE = re.compile(r"^(plan: |  |can run: |cannot run: )")
+
+
+def test_plan_calibrate_prints_only_batchgen_lines_and_counts_the_engine_start(tmp_path):
+    """A fresh process, as a user's: vLLM's start-up warnings and progress go to a temporary
+    engine log, the `datasets` build of the JSONL input (a cold cache) shows no bar, and the
+    ETA adds the measured engine start to the generation."""
+    src = write_jsonl(tmp_path / "questions.jsonl", PROMPTS[:3])
+    args = ["plan", "--input", src, "--prompt-column", "prompt", "--chat", "--max-tokens", "8"]
+    env = {
+        "HF_DATASETS_OFFLINE": "1",
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_CACHE": str(tmp_path / "hf-cache"),
+        "TMPDIR": str(tmp_path),  # where the engine log goes, and is removed from
+    }
+    proc = run_subprocess(*args, *REAL_ENGINE, "--calibrate", "1", env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert [x for x in proc.stderr.splitlines() if not BATCHGEN_LINE.match(x)] == []
+    assert [x for x in proc.stdout.splitlines() if not PLAN_LINE.match(x)] == []
+    eta = next(x for x in proc.stdout.splitlines() if x.startswith("  ETA: "))
+    start = re.search(r"output tok/s; engine start (\S+)$", proc.stdout, re.M).group(1)
+    assert f"of generation and an engine start of {start}, from --calibrate" in eta
+    assert start not in ("0.0s", "0.1s", "0.2s")  # measured: vLLM on CPU takes 15 s or more
+    assert not list(tmp_path.glob("batchgen-plan-engine-*"))

@@ -217,8 +217,8 @@ def test_a_resume_plans_the_rest_from_the_earlier_runs_rate_and_outputs(prompts_
         "  output tokens: at most 400 (max_tokens 8 x 50 prompts x n 1, each capped by the "
         "context)",
         f"  expected output tokens: 400 (8.0 per output row, from 150 outputs committed in {out})",
-        f"  ETA: 2.0s of generation, from the last run's 25.00 prompts/s in {out}; engine start "
-        "not included",
+        f"  ETA: 2.0s for the job: 2.0s of generation and an engine start of 0.0s, from the last "
+        f"run's 25.00 prompts/s in {out}",
         "can run: 50 prompts to generate",
     ]
 
@@ -268,7 +268,9 @@ def test_calibrate_on_an_engine_that_finishes_the_whole_sample(prompts_file):
     got = json.loads(result.stdout)
     c = got["calibration"]
     assert (c["sample_prompts"], c["completed_prompts"], c["whole_job"]) == (200, 200, True)
-    assert got["eta"]["seconds"] == round(c["seconds"], 1)
+    assert got["eta"]["generate_seconds"] == round(c["seconds"], 1)
+    start = got["eta"]["engine_start_seconds"]
+    assert abs(got["eta"]["seconds"] - (c["seconds"] + start)) <= 0.1
     assert got["expected_output_tokens"] == {
         "tokens": 200 * 8,
         "from": "--calibrate: 200 sampled outputs",

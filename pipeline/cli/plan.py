@@ -48,7 +48,9 @@ def plan(**kw: Any) -> None:
     rows already committed in --output, error rows by kind, prompt tokens, the output-token
     ceiling, and, when measured, the expected output tokens and an ETA.
     """
-    setup_logging(kw.pop("verbose"))
+    verbose = kw.pop("verbose")
+    setup_logging(verbose)
+    kw["engine_log"] = verbose == 0  # --calibrate: vLLM's output to a log file, as in a run
     set_rank(kw)
     if kw["path"] is None:
         kw["path"] = ""  # plan without an output folder: nothing committed

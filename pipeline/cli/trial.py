@@ -22,7 +22,16 @@ from pipeline.cli.common import logs_to_stderr
 from pipeline.errors import BatchgenError, ConfigError
 
 # Flags of `run` that name the input or the output: `try` supplies both itself.
-NOT_FOR_TRY = ("--input", "--parquet", "--dataset", "--data-files", "--output", "-o", "--limit")
+NOT_FOR_TRY = (
+    "--input",
+    "--parquet",
+    "--dataset",
+    "--data-files",
+    "--output",
+    "-o",
+    "--output-format",
+    "--limit",
+)
 
 
 def check_flags(args: list[str]) -> None:

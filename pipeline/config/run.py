@@ -37,6 +37,15 @@ class OutputConfig:
         flag_default=None,
     )
     overwrite: bool = option(False, "Discard earlier output in --output and start afresh.")
+    # jsonl writes each committed shard again as part-R-S.jsonl beside its Parquet, which stays
+    # what resume and batchgen's readers use (pipeline/jsonl.py): for small jobs and line tools;
+    # it costs a second copy, and readers of the whole folder then glob by extension.
+    format: str = option(
+        "parquet",
+        "jsonl: also write each committed shard as JSON Lines beside its Parquet file.",
+        flag="--output-format",
+        choices=("parquet", "jsonl"),
+    )
     # Off by default: a non-Parquet file at OUT's top makes `pyarrow.parquet.read_table(OUT)`
     # and `pandas.read_parquet(OUT)` fail; `batchgen card OUT` writes it at any time.
     card: bool = option(

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import os
@@ -24,7 +25,8 @@ class HFDatasetSource:
     def __init__(self, cfg: SourceConfig, num_ranks: int = 1, rank: int = 0) -> None:
         self.cfg = cfg
         self.num_ranks = num_ranks
-        self.ds = _load_dataset(cfg)
+        with _quiet_datasets():
+            self.ds = _load_dataset(cfg)
         features = self.ds.features
         if features is None:  # a streaming dataset whose features are unknown until read
             first = next(iter(self.ds.take(1)), None)
@@ -97,6 +99,23 @@ class HFDatasetSource:
                 ids, cols = [], {c: [] for c in columns}
         if ids:
             yield ids, cols
+
+
+@contextlib.contextmanager
+def _quiet_datasets() -> Iterator[None]:
+    """No `datasets` progress bar ("Generating train split") or info line on the terminal
+    while a dataset loads: batchgen's own lines say what it reads."""
+    from datasets.utils import logging as ds_logging
+
+    bars, verbosity = ds_logging.is_progress_bar_enabled(), ds_logging.get_verbosity()
+    ds_logging.disable_progress_bar()
+    ds_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        ds_logging.set_verbosity(verbosity)
+        if bars:
+            ds_logging.enable_progress_bar()
 
 
 def _load_dataset(cfg: SourceConfig):
