@@ -283,7 +283,9 @@ def commit_probe(folder: Path, rows_per_shard: int, commits: int) -> dict[str, A
     seconds = []
     for seq in range(commits):
         rows = [
-            ResultRow(f"r{seq * rows_per_shard + i}", seq * rows_per_shard + i, 0, "fake", "length", 8, 8)
+            ResultRow(
+                f"r{seq * rows_per_shard + i}", seq * rows_per_shard + i, 0, "fake", "length", 8, 8
+            )
             for i in range(rows_per_shard)
         ]
         t = time.perf_counter()
@@ -390,4 +392,6 @@ if __name__ == "__main__":  # the bench's child processes
     if len(sys.argv) > 2 and sys.argv[1] == "child":
         _child(int(sys.argv[2]), sys.argv[3:])
     else:
-        sys.exit("usage: python -m pipeline.bench.scale child PAUSE_AFTER ARGS (used by batchgen bench --scale)")
+        sys.exit(
+            "usage: python -m pipeline.bench.scale child PAUSE_AFTER ARGS (used by batchgen bench --scale)"
+        )
