@@ -38,6 +38,10 @@ Examples:
 \b
   # peak memory and the I/O path's rows/s with the fake engine, 250k and 1M input rows
   batchgen bench --memory
+\b
+  # a job of 1,000 ranks with the fake engine: status, show, report, plan and commits timed
+  batchgen bench --scale --ranks 1000 --rows-per-rank 100 --rows-per-shard 10 \\
+      --input-files 20 --output /tmp/scale --json
 """
 
 # Flags of the throughput bench that mean nothing with --memory.
@@ -165,6 +169,16 @@ _THROUGHPUT_ONLY = (
     help="Measure the --reuse lookup over a folder of ROWS committed rows instead "
     "(pipeline/bench/reuse.py); --work-dir holds the folder.",
 )
+@click.option(
+    "--scale",
+    is_flag=True,
+    help="Build a synthetic job of --ranks ranks with the fake engine and time rank start, "
+    "resume, commits, status, show, report and plan over it (pipeline/bench/scale.py).",
+)
+@click.option("--ranks", type=click.IntRange(min=5), default=1000, show_default=True)
+@click.option("--rows-per-rank", type=click.IntRange(min=2), default=100, show_default=True)
+@click.option("--input-files", type=click.IntRange(min=1), default=20, show_default=True)
+@click.option("--output", metavar="DIR", help="--scale: the job's folder, left behind.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("-v", "--verbose", count=True, help="More logging (-v: vLLM's too).")
 @click.pass_context
@@ -179,6 +193,9 @@ def bench(ctx: click.Context, **kw: Any) -> None:
     logs_to_stderr()  # --json promises stdout holds one JSON object
     if kw["reuse_lookup"] is not None:
         _bench_reuse_lookup(kw)
+        return
+    if kw["scale"]:
+        _bench_scale(kw)
         return
     _check_flags(ctx, kw)
     from pipeline import bench as benchmod
@@ -208,6 +225,10 @@ def _check_flags(ctx: click.Context, kw: dict[str, Any]) -> None:
         for name in kw
         if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT
     }
+    scale_only = sorted(given & {"ranks", "rows_per_rank", "input_files", "output"})
+    if scale_only:
+        flags = ", ".join(long_flag(p) for p in ctx.command.params if p.name in scale_only)
+        raise click.UsageError(f"{flags}: only for --scale")
     if kw["memory"]:
         wrong = sorted(given & set(_THROUGHPUT_ONLY))
         if wrong:
@@ -233,6 +254,25 @@ def _bench_reuse_lookup(kw: dict[str, Any]) -> None:
     with click_errors(usage=False), bench_folder(kw["work_dir"]) as folder:
         report = run_reuse_lookup(kw["reuse_lookup"], folder)
     emit(to_json(report) if kw["as_json"] else format_reuse_lookup(report))
+
+
+def _bench_scale(kw: dict[str, Any]) -> None:
+    """`batchgen bench --scale`: pipeline/bench/scale.py does the work."""
+    from pipeline.bench.machine import reserve_stdout, to_json
+    from pipeline.bench.scale import format_scale, run_scale
+
+    if not kw["output"]:
+        raise click.UsageError("--scale needs --output DIR (the job is left there)")
+    emit = reserve_stdout() if kw["as_json"] else click.echo
+    with click_errors(usage=False):
+        report = run_scale(
+            kw["ranks"],
+            kw["rows_per_rank"],
+            kw["rows_per_shard"] or 10,
+            kw["input_files"],
+            kw["output"],
+        )
+    emit(to_json(report) if kw["as_json"] else format_scale(report))
 
 
 def _throughput_config(kw: dict[str, Any]) -> Any:
