@@ -144,7 +144,7 @@ def _rank_list(ranks: list[int]) -> str:
 
 def _pace_text(p: dict[str, Any]) -> str:
     done = f"{p['prompts']:,}" + (f"/{p['total_prompts']:,}" if p["total_prompts"] else "")
-    rate = "no shard yet" if p["prompts_per_s"] is None else f"{p['prompts_per_s']:,.1f}/s"
+    rate = "no shard yet" if p["prompts_per_s"] is None else f"{_rate(p['prompts_per_s'])}/s"
     eta = "" if p["eta_seconds"] is None else f", {fmt_duration(p['eta_seconds'])} to go"
     return f"rank {p['rank']} {done} at {rate}{eta}"
 
@@ -159,5 +159,10 @@ def _projection(view: dict[str, Any], now: float) -> str:
     return (
         f"  projected finish: {when} (in {fmt_duration(view['projected_seconds'])}): "
         f"{view['remaining_prompts']:,} prompts left at the running ranks' "
-        f"{view['prompts_per_s']:,.1f} prompts/s, if the ranks not running are started too"
+        f"{_rate(view['prompts_per_s'])} prompts/s, if the ranks not running are started too"
     )
+
+
+def _rate(per_s: float) -> str:
+    """Prompts per second, to two figures below 10 (a slow rank's 0.02/s is not 0.0)."""
+    return f"{per_s:.2f}" if per_s < 10 else f"{per_s:,.1f}"

@@ -131,7 +131,7 @@ def _run_locked(
     writer = ParquetShardWriter(
         cfg.output_dir, cfg.rank, _schema(cfg, job), _metadata(cfg, job, engine)
     )
-    progress = _progress(cfg, job, state)
+    progress = _progress(cfg, job, state, engine)
     reuse = open_reuse(job.fingerprint, cfg.reuse, cfg.output_dir, cfg.rank, writer.schema.names)
     feeder = Feeder(
         job.source, job.builder, state.done, cfg.source.id_column, flags, reuse.annotate
@@ -177,13 +177,20 @@ def _run_locked(
     return RunResult(status, cfg.output_dir, report)
 
 
-def _progress(cfg: RunConfig, job: Job, state: ResumeState) -> Progress:
+def _progress(cfg: RunConfig, job: Job, state: ResumeState, engine: Engine) -> Progress:
     todo = None if job.source.total_rows is None else job.source.total_rows - state.done.count()
+    metrics = None
+    if cfg.metrics_textfile is not None:
+        from pipeline.metrics import MetricsFile
+
+        metrics = MetricsFile(cfg.metrics_textfile, cfg.rank, str(cfg.output_dir))
     return Progress(
         todo,
         state.manifest.prompts_committed,
         interval=cfg.progress_seconds,
         report_fd=cfg.progress_fd,
+        metrics=metrics,
+        restarts=lambda: sum(1 for f in engine.failures if f.get("restarted")),
     )
 
 
