@@ -51,6 +51,7 @@ def run_scale(
     if out.exists() and any(out.iterdir()):
         raise BatchgenError(f"{out} is not empty; give the scale bench a fresh --output")
     steps: dict[str, Any] = {}
+    load_before = os.getloadavg()  # the machine may be shared: say how busy it was
     started = time.monotonic()
     inputs = _make_inputs(work / "input", ranks * rows_per_rank, input_files)
     steps["inputs"] = {"seconds": _since(started), "files": input_files}
@@ -72,6 +73,7 @@ def run_scale(
         "output": str(out),
         "steps": steps,
         "seconds": _since(started),
+        "load_average": {"start": load_before, "end": os.getloadavg()},
         "machine": machine_info(),
     }
 
