@@ -78,6 +78,60 @@ def run_scale(
     }
 
 
+def run_one_rank(rows: int, rows_per_shard: int, output: str) -> dict[str, Any]:
+    """One rank of `rows` rows with --id-column, SIGKILLed after half its shards and resumed,
+    against a 100k-row run of the same shape: peak RSS of each, the resume's time to its
+    first new shard, every id exactly once. (`--ranks 1`; the prompts are distinct, so the
+    prompt column serves as the id column.)"""
+    work = Path(output)
+    work.mkdir(parents=True, exist_ok=True)
+    load_before = os.getloadavg()
+    started = time.monotonic()
+    base_rows = min(rows, 100_000)
+    base_in = make_io_input(work / "base.parquet", base_rows)
+    big_in = make_io_input(work / "big.parquet", rows) if rows != base_rows else base_in
+    inputs_seconds = _since(started)
+    flags = ["--id-column", "prompt"]
+    base_argv = [*_run_argv(base_in, work / "base-out", 1, rows_per_shard), *flags]
+    baseline = _command([*base_argv, "--rank", "0"], expect=(0,))
+    argv = [*_run_argv(big_in, work / "out", 1, rows_per_shard), *flags]
+    killed = _kill_and_resume(argv, work / "out", 0, rows)
+    return {
+        "ranks": 1,
+        "rows": rows,
+        "rows_per_shard": rows_per_shard,
+        "id_column": True,
+        "output": str(work / "out"),
+        "inputs_seconds": inputs_seconds,
+        "baseline": {"rows": base_rows, **baseline},
+        "kill_and_resume": killed,
+        "resume_minus_baseline_rss_mb": round(
+            killed["resume"]["peak_rss_mb"] - baseline["peak_rss_mb"], 1
+        ),
+        "seconds": _since(started),
+        "load_average": {"start": load_before, "end": os.getloadavg()},
+        "machine": machine_info(),
+    }
+
+
+def format_one_rank(report: dict[str, Any]) -> str:
+    """The one-rank kill-and-resume bench's report."""
+    k, b = report["kill_and_resume"], report["baseline"]
+    return "\n".join(
+        [
+            f"one rank of {report['rows']:,} rows with --id-column, a shard every "
+            f"{report['rows_per_shard']:,} rows, in {report['output']}",
+            f"{b['rows']:,}-row run: {b['seconds']:.1f} s, peak RSS {b['peak_rss_mb']} MB",
+            f"SIGKILL after {k['killed_after_commits']:,} commits; resume: first new shard after "
+            f"{k['resume']['first_new_shard_seconds']} s, done in {k['resume']['seconds']:.1f} s, "
+            f"peak RSS {k['resume']['peak_rss_mb']} MB "
+            f"({report['resume_minus_baseline_rss_mb']:+.1f} MB vs the {b['rows']:,}-row run)",
+            f"ids {k['ids']:,}, unique {k['unique_ids']:,}: "
+            + ("exactly once" if k["exactly_once"] else "NOT exactly once"),
+        ]
+    )
+
+
 def _since(t: float) -> float:
     return round(time.monotonic() - t, 3)
 
@@ -220,14 +274,18 @@ def _kill_and_resume(argv: list[str], out: Path, rank: int, rows_per_rank: int) 
 
 
 def _ids(out: Path, rank: int) -> tuple[int, int]:
+    """(ids, distinct ids) over a rank's shards, counted by Arrow (no Python set of ids)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     from pipeline.sinks import shard_files
 
-    ids: list[str] = []
-    for path in shard_files(out, rank):
-        ids += pq.read_table(path, columns=["id"]).column("id").to_pylist()
-    return len(ids), len(set(ids))
+    tables = [pq.read_table(path, columns=["id"]) for path in shard_files(out, rank)]
+    if not tables:
+        return 0, 0
+    ids = pa.concat_tables(tables).column("id")
+    return len(ids), pc.count_distinct(ids).as_py()
 
 
 def _in_process_ranks(inputs: Path, out: Path, ranks: int, rows_per_shard: int) -> dict[str, Any]:

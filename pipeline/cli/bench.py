@@ -175,7 +175,14 @@ _THROUGHPUT_ONLY = (
     help="Build a synthetic job of --ranks ranks with the fake engine and time rank start, "
     "resume, commits, status, show, report and plan over it (pipeline/bench/scale.py).",
 )
-@click.option("--ranks", type=click.IntRange(min=5), default=1000, show_default=True)
+@click.option(
+    "--ranks",
+    type=click.IntRange(min=1),
+    default=1000,
+    show_default=True,
+    help="--scale: ranks of the job (1: one rank with --id-column killed at half and resumed, "
+    "against a 100k-row run).",
+)
 @click.option("--rows-per-rank", type=click.IntRange(min=2), default=100, show_default=True)
 @click.option("--input-files", type=click.IntRange(min=1), default=20, show_default=True)
 @click.option("--output", metavar="DIR", help="--scale: the job's folder, left behind.")
@@ -259,11 +266,16 @@ def _bench_reuse_lookup(kw: dict[str, Any]) -> None:
 def _bench_scale(kw: dict[str, Any]) -> None:
     """`batchgen bench --scale`: pipeline/bench/scale.py does the work."""
     from pipeline.bench.machine import reserve_stdout, to_json
-    from pipeline.bench.scale import format_scale, run_scale
+    from pipeline.bench.scale import format_one_rank, format_scale, run_one_rank, run_scale
 
     if not kw["output"]:
         raise click.UsageError("--scale needs --output DIR (the job is left there)")
     emit = reserve_stdout() if kw["as_json"] else click.echo
+    if kw["ranks"] == 1:
+        with click_errors(usage=False):
+            report = run_one_rank(kw["rows_per_rank"], kw["rows_per_shard"] or 10_000, kw["output"])
+        emit(to_json(report) if kw["as_json"] else format_one_rank(report))
+        return
     with click_errors(usage=False):
         report = run_scale(
             kw["ranks"],
