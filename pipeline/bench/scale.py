@@ -192,7 +192,8 @@ def _spawn(args: list[str], pause_after: int = 0) -> subprocess.Popen:
 
 def _reap(proc: subprocess.Popen, started: float) -> dict[str, Any]:
     """Wait for a child: its seconds, exit code and peak RSS (None if it was killed)."""
-    proc.wait()
+    _pid, status, usage = os.wait4(proc.pid, 0)  # its CPU time: wall time varies with load
+    proc.returncode = os.waitstatus_to_exitcode(status)
     seconds = _since(started)
     proc.stderr.seek(0)
     err = proc.stderr.read()
@@ -201,6 +202,7 @@ def _reap(proc: subprocess.Popen, started: float) -> dict[str, Any]:
     peak = float(tail.split()[1]) if tail.startswith("VmHWM-MB ") else None
     return {
         "seconds": seconds,
+        "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 3),
         "rc": proc.returncode,
         "peak_rss_mb": peak,
         "stderr_tail": err.decode(errors="replace")[-400:] if proc.returncode else "",
@@ -444,7 +446,10 @@ def format_scale(report: dict[str, Any]) -> str:
         ("report_html", "batchgen report --html"),
         ("plan_all_ranks", "plan --all-ranks (make_plan)"),
     ):
-        lines.append(f"{name}: {s[key]['seconds']:.2f} s, peak RSS {s[key]['peak_rss_mb']} MB")
+        lines.append(
+            f"{name}: {s[key]['seconds']:.2f} s ({s[key]['cpu_seconds']:.2f} s CPU), peak RSS "
+            f"{s[key]['peak_rss_mb']} MB"
+        )
     return "\n".join(lines)
 
 
