@@ -179,3 +179,15 @@ def test_the_2000th_commit_does_no_more_work_than_the_10th(
     assert report["commits"] == 60
     # Manifest.save at the start lists the state folder once; no commit lists anything.
     assert calls == ["listdir"]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--ranks", "10"], "Error: --ranks: only for --scale"),
+        (["--scale"], "Error: --scale needs --output DIR (the job is left there)"),
+    ],
+)
+def test_scale_bench_flags(args: list[str], message: str) -> None:
+    result = run_cli("bench", *args, expect=2)
+    assert result.output.splitlines()[-1] == message
