@@ -30,6 +30,7 @@ METRICS = {
 
 
 def metrics_path(folder: Path, rank: int) -> Path:
+    """A rank's file in the textfile collector's folder (one file a rank: no shared file)."""
     return folder / f"batchgen_rank_{rank:05d}.prom"
 
 
@@ -59,6 +60,8 @@ class MetricsFile:
         self._last = 0.0
 
     def write(self, values: dict[str, Any], now: float, final: bool = False) -> None:
+        """Replace the file with `values` (a temporary file, then a rename), unless one was
+        written less than METRICS_SECONDS ago; `now` is a monotonic time."""
         if not final and now - self._last < METRICS_SECONDS:
             return
         self._last = now
