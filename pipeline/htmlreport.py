@@ -30,6 +30,10 @@ from pipeline.status import RunStatus, read_status
 
 SAMPLE_ROWS = 12
 EXAMPLE_IDS = 5
+# Shards read for the distributions, error kinds and sample rows: every one up to this many,
+# else this many evenly spaced (totals come from the manifests), so the page costs the same
+# at 10,000 shards as at 200.
+REPORT_SHARDS = 200
 TEXT_CHARS = 400  # of a sample row's prompt and text shown in the table
 
 
@@ -51,27 +55,46 @@ class _Data:
     errors: dict[str, _ErrorKind] = field(default_factory=dict)
     sample: list[dict[str, Any]] = field(default_factory=list)
     has_prompt: bool = False
+    shards_read: int = 0  # the shards counted above: every one, or a sample of REPORT_SHARDS
+    shards_total: int = 0
 
 
 def write_report(out_dir: Path, html: Path) -> str:
     """Write the report page of `out_dir` to `html`; a one-line summary of what it shows."""
     status = read_status(out_dir)
-    data = _read_shards(out_dir)
+    files = shard_files(out_dir)
+    data = _read_shards(_spread(files, REPORT_SHARDS))
+    data.shards_total = len(files)
     page = render_page(out_dir, status, data, time.time())
     try:
         html.parent.mkdir(parents=True, exist_ok=True)
         html.write_text(page, encoding="utf-8")
     except OSError as exc:
         raise BatchgenError(f"--html {html}: cannot write it ({exc.strerror or exc})") from exc
+    sampled = (
+        f"; distributions from {data.shards_read:,} of them"
+        if data.shards_read < len(files)
+        else ""
+    )
     return (
-        f"wrote {html} ({len(page.encode()) / 1024:,.0f} KB): {data.rows:,} committed rows of "
-        f"{out_dir} in {len(shard_files(out_dir)):,} shards, {len(status.ranks)} rank(s)"
+        f"wrote {html} ({len(page.encode()) / 1024:,.0f} KB): "
+        f"{status.to_dict()['all']['rows']:,} committed rows of {out_dir} in "
+        f"{len(files):,} shards{sampled}, {len(status.ranks)} rank(s)"
     )
 
 
-def _read_shards(out_dir: Path) -> _Data:
-    data = _Data()
-    files = shard_files(out_dir)
+def _spread(files: list[Path], most: int) -> list[Path]:
+    """At most `most` of `files`, evenly spaced (the first and the last included): a sample
+    of shards over every rank and over time, the same on every call."""
+    if len(files) <= most:
+        return files
+    step = (len(files) - 1) / (most - 1)
+    return [files[round(i * step)] for i in range(most)]
+
+
+def _read_shards(files: list[Path]) -> _Data:
+    """Distributions, error kinds and sample rows over `files`, one shard at a time."""
+    data = _Data(shards_read=len(files), shards_total=len(files))
     picks: list[tuple[int, int]] = []  # (file, row) of the sample rows: a reservoir
     rng = random.Random(0)
     columns = ["id", "sample_index", "finish_reason", "prompt_tokens", "completion_tokens", "error"]
@@ -127,8 +150,10 @@ def render_page(out_dir: Path, status: RunStatus, data: _Data, now: float) -> st
         "<h2>Progress and throughput</h2>",
         _time_charts(manifests),
         "<h2>Tokens and finish reasons</h2>",
+        _sample_note(data),
         _token_charts(data),
         "<h2>Error rows</h2>",
+        _sample_note(data),
         _error_table(data),
         "<h2>Sample rows</h2>",
         _sample_table(data),
@@ -307,6 +332,17 @@ def _rates(run: list[dict[str, Any]]) -> list[tuple[float, float]]:
     return points
 
 
+def _sample_note(data: _Data) -> str:
+    """Says that the counts below are a sample's, when they are."""
+    if data.shards_read >= data.shards_total:
+        return ""
+    return (
+        f"<p>From a sample: {data.shards_read:,} of the {data.shards_total:,} committed shards "
+        f"({data.rows:,} rows), evenly spaced over the ranks; the totals above come from the "
+        "manifests.</p>"
+    )
+
+
 def _token_charts(data: _Data) -> str:
     parts = []
     if data.prompt_lengths:
@@ -384,8 +420,13 @@ def _sample_table(data: _Data) -> str:
             + f'<td class="t">{escape(_clip(out))}</td></tr>'
         )
     return (
-        f"<p>{len(data.sample)} rows drawn at random (seed 0) from {data.rows:,} committed rows; "
-        f"long texts cut at {TEXT_CHARS} characters.</p><table>{head}{''.join(rows)}</table>"
+        f"<p>{len(data.sample)} rows drawn at random (seed 0) from {data.rows:,} committed rows"
+        + (
+            f" of {data.shards_read:,} sampled shards"
+            if data.shards_read < data.shards_total
+            else ""
+        )
+        + f"; long texts cut at {TEXT_CHARS} characters.</p><table>{head}{''.join(rows)}</table>"
     )
 
 

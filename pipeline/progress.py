@@ -13,10 +13,14 @@ import logging
 import sys
 import threading
 import time
-from typing import Any, TextIO
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TextIO
 
 from pipeline.humanize import fmt_duration
 from pipeline.records import ResultRow
+
+if TYPE_CHECKING:
+    from pipeline.metrics import MetricsFile
 
 # How often a rank of a --data-parallel run sends its counts to the launcher (a few bytes each).
 SNAPSHOT_SECONDS = 0.5
@@ -63,7 +67,10 @@ class Progress:
         stream: TextIO | None = None,
         interval: float | None = None,
         report_fd: int | None = None,
+        metrics: MetricsFile | None = None,
+        restarts: Callable[[], int] | None = None,
     ) -> None:
+        self.metrics, self.restarts = metrics, restarts  # --metrics-textfile, engine restarts
         self.stream = stream or sys.stderr
         self.channel: TextIO | None = None
         if report_fd is not None:
@@ -98,6 +105,8 @@ class Progress:
                 reason = r.finish_reason or "unknown"
             self.finish_reasons[reason] = self.finish_reasons.get(reason, 0) + 1
         now = time.monotonic()
+        if self.metrics is not None:
+            self.metrics.write(self.metric_values(now), now)
         if now - self._last >= self.interval:
             self._last = now
             if self.channel is not None:
@@ -132,6 +141,20 @@ class Progress:
             "final": final,
         }
 
+    def metric_values(self, now: float) -> dict[str, Any]:
+        """The values of pipeline/metrics.py's METRICS."""
+        elapsed = max(now - self.started, 1e-9)
+        return {
+            "batchgen_rows_total": self.rows,
+            "batchgen_prompts_total": self.done_before + self.prompts,
+            "batchgen_prompt_tokens_total": self.prompt_tokens,
+            "batchgen_completion_tokens_total": self.completion_tokens,
+            "batchgen_error_rows_total": self.errors,
+            "batchgen_engine_restarts_total": self.restarts() if self.restarts else None,
+            "batchgen_rows_per_second": round(self.rows / elapsed, 3),
+            "batchgen_prompts_todo": None if self.todo is None else self.todo - self.prompts,
+        }
+
     def _send(self, now: float, final: bool = False) -> None:
         assert self.channel is not None
         try:
@@ -151,6 +174,9 @@ class Progress:
         self.stream.flush()
 
     def close(self) -> None:
+        if self.metrics is not None:
+            now = time.monotonic()
+            self.metrics.write(self.metric_values(now), now, final=True)
         if self.channel is not None:
             self._send(time.monotonic(), final=True)
         elif self.live and self._width:

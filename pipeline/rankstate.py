@@ -262,7 +262,8 @@ def lock_holder(out_dir: Path, rank: int) -> str | None:
     changes nothing, and a manifest that says "running" under a free lock means a dead process.
     """
     path = lock_path(out_dir, rank)
-    if path.resolve() in _HELD_LOCKS:
+    # resolve() costs a stat per path component: only a process that holds locks pays it.
+    if _HELD_LOCKS and path.resolve() in _HELD_LOCKS:
         return f"pid {os.getpid()} on {socket.gethostname()} (this process)"
     try:
         f = open(path)  # noqa: SIM115 - closed below; closing drops the probe's lock

@@ -128,7 +128,7 @@ def _run_locked(
         _metadata(cfg, job, engine),
         kept,
     )
-    progress = _progress(cfg, job, state)
+    progress = _progress(cfg, job, state, engine)
     reuse = open_reuse(job.fingerprint, cfg.reuse, cfg.output_dir, cfg.rank, writer.schema.names)
     feeder = Feeder(
         job.source, job.builder, state.done, cfg.source.id_column, flags, reuse.annotate
@@ -195,13 +195,20 @@ def _start_rank(
         return _stopped_before_generation(cfg, checkpoint, flags.signal_name)
 
 
-def _progress(cfg: RunConfig, job: Job, state: ResumeState) -> Progress:
+def _progress(cfg: RunConfig, job: Job, state: ResumeState, engine: Engine) -> Progress:
     todo = None if job.source.total_rows is None else job.source.total_rows - state.done.count()
+    metrics = None
+    if cfg.metrics_textfile is not None:
+        from pipeline.metrics import MetricsFile
+
+        metrics = MetricsFile(cfg.metrics_textfile, cfg.rank, str(cfg.output_dir))
     return Progress(
         todo,
         state.manifest.prompts_committed,
         interval=cfg.progress_seconds,
         report_fd=cfg.progress_fd,
+        metrics=metrics,
+        restarts=lambda: sum(1 for f in engine.failures if f.get("restarted")),
     )
 
 

@@ -2,7 +2,9 @@
 
 It reads only committed shards (the visible `part-*.parquet` files: a shard is renamed into
 place complete, so a running job's folder is safe to read) one at a time, filters them with
-Arrow, and keeps at most the rows it will print (--limit, or a seeded --sample).
+Arrow, and keeps at most the rows it will print (--limit, or a seeded --sample). --limit stops
+reading at the shard that completes it (the committed row count then comes from the rank
+manifests), so it costs a few shards at any job size; --sample reads every shard.
 """
 
 from __future__ import annotations
@@ -77,6 +79,9 @@ class Selection:
     matched: int  # rows that pass the filters
     filters: list[str] = field(default_factory=list)
     n: int = 1  # samples per prompt, from the shards' metadata
+    # --limit's rows were found before the last shard: the shards after were not read, so
+    # `matched` counts only the shards read and `committed` comes from the rank manifests.
+    stopped_early: bool = False
 
 
 def select(
@@ -108,7 +113,11 @@ def select(
     sel = Selection([], 0, len(files), 0, filters, ((meta or {}).get("sampling") or {}).get("n", 1))
     rng = random.Random(seed)
     kept: list[tuple[int, dict[str, Any]]] = []  # (position among matches, row)
-    for path in files:
+    for i, path in enumerate(files):
+        if sample is None and limit is not None and len(kept) >= limit and i < len(files):
+            sel.stopped_early = True  # at fleet size, --limit 5 reads one shard, not 10,000
+            sel.committed = _manifest_rows(out_dir, sel.committed, files[i:])
+            break
         table = pq.read_table(path)
         sel.committed += table.num_rows
         mask = pa.chunked_array([pa.array([True] * table.num_rows)])
@@ -136,13 +145,35 @@ def select(
     return sel
 
 
+def _manifest_rows(out_dir: Path, read: int, unread: list[Path]) -> int:
+    """Committed rows of the folder without reading the unread shards: the rows read plus
+    what the manifests of the unread shards' ranks record for them (a shard no manifest lists
+    yet, committed just before a crash, counts by its footer)."""
+    from pipeline.checkpoint import Manifest
+
+    by_rank: dict[int, list[str]] = {}
+    for path in unread:
+        by_rank.setdefault(int(path.parent.name[5:]), []).append(path.name)
+    for rank, names in by_rank.items():
+        manifest = Manifest.load(out_dir, rank)
+        listed = {s["file"]: s["rows"] for s in manifest.shards} if manifest else {}
+        for name in names:
+            rows = listed.get(name)
+            if rows is None:
+                rows = pq.ParquetFile(out_dir / f"rank-{rank:05d}" / name).metadata.num_rows
+            read += rows
+    return read
+
+
 def render(sel: Selection, out_dir: Path, width: int) -> str:
     """The selection as text blocks wrapped to `width` columns, under a one-line summary."""
     width = max(width, 40)
     head = f"{out_dir}: {sel.committed:,} committed rows in {sel.shards:,} shard" + (
         "" if sel.shards == 1 else "s"
     )
-    if sel.filters:
+    if sel.filters and sel.stopped_early:
+        head += f"; the first {len(sel.rows):,} matching {', '.join(sel.filters)}"
+    elif sel.filters:
         head += f"; {sel.matched:,} matching {', '.join(sel.filters)}"
     head += f"; showing {len(sel.rows):,}"
     blocks = [head]  # one line, unwrapped: it holds a path

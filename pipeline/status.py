@@ -8,18 +8,20 @@ drops a lock whatever way its process died. So "running" under a free lock means
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.checkpoint import STATE_DIR, Manifest, lock_holder, manifest_path
+from pipeline.checkpoint import STATE_DIR, Manifest, lock_holder, manifest_path, read_job_record
 from pipeline.errors import EXIT_OK, EXIT_STATUS_FAILED, EXIT_STATUS_INCOMPLETE, BatchgenError
+from pipeline.fleet import STALLED_AFTER, fleet_view, render_fleet
 from pipeline.humanize import fmt_duration
 from pipeline.humanize import plural as _plural
 from pipeline.rankstate import legacy_manifest_path, state_ranks
 from pipeline.report import requests_line, reuse_line
-from pipeline.sinks import shard_files
+from pipeline.sinks import SHARD_RE, rank_dir
 
 # A rank's state, and what `batchgen status` says about it.
 STATE_LABELS = {
@@ -30,6 +32,9 @@ STATE_LABELS = {
     "failed": "failed (fix the error below, then rerun to resume)",
     "not_started": "not started",
 }
+# Up to this many ranks, the text view has a block per rank; beyond, the fleet view
+# (pipeline/fleet.py) and the all-ranks line, with every rank in --json.
+DETAIL_RANKS = 16
 
 
 @dataclass(slots=True)
@@ -92,6 +97,14 @@ class RunStatus:
     num_ranks: int
     ranks: list[RankStatus]
     now: float
+    stalled_after: float = STALLED_AFTER
+
+    def is_stalled(self, r: RankStatus) -> bool:
+        """A live rank that has committed nothing (no shard, no start) for `stalled_after`."""
+        m = r.manifest
+        return (
+            r.state == "running" and m is not None and self.now - m.updated_at > self.stalled_after
+        )
 
     @property
     def state(self) -> str:
@@ -133,18 +146,39 @@ class RunStatus:
                 "states": counts,
                 "last_run_reuse": _reuse_totals(started),
             },
+            "fleet": fleet_view(self),
         }
 
     def render(self) -> str:
-        """The human-readable report: one block per rank, then a line for all ranks."""
+        """The human-readable report: one block per rank (the fleet view instead, beyond
+        DETAIL_RANKS ranks), then a line for all ranks."""
+        total = self.to_dict()["all"]
+        states = ", ".join(
+            f"{total['states'][s]:,} {s.replace('_', ' ')}"
+            for s in STATE_LABELS
+            if s in total["states"]
+        )
+        all_line = (
+            f"all {_plural(len(self.ranks), 'rank')}: {self.state} | "
+            f"{_prompts(total['prompts'], total['total_prompts'])}, {total['rows']:,} rows in "
+            f"{_plural(total['shards'], 'shard')} | {_plural(total['errors'], 'error')} | "
+            f"{states}"
+        )
+        if len(self.ranks) > DETAIL_RANKS:
+            return "\n".join([all_line, *render_fleet(fleet_view(self), self.now)])
+        return "\n".join([*self._rank_blocks(), all_line])
+
+    def _rank_blocks(self) -> list[str]:
         lines = []
         for r in self.ranks:
             m = r.manifest
             if m is None:
                 lines.append(f"rank {r.rank}: {r.label()}")
                 continue
+            stalled = ", stalled" if self.is_stalled(r) else ""
             lines.append(
-                f"rank {r.rank}: {r.label()} | {_prompts(m.prompts_committed, m.total_prompts)}, "
+                f"rank {r.rank}: {r.label()}{stalled} | "
+                f"{_prompts(m.prompts_committed, m.total_prompts)}, "
                 f"{m.rows_committed:,} rows in {_plural(len(m.shards), 'shard')} | "
                 f"{_plural(m.errors, 'error')} | "
                 f"updated {fmt_duration(max(self.now - m.updated_at, 0.0))} ago"
@@ -176,23 +210,13 @@ class RunStatus:
             lines += [f"  {d}" for d in detail]
             if r.state == "failed" and m.report.get("error"):
                 lines.append(f"  error: {m.report['error']}")
-        total = self.to_dict()["all"]
-        states = ", ".join(
-            f"{total['states'][s]} {s.replace('_', ' ')}"
-            for s in STATE_LABELS
-            if s in total["states"]
-        )
-        lines.append(
-            f"all {_plural(len(self.ranks), 'rank')}: {self.state} | "
-            f"{_prompts(total['prompts'], total['total_prompts'])}, {total['rows']:,} rows in "
-            f"{_plural(total['shards'], 'shard')} | {_plural(total['errors'], 'error')} | "
-            f"{states}"
-        )
-        return "\n".join(lines)
+        return lines
 
 
-def read_status(out_dir: Path) -> RunStatus:
-    """The status of every rank of `out_dir`; BatchgenError if it holds no batchgen run."""
+def read_status(out_dir: Path, stalled_after: float = STALLED_AFTER) -> RunStatus:
+    """The status of every rank of `out_dir`; BatchgenError if it holds no batchgen run. The
+    rank count is the job record's (so ranks that never started are counted), else the
+    largest a manifest records."""
     if not out_dir.is_dir():
         raise BatchgenError(f"{out_dir}: no such folder; give the --output folder of a run")
     found = set(state_ranks(out_dir))
@@ -208,12 +232,14 @@ def read_status(out_dir: Path) -> RunStatus:
         )
     now = time.time()
     ranks = {rank: _rank_status(out_dir, rank) for rank in sorted(found)}
+    job = read_job_record(out_dir) or {}
     num_ranks = max(
-        [r.manifest.num_ranks for r in ranks.values() if r.manifest is not None] + [max(found) + 1]
+        [r.manifest.num_ranks for r in ranks.values() if r.manifest is not None]
+        + [max(found) + 1, job.get("fingerprint", {}).get("num_shards") or 0]
     )
     for rank in range(num_ranks):  # ranks of the run that never wrote anything yet
         ranks.setdefault(rank, RankStatus(rank, "not_started", None, None))
-    return RunStatus(out_dir, num_ranks, [ranks[k] for k in sorted(ranks)], now)
+    return RunStatus(out_dir, num_ranks, [ranks[k] for k in sorted(ranks)], now, stalled_after)
 
 
 def _rank_status(out_dir: Path, rank: int) -> RankStatus:
@@ -239,8 +265,18 @@ def _rank_status(out_dir: Path, rank: int) -> RankStatus:
     unlisted: list[str] = []
     if manifest is not None and state != "running":  # a live writer lists its shard a moment later
         listed = {s["file"] for s in manifest.shards}
-        unlisted = [p.name for p in shard_files(out_dir, rank) if p.name not in listed]
+        unlisted = [n for n in _shard_names(out_dir, rank) if n not in listed]
     return RankStatus(rank, state, manifest, holder, unlisted)
+
+
+def _shard_names(out_dir: Path, rank: int) -> list[str]:
+    """The shard file names in a rank's folder (`sinks.shard_files` without a Path each: at
+    1,000 ranks of many shards, status lists names only)."""
+    try:
+        names = os.listdir(rank_dir(out_dir, rank))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    return sorted(n for n in names if SHARD_RE.match(n))
 
 
 def _reuse_totals(manifests: list[Manifest]) -> dict[str, int] | None:

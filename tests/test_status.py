@@ -228,6 +228,23 @@ def test_json_is_one_object_with_every_rank(out):
                 "engine_requests": rank0_run["reuse"]["engine_requests"],
             },
         },
+        # Rank 2 never started: its prompts count as the started ranks' mean total (200).
+        "fleet": {
+            "ranks": 3,
+            "finished": 1,
+            "running": 0,
+            "stalled": [],
+            "stalled_after_seconds": 600.0,
+            "failed": [],
+            "crashed": [1],
+            "interrupted": [],
+            "not_started": [2],
+            "slowest": [],
+            "prompts_per_s": 0.0,
+            "remaining_prompts": 250,
+            "projected_seconds": None,
+            "projected_finish": None,
+        },
     }
 
 
@@ -281,8 +298,10 @@ def test_running_needs_a_live_lock_holder_and_interrupted_names_its_signal(out):
             "rank 0: interrupted by SIGUSR1 (rerun to resume) | 200/200 prompts (100.0%), 400 "
             "rows in 4 shards | 2 errors | updated 2h00m05s ago"
         )
+        # Its manifest was last updated 2 hours ago: a live rank that long without a commit
+        # is stalled.
         assert lines[3] == (
-            f"rank 1: running ({who[0]}) | 200/200 prompts (100.0%), 400 rows in 4 shards | "
+            f"rank 1: running ({who[0]}), stalled | 200/200 prompts (100.0%), 400 rows in 4 shards | "
             "2 errors | updated 2h00m05s ago"
         )
         assert lines[6:] == [

@@ -24,6 +24,7 @@ from pipeline.config.bench import (
     BenchConfig,
     MemoryBenchConfig,
     ReuseLookupConfig,
+    ScaleBenchConfig,
 )
 
 BENCH_EXAMPLES = """\b
@@ -45,11 +46,15 @@ Examples:
 \b
   # peak memory and the I/O path's rows/s with the fake engine, 250k and 1M input rows
   batchgen bench --memory
+\b
+  # a job of 1,000 ranks with the fake engine: status, show, report, plan and commits timed
+  batchgen bench --scale --ranks 1000 --rows-per-rank 100 --rows-per-shard 10 \\
+      --input-files 20 --output /tmp/scale --json
 """
 
 
 @click.command(epilog=BENCH_EXAMPLES)
-@group_options("engine", "server", "bench", "bench-memory", "bench-reuse")
+@group_options("engine", "server", "bench", "bench-memory", "bench-reuse", "bench-scale")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("-v", "--verbose", count=True, help="More logging (-v: vLLM's too).")
 @click.pass_context
@@ -66,6 +71,11 @@ def bench(ctx: click.Context, **kw: Any) -> None:
     if lookup.reuse_lookup is not None:
         _bench_reuse_lookup(lookup.reuse_lookup, kw)
         return
+    scale = build(ScaleBenchConfig, kw)
+    if scale.scale:
+        _bench_scale(scale, kw)
+        return
+    _refuse_scale_flags(ctx)
     memory = build(MemoryBenchConfig, kw)
     _check_flags(ctx, kw, memory)
     from pipeline import bench as benchmod
@@ -119,3 +129,34 @@ def _bench_reuse_lookup(rows: int, kw: dict[str, Any]) -> None:
     with click_errors(usage=False), bench_folder(kw["work_dir"]) as folder:
         report = run_reuse_lookup(rows, folder)
     emit(to_json(report) if kw["as_json"] else format_reuse_lookup(report))
+
+
+def _refuse_scale_flags(ctx: click.Context) -> None:
+    """--ranks, --rows-per-rank, --input-files and --output mean something with --scale only."""
+    scale_only = {f.name for _, f, _ in declared("bench-scale")}
+    wrong = [p for p, _ in given_options(ctx) if p.name in scale_only]
+    if wrong:
+        raise click.UsageError(f"{', '.join(long_flag(p) for p in wrong)}: only for --scale")
+
+
+def _bench_scale(scale: ScaleBenchConfig, kw: dict[str, Any]) -> None:
+    """`batchgen bench --scale`: pipeline/bench/scale.py does the work."""
+    from pipeline.bench.machine import reserve_stdout, to_json
+    from pipeline.bench.scale import format_one_rank, format_scale, run_one_rank, run_scale
+
+    assert scale.output is not None  # ScaleBenchConfig refuses --scale without it
+    emit = reserve_stdout() if kw["as_json"] else click.echo
+    with click_errors(usage=False):
+        if scale.ranks == 1:
+            shard = kw["rows_per_shard"] or 10_000
+            report = run_one_rank(scale.rows_per_rank, shard, scale.output)
+            emit(to_json(report) if kw["as_json"] else format_one_rank(report))
+            return
+        report = run_scale(
+            scale.ranks,
+            scale.rows_per_rank,
+            kw["rows_per_shard"] or 10,
+            scale.input_files,
+            scale.output,
+        )
+    emit(to_json(report) if kw["as_json"] else format_scale(report))

@@ -38,6 +38,7 @@ SECTIONS: dict[type, str] = {
     config.BenchConfig: "bench",
     config.MemoryBenchConfig: "bench-memory",
     config.ReuseLookupConfig: "bench-reuse",
+    config.ScaleBenchConfig: "bench-scale",
     config.TuneConfig: "tune",
 }
 # Each group's flags in --help order: the fields of these classes in that group, in the order

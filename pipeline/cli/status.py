@@ -28,11 +28,23 @@ Exit codes:
 @click.command(epilog=STATUS_EPILOG)
 @click.argument("output", type=click.Path(file_okay=False), callback=output_folder)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object, for scripts.")
-def status(output: str, as_json: bool) -> None:
-    """Show what each rank of an --output folder has committed, and whether it is done."""
+@click.option(
+    "--stalled-after",
+    type=click.FloatRange(min=0),
+    default=600.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="Call a running rank stalled after this long without a commit.",
+)
+def status(output: str, as_json: bool, stalled_after: float) -> None:
+    """Show what each rank of an --output folder has committed, and whether it is done.
+
+    Up to 16 ranks, a block per rank; beyond, the fleet view: ranks by state, the ranks to act
+    on, the slowest running ranks and the projected finish (--json: every rank, and the fleet).
+    """
     from pipeline.status import read_status
 
     with click_errors(usage=False):
-        report = read_status(Path(output))
+        report = read_status(Path(output), stalled_after)
     click.echo(json.dumps(report.to_dict(), sort_keys=True) if as_json else report.render())
     sys.exit(report.exit_code)

@@ -11,7 +11,12 @@ One module per concern, every name importable from here (`from pipeline.config i
 Sampling settings are pipeline.sampling's (SamplingConfig), re-exported here.
 """
 
-from pipeline.config.bench import BenchConfig, MemoryBenchConfig, ReuseLookupConfig
+from pipeline.config.bench import (
+    BenchConfig,
+    MemoryBenchConfig,
+    ReuseLookupConfig,
+    ScaleBenchConfig,
+)
 from pipeline.config.engine import PROMPT_FORMS, EngineConfig, ServerConfig
 from pipeline.config.inputs import INPUT_FORMATS, PromptConfig, SourceConfig, input_builder
 from pipeline.config.run import OutputConfig, RunConfig
@@ -22,6 +27,7 @@ __all__ = [
     "BenchConfig",
     "MemoryBenchConfig",
     "ReuseLookupConfig",
+    "ScaleBenchConfig",
     "TuneConfig",
     "INPUT_FORMATS",
     "PROMPT_FORMS",

@@ -279,3 +279,28 @@ class ReuseLookupConfig:
     def __post_init__(self) -> None:
         if self.reuse_lookup is not None and self.reuse_lookup < 1:
             raise ConfigError(f"--reuse-lookup {self.reuse_lookup}: must be at least 1 row")
+
+
+@dataclass(frozen=True, slots=True)
+class ScaleBenchConfig:
+    """`batchgen bench --scale` (pipeline/bench/scale.py): a synthetic job of many ranks with the
+    fake engine, through the code that commits real shards; the job's folder is left behind."""
+
+    scale: bool = option(
+        False,
+        "Build a synthetic job of --ranks ranks with the fake engine and time rank start, "
+        "resume, commits, status, show, report and plan over it (pipeline/bench/scale.py).",
+    )
+    ranks: int = option(
+        1000,
+        "--scale: ranks of the job (1: one rank with --id-column killed at half and resumed, "
+        "against a 100k-row run).",
+        minimum=1,
+    )
+    rows_per_rank: int = option(100, minimum=2)
+    input_files: int = option(20, minimum=1)
+    output: str | None = option(None, "--scale: the job's folder, left behind.", metavar="DIR")
+
+    def __post_init__(self) -> None:
+        if self.scale and not self.output:
+            raise ConfigError("--scale needs --output DIR (the job is left there)")

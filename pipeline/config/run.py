@@ -133,6 +133,14 @@ class RunConfig:
     # A rank started by --data-parallel sends its progress as JSON lines to this inherited file
     # descriptor, for the launcher's combined line, instead of printing its own (hidden flag).
     progress_fd: int | None = option(None, "", hidden=True)
+    # node_exporter's textfile collector reads DIR/*.prom: each rank writes its own file there
+    # (pipeline/metrics.py), atomically, every 10 s and at its end.
+    metrics_textfile: str | None = option(
+        None,
+        "Write this rank's Prometheus metrics to DIR/batchgen_rank_RRRRR.prom (node_exporter "
+        "textfile collector); see docs/scale.md.",
+        metavar="DIR",
+    )
     # An input column naming each row's LoRA adapter (null: the base model).
     lora_column: str | None = option(
         None,
