@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 from pipeline.checkpoint import read_job_record
 from pipeline.errors import BatchgenError
 from pipeline.records import PromptRow, ResultRow
-from pipeline.reuse.index import KEY_DTYPE, MergedIndex, read_key_index
+from pipeline.reuse.index import KEY_DTYPE, MergedIndex, key_index_rows, read_key_index
 from pipeline.reuse.keys import RequestKeys, context_difference, folder_settings
 from pipeline.sinks import shard_files
 
@@ -66,6 +66,11 @@ class ReuseCounts:
         }
 
 
+class EarlierAttempt(list):
+    """The results of a row found among the rows this run committed before it was resumed:
+    a duplicate of this run's own request, not a reuse of an earlier run's."""
+
+
 class Reuse:
     """Stamps request keys on built rows and, with --reuse folders, attaches reused outputs.
 
@@ -78,45 +83,62 @@ class Reuse:
         folders: tuple[str, ...] = (),
         work_dir: Path | None = None,
         columns: tuple[str, ...] = OUTPUT_COLUMNS,
+        committed: list[Path] | None = None,
     ) -> None:
+        """`committed`: the shards this rank committed in earlier attempts of the same run
+        (a resume); a row whose request one of them holds is served from it, as an identical
+        request of this run would be had the run not stopped."""
         self.keys = RequestKeys(fingerprint)
         self.counts = ReuseCounts()
         self.columns = columns
         self.work_dir = work_dir
         self.index: MergedIndex | None = None
         self._shards: list[Path] = []
+        self._own = 0  # shards 0.._own-1 are this run's own (committed by earlier attempts)
         self._cache: OrderedDict[int, pa.Table] = OrderedDict()
         self._warned = False
-        if folders:
+        if folders or committed:
             assert work_dir is not None
-            self._open(folder_settings(fingerprint), folders, work_dir)
+            self._choose(folder_settings(fingerprint), folders, committed or [])
+            self._build(work_dir)
 
-    def _open(self, ours: dict[str, Any], folders: tuple[str, ...], work_dir: Path) -> None:
-        usable: list[tuple[str, list[Path]]] = []
+    def _choose(
+        self, ours: dict[str, Any], folders: tuple[str, ...], committed: list[Path]
+    ) -> None:
+        """The shards to index: the run's own first, then each usable folder's."""
+        problem = check_shards(committed)
+        if problem is None:
+            self._shards, self._own = list(committed), len(committed)
+        else:  # not trusted: its duplicates are generated again
+            log.warning("resume: this rank's earlier shards are not reused: %s", problem)
         for folder in folders:
             shards, problem = check_folder(Path(folder), ours)
             if problem is not None:
                 self.counts.skipped.append(f"--reuse {folder}: {problem}")
                 log.warning("--reuse %s: %s", folder, problem)
                 continue
-            usable.append((folder, shards))
+            self._shards += shards
             self.counts.sources.append(folder)
-        self._shards = [s for _, shards in usable for s in shards]
+
+    def _build(self, work_dir: Path) -> None:
+        """Merge the chosen shards' key indexes under `work_dir`."""
         shutil.rmtree(work_dir, ignore_errors=True)  # a killed run's leftovers
         try:
             self.index = MergedIndex.build(work_dir, self._shard_indexes())
         except (OSError, pa.ArrowException, ValueError) as exc:
             shutil.rmtree(work_dir, ignore_errors=True)
+            what = ", ".join(self.counts.sources) or "this rank's committed shards"
             raise BatchgenError(
-                f"--reuse: building the index of {', '.join(self.counts.sources)} in {work_dir} "
-                f"failed ({exc}); nothing was generated; free space there, or drop --reuse"
+                f"--reuse: building the index of {what} in {work_dir} failed ({exc}); nothing "
+                "was generated; free space there, or drop --reuse"
             ) from exc
         self.counts.indexed = self.index.size
-        if usable:
+        if self.counts.sources:
             log.info(
-                "--reuse: %s earlier prompts indexed in %s",
+                "--reuse: %s earlier requests indexed in %s%s",
                 f"{self.index.size:,}",
                 ", ".join(self.counts.sources),
+                " and this rank's committed shards" if self._own else "",
             )
 
     def _shard_indexes(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -163,6 +185,7 @@ class Reuse:
         taken = [at + i for row, at in hits for i in range(row.n)]
         part = table.take(taken).to_pydict()
         source = str(self._shards[shard_no])
+        own = shard_no < self._own
         offset = 0
         for row, _ in hits:
             n = row.n
@@ -175,15 +198,17 @@ class Reuse:
             ):
                 self.counts.mismatched += 1
                 continue
-            results = []
+            results = EarlierAttempt() if own else []
             for i, j in enumerate(span):
                 fields = {c: part[c][j] for c in self.columns if c in part}
                 for c in ("logprobs", "prompt_logprobs"):
                     if fields.get(c) is not None:
                         fields[c] = _entries(fields[c])
-                results.append(ResultRow.of(row, i, reused_from=source, **_complete(fields)))
+                # A row of this run's own keeps the origin that row had (None: generated).
+                origin = part["reused_from"][j] if own else source
+                results.append(ResultRow.of(row, i, reused_from=origin, **_complete(fields)))
             row.reused = results
-            self.counts.reused += 1
+            self.counts.reused += not own
 
     def _table(self, shard_no: int) -> pa.Table:
         table = self._cache.get(shard_no)
@@ -192,7 +217,7 @@ class Reuse:
             return table
         path = self._shards[shard_no]
         present = set(pq.read_schema(path).names)
-        wanted = ["request_key", "sample_index", "error", *self.columns]
+        wanted = ["request_key", "sample_index", "error", "reused_from", *self.columns]
         table = pq.read_table(path, columns=[c for c in wanted if c in present])
         self._cache[shard_no] = table
         if len(self._cache) > CACHED_SHARDS:
@@ -228,22 +253,29 @@ def check_folder(folder: Path, ours: dict[str, Any]) -> tuple[list[Path], str | 
     changed = context_difference(ours, folder_settings(record["fingerprint"]))
     if changed is not None:
         return [], f"made with other output-changing settings ({changed}); reuses nothing"
+    problem = check_shards(shards)
+    return ([], problem) if problem is not None else (shards, None)
+
+
+def check_shards(shards: list[Path]) -> str | None:
+    """Why these committed shards cannot be trusted (a key index missing, unreadable or
+    not matching its shard), or None. Reads each file's footer only."""
     for shard in shards:
         try:
-            _, _, shard_rows = read_key_index(shard)
+            shard_rows = key_index_rows(shard)
             actual = pq.read_metadata(shard).num_rows
         except (OSError, pa.ArrowException, ValueError, KeyError) as exc:
-            return [], (
+            return (
                 f"partial: {shard.name} has no readable key index ({type(exc).__name__}: {exc}; "
                 "a batchgen without --reuse wrote it, or the folder was copied without its "
                 "hidden files); skipped"
             )
         if shard_rows != actual:
-            return [], (
+            return (
                 f"partial: the key index of {shard.name} lists {shard_rows} rows, the shard "
                 f"has {actual}; skipped"
             )
-    return shards, None
+    return None
 
 
 def _entries(entries: list[dict[str, Any]]) -> list[tuple]:

@@ -10,6 +10,7 @@ from typing import Any
 
 from pipeline.reuse.dedup import RequestDedup
 from pipeline.reuse.lookup import OUTPUT_COLUMNS, Reuse
+from pipeline.sinks import shard_files
 
 
 def open_reuse(
@@ -20,12 +21,16 @@ def open_reuse(
     columns: list[str],
 ) -> Reuse:
     """The rank's request keys and --reuse lookups; the merged index is built under the run's
-    state folder (on the output's disk, sized like the folders' keys) and removed at close."""
+    state folder (on the output's disk, sized like the folders' keys) and removed at close.
+
+    Called once the rank's resume state is open: the shards then in the rank's folder are the
+    ones earlier attempts committed (adopted, or removed by --overwrite), and a resumed run
+    serves a row whose request one of them holds from it instead of generating it again."""
     from pipeline.checkpoint import STATE_DIR
 
     work_dir = out_dir / STATE_DIR / f"reuse-rank-{rank:05d}"
     wanted = tuple(c for c in OUTPUT_COLUMNS if c in columns)
-    return Reuse(fingerprint, folders, work_dir, wanted)
+    return Reuse(fingerprint, folders, work_dir, wanted, committed=shard_files(out_dir, rank))
 
 
 def engine_requests(engine: Any) -> dict[str, int | None]:
