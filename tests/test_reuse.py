@@ -19,7 +19,7 @@ from conftest import FAKE_ENGINE, HOOKED_BATCHGEN, manifest_state, read_output, 
 from hooks import STEP_ENV
 
 from pipeline.records import PromptRow
-from pipeline.reuse.index import KEY_DTYPE, MergedIndex, key_index_path
+from pipeline.reuse.index import BLOCK, KEY_DTYPE, MergedIndex, key_index_path
 from pipeline.reuse.keys import RequestKeys
 
 FINGERPRINT = {"model_files": {"config_sha256": "abc"}, "engine": "vllm", "dtype": "auto"}
@@ -62,18 +62,38 @@ def test_a_request_key_covers_the_model_and_engine_settings(field, value):
     assert RequestKeys(FINGERPRINT).key(row()) == RequestKeys(other).key(row())
 
 
-def test_the_merged_index_finds_every_key_of_every_shard_and_nothing_else(tmp_path):
+@pytest.mark.parametrize("budget", [1 << 21, 40])  # 40: most buckets are split again
+def test_the_merged_index_finds_every_key_of_every_shard_and_nothing_else(tmp_path, budget):
     rng = np.random.default_rng(0)
-    shards = [np.sort(np.frombuffer(rng.bytes(16 * 500), dtype=KEY_DTYPE)) for _ in range(3)]
+    shards = [np.sort(np.frombuffer(rng.bytes(16 * 5000), dtype=KEY_DTYPE)) for _ in range(3)]
+    shards.append(shards[2][:1000])  # keys in two shards: the first shard listed wins
     index = MergedIndex.build(
-        tmp_path / "idx", ((k, np.arange(len(k), dtype=np.uint32) * 2) for k in shards)
+        tmp_path / "idx",
+        ((k, np.arange(len(k), dtype=np.uint32) * 2) for k in shards),
+        budget=budget,
     )
-    assert index.size == 1500
-    wanted = np.concatenate([shards[2][::7], np.frombuffer(rng.bytes(16 * 50), dtype=KEY_DTYPE)])
-    found, locs = index.lookup(wanted)
-    assert found.tolist() == [True] * len(shards[2][::7]) + [False] * 50
-    assert locs["shard"].tolist() == [2] * len(shards[2][::7])
-    assert locs["row"].tolist() == [2 * i for i in range(0, 500, 7)]
+    assert index.size == 15000  # one entry per distinct key
+    assert sorted(p.name for p in (tmp_path / "idx").iterdir()) == ["entries.bin", "fence.bin"]
+    missing = np.frombuffer(rng.bytes(16 * 50), dtype=KEY_DTYPE)
+    edges = np.array([b"\x00" * 16, b"\xff" * 16], dtype=KEY_DTYPE)  # below and above all
+    for wanted_shard in (0, 2):
+        wanted = np.concatenate([shards[wanted_shard][::7], missing, edges])
+        found, locs = index.lookup(wanted)
+        hits = len(shards[wanted_shard][::7])
+        assert found.tolist() == [True] * hits + [False] * 52
+        assert locs["shard"].tolist() == [wanted_shard] * hits
+        assert locs["row"].tolist() == [2 * i for i in range(0, 5000, 7)]
+    index.close()
+
+
+def test_a_lookup_reads_blocks_and_holds_no_page_of_the_index(tmp_path):
+    keys = np.sort(np.frombuffer(np.random.default_rng(1).bytes(16 * 20000), dtype=KEY_DTYPE))
+    index = MergedIndex.build(tmp_path / "idx", iter([(keys, np.arange(20000, dtype=np.uint32))]))
+    assert len(index.fence) == -(-20000 // BLOCK)  # one key in memory per block on disk
+    assert index.fence.tolist() == keys[::BLOCK].tolist()
+    found, locs = index.lookup(keys[::-1].copy())  # in any order
+    assert found.all() and locs["row"].tolist() == list(range(19999, -1, -1))
+    index.close()
 
 
 def questions(path: Path, n: int, edited: tuple[int, ...] = (), repeat: int = 1) -> Path:

@@ -23,7 +23,7 @@ import json
 import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
 import pyarrow as pa
@@ -151,21 +151,18 @@ class MergedIndex:
         if not self.size or not len(keys):
             return found, np.empty(0, dtype=LOC_DTYPE)
         assert self._fd is not None
-        locs = np.empty(len(keys), dtype=LOC_DTYPE)
         blocks = np.searchsorted(self.fence, keys, side="right") - 1  # -1: below every key
-        order = np.argsort(blocks, kind="stable")
-        bounds = np.flatnonzero(np.diff(blocks[order])) + 1
-        for group in np.split(order, bounds):
-            block = int(blocks[group[0]])
-            if block < 0:
-                continue
-            raw = os.pread(self._fd, BLOCK * _ENTRY.itemsize, block * BLOCK * _ENTRY.itemsize)
-            entries = np.frombuffer(raw, dtype=_ENTRY)
-            pos = np.minimum(np.searchsorted(entries["key"], keys[group]), len(entries) - 1)
-            hit = entries["key"][pos] == keys[group]
-            found[group[hit]] = True
-            locs[group[hit]] = entries[pos[hit]][["shard", "row"]].astype(LOC_DTYPE)
-        return found, locs[found]
+        # The blocks wanted, read in order and joined, are one sorted run of entries: a single
+        # searchsorted finds every key of the batch in it.
+        wanted = np.unique(blocks[blocks >= 0])
+        size = BLOCK * _ENTRY.itemsize
+        raw = b"".join(os.pread(self._fd, size, int(b) * size) for b in wanted)
+        entries = np.frombuffer(raw, dtype=_ENTRY)
+        if not len(entries):
+            return found, np.empty(0, dtype=LOC_DTYPE)
+        pos = np.minimum(np.searchsorted(entries["key"], keys), len(entries) - 1)
+        found = entries["key"][pos] == keys
+        return found, entries[pos[found]][["shard", "row"]].astype(LOC_DTYPE)
 
     def close(self) -> None:
         """Close the entries file (the folder stays; its owner removes it)."""
@@ -183,21 +180,26 @@ def _shard_entries(indexes: Iterator[tuple[np.ndarray, np.ndarray]]) -> Iterator
 
 
 def _partition(prefix: Path, chunks: Iterable[np.ndarray], depth: int) -> list[Path]:
-    """Append the entries of `chunks` to 256 files by their key's byte `depth`; the files, in
-    key order (a file never written is empty). One chunk is in memory at a time."""
-    paths = [prefix.with_name(f"{prefix.name}-{b:02x}.bin") for b in range(BUCKETS)]
-    files = [open(p, "wb") for p in paths]  # noqa: SIM115
+    """Append the entries of `chunks` to up to 256 files by their key's byte `depth`; the files
+    written, in key order. One chunk is in memory at a time."""
+    files: dict[int, BinaryIO] = {}
     try:
         for entries in chunks:
             entries = entries[np.argsort(entries["key"], kind="stable")]  # a no-op when sorted
             byte = np.frombuffer(entries["key"].tobytes(), dtype=np.uint8)[depth::KEY_BYTES]
             bounds = np.searchsorted(byte, np.arange(BUCKETS + 1), side="left")
-            for b in np.flatnonzero(np.diff(bounds)):
+            for b in np.flatnonzero(np.diff(bounds)).tolist():
+                if b not in files:
+                    files[b] = open(_bucket(prefix, b), "wb")  # noqa: SIM115
                 files[b].write(entries[bounds[b] : bounds[b + 1]].tobytes())
     finally:
-        for f in files:
+        for f in files.values():
             f.close()
-    return paths
+    return [_bucket(prefix, b) for b in sorted(files)]
+
+
+def _bucket(prefix: Path, byte: int) -> Path:
+    return prefix.with_name(f"{prefix.name}-{byte:02x}.bin")
 
 
 def _sort_into(path: Path, depth: int, budget: int, out: _SortedWriter) -> None:
