@@ -199,6 +199,54 @@ def test_an_unreadable_or_partial_folder_is_reported_and_skipped(tmp_path, night
     assert report["skipped"][0] in result.output
 
 
+def test_a_folder_made_with_another_model_reuses_nothing_and_says_so(tmp_path, night1):
+    record = json.loads((night1 / ".batchgen" / "job.json").read_text())
+    record["fingerprint"]["model_files"] = {"config_sha256": "another model"}
+    (night1 / ".batchgen" / "job.json").write_text(json.dumps(record))
+    out = tmp_path / "other"
+    result = run_cli(*args(questions(tmp_path / "n1.parquet", 40), out, "--reuse", night1))
+    lines = [line for line in result.output.splitlines() if "--reuse" in line]
+    assert len(lines) == 1, lines
+    assert "made with other output-changing settings (model_files" in lines[0]
+    assert "another model" in lines[0] and lines[0].endswith("reuses nothing")
+    assert reuse_report(out)["engine_requests"] == 40
+
+
+@pytest.mark.parametrize(
+    "damage, says",
+    [
+        ("no job record", "has no readable job record (.batchgen/job.json); skipped"),
+        ("garbled job record", "job.json is unreadable ("),
+        ("no shards", "holds no committed shards; nothing to reuse"),
+        ("no folder", "no such folder; skipped"),
+        ("a file", "no such folder; skipped"),
+    ],
+)
+def test_a_folder_without_its_record_or_shards_is_reported_in_one_line(
+    tmp_path, night1, damage, says
+):
+    folder = night1
+    if damage == "no job record":
+        (night1 / ".batchgen" / "job.json").unlink()
+    elif damage == "garbled job record":
+        (night1 / ".batchgen" / "job.json").write_text("{not json")
+    elif damage == "no shards":
+        for shard in night1.glob("rank-*/part-*.parquet"):
+            shard.unlink()
+    elif damage == "no folder":
+        folder = tmp_path / "missing"
+    else:
+        folder = tmp_path / "file"
+        folder.write_text("x")
+    out = tmp_path / "after"
+    result = run_cli(*args(questions(tmp_path / "n1.parquet", 40), out, "--reuse", folder))
+    report = reuse_report(out)
+    assert report["engine_requests"] == 40 and report["sources"] == []
+    assert len(report["skipped"]) == 1 and says in report["skipped"][0]
+    lines = [line for line in result.output.splitlines() if f"--reuse {folder}:" in line]
+    assert len(lines) == 1 and says in lines[0]
+
+
 def test_identical_greedy_requests_are_generated_once(tmp_path):
     out = tmp_path / "dups"
     src = questions(tmp_path / "d.parquet", 60, repeat=3)
@@ -230,10 +278,14 @@ def test_overwrite_with_reuse_writes_every_row_once(tmp_path, night1):
     assert reuse_report(out)["reused_prompts"] == 40
 
 
-def test_data_parallel_ranks_each_reuse_from_the_whole_folder(tmp_path, night1):
+def test_data_parallel_ranks_share_one_index_of_the_whole_folder(tmp_path, night1):
     out = tmp_path / "dp"
     src = questions(tmp_path / "n2.parquet", 60)
-    run_cli(*args(src, out, "--reuse", night1, "--data-parallel", "2"))
+    result = run_cli(*args(src, out, "--reuse", night1, "--data-parallel", "2"))
+    # One rank builds the folder's index, the other waits for it and uses it; neither leaves it.
+    assert result.output.count("--reuse: built the index of 6 shards in") == 1
+    assert result.output.count("--reuse: using the index another rank built in") == 1
+    assert [p.suffix for p in (out / ".batchgen" / "reuse-index").iterdir()] == [".lock"]
     rows = by_id(out)
     assert sorted(rows) == [f"q{i:03d}" for i in range(60)]
     reports = [reuse_report(out, rank) for rank in (0, 1)]

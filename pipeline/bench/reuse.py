@@ -109,7 +109,7 @@ def lookup(rows: int, folder: Path, work: Path) -> dict[str, Any]:
     reuse = Reuse(FINGERPRINT, (str(folder),), work / "index")
     opened = time.monotonic() - started
     open_peak = _status_mb("VmHWM")
-    index_mb = sum(p.stat().st_size for p in (work / "index").iterdir()) / 1e6
+    index_mb = sum(p.stat().st_size for p in (work / "index").rglob("*") if p.is_file()) / 1e6
     _reset_peak()
     sampling = {"max_tokens": 8}
     found = 0

@@ -145,6 +145,18 @@ class MergedIndex:
             out.close()
         return cls(folder, out.size)
 
+    def mark_complete(self) -> None:
+        """Record that the folder holds a whole index (a killed build leaves none)."""
+        (self.folder / "complete").write_text(json.dumps({"size": self.size}))
+
+    @staticmethod
+    def complete(folder: Path) -> int | None:
+        """The size of the whole index in `folder`, or None when there is none."""
+        try:
+            return int(json.loads((folder / "complete").read_text())["size"])
+        except (OSError, ValueError, KeyError):
+            return None
+
     def lookup(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """For a batch of keys: a mask of those found, and (shard, row) of each found one."""
         found = np.zeros(len(keys), dtype=bool)

@@ -9,10 +9,15 @@ match its shard) is reported and skipped, never trusted.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
 import logging
 import shutil
+import time
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -84,15 +89,22 @@ class Reuse:
         work_dir: Path | None = None,
         columns: tuple[str, ...] = OUTPUT_COLUMNS,
         committed: list[Path] | None = None,
+        shared_dir: Path | None = None,
+        others_done: Callable[[], bool] | None = None,
     ) -> None:
         """`committed`: the shards this rank committed in earlier attempts of the same run
         (a resume); a row whose request one of them holds is served from it, as an identical
-        request of this run would be had the run not stopped."""
+        request of this run would be had the run not stopped. `shared_dir`: where the index of
+        the folders is built once for every rank of the job (else under `work_dir`); it stays
+        until a rank closes when `others_done()` says every other rank has finished."""
         self.keys = RequestKeys(fingerprint)
         self.counts = ReuseCounts()
         self.columns = columns
         self.work_dir = work_dir
-        self.index: MergedIndex | None = None
+        self.shared_dir = shared_dir
+        self.others_done = others_done
+        self._indexes: list[tuple[MergedIndex, int]] = []  # each with its first shard's number
+        self._shared: Path | None = None  # the shared index this rank opened
         self._shards: list[Path] = []
         self._own = 0  # shards 0.._own-1 are this run's own (committed by earlier attempts)
         self._cache: OrderedDict[int, pa.Table] = OrderedDict()
@@ -100,7 +112,7 @@ class Reuse:
         if folders or committed:
             assert work_dir is not None
             self._choose(folder_settings(fingerprint), folders, committed or [])
-            self._build(work_dir)
+            self._open_indexes(work_dir)
 
     def _choose(
         self, ours: dict[str, Any], folders: tuple[str, ...], committed: list[Path]
@@ -120,29 +132,61 @@ class Reuse:
             self._shards += shards
             self.counts.sources.append(folder)
 
-    def _build(self, work_dir: Path) -> None:
-        """Merge the chosen shards' key indexes under `work_dir`."""
+    def _open_indexes(self, work_dir: Path) -> None:
+        """Build the index of the rank's own shards under `work_dir`, and open the folders'
+        (built by the first rank to need it, the others waiting for it)."""
         shutil.rmtree(work_dir, ignore_errors=True)  # a killed run's leftovers
         try:
-            self.index = MergedIndex.build(work_dir, self._shard_indexes())
+            if self._own:
+                own = MergedIndex.build(work_dir / "own", self._shard_indexes(0, self._own))
+                self._indexes.append((own, 0))
+            if len(self._shards) > self._own:
+                self._indexes.append((self._folders_index(work_dir), self._own))
         except (OSError, pa.ArrowException, ValueError) as exc:
-            shutil.rmtree(work_dir, ignore_errors=True)
+            self.close()
             what = ", ".join(self.counts.sources) or "this rank's committed shards"
             raise BatchgenError(
-                f"--reuse: building the index of {what} in {work_dir} failed ({exc}); nothing "
-                "was generated; free space there, or drop --reuse"
+                f"--reuse: building the index of {what} in {work_dir.parent} failed ({exc}); "
+                "nothing was generated; free space there, or drop --reuse"
             ) from exc
-        self.counts.indexed = self.index.size
+        self.counts.indexed = sum(index.size for index, _ in self._indexes)
         if self.counts.sources:
             log.info(
                 "--reuse: %s earlier requests indexed in %s%s",
-                f"{self.index.size:,}",
+                f"{self.counts.indexed:,}",
                 ", ".join(self.counts.sources),
                 " and this rank's committed shards" if self._own else "",
             )
 
-    def _shard_indexes(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        for shard in self._shards:
+    def _folders_index(self, work_dir: Path) -> MergedIndex:
+        """The index of the folders' shards: in `shared_dir`, named by a digest of the shard
+        listing, built there once under a lock by the first rank to need it; the last rank to
+        finish removes it (a rank keeps its files open once opened)."""
+        shards = self._shards[self._own :]
+        if self.shared_dir is None:
+            return MergedIndex.build(work_dir / "folders", self._shard_indexes(self._own))
+        self._shared = self.shared_dir / listing_digest(shards)
+        with shared_lock(self._shared):
+            size = MergedIndex.complete(self._shared)
+            if size is not None:
+                log.info("--reuse: using the index another rank built in %s", self._shared)
+                return MergedIndex(self._shared, size)
+            shutil.rmtree(self._shared, ignore_errors=True)  # a killed build's leftovers
+            started = time.monotonic()
+            index = MergedIndex.build(self._shared, self._shard_indexes(self._own))
+            index.mark_complete()
+            log.info(
+                "--reuse: built the index of %s shards in %.1f s in %s (for every rank)",
+                f"{len(shards):,}",
+                time.monotonic() - started,
+                self._shared,
+            )
+            return index
+
+    def _shard_indexes(
+        self, start: int, stop: int | None = None
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        for shard in self._shards[start:stop]:
             keys, rows, _ = read_key_index(shard)
             yield keys, rows
 
@@ -153,17 +197,17 @@ class Reuse:
 
     def lookup(self, rows: list[PromptRow]) -> None:
         """Attach `reused` outputs to the rows (already stamped) found in the folders."""
-        if self.index is None or not self.index.size:
-            return
-        asking = [r for r in rows if r.request_key is not None]
-        if not asking:
-            return
-        wanted = np.array([r.request_key for r in asking], dtype=KEY_DTYPE)
-        found, locs = self.index.lookup(wanted)
-        hits = [r for r, f in zip(asking, found, strict=True) if f]
         by_shard: dict[int, list[tuple[PromptRow, int]]] = {}
-        for row, (shard_no, at) in zip(hits, locs.tolist(), strict=True):
-            by_shard.setdefault(shard_no, []).append((row, at))
+        asking = [r for r in rows if r.request_key is not None]
+        for index, first in self._indexes:  # the run's own shards first
+            if not asking:
+                break
+            wanted = np.array([r.request_key for r in asking], dtype=KEY_DTYPE)
+            found, locs = index.lookup(wanted)
+            hits = [r for r, f in zip(asking, found, strict=True) if f]
+            for row, (shard_no, at) in zip(hits, locs.tolist(), strict=True):
+                by_shard.setdefault(first + shard_no, []).append((row, at))
+            asking = [r for r, f in zip(asking, found, strict=True) if not f]
         for shard_no, wanted_rows in sorted(by_shard.items()):
             try:
                 self._read_back(shard_no, wanted_rows)
@@ -225,13 +269,39 @@ class Reuse:
         return table
 
     def close(self) -> None:
-        """Drop the merged index and its files."""
-        if self.index is not None:
-            self.index.close()
-            self.index = None
+        """Close the indexes and remove their files (a rank still using the shared one keeps
+        its files open)."""
+        for index, _ in self._indexes:
+            index.close()
+        self._indexes = []
         self._cache.clear()
         if self.work_dir is not None:
             shutil.rmtree(self.work_dir, ignore_errors=True)
+        if self._shared is not None and (self.others_done is None or self.others_done()):
+            with contextlib.suppress(OSError), shared_lock(self._shared):
+                shutil.rmtree(self._shared, ignore_errors=True)
+        self._shared = None
+
+
+def listing_digest(shards: list[Path]) -> str:
+    """A name for the index of these shards: their paths, sizes and times."""
+    h = hashlib.blake2b(digest_size=12)
+    for shard in shards:
+        st = shard.stat()
+        h.update(f"{shard.resolve()}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+@contextmanager
+def shared_lock(index_dir: Path) -> Iterator[None]:
+    """Hold the lock of a shared index folder (a POSIX lock, released when its holder dies)."""
+    index_dir.parent.mkdir(parents=True, exist_ok=True)
+    with open(index_dir.with_name(index_dir.name + ".lock"), "a") as f:
+        fcntl.lockf(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.lockf(f, fcntl.LOCK_UN)
 
 
 def check_folder(folder: Path, ours: dict[str, Any]) -> tuple[list[Path], str | None]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,30 @@ def open_reuse(
 
     work_dir = out_dir / STATE_DIR / f"reuse-rank-{rank:05d}"
     wanted = tuple(c for c in OUTPUT_COLUMNS if c in columns)
-    return Reuse(fingerprint, folders, work_dir, wanted, committed=shard_files(out_dir, rank))
+    shared = out_dir / STATE_DIR / "reuse-index"  # the folders' index: one for every rank
+    committed = shard_files(out_dir, rank)
+    others = partial(_others_finished, out_dir, rank)
+    return Reuse(fingerprint, folders, work_dir, wanted, committed, shared, others)
+
+
+def _others_finished(out_dir: Path, rank: int) -> bool:
+    """Whether every other rank of the job has finished (so no rank needs the shared index)."""
+    from pipeline.errors import BatchgenError
+    from pipeline.rankstate import Manifest
+
+    try:
+        own = Manifest.load(out_dir, rank)
+        if own is None:
+            return True
+        for other in range(own.num_ranks):
+            if other == rank:
+                continue
+            manifest = Manifest.load(out_dir, other)
+            if manifest is None or manifest.status != "finished":
+                return False
+    except (OSError, BatchgenError):
+        return False
+    return True
 
 
 def engine_requests(engine: Any) -> dict[str, int | None]:
