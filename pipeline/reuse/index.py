@@ -122,6 +122,7 @@ class MergedIndex:
         self.size = size
         self._fd: int | None = None
         self.fence = np.empty(0, dtype=KEY_DTYPE)
+        self._buffer = np.empty(0, dtype=_ENTRY)  # the blocks of a batch, read by lookup
         if size:
             self.fence = np.fromfile(folder / "fence.bin", dtype=KEY_DTYPE)
             self._fd = os.open(folder / "entries.bin", os.O_RDONLY)
@@ -166,10 +167,14 @@ class MergedIndex:
         blocks = np.searchsorted(self.fence, keys, side="right") - 1  # -1: below every key
         # The blocks wanted, read in order and joined, are one sorted run of entries: a single
         # searchsorted finds every key of the batch in it.
-        wanted = np.unique(blocks[blocks >= 0])
-        size = BLOCK * _ENTRY.itemsize
-        raw = b"".join(os.pread(self._fd, size, int(b) * size) for b in wanted)
-        entries = np.frombuffer(raw, dtype=_ENTRY)
+        wanted = np.unique(blocks[blocks >= 0]).tolist()
+        if len(self._buffer) < len(wanted) * BLOCK:  # kept: the batch's size bounds it
+            self._buffer = np.empty(len(wanted) * BLOCK, dtype=_ENTRY)
+        raw = memoryview(self._buffer.view(np.uint8))
+        size, got = BLOCK * _ENTRY.itemsize, 0
+        for block in wanted:  # read straight into the buffer: no copy of the blocks
+            got += os.preadv(self._fd, [raw[got : got + size]], block * size)
+        entries = self._buffer[: got // _ENTRY.itemsize]
         if not len(entries):
             return found, np.empty(0, dtype=LOC_DTYPE)
         pos = np.minimum(np.searchsorted(entries["key"], keys), len(entries) - 1)

@@ -249,7 +249,7 @@ class Reuse:
                     if fields.get(c) is not None:
                         fields[c] = _entries(fields[c])
                 # A row of this run's own keeps the origin that row had (None: generated).
-                origin = part["reused_from"][j] if own else source
+                origin = part.get("reused_from", [None] * len(taken))[j] if own else source
                 results.append(ResultRow.of(row, i, reused_from=origin, **_complete(fields)))
             row.reused = results
             self.counts.reused += not own
