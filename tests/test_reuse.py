@@ -319,3 +319,14 @@ def test_sigkill_then_resume_with_reuse_is_exactly_once(tmp_path, night1):
     assert {i: {k: r[k] for k in OUTPUTS} for i, r in rows.items()} == {
         i: {k: r[k] for k in OUTPUTS} for i, r in by_id(clean).items()
     }
+
+
+def test_the_lookup_bench_finds_what_its_folder_holds(tmp_path):
+    result = run_cli("bench", "--reuse-lookup", "25000", "--work-dir", tmp_path, "--json")
+    report = json.loads(result.output[result.output.index("{") :])
+    lookup = report["lookup"]
+    assert report["rows"] == 25000
+    assert (lookup["found"], lookup["mismatched"]) == (24750, 0)  # 99 in 100, all read back
+    assert lookup["index_mb_on_disk"] == 0.6  # 24 bytes a request
+    assert lookup["open_peak_rss_mb"] > 0 and lookup["lookup_peak_rss_mb"] > 0
+    assert not (tmp_path / "index").exists()  # the run's index is removed at close
