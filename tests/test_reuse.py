@@ -19,7 +19,7 @@ from conftest import FAKE_ENGINE, HOOKED_BATCHGEN, manifest_state, read_output, 
 from hooks import STEP_ENV
 
 from pipeline.records import PromptRow
-from pipeline.reuse.index import KEY_DTYPE, MergedIndex, key_index_path
+from pipeline.reuse.index import BLOCK, KEY_DTYPE, MergedIndex, key_index_path
 from pipeline.reuse.keys import RequestKeys
 
 FINGERPRINT = {"model_files": {"config_sha256": "abc"}, "engine": "vllm", "dtype": "auto"}
@@ -62,18 +62,38 @@ def test_a_request_key_covers_the_model_and_engine_settings(field, value):
     assert RequestKeys(FINGERPRINT).key(row()) == RequestKeys(other).key(row())
 
 
-def test_the_merged_index_finds_every_key_of_every_shard_and_nothing_else(tmp_path):
+@pytest.mark.parametrize("budget", [1 << 21, 40])  # 40: most buckets are split again
+def test_the_merged_index_finds_every_key_of_every_shard_and_nothing_else(tmp_path, budget):
     rng = np.random.default_rng(0)
-    shards = [np.sort(np.frombuffer(rng.bytes(16 * 500), dtype=KEY_DTYPE)) for _ in range(3)]
+    shards = [np.sort(np.frombuffer(rng.bytes(16 * 5000), dtype=KEY_DTYPE)) for _ in range(3)]
+    shards.append(shards[2][:1000])  # keys in two shards: the first shard listed wins
     index = MergedIndex.build(
-        tmp_path / "idx", ((k, np.arange(len(k), dtype=np.uint32) * 2) for k in shards)
+        tmp_path / "idx",
+        ((k, np.arange(len(k), dtype=np.uint32) * 2) for k in shards),
+        budget=budget,
     )
-    assert index.size == 1500
-    wanted = np.concatenate([shards[2][::7], np.frombuffer(rng.bytes(16 * 50), dtype=KEY_DTYPE)])
-    found, locs = index.lookup(wanted)
-    assert found.tolist() == [True] * len(shards[2][::7]) + [False] * 50
-    assert locs["shard"].tolist() == [2] * len(shards[2][::7])
-    assert locs["row"].tolist() == [2 * i for i in range(0, 500, 7)]
+    assert index.size == 15000  # one entry per distinct key
+    assert sorted(p.name for p in (tmp_path / "idx").iterdir()) == ["entries.bin", "fence.bin"]
+    missing = np.frombuffer(rng.bytes(16 * 50), dtype=KEY_DTYPE)
+    edges = np.array([b"\x00" * 16, b"\xff" * 16], dtype=KEY_DTYPE)  # below and above all
+    for wanted_shard in (0, 2):
+        wanted = np.concatenate([shards[wanted_shard][::7], missing, edges])
+        found, locs = index.lookup(wanted)
+        hits = len(shards[wanted_shard][::7])
+        assert found.tolist() == [True] * hits + [False] * 52
+        assert locs["shard"].tolist() == [wanted_shard] * hits
+        assert locs["row"].tolist() == [2 * i for i in range(0, 5000, 7)]
+    index.close()
+
+
+def test_a_lookup_reads_blocks_and_holds_no_page_of_the_index(tmp_path):
+    keys = np.sort(np.frombuffer(np.random.default_rng(1).bytes(16 * 20000), dtype=KEY_DTYPE))
+    index = MergedIndex.build(tmp_path / "idx", iter([(keys, np.arange(20000, dtype=np.uint32))]))
+    assert len(index.fence) == -(-20000 // BLOCK)  # one key in memory per block on disk
+    assert index.fence.tolist() == keys[::BLOCK].tolist()
+    found, locs = index.lookup(keys[::-1].copy())  # in any order
+    assert found.all() and locs["row"].tolist() == list(range(19999, -1, -1))
+    index.close()
 
 
 def questions(path: Path, n: int, edited: tuple[int, ...] = (), repeat: int = 1) -> Path:
@@ -179,6 +199,54 @@ def test_an_unreadable_or_partial_folder_is_reported_and_skipped(tmp_path, night
     assert report["skipped"][0] in result.output
 
 
+def test_a_folder_made_with_another_model_reuses_nothing_and_says_so(tmp_path, night1):
+    record = json.loads((night1 / ".batchgen" / "job.json").read_text())
+    record["fingerprint"]["model_files"] = {"config_sha256": "another model"}
+    (night1 / ".batchgen" / "job.json").write_text(json.dumps(record))
+    out = tmp_path / "other"
+    result = run_cli(*args(questions(tmp_path / "n1.parquet", 40), out, "--reuse", night1))
+    lines = [line for line in result.output.splitlines() if "--reuse" in line]
+    assert len(lines) == 1, lines
+    assert "made with other output-changing settings (model_files" in lines[0]
+    assert "another model" in lines[0] and lines[0].endswith("reuses nothing")
+    assert reuse_report(out)["engine_requests"] == 40
+
+
+@pytest.mark.parametrize(
+    "damage, says",
+    [
+        ("no job record", "has no readable job record (.batchgen/job.json); skipped"),
+        ("garbled job record", "job.json is unreadable ("),
+        ("no shards", "holds no committed shards; nothing to reuse"),
+        ("no folder", "no such folder; skipped"),
+        ("a file", "no such folder; skipped"),
+    ],
+)
+def test_a_folder_without_its_record_or_shards_is_reported_in_one_line(
+    tmp_path, night1, damage, says
+):
+    folder = night1
+    if damage == "no job record":
+        (night1 / ".batchgen" / "job.json").unlink()
+    elif damage == "garbled job record":
+        (night1 / ".batchgen" / "job.json").write_text("{not json")
+    elif damage == "no shards":
+        for shard in night1.glob("rank-*/part-*.parquet"):
+            shard.unlink()
+    elif damage == "no folder":
+        folder = tmp_path / "missing"
+    else:
+        folder = tmp_path / "file"
+        folder.write_text("x")
+    out = tmp_path / "after"
+    result = run_cli(*args(questions(tmp_path / "n1.parquet", 40), out, "--reuse", folder))
+    report = reuse_report(out)
+    assert report["engine_requests"] == 40 and report["sources"] == []
+    assert len(report["skipped"]) == 1 and says in report["skipped"][0]
+    lines = [line for line in result.output.splitlines() if f"--reuse {folder}:" in line]
+    assert len(lines) == 1 and says in lines[0]
+
+
 def test_identical_greedy_requests_are_generated_once(tmp_path):
     out = tmp_path / "dups"
     src = questions(tmp_path / "d.parquet", 60, repeat=3)
@@ -210,10 +278,14 @@ def test_overwrite_with_reuse_writes_every_row_once(tmp_path, night1):
     assert reuse_report(out)["reused_prompts"] == 40
 
 
-def test_data_parallel_ranks_each_reuse_from_the_whole_folder(tmp_path, night1):
+def test_data_parallel_ranks_share_one_index_of_the_whole_folder(tmp_path, night1):
     out = tmp_path / "dp"
     src = questions(tmp_path / "n2.parquet", 60)
-    run_cli(*args(src, out, "--reuse", night1, "--data-parallel", "2"))
+    result = run_cli(*args(src, out, "--reuse", night1, "--data-parallel", "2"))
+    # One rank builds the folder's index, the other waits for it and uses it; neither leaves it.
+    assert result.output.count("--reuse: built the index of 6 shards in") == 1
+    assert result.output.count("--reuse: using the index another rank built in") == 1
+    assert [p.suffix for p in (out / ".batchgen" / "reuse-index").iterdir()] == [".lock"]
     rows = by_id(out)
     assert sorted(rows) == [f"q{i:03d}" for i in range(60)]
     reports = [reuse_report(out, rank) for rank in (0, 1)]
@@ -247,3 +319,14 @@ def test_sigkill_then_resume_with_reuse_is_exactly_once(tmp_path, night1):
     assert {i: {k: r[k] for k in OUTPUTS} for i, r in rows.items()} == {
         i: {k: r[k] for k in OUTPUTS} for i, r in by_id(clean).items()
     }
+
+
+def test_the_lookup_bench_finds_what_its_folder_holds(tmp_path):
+    result = run_cli("bench", "--reuse-lookup", "25000", "--work-dir", tmp_path, "--json")
+    report = json.loads(result.output[result.output.index("{") :])
+    lookup = report["lookup"]
+    assert report["rows"] == 25000
+    assert (lookup["found"], lookup["mismatched"]) == (24750, 0)  # 99 in 100, all read back
+    assert lookup["index_mb_on_disk"] == 0.6  # 24 bytes a request
+    assert lookup["open_peak_rss_mb"] > 0 and lookup["lookup_peak_rss_mb"] > 0
+    assert not (tmp_path / "index").exists()  # the run's index is removed at close

@@ -10,6 +10,7 @@ its shard. Reported: seconds to open, lookup rows/s, and that process's peak RSS
 
 from __future__ import annotations
 
+import contextlib
 import json
 import resource
 import sys
@@ -51,10 +52,13 @@ def make_folder(rows: int, folder: Path) -> dict[str, Any]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from pipeline.checkpoint import STATE_DIR, claim_job_record
     from pipeline.reuse.index import write_index
-    from pipeline.sinks import ParquetShardWriter, output_schema, shard_name
+    from pipeline.sinks import ParquetShardWriter, output_schema, rank_dir, shard_name
 
-    folder.mkdir(parents=True, exist_ok=True)
+    rank_dir(folder, 0).mkdir(parents=True, exist_ok=True)
+    (folder / STATE_DIR).mkdir(exist_ok=True)
+    claim_job_record(folder, FINGERPRINT)  # the settings a --reuse run compares with its own
     schema = ParquetShardWriter(folder, 0, output_schema(False, []), {"fingerprint": FINGERPRINT})
     started = time.monotonic()
     for seq, start in enumerate(range(0, rows, ROWS_PER_SHARD)):
@@ -75,21 +79,25 @@ def make_folder(rows: int, folder: Path) -> dict[str, Any]:
             "reused_from": pa.nulls(n, pa.string()),
         }
         table = pa.Table.from_arrays([columns[f.name] for f in schema.schema], schema=schema.schema)
-        shard = folder / shard_name(0, seq)
+        shard = rank_dir(folder, 0) / shard_name(0, seq)
         pq.write_table(table, shard, compression="zstd")
         write_index(shard, keys, np.arange(n, dtype=np.uint32), n)
     return {"seconds": round(time.monotonic() - started, 1)}
 
 
 def lookup(rows: int, folder: Path, work: Path) -> dict[str, Any]:
-    """Open the folder as --reuse does and look up `rows` requests; times and peak RSS."""
+    """Open the folder as --reuse does and look up `rows` requests; times and peak RSS of
+    each step (the kernel's high-water mark is reset between them)."""
     from pipeline.records import PromptRow
     from pipeline.reuse.lookup import Reuse
 
-    rss_start = _rss_mb("VmRSS")
+    rss_start = _status_mb("VmRSS")
     started = time.monotonic()
     reuse = Reuse(FINGERPRINT, (str(folder),), work / "index")
     opened = time.monotonic() - started
+    open_peak = _status_mb("VmHWM")
+    index_mb = sum(p.stat().st_size for p in (work / "index").rglob("*") if p.is_file()) / 1e6
+    _reset_peak()
     sampling = {"max_tokens": 8}
     found = 0
     started = time.monotonic()
@@ -103,7 +111,8 @@ def lookup(rows: int, folder: Path, work: Path) -> dict[str, Any]:
         reuse.lookup(batch)
         found += sum(r.reused is not None for r in batch)
     seconds = time.monotonic() - started
-    index_mb = sum(p.stat().st_size for p in (work / "index").iterdir()) / 1e6
+    lookup_peak = _status_mb("VmHWM")
+    anon, file = _status_mb("RssAnon"), _status_mb("RssFile")
     reuse.close()
     return {
         "open_seconds": round(opened, 1),
@@ -113,6 +122,10 @@ def lookup(rows: int, folder: Path, work: Path) -> dict[str, Any]:
         "mismatched": reuse.counts.mismatched,
         "index_mb_on_disk": round(index_mb, 1),
         "rss_at_start_mb": rss_start,
+        "open_peak_rss_mb": open_peak,
+        "lookup_peak_rss_mb": lookup_peak,
+        "rss_anon_at_end_mb": anon,
+        "rss_file_at_end_mb": file,
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }
 
@@ -131,7 +144,13 @@ def _batch_keys(start: int, count: int) -> list[bytes]:
     return keys
 
 
-def _rss_mb(key: str) -> float | None:
+def _reset_peak() -> None:
+    """Reset this process's peak RSS (VmHWM) so the next step's peak is its own."""
+    with contextlib.suppress(OSError):  # elsewhere the peaks include the earlier steps
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def _status_mb(key: str) -> float | None:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(key + ":"):
             return round(int(line.split()[1]) / 1024, 1)
@@ -148,7 +167,9 @@ def format_reuse_lookup(report: dict[str, Any]) -> str:
             f"index, {r['index_mb_on_disk']:,} MB on disk): {r['open_seconds']} s",
             f"  lookup: {report['rows']:,} rows in {r['lookup_seconds']} s = "
             f"{r['lookup_rows_per_s']:,} rows/s ({r['found']:,} found and read back)",
-            f"  peak RSS {r['peak_rss_mb']:,} MB (at start {r['rss_at_start_mb']} MB)",
+            f"  peak RSS: open {r['open_peak_rss_mb']} MB, lookup {r['lookup_peak_rss_mb']} MB "
+            f"(at start {r['rss_at_start_mb']} MB; at the end {r['rss_anon_at_end_mb']} MB "
+            f"anonymous, {r['rss_file_at_end_mb']} MB mapped files)",
         ]
     )
 

@@ -3,7 +3,8 @@
 Between the feeder and the engine (on the engine's thread): a row whose request key is already
 in the engine waits for that request instead of being sent again, and gets a copy of its
 results; a row whose request finished a moment ago gets a copy at once. Rows reused from an
-earlier run (--reuse) skip the engine entirely. Sampled rows carry their own seed in the key,
+earlier run (--reuse) skip the engine entirely, and so do rows whose request this run
+committed before it was resumed (counted as duplicates: see pipeline.reuse.lookup). Sampled rows carry their own seed in the key,
 so sampled rows with different seeds are never merged.
 
 Memory is bounded: rows waiting for a request in flight (at most MAX_WAITING; past it a
@@ -17,6 +18,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 
 from pipeline.records import PromptRow, ResultRow
+from pipeline.reuse.lookup import EarlierAttempt
 
 MAX_WAITING = 4096
 RECENT = 1024
@@ -40,7 +42,10 @@ class RequestDedup:
                 yield None
                 continue
             if row.reused is not None:
-                self.reused += 1
+                if isinstance(row.reused, EarlierAttempt):
+                    self.duplicates += 1
+                else:
+                    self.reused += 1
                 self.deliver(row.reused)
                 continue
             key = row.request_key

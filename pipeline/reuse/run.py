@@ -5,11 +5,13 @@ from __future__ import annotations
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from pipeline.reuse.dedup import RequestDedup
 from pipeline.reuse.lookup import OUTPUT_COLUMNS, Reuse
+from pipeline.sinks import shard_files
 
 
 def open_reuse(
@@ -20,12 +22,39 @@ def open_reuse(
     columns: list[str],
 ) -> Reuse:
     """The rank's request keys and --reuse lookups; the merged index is built under the run's
-    state folder (on the output's disk, sized like the folders' keys) and removed at close."""
+    state folder (on the output's disk, sized like the folders' keys) and removed at close.
+
+    Called once the rank's resume state is open: the shards then in the rank's folder are the
+    ones earlier attempts committed (adopted, or removed by --overwrite), and a resumed run
+    serves a row whose request one of them holds from it instead of generating it again."""
     from pipeline.checkpoint import STATE_DIR
 
     work_dir = out_dir / STATE_DIR / f"reuse-rank-{rank:05d}"
     wanted = tuple(c for c in OUTPUT_COLUMNS if c in columns)
-    return Reuse(fingerprint, folders, work_dir, wanted)
+    shared = out_dir / STATE_DIR / "reuse-index"  # the folders' index: one for every rank
+    committed = shard_files(out_dir, rank)
+    others = partial(_others_finished, out_dir, rank)
+    return Reuse(fingerprint, folders, work_dir, wanted, committed, shared, others)
+
+
+def _others_finished(out_dir: Path, rank: int) -> bool:
+    """Whether every other rank of the job has finished (so no rank needs the shared index)."""
+    from pipeline.errors import BatchgenError
+    from pipeline.rankstate import Manifest
+
+    try:
+        own = Manifest.load(out_dir, rank)
+        if own is None:
+            return True
+        for other in range(own.num_ranks):
+            if other == rank:
+                continue
+            manifest = Manifest.load(out_dir, other)
+            if manifest is None or manifest.status != "finished":
+                return False
+    except (OSError, BatchgenError):
+        return False
+    return True
 
 
 def engine_requests(engine: Any) -> dict[str, int | None]:
