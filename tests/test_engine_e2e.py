@@ -6,6 +6,7 @@ installed command, its exit codes and resume across processes.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import signal
@@ -41,15 +42,23 @@ def model_dir() -> Path:
     return ensure_bundled_model()
 
 
+@functools.cache
+def transformers_model(model_dir: Path) -> tuple:
+    """(tokenizer, float32 model) of Transformers itself, loaded once per session."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    return tok, AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+
+
 def transformers_greedy(
     model_dir: Path, prompts: list[str], chat: bool, max_new_tokens: int
 ) -> list[str]:
     """Transformers' own generate, float32, greedy: the reference batchgen must match."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    tok, model = transformers_model(Path(model_dir))
     texts = []
     for prompt in prompts:
         if chat:
