@@ -173,7 +173,7 @@ def test_structured_logprobs_run_killed_and_resumed_equals_an_uninterrupted_one(
     flags = [a for c in CHOICES for a in ("--choice", c)]
     args = [
         *flags, "--logprobs", "2", "--temperature", "0", "--rows-per-shard", "3",
-        "--max-inflight", "3", "--chat", *REAL_ENGINE,
+        "--max-num-seqs", "3", "--chat", *REAL_ENGINE,
     ]  # fmt: skip
     run_cli(*run_args(src, tmp_path / "reference", *args))
     reference = rows(tmp_path / "reference")
