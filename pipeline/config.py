@@ -627,4 +627,7 @@ class RunConfig:
 
     @property
     def output_dir(self) -> Path:
-        return Path(self.output.path)
+        """OUT: a local Path, or a StorePath for an object-store URL (same interface)."""
+        from pipeline.storage.outpath import output_location
+
+        return output_location(self.output.path)

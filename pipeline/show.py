@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 from pipeline.checkpoint import STATE_DIR
 from pipeline.errors import BatchgenError, ConfigError
 from pipeline.sinks import RESERVED_COLUMNS, read_shard_metadata, shard_files
+from pipeline.storage.outpath import parquet_source
 
 LABEL_WIDTH = 9  # "prompt", "text", "error", kept columns: the label column of each row's block
 _OPS = ("!=", "=")
@@ -109,7 +110,7 @@ def select(
     rng = random.Random(seed)
     kept: list[tuple[int, dict[str, Any]]] = []  # (position among matches, row)
     for path in files:
-        table = pq.read_table(path)
+        table = pq.read_table(parquet_source(path))
         sel.committed += table.num_rows
         mask = pa.chunked_array([pa.array([True] * table.num_rows)])
         for condition in conditions:

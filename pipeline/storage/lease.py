@@ -37,6 +37,8 @@ class LeaseRecord:
     holder: str  # "pid 12 on node3 (id)"
     heartbeat: float  # wall-clock seconds of the last renewal
     expires: float  # heartbeat + ttl
+    host: str = ""  # the holder's host and pid: on that host, a gone process is a dead holder
+    pid: int = 0
 
     def to_bytes(self) -> bytes:
         return json.dumps(asdict(self), sort_keys=True).encode()
@@ -45,9 +47,29 @@ class LeaseRecord:
     def parse(cls, data: bytes) -> LeaseRecord | None:
         try:
             raw = json.loads(data)
-            return cls(str(raw["holder"]), float(raw["heartbeat"]), float(raw["expires"]))
+            return cls(
+                str(raw["holder"]),
+                float(raw["heartbeat"]),
+                float(raw["expires"]),
+                str(raw.get("host", "")),
+                int(raw.get("pid", 0)),
+            )
         except (ValueError, KeyError, TypeError):
             return None  # a torn or foreign object: treated as expired
+
+    def alive(self, now: float) -> bool:
+        """Whether the holder may still be writing: unexpired, and, when it ran on this host,
+        its process still there (a killed writer's lease is free at once, as lockf's is)."""
+        if self.expires <= now:
+            return False
+        if self.host == socket.gethostname() and self.pid > 0:
+            try:
+                os.kill(self.pid, 0)
+            except ProcessLookupError:
+                return False
+            except PermissionError:
+                return True
+        return True
 
 
 def lease_name(rank: int) -> str:
@@ -71,7 +93,8 @@ class Lease:
 
     def _record(self) -> bytes:
         now = self.clock()
-        return LeaseRecord(self.holder, now, now + self.ttl_s).to_bytes()
+        record = LeaseRecord(self.holder, now, now + self.ttl_s, socket.gethostname(), os.getpid())
+        return record.to_bytes()
 
     def acquire(self) -> Lease:
         """Take the lease: LeaseHeld if a live holder has it; a dead holder's is taken over."""
@@ -81,7 +104,7 @@ class Lease:
             record = None if data is None else LeaseRecord.parse(data)
             if data is None:  # released between our two calls
                 etag = self.store.put_if_absent(self.name, self._record())
-            elif record is not None and record.expires > self.clock():
+            elif record is not None and record.alive(self.clock()):
                 raise self._held(record)
             else:
                 assert current is not None
