@@ -104,6 +104,8 @@ class Lease:
             record = None if data is None else LeaseRecord.parse(data)
             if data is None:  # released between our two calls
                 etag = self.store.put_if_absent(self.name, self._record())
+            elif record is not None and record.holder == self.holder:
+                etag = current  # our own create, retried after its answer was lost
             elif record is not None and record.alive(self.clock()):
                 raise self._held(record)
             else:
@@ -121,8 +123,11 @@ class Lease:
         assert self._etag is not None, "renew() before acquire()"
         etag = self.store.put_if_match(self.name, self._record(), self._etag)
         if etag is None:
-            data = self.store.read(self.name)
+            data, current = self.store.read_with_etag(self.name)
             record = None if data is None else LeaseRecord.parse(data)
+            if record is not None and record.holder == self.holder:
+                self._etag = current  # our own renewal, retried after its answer was lost
+                return
             who = record.holder if record else "nobody"
             raise LeaseLost(
                 f"the lease {self.store.loc.child(self.name)} is now held by {who}: this writer "

@@ -20,6 +20,7 @@ import pyarrow as pa
 from pipeline.storage.lease import DEFAULT_TTL_S, Lease, LeaseLost, LeaseRecord, lease_name
 from pipeline.storage.outpath import StorePath
 from pipeline.storage.retry import StoreDown
+from pipeline.storage.store import ObjectExists
 
 # Leases this process holds, by (output root, rank): a commit checks its writer still holds one.
 _HELD: dict[tuple[str, int], StoreRankLock] = {}
@@ -30,8 +31,13 @@ def _name(path: StorePath) -> str:
 
 
 def write_once(path: StorePath, data: bytes) -> None:
-    """Write an object under a name nothing else writes; ObjectExists if one did."""
-    path.store.put_new(_name(path), data)
+    """Write an object under a name nothing else writes; ObjectExists if another writer did.
+    A retried PUT whose first answer was lost finds its own bytes there: that is a success."""
+    try:
+        path.store.put_new(_name(path), data)
+    except ObjectExists:
+        if path.store.read(_name(path)) != data:
+            raise
 
 
 def create_once(path: StorePath, data: bytes) -> bool:
