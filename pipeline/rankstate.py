@@ -135,7 +135,12 @@ class Manifest:
         listed = {s["file"] for s in manifest.shards}
         for name in names:
             if COMMIT_RE.match(name):
-                entry = _read_json(folder / name)
+                try:
+                    entry = _read_json(folder / name)
+                except FileNotFoundError:
+                    # Folded into a newer generation since the listing (a live writer's end),
+                    # or, on a store, listed before its PUT completed: not committed yet.
+                    continue
                 if entry["file"] not in listed:
                     manifest.shards.append(entry)
                     manifest.updated_at = max(manifest.updated_at, entry.get("committed_at") or 0)
@@ -201,6 +206,8 @@ def write_new(path: Path, data: dict[str, Any]) -> None:
 def _read_json(path: Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise
     except (json.JSONDecodeError, OSError) as exc:
         raise BatchgenError(
             f"{path} is unreadable ({exc}); it is batchgen's resume state: restore it, or "

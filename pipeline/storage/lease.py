@@ -130,7 +130,7 @@ class Lease:
                 return
             who = record.holder if record else "nobody"
             raise LeaseLost(
-                f"the lease {self.store.loc.child(self.name)} is now held by {who}: this writer "
+                f"the lease {self.store.url_of(self.name)} is now held by {who}: this writer "
                 f"was presumed dead (no heartbeat for {self.ttl_s:.0f} s); it stops writing"
             )
         self._etag = etag
@@ -147,12 +147,15 @@ class Lease:
     def _held(self, record: LeaseRecord | None) -> LeaseHeld:
         if record is None:
             return LeaseHeld(
-                f"{self.store.loc.child(self.name)}: another writer took the lease at the same "
+                f"{self.store.url_of(self.name)}: another writer took the lease at the same "
                 "moment; only one writer per rank may run; rerun if it has stopped"
             )
         left = max(record.expires - self.clock(), 0)
+        if record.host == socket.gethostname():
+            fix = "stop it (the lease is free as soon as its process is gone)"
+        else:
+            fix = f"stop it, or if it died, rerun after its lease expires in {left:.0f} s"
         return LeaseHeld(
-            f"{self.store.loc.child(self.name)} is held by {record.holder} (last heartbeat "
-            f"{self.clock() - record.heartbeat:.0f} s ago); only one writer per rank may run: stop "
-            f"it, or if it died, rerun after its lease expires in {left:.0f} s"
+            f"{self.store.url_of(self.name)} is held by {record.holder} (last heartbeat "
+            f"{self.clock() - record.heartbeat:.0f} s ago); only one writer per rank may run: {fix}"
         )

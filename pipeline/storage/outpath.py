@@ -155,6 +155,7 @@ class StorePath:
     def write_bytes(self, data: bytes) -> None:
         """Write (or replace) this object; write-once names go through stateio instead."""
         self.store.write(self.rel, data)
+        self._stat = None
 
     def write_text(self, text: str, encoding: str = "utf-8") -> None:
         self.write_bytes(text.encode(encoding))
@@ -163,6 +164,7 @@ class StorePath:
         """Delete the object; a missing one is no error (a delete is idempotent on a store,
         and asking first would cost a request per object)."""
         self.store.delete(self.rel)
+        self._stat = None  # what a listing said of it is stale now
 
     def mkdir(self, parents: bool = False, exist_ok: bool = False) -> None:
         """Object stores have no folders: a prefix exists once an object is under it."""
