@@ -289,3 +289,35 @@ def test_store_paths_list_read_and_write_like_local_ones(s3):
     shard.unlink()
     assert not shard.exists() and list((root / "rank-00001").iterdir()) == []
     assert BUCKET in str(root)
+
+
+@pytest.mark.engine
+def test_the_real_engine_to_the_bucket_reads_back_with_load_dataset(s3, tmp_path, monkeypatch):
+    """8 prompts, greedy, float32 on the bundled model, written to the bucket and to a local
+    folder by one engine: `datasets.load_dataset` on the bucket (the card's features, the
+    store's storage_options) returns the same rows as the local folder."""
+    import datasets
+    import datasets.config
+    import yaml
+    from conftest import REAL_ENGINE, SAMPLE
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache")
+    url, local, src = fresh_prefix(), tmp_path / "local", tmp_path / "eight.parquet"
+    pq.write_table(pq.read_table(SAMPLE).slice(0, 8), src)
+    flags = ["--chat", "--temperature", "0", "--rows-per-shard", "3", "--card"]
+    run_cli(*run_args(src, url, *flags, *REAL_ENGINE, max_tokens=12))
+    run_cli(*run_args(src, local, *flags, *REAL_ENGINE, max_tokens=12))
+    card = (StorePath.of(url) / "README.md").read_text()
+    features = yaml.safe_load(card.split("---\n", 2)[1])["dataset_info"]["features"]
+    ds = datasets.load_dataset(
+        "parquet",
+        data_files=f"{url}/rank-*/part-*.parquet",
+        split="train",
+        storage_options=storage_options(url),
+        features=datasets.Features._from_yaml_list(features),
+    )
+    ours = sorted(zip(ds["id"], ds["text"], strict=True))
+    expected = pq.read_table(sorted(local.glob("rank-*/part-*.parquet")))
+    assert ours == sorted(zip(expected["id"].to_pylist(), expected["text"].to_pylist()))
+    assert len(ours) == 8 and len({i for i, _ in ours}) == 8 and all(t for _, t in ours)
+    assert "8 rows from 8 prompts" in card
