@@ -318,6 +318,7 @@ def test_the_real_engine_to_the_bucket_reads_back_with_load_dataset(s3, tmp_path
     )
     ours = sorted(zip(ds["id"], ds["text"], strict=True))
     expected = pq.read_table(sorted(local.glob("rank-*/part-*.parquet")))
-    assert ours == sorted(zip(expected["id"].to_pylist(), expected["text"].to_pylist()))
+    ids, texts = expected["id"].to_pylist(), expected["text"].to_pylist()
+    assert ours == sorted(zip(ids, texts, strict=True))
     assert len(ours) == 8 and len({i for i, _ in ours}) == 8 and all(t for _, t in ours)
     assert "8 rows from 8 prompts" in card
