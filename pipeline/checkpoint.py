@@ -307,21 +307,7 @@ class Checkpoint:
         else:
             self._refuse(scan)
         claim_job_record(self.out_dir, fingerprint)
-        # Only this rank's: other ranks' temporary files may belong to their live writers.
-        strays = (
-            []
-            if is_store(self.out_dir)
-            else [
-                *temp_files(self.out_dir, self.rank),
-                *manifest_path(self.out_dir, self.rank).glob(".tmp-*"),
-            ]
-        )
-        for stray in sorted(strays):
-            stray.unlink(missing_ok=True)
-            notes.append(f"removed an unfinished temporary file from a crash: {stray.name}")
-        for name in scan.unlisted:
-            shard_path(self.out_dir, name).unlink(missing_ok=True)
-            notes.append(f"removed {name}, an upload no commit record names (cut off by a crash)")
+        notes += self._remove_strays(scan)
         manifest = scan.manifest or Manifest(
             rank=self.rank,
             num_ranks=self.num_ranks,
@@ -350,6 +336,27 @@ class Checkpoint:
             resumed=scan.manifest is not None,
             notes=notes,
         )
+
+    def _remove_strays(self, scan: RankScan) -> list[str]:
+        """Remove what crashed writes of this rank left (temporary files; on a store, uploads no
+        record names); a note for each. Only this rank's: other ranks' temporary files may belong
+        to their live writers."""
+        notes = []
+        strays = (
+            []
+            if is_store(self.out_dir)
+            else [
+                *temp_files(self.out_dir, self.rank),
+                *manifest_path(self.out_dir, self.rank).glob(".tmp-*"),
+            ]
+        )
+        for stray in sorted(strays):
+            stray.unlink(missing_ok=True)
+            notes.append(f"removed an unfinished temporary file from a crash: {stray.name}")
+        for name in scan.unlisted:
+            shard_path(self.out_dir, name).unlink(missing_ok=True)
+            notes.append(f"removed {name}, an upload no commit record names (cut off by a crash)")
+        return notes
 
     def _refuse(self, scan: RankScan) -> None:
         """Raise the refusal a scan calls for, if any, in the words a user acts on."""
