@@ -322,3 +322,14 @@ def test_the_real_engine_to_the_bucket_reads_back_with_load_dataset(s3, tmp_path
     assert ours == sorted(zip(ids, texts, strict=True))
     assert len(ours) == 8 and len({i for i, _ in ours}) == 8 and all(t for _, t in ours)
     assert "8 rows from 8 prompts" in card
+
+
+def test_data_parallel_ranks_write_one_prefix(s3, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    url = fresh_prefix()
+    args = run_args(_input(tmp_path, 50), url, *FAKE_ENGINE, "--rows-per-shard", "20")
+    run_cli(*args, "--data-parallel", "2")
+    status = json.loads(run_cli("status", url, "--json").output)
+    assert [r["state"] for r in status["ranks"]] == ["finished", "finished"]
+    assert sorted(os.listdir(tmp_path)) == ["in.parquet"]  # no local folder named 's3:'
+    _exactly_once(url, 50)
