@@ -333,3 +333,19 @@ def test_data_parallel_ranks_write_one_prefix(s3, tmp_path, monkeypatch):
     assert [r["state"] for r in status["ranks"]] == ["finished", "finished"]
     assert sorted(os.listdir(tmp_path)) == ["in.parquet"]  # no local folder named 's3:'
     _exactly_once(url, 50)
+
+
+def test_changed_settings_refused_then_overwrite_starts_afresh(s3, tmp_path):
+    url = fresh_prefix()
+    src = _input(tmp_path, 30)
+    run_cli(*run_args(src, url, *FAKE_ENGINE, "--rows-per-shard", "10"))
+    before = _objects(url)
+    changed = run_args(src, url, *FAKE_ENGINE, "--rows-per-shard", "10", max_tokens=4)
+    refused = run_cli(*changed, expect=1).output
+    assert f"{url} holds an earlier run with different settings:" in refused
+    assert "sampling.max_tokens: 8 -> 4" in refused
+    assert _objects(url) == before  # nothing changed by the refusal
+    result = run_cli(*changed, "--overwrite")
+    assert "--overwrite removed 3 shard(s) and 1 manifest(s) of rank(s) 0" in result.output
+    assert not set(before) & {n for n in _objects(url) if n.endswith(".parquet")}
+    _exactly_once(url, 30)
