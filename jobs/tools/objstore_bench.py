@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -47,6 +48,7 @@ def main() -> None:
         report = _bench(work, args.rows, args.rounds, args.rows_per_shard)
     finally:
         server.stop()
+        shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(report, indent=1))
 
 
