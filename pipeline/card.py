@@ -20,6 +20,7 @@ from typing import Any
 
 from pipeline import __version__
 from pipeline.errors import BatchgenError
+from pipeline.storage.outpath import is_store, parquet_source
 
 log = logging.getLogger("batchgen")
 
@@ -35,6 +36,9 @@ def write_card(out_dir: Path) -> Path:
     """Write OUT/README.md from what OUT has committed; its path."""
     text = render_card(out_dir)
     path = out_dir / CARD_NAME
+    if is_store(path):  # one PUT replaces the object whole: readers never see half a card
+        path.write_text(text)
+        return path
     tmp = path.with_name(f".{CARD_NAME}.{os.getpid()}.tmp")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
@@ -97,7 +101,7 @@ def _features_yaml(shard: Path) -> dict[str, Any]:
     import datasets
     import pyarrow.parquet as pq
 
-    schema = pq.read_schema(shard).remove_metadata()
+    schema = pq.read_schema(parquet_source(shard)).remove_metadata()
     features = datasets.Features.from_arrow_schema(schema)
     return datasets.DatasetInfo(features=features)._to_yaml_dict()
 
@@ -149,11 +153,23 @@ def _body(
         "",
         "```python",
         "from datasets import load_dataset",
-        f'ds = load_dataset("{out_dir.resolve().name}", split="train")  # this folder, or its Hub repo',
+        _load_line(out_dir),
         "```",
         "",
     ]
     return "\n".join(lines)
+
+
+def _load_line(out_dir: Path) -> str:
+    """How to load this output with `datasets`: the folder (or its Hub repo), or on an object
+    store its shards with the store's settings (storage_options: endpoint and credentials)."""
+    if is_store(out_dir):
+        return (
+            f'ds = load_dataset("parquet", data_files="{out_dir}/rank-*/part-*.parquet", '
+            'split="train", storage_options={...})  # the store\'s endpoint and keys'
+        )
+    name = out_dir.resolve().name
+    return f'ds = load_dataset("{name}", split="train")  # this folder, or its Hub repo'
 
 
 def _model_identity(fp: dict[str, Any]) -> str:

@@ -10,7 +10,9 @@ Layout of an output folder (the state folder is hidden, so readers see only shar
 A commit publishes the shard (temporary name, fsync, rename), then writes its commit record.
 A crash between the two leaves a complete shard no record lists; the next run adopts it after
 checking the fingerprint digest in its footer, so no row is lost or written twice. Temporary
-files of a crashed write are removed. Committed rows are known by input position
+files of a crashed write are removed. On an object store (OUT a URL) a shard no record lists
+is removed instead of adopted: its writer may have been a presumed-dead holder of the rank's
+lease, whose rows the new holder writes again. Committed rows are known by input position
 (pipeline/positions.py), so resume holds a few ranges, not an id per row.
 """
 
@@ -62,6 +64,8 @@ from pipeline.sinks import (
     temp_path,
 )
 from pipeline.sources.listing import remove_listings
+from pipeline.storage import stateio
+from pipeline.storage.outpath import is_store
 
 # Re-exported: what other modules read of a rank's state comes through this module.
 __all__ = [
@@ -127,9 +131,9 @@ def _remove_ranks(out_dir: Path, ranks: set[int]) -> str:
             rank_dir(out_dir, rank).rmdir()
         manifests += Manifest.load(out_dir, rank) is not None
         state = manifest_path(out_dir, rank)
-        for p in state.iterdir() if state.is_dir() else []:
+        for p in state.iterdir() if is_store(state) or state.is_dir() else []:
             if p != lock_path(out_dir, rank):
-                shutil.rmtree(p) if p.is_dir() else p.unlink()
+                shutil.rmtree(p) if not is_store(p) and p.is_dir() else p.unlink()
     if not shards and not manifests:
         return ""
     return f"{shards} shard(s) and {manifests} manifest(s) of rank(s) {', '.join(map(str, sorted(ranks)))}"
@@ -162,6 +166,9 @@ def claim_job_record(out_dir: Path, fingerprint: dict[str, Any]) -> None:
         "batchgen": __version__,
         "fingerprint": shared_fingerprint(fingerprint),
     }
+    if is_store(path):  # If-None-Match: of two ranks racing, one creates it
+        stateio.create_once(path, json.dumps(record, indent=1, sort_keys=True).encode())
+        return
     tmp = temp_path(path)
     try:
         with open(tmp, "w") as f:
@@ -190,6 +197,7 @@ class RankScan:
     missing: list[str] = field(default_factory=list)  # listed, gone from disk
     foreign: list[str] = field(default_factory=list)  # on disk, not of this run
     damaged: list[tuple[str, str]] = field(default_factory=list)  # listed, not as committed: why
+    unlisted: list[str] = field(default_factory=list)  # on a store, no record names: removed
     done: Positions = field(default_factory=Positions)  # input positions the kept shards hold
 
     def refusals(self, out_dir: Path) -> list[str]:
@@ -236,6 +244,9 @@ def scan_rank(out_dir: Path, rank: int, fingerprint: dict[str, Any]) -> RankScan
     sizes = {p.name: p.stat().st_size for p in shard_files(out_dir, rank)}
     for name, size in sizes.items():
         entry = listed.get(name)
+        if entry is None and is_store(out_dir):
+            scan.unlisted.append(name)
+            continue
         if entry is None:
             meta = read_shard_metadata(shard_path(out_dir, name))
             if meta is None or meta.get("fingerprint_sha256") not in digests:
@@ -309,14 +320,7 @@ class Checkpoint:
         else:
             self._refuse(scan)
         claim_job_record(self.out_dir, fingerprint)
-        # Only this rank's: other ranks' temporary files may belong to their live writers.
-        strays = [
-            *temp_files(self.out_dir, self.rank),
-            *manifest_path(self.out_dir, self.rank).glob(".tmp-*"),
-        ]
-        for stray in sorted(strays):
-            stray.unlink(missing_ok=True)
-            notes.append(f"removed an unfinished temporary file from a crash: {stray.name}")
+        notes += self._remove_strays(scan)
         manifest = scan.manifest or Manifest(
             rank=self.rank,
             num_ranks=self.num_ranks,
@@ -345,6 +349,27 @@ class Checkpoint:
             resumed=scan.manifest is not None,
             notes=notes,
         )
+
+    def _remove_strays(self, scan: RankScan) -> list[str]:
+        """Remove what crashed writes of this rank left (temporary files; on a store, uploads no
+        record names); a note for each. Only this rank's: other ranks' temporary files may belong
+        to their live writers."""
+        notes = []
+        strays = (
+            []
+            if is_store(self.out_dir)
+            else [
+                *temp_files(self.out_dir, self.rank),
+                *manifest_path(self.out_dir, self.rank).glob(".tmp-*"),
+            ]
+        )
+        for stray in sorted(strays):
+            stray.unlink(missing_ok=True)
+            notes.append(f"removed an unfinished temporary file from a crash: {stray.name}")
+        for name in scan.unlisted:
+            shard_path(self.out_dir, name).unlink(missing_ok=True)
+            notes.append(f"removed {name}, an upload no commit record names (cut off by a crash)")
+        return notes
 
     def _refuse(self, scan: RankScan) -> None:
         """Raise the refusal a scan calls for, if any, in the words a user acts on."""

@@ -26,6 +26,7 @@ from pipeline.batchfile import COMPLETIONS_URL
 from pipeline.errors import BatchgenError
 from pipeline.sinks import read_shard_metadata, shard_files
 from pipeline.sources.openai_batch import MODEL_COLUMN, POSITION_COLUMN, URL_COLUMN
+from pipeline.storage.outpath import parquet_source
 
 _COLUMNS = ["id", "sample_index", "text", "finish_reason", "prompt_tokens", "completion_tokens"]
 _COLUMNS += ["error", POSITION_COLUMN, URL_COLUMN, MODEL_COLUMN]
@@ -54,7 +55,7 @@ def export_openai_batch(out_dir: Path, results: Path, errors: Path | None = None
             f"{out_dir}` first"
         )
     meta = read_shard_metadata(files[0]) or {}
-    if POSITION_COLUMN not in pq.read_schema(files[0]).names:
+    if POSITION_COLUMN not in pq.read_schema(parquet_source(files[0])).names:
         raise BatchgenError(
             f"{out_dir} was not made from a batch request file; export --openai-batch needs a "
             "run made with `batchgen run --openai-batch FILE`"
@@ -126,7 +127,7 @@ def _merged(files: list[Path]) -> Iterator[tuple[dict[str, Any], int]]:
 
 def _first_position(path: Path) -> int:
     """A shard's smallest input position, from its footer's statistics where present."""
-    meta = pq.ParquetFile(path).metadata
+    meta = pq.ParquetFile(parquet_source(path)).metadata
     if meta.num_row_groups == 0:
         return -1
     group = meta.row_group(0)  # rows are sorted within a shard: its first group has the min
@@ -136,11 +137,11 @@ def _first_position(path: Path) -> int:
             stats = chunk.statistics
             if stats is not None and stats.has_min_max:
                 return int(stats.min)
-    return min(pq.read_table(path, columns=[POSITION_COLUMN]).column(0).to_pylist())
+    return min(pq.read_table(parquet_source(path), columns=[POSITION_COLUMN]).column(0).to_pylist())
 
 
 def _shard_rows(path: Path) -> Iterator[dict[str, Any]]:
-    with pq.ParquetFile(path) as pf:
+    with pq.ParquetFile(parquet_source(path)) as pf:
         columns = [c for c in (*_COLUMNS, "logprobs") if c in pf.schema_arrow.names]
         for batch in pf.iter_batches(batch_size=READ_ROWS, columns=columns):
             yield from batch.to_pylist()

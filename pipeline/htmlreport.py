@@ -27,6 +27,7 @@ from pipeline.humanize import fmt_duration
 from pipeline.prompts import error_kind
 from pipeline.sinks import read_shard_metadata, shard_files
 from pipeline.status import RunStatus, read_status
+from pipeline.storage.outpath import parquet_source
 
 SAMPLE_ROWS = 12
 EXAMPLE_IDS = 5
@@ -99,7 +100,7 @@ def _read_shards(files: list[Path]) -> _Data:
     rng = random.Random(0)
     columns = ["id", "sample_index", "finish_reason", "prompt_tokens", "completion_tokens", "error"]
     for f, path in enumerate(files):
-        table = pq.read_table(path, columns=columns).to_pydict()
+        table = pq.read_table(parquet_source(path), columns=columns).to_pydict()
         for i, (row_id, index, reason, prompt, completion, error) in enumerate(
             zip(*(table[c] for c in columns), strict=True)
         ):
@@ -122,10 +123,10 @@ def _read_shards(files: list[Path]) -> _Data:
                 if j < SAMPLE_ROWS:
                     picks[j] = (f, i)
     for f in sorted({f for f, _ in picks}):
-        schema = pq.read_schema(files[f])
+        schema = pq.read_schema(parquet_source(files[f]))
         data.has_prompt = data.has_prompt or "prompt" in schema.names
         wanted = [c for c in schema.names if c not in ("sample_index",)]
-        table = pq.read_table(files[f], columns=wanted)
+        table = pq.read_table(parquet_source(files[f]), columns=wanted)
         for _, i in sorted(p for p in picks if p[0] == f):
             data.sample.append({c: table[c][i].as_py() for c in wanted})
     return data

@@ -9,6 +9,11 @@ Every file is written once under a name no other attempt uses and never rewritte
 to (what an object store offers: put a new object, read, list a prefix, delete). A commit
 writes one small record; a run's start and end write a new manifest generation and delete
 what it folds in. The rank's state is the newest generation plus the commit records after it.
+
+OUT may be a local `Path` or a `StorePath` (an object-store URL, pipeline/storage/outpath.py):
+the same code reads and writes both; the few steps that differ (write once, the lock, the job
+record) go to pipeline/storage/stateio.py on a store: PUT If-None-Match instead of a temporary
+name, fsync and rename, and the rank's lease (OUT/.batchgen/leases/) instead of lockf.
 """
 
 from __future__ import annotations
@@ -19,13 +24,16 @@ import json
 import os
 import re
 import socket
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pipeline.errors import BatchgenError, OutputLocked
-from pipeline.sinks import RANK_DIR_RE, fsync_dir, shard_seq, temp_path
+from pipeline.sinks import RANK_DIR_RE, fsync_dir, list_names, shard_seq, temp_path
+from pipeline.storage import stateio
+from pipeline.storage.outpath import is_store
 
 STATE_DIR = ".batchgen"
 MANIFEST_RE = re.compile(r"^manifest-(\d{8})\.json$")
@@ -49,7 +57,11 @@ def manifest_path(out_dir: Path, rank: int) -> Path:
 
 
 def engine_log_path(out_dir: Path, rank: int) -> Path:
-    """Where a rank's engine writes its own log (vLLM's lines), appended across resumes."""
+    """Where a rank's engine writes its own log (vLLM's lines), appended across resumes; for an
+    object-store OUT (no appends there), a local file named after it in the temporary folder."""
+    if is_store(out_dir):
+        slug = re.sub(r"[^A-Za-z0-9._-]+", "_", str(out_dir))
+        return Path(tempfile.gettempdir()) / "batchgen-logs" / slug / f"engine-rank-{rank:05d}.log"
     return out_dir / STATE_DIR / "logs" / f"engine-rank-{rank:05d}.log"
 
 
@@ -64,10 +76,7 @@ def legacy_manifest_path(out_dir: Path, rank: int) -> Path:
 
 def state_ranks(out_dir: Path) -> list[int]:
     """The ranks that have a state folder in `out_dir` (started at least once), sorted."""
-    try:
-        names = os.listdir(out_dir / STATE_DIR)
-    except (FileNotFoundError, NotADirectoryError):
-        return []
+    names = list_names(out_dir / STATE_DIR)
     return sorted(int(m.group(1)) for n in names if (m := RANK_DIR_RE.match(n)))
 
 
@@ -113,10 +122,7 @@ class Manifest:
         """The rank's committed state (None if it never started): one listing of its state
         folder, its latest manifest generation and the commit records not yet folded in."""
         folder = manifest_path(out_dir, rank)
-        try:
-            names = sorted(os.listdir(folder))
-        except (FileNotFoundError, NotADirectoryError):
-            return None
+        names = list_names(folder)
         generations = [n for n in names if MANIFEST_RE.match(n)]
         if not generations:
             return None
@@ -129,7 +135,12 @@ class Manifest:
         listed = {s["file"] for s in manifest.shards}
         for name in names:
             if COMMIT_RE.match(name):
-                entry = _read_json(folder / name)
+                try:
+                    entry = _read_json(folder / name)
+                except FileNotFoundError:
+                    # Folded into a newer generation since the listing (a live writer's end),
+                    # or, on a store, listed before its PUT completed: not committed yet.
+                    continue
                 if entry["file"] not in listed:
                     manifest.shards.append(entry)
                     manifest.updated_at = max(manifest.updated_at, entry.get("committed_at") or 0)
@@ -145,7 +156,7 @@ class Manifest:
         self.version = MANIFEST_VERSION
         folder = manifest_path(out_dir, self.rank)
         folder.mkdir(parents=True, exist_ok=True)
-        before = [n for n in os.listdir(folder) if MANIFEST_RE.match(n) or COMMIT_RE.match(n)]
+        before = [n for n in list_names(folder) if MANIFEST_RE.match(n) or COMMIT_RE.match(n)]
         generation = self.generation + 1
         data = asdict(self)
         del data["generation"]
@@ -161,6 +172,8 @@ class Manifest:
         # Counted first: the shard is published, so it is committed even if this write fails
         # (the next run adopts it), and a failure message counts its rows as safe.
         self.shards.append(info)
+        if is_store(out_dir):  # a writer whose lease was taken over must not record a shard
+            stateio.check_writer(out_dir, self.rank)
         write_new(manifest_path(out_dir, self.rank) / commit_record_name(info["file"]), info)
 
 
@@ -171,8 +184,11 @@ def commit_record_name(shard: str) -> str:
 
 def write_new(path: Path, data: dict[str, Any]) -> None:
     """Write a JSON file under a name nothing else writes (a temporary name, fsync, rename,
-    fsync of the folder): what an object store's PUT of a new object gives. A full disk fails
-    here and leaves no file under `path`."""
+    fsync of the folder): what an object store's PUT of a new object gives (If-None-Match,
+    there). A full disk fails here and leaves no file under `path`."""
+    if is_store(path):
+        stateio.write_once(path, json.dumps(data, indent=1, sort_keys=True).encode())
+        return
     tmp = temp_path(path)
     try:
         with open(tmp, "w") as f:
@@ -190,6 +206,8 @@ def write_new(path: Path, data: dict[str, Any]) -> None:
 def _read_json(path: Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise
     except (json.JSONDecodeError, OSError) as exc:
         raise BatchgenError(
             f"{path} is unreadable ({exc}); it is batchgen's resume state: restore it, or "
@@ -201,16 +219,21 @@ class RankLock:
     """An exclusive lock on one rank of an output folder.
 
     POSIX record locks (lockf) are released by the kernel when their process dies, however it
-    dies, so a lock left by a killed run never blocks the next; they also work on NFS.
+    dies, so a lock left by a killed run never blocks the next; they also work on NFS. On an
+    object store, the rank's lease (stateio.StoreRankLock) stands in for lockf.
     """
 
     def __init__(self, out_dir: Path, rank: int) -> None:
         self.path = lock_path(out_dir, rank)
         self.rank = rank
         self._file = None
+        self._lease = stateio.StoreRankLock(out_dir, rank) if is_store(out_dir) else None
 
     def acquire(self) -> RankLock:
         """Take the lock, or raise OutputLocked naming the holder (OSError if it cannot be made)."""
+        if self._lease is not None:
+            self._lease.acquire()
+            return self
         self.path.parent.mkdir(parents=True, exist_ok=True)
         key = self.path.resolve()
         if key in _HELD_LOCKS:  # a second run in this process: lockf would let it through
@@ -248,6 +271,8 @@ class RankLock:
         )
 
     def release(self) -> None:
+        if self._lease is not None:
+            self._lease.release()
         if self._file is not None:
             _HELD_LOCKS.discard(self.path.resolve())
             with contextlib.suppress(OSError):
@@ -261,6 +286,8 @@ def lock_holder(out_dir: Path, rank: int) -> str | None:
     Probes with a non-blocking shared lock on a read-only descriptor: it needs no write access,
     changes nothing, and a manifest that says "running" under a free lock means a dead process.
     """
+    if is_store(out_dir):
+        return stateio.lease_holder(out_dir, rank)
     path = lock_path(out_dir, rank)
     # resolve() costs a stat per path component: only a process that holds locks pays it.
     if _HELD_LOCKS and path.resolve() in _HELD_LOCKS:

@@ -17,6 +17,7 @@ from pipeline.checkpoint import STATE_DIR, engine_log_path, manifest_path
 from pipeline.errors import ConfigError
 from pipeline.rankstate import job_path, state_ranks
 from pipeline.sources.listing import LISTING_GLOB
+from pipeline.storage.outpath import is_store
 
 
 def check_output_path(out_dir: Path) -> None:
@@ -55,7 +56,10 @@ class RankFootprint:
 
     def remove(self) -> None:
         """Remove what the run added (called once it is refused, its lock released)."""
-        if self.new_state is not None:
+        if is_store(self.new_state):  # no folders on a store: its objects, one by one
+            for path in self.new_state.iterdir():
+                path.unlink()
+        elif self.new_state is not None:
             shutil.rmtree(self.new_state, ignore_errors=True)
         for path in self.new_files:
             with contextlib.suppress(OSError):

@@ -45,6 +45,7 @@ from pipeline.reuse.dedup import RequestDedup
 from pipeline.reuse.run import engine_requests, open_reuse, requests_since, reuse_report
 from pipeline.sinks import output_schema, prepare_output_dir
 from pipeline.stages import Committer, Feeder
+from pipeline.storage.outpath import is_store
 from pipeline.storage.retry import StoreDown
 from pipeline.version import __version__
 
@@ -76,6 +77,11 @@ def run(cfg: RunConfig) -> RunResult:
     # A server is asked who it is before the output is touched: an unreachable one, or one
     # serving another model, is refused with nothing written; its answers enter the fingerprint.
     check_output_path(out_dir)
+    if cfg.reuse and is_store(out_dir):
+        raise ConfigError(
+            f"--reuse with --output {out_dir}: reusing earlier folders needs a local --output "
+            "(the merged key index is built beside it); write locally, or drop --reuse"
+        )
     asked = cfg.engine.server is not None
     with open_engine(cfg.engine, cfg.engine.model) if asked else contextlib.nullcontext() as server:
         footprint = RankFootprint(out_dir, cfg.rank)  # removed again if the run is refused
@@ -398,6 +404,8 @@ def _failure(
     committed = committed_note(manifest.prompts_committed, out_dir)
     failure: BatchgenError | None = None
     cause: BaseException | None = None
+    if isinstance(committer.error, StoreDown):  # the output's store: exit 75, rerun later
+        return _input_failure(committer.error, flags, committed)
     if committer.error is not None:
         cause = committer.error
         if isinstance(cause, OSError):
@@ -440,8 +448,8 @@ def _failure(
 
 
 def _input_failure(cause: BaseException, flags: StopFlags, committed: str) -> BatchgenError | None:
-    """A failed input read, worded; None when the input's store stayed down past its retries:
-    the run then ends as interrupted (exit 75), to be rerun once the store answers."""
+    """A failed input read, worded; None when the input's (or the output's) store stayed down
+    past its retries: the run then ends as interrupted (exit 75), to be rerun once it answers."""
     if isinstance(cause, StoreDown):
         log.warning("%s", cause)
         flags.reason = str(cause)
@@ -480,6 +488,10 @@ def _record_status(
 ) -> None:
     try:
         checkpoint.set_status(status, report)
+    except StoreDown as exc:
+        # The commit records already name every committed shard; the run ends as it was going
+        # to (exit 75 when interrupted), and `batchgen status` shows the rank as crashed.
+        log.warning("recording the %s state failed too: %s", status, exc)
     except OSError as exc:
         out_dir = cfg.output_dir
         action = f"recording the {status} state in {manifest_path(out_dir, cfg.rank)}"

@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 from pipeline.checkpoint import STATE_DIR
 from pipeline.errors import BatchgenError, ConfigError
 from pipeline.sinks import RESERVED_COLUMNS, read_shard_metadata, shard_files
+from pipeline.storage.outpath import parquet_source
 
 LABEL_WIDTH = 9  # "prompt", "text", "error", kept columns: the label column of each row's block
 _OPS = ("!=", "=")
@@ -118,7 +119,7 @@ def select(
             sel.stopped_early = True  # at fleet size, --limit 5 reads one shard, not 10,000
             sel.committed = _manifest_rows(out_dir, sel.committed, files[i:])
             break
-        table = pq.read_table(path)
+        table = pq.read_table(parquet_source(path))
         sel.committed += table.num_rows
         mask = pa.chunked_array([pa.array([True] * table.num_rows)])
         for condition in conditions:

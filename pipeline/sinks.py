@@ -3,6 +3,10 @@
 A shard is written under a hidden temporary name, flushed to disk, then renamed; readers
 (pyarrow, pandas, DuckDB, `datasets`) see a shard complete or not at all, because they skip
 names starting with '.' and a rename is atomic.
+
+On an object store (OUT a `StorePath`, pipeline/storage/outpath.py) there is no rename: a shard
+is encoded in memory and uploaded once, by one PUT (multipart when large), under a name no other
+attempt uses (`part-RRRRR-SSSSSS-<attempt>.parquet`); an object appears whole or not at all.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ from pipeline.positions import Positions
 from pipeline.records import ResultRow
 from pipeline.reuse.index import write_key_index
 from pipeline.reuse.keys import KEY_BYTES
+from pipeline.storage.outpath import is_store, parquet_source
+from pipeline.storage.stateio import put_object
 
 _TOKEN = pa.struct([("token_id", pa.int32()), ("token", pa.string()), ("logprob", pa.float32())])
 # One position of a completion or prompt: the token, its logprob and the top-k alternatives.
@@ -59,14 +65,16 @@ RESERVED_COLUMNS = (
 )
 METADATA_KEY = b"batchgen"
 SHARD_KEY = b"batchgen_shard"  # the shard's own ShardInfo (positions, counts), for adoption
-SHARD_RE = re.compile(r"^part-(\d{5})-(\d{6})\.parquet$")
+# An object-store shard's name carries its attempt (8 hex digits): no two writers share a name.
+SHARD_RE = re.compile(r"^part-(\d{5})-(\d{6})(?:-[0-9a-f]{8})?\.parquet$")
 RANK_DIR_RE = re.compile(r"^rank-(\d{5})$")
 TMP_PREFIX = ".tmp-"  # readers skip names that start with '.'
 
 
-def shard_name(rank: int, seq: int) -> str:
-    """The file name of a rank's seq-th shard; zero-padded so that names sort."""
-    return f"part-{rank:05d}-{seq:06d}.parquet"
+def shard_name(rank: int, seq: int, attempt: str = "") -> str:
+    """The file name of a rank's seq-th shard; zero-padded so that names sort. `attempt` (an
+    object store's writer) makes it a name no other attempt uses."""
+    return f"part-{rank:05d}-{seq:06d}{'-' + attempt if attempt else ''}.parquet"
 
 
 def shard_seq(name: str) -> int:
@@ -90,12 +98,19 @@ def shard_path(out_dir: Path, name: str) -> Path:
     return rank_dir(out_dir, int(match.group(1))) / name
 
 
-def output_ranks(out_dir: Path) -> list[int]:
-    """The ranks that have a shard folder in `out_dir`, sorted."""
+def list_names(folder: Path) -> list[str]:
+    """The names in `folder` (a local folder or an object-store prefix), sorted; [] if none."""
+    if is_store(folder):
+        return [p.name for p in folder.iterdir()]
     try:
-        names = os.listdir(out_dir)
+        return sorted(os.listdir(folder))
     except (FileNotFoundError, NotADirectoryError):
         return []
+
+
+def output_ranks(out_dir: Path) -> list[int]:
+    """The ranks that have a shard folder in `out_dir`, sorted."""
+    names = list_names(out_dir)
     return sorted(int(m.group(1)) for n in names if (m := RANK_DIR_RE.match(n)))
 
 
@@ -106,15 +121,16 @@ def shard_files(out_dir: Path, rank: int | None = None) -> list[Path]:
     if rank is None:
         return [p for r in output_ranks(out_dir) for p in shard_files(out_dir, r)]
     folder = rank_dir(out_dir, rank)
-    try:
-        names = os.listdir(folder)
-    except (FileNotFoundError, NotADirectoryError):
-        return []
-    return [folder / n for n in sorted(names) if SHARD_RE.match(n)]
+    if is_store(folder):  # the listing's sizes and times come along (no request per shard)
+        return [p for p in folder.iterdir() if SHARD_RE.match(p.name)]
+    return [folder / n for n in list_names(folder) if SHARD_RE.match(n)]
 
 
 def temp_files(out_dir: Path, rank: int) -> list[Path]:
-    """Temporary files of one rank's unfinished shard writes (a crash leaves them)."""
+    """Temporary files of one rank's unfinished shard writes (a crash leaves them; none on an
+    object store, where an upload cut off leaves no object)."""
+    if is_store(out_dir):
+        return []
     return sorted(rank_dir(out_dir, rank).glob(f"{TMP_PREFIX}part-{rank:05d}-*"))
 
 
@@ -198,7 +214,7 @@ class ShardInfo:
 def read_shard_info(path: Path) -> ShardInfo:
     """The manifest entry of a committed shard file, as its footer records it (one small read
     at the end of the file), with its file's time and size."""
-    raw = (pq.read_schema(path).metadata or {}).get(SHARD_KEY)
+    raw = (pq.read_schema(parquet_source(path)).metadata or {}).get(SHARD_KEY)
     if raw is None:
         raise BatchgenError(f"{path} records no shard entry; it was not written by this batchgen")
     info = ShardInfo(**json.loads(raw))
@@ -217,6 +233,8 @@ class ParquetShardWriter:
         self.out_dir = out_dir
         self.rank = rank
         self.schema = schema.with_metadata({METADATA_KEY: json.dumps(metadata, sort_keys=True)})
+        # On an object store, this writer's shard names carry an attempt of their own.
+        self.attempt = os.urandom(4).hex() if is_store(out_dir) else ""
 
     def table(self, rows: list[ResultRow]) -> pa.Table:
         columns: dict[str, list[Any]] = {
@@ -244,7 +262,9 @@ class ParquetShardWriter:
 
     def write(self, rows: list[ResultRow], seq: int) -> ShardInfo:
         """Write, flush and rename one shard; the shard exists complete or not at all."""
-        final = rank_dir(self.out_dir, self.rank) / shard_name(self.rank, seq)
+        final = rank_dir(self.out_dir, self.rank) / shard_name(self.rank, seq, self.attempt)
+        if is_store(final):
+            return self._write_object(rows, final)
         if not final.parent.is_dir():
             final.parent.mkdir(exist_ok=True)
             fsync_dir(self.out_dir)
@@ -263,18 +283,39 @@ class ParquetShardWriter:
         fsync_dir(final.parent)
         return info
 
+    def _write_object(self, rows: list[ResultRow], final: Any) -> ShardInfo:
+        """An object store's commit: the shard encoded in memory (the upload buffer: one
+        shard's compressed bytes), then uploaded once under its unique name. No key index:
+        --reuse reads local folders only."""
+        rows = sorted(rows, key=lambda r: (r.seq, r.sample_index))
+        info = ShardInfo.of(final.name, rows)
+        info.positions = Positions.of(r.seq for r in rows).to_list()
+        sink = pa.BufferOutputStream()
+        self._encode(rows, info, sink)
+        data = sink.getvalue()
+        info.bytes = data.size
+        self._publish(data, final)
+        return info
+
     # The two steps of a commit; the kill tests wrap each to stop a process between them.
 
     def _write_temp(self, rows: list[ResultRow], tmp: Path, info: ShardInfo) -> None:
-        table = self.table(rows)
-        entry = json.dumps(asdict(info), sort_keys=True).encode()
-        table = table.replace_schema_metadata({**table.schema.metadata, SHARD_KEY: entry})
         with open(tmp, "wb") as f:
-            pq.write_table(table, f, compression="zstd")
+            self._encode(rows, info, f)
             f.flush()
             os.fsync(f.fileno())
 
-    def _publish(self, tmp: Path, final: Path) -> None:
+    def _encode(self, rows: list[ResultRow], info: ShardInfo, sink: Any) -> None:
+        table = self.table(rows)
+        entry = json.dumps(asdict(info), sort_keys=True).encode()
+        table = table.replace_schema_metadata({**table.schema.metadata, SHARD_KEY: entry})
+        pq.write_table(table, sink, compression="zstd")
+
+    def _publish(self, tmp: Any, final: Any) -> None:
+        """Make the shard visible: a rename locally, the upload of its bytes on a store."""
+        if is_store(final):
+            put_object(final, tmp)
+            return
         os.replace(tmp, final)
 
 
@@ -285,7 +326,13 @@ def _parsed_ok(row: ResultRow) -> bool | None:
 
 
 def prepare_output_dir(out_dir: Path) -> None:
-    """Create the output folder and prove it writable before any other work."""
+    """Create the output folder and prove it writable before any other work (on an object
+    store: endpoint, credentials, bucket and write permission, each in one line)."""
+    if is_store(out_dir):
+        from pipeline.storage.preflight import preflight
+
+        preflight(out_dir.store.loc)
+        return
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         probe = out_dir / f".batchgen-write-test-{os.getpid()}-{int(time.time() * 1e6)}"
@@ -316,7 +363,7 @@ def fsync_dir(path: Path) -> None:
 def read_shard_metadata(path: Path) -> dict[str, Any] | None:
     """The batchgen metadata of a shard, or None if the file is not a readable batchgen shard."""
     try:
-        meta = pq.read_schema(path).metadata or {}
+        meta = pq.read_schema(parquet_source(path)).metadata or {}
     except (pa.ArrowInvalid, OSError):
         return None
     raw = meta.get(METADATA_KEY)

@@ -127,3 +127,13 @@ def test_values_json_has_no_word_for():
 
     row = {"request_key": b"\x01\xab", "logprobs": [{"logprob": float("-inf"), "top": []}]}
     assert json_value(row) == {"request_key": "01ab", "logprobs": [{"logprob": None, "top": []}]}
+
+
+def test_jsonl_beside_a_bucket_output_is_refused_before_anything_runs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a URL taken for a path would make a folder named "s3:" here
+    result = run_cli(*jsonl_args("s3://bucket/out", "--output-format", "jsonl"), expect=2)
+    assert (
+        "--output-format jsonl with --output s3://bucket/out: JSON Lines copies are written "
+        "beside local shards only"
+    ) in result.output
+    assert list(tmp_path.iterdir()) == []

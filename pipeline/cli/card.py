@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import click
 
 from pipeline.cli.common import click_errors, output_folder
+from pipeline.storage.outpath import output_location
 
 
 @click.command()
@@ -20,4 +19,4 @@ def card(output: str) -> None:
     from pipeline.card import write_card
 
     with click_errors(usage=False):
-        click.echo(write_card(Path(output)))
+        click.echo(write_card(output_location(output)))

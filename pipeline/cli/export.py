@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from pipeline.cli.common import click_errors, output_folder
+from pipeline.storage.outpath import output_location
 
 EXPORT_EXAMPLES = """
 \b
@@ -35,7 +36,9 @@ def export(output: str, results: str, errors: str | None) -> None:
     from pipeline.export import export_openai_batch
 
     with click_errors(usage=False):
-        counts = export_openai_batch(Path(output), Path(results), Path(errors) if errors else None)
+        counts = export_openai_batch(
+            output_location(output), Path(results), Path(errors) if errors else None
+        )
     where = f" ({counts.failed:,} in {errors})" if errors else ""
     click.echo(
         f"{counts.requests:,} requests written to {results}: {counts.succeeded:,} succeeded, "

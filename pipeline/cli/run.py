@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import sys
-from pathlib import Path
 from typing import Any
 
 import click
@@ -170,7 +169,10 @@ def _run_node(ctx: click.Context, kw: dict[str, Any], plan: Any) -> None:
 
     kw["num_ranks"], kw["rank"] = plan.num_ranks, 0
     run_config(kw)  # every flag checked once here, before any rank starts
-    node = NodeRun(rank_flags(ctx), plan, Path(kw["path"]), kw["overwrite"], kw["progress_seconds"])
+    from pipeline.storage.outpath import output_location
+
+    out = output_location(kw["path"])  # a URL stays a URL (never a local folder 's3:')
+    node = NodeRun(rank_flags(ctx), plan, out, kw["overwrite"], kw["progress_seconds"])
     with click_errors():
         code = node.run()
     if code:

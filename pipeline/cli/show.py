@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import shutil
 import sys
-from pathlib import Path
 
 import click
 
 from pipeline.cli.common import click_errors, output_folder
+from pipeline.storage.outpath import output_location
 
 SHOW_EPILOG = """\b
 Examples:
@@ -55,7 +55,7 @@ def show(
 
     if seed is not None and sample is None:
         raise click.UsageError("--seed goes with --sample N")
-    out = Path(output)
+    out = output_location(output)
     with click_errors():
         sel = select(out, where, errors, ids, sample, seed or 0, limit)
     text = render(sel, out, shutil.get_terminal_size((100, 24)).columns)

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
 import click
 
 from pipeline.cli.common import click_errors, output_folder
+from pipeline.storage.outpath import output_location
 
 STATUS_EPILOG = """\b
 Each rank is one of: finished; running (its lock is held by a live process); interrupted
@@ -45,6 +45,6 @@ def status(output: str, as_json: bool, stalled_after: float) -> None:
     from pipeline.status import read_status
 
     with click_errors(usage=False):
-        report = read_status(Path(output), stalled_after)
+        report = read_status(output_location(output), stalled_after)
     click.echo(json.dumps(report.to_dict(), sort_keys=True) if as_json else report.render())
     sys.exit(report.exit_code)

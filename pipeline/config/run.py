@@ -57,9 +57,16 @@ class OutputConfig:
 
     def __post_init__(self) -> None:
         from pipeline.storage import require_output_location  # a URL is never a local path
+        from pipeline.storage.urls import url_scheme
 
         if self.path is not None:  # tune's trials have none
             require_output_location(self.path)
+            if self.format == "jsonl" and url_scheme(self.path) is not None:
+                raise ConfigError(
+                    f"--output-format jsonl with --output {self.path}: JSON Lines copies are "
+                    "written beside local shards only; drop --output-format or write locally "
+                    "and convert with `batchgen export`"
+                )
         if self.rows_per_shard < 1:
             raise ConfigError(f"--rows-per-shard {self.rows_per_shard}: must be at least 1")
         if self.checkpoint_seconds <= 0:
@@ -203,4 +210,7 @@ class RunConfig:
 
     @property
     def output_dir(self) -> Path:
-        return Path(self.output.path)
+        """OUT: a local Path, or a StorePath for an object-store URL (same interface)."""
+        from pipeline.storage.outpath import output_location
+
+        return output_location(self.output.path)

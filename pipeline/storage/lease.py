@@ -37,6 +37,8 @@ class LeaseRecord:
     holder: str  # "pid 12 on node3 (id)"
     heartbeat: float  # wall-clock seconds of the last renewal
     expires: float  # heartbeat + ttl
+    host: str = ""  # the holder's host and pid: on that host, a gone process is a dead holder
+    pid: int = 0
 
     def to_bytes(self) -> bytes:
         return json.dumps(asdict(self), sort_keys=True).encode()
@@ -45,9 +47,29 @@ class LeaseRecord:
     def parse(cls, data: bytes) -> LeaseRecord | None:
         try:
             raw = json.loads(data)
-            return cls(str(raw["holder"]), float(raw["heartbeat"]), float(raw["expires"]))
+            return cls(
+                str(raw["holder"]),
+                float(raw["heartbeat"]),
+                float(raw["expires"]),
+                str(raw.get("host", "")),
+                int(raw.get("pid", 0)),
+            )
         except (ValueError, KeyError, TypeError):
             return None  # a torn or foreign object: treated as expired
+
+    def alive(self, now: float) -> bool:
+        """Whether the holder may still be writing: unexpired, and, when it ran on this host,
+        its process still there (a killed writer's lease is free at once, as lockf's is)."""
+        if self.expires <= now:
+            return False
+        if self.host == socket.gethostname() and self.pid > 0:
+            try:
+                os.kill(self.pid, 0)
+            except ProcessLookupError:
+                return False
+            except PermissionError:
+                return True
+        return True
 
 
 def lease_name(rank: int) -> str:
@@ -71,7 +93,8 @@ class Lease:
 
     def _record(self) -> bytes:
         now = self.clock()
-        return LeaseRecord(self.holder, now, now + self.ttl_s).to_bytes()
+        record = LeaseRecord(self.holder, now, now + self.ttl_s, socket.gethostname(), os.getpid())
+        return record.to_bytes()
 
     def acquire(self) -> Lease:
         """Take the lease: LeaseHeld if a live holder has it; a dead holder's is taken over."""
@@ -81,7 +104,9 @@ class Lease:
             record = None if data is None else LeaseRecord.parse(data)
             if data is None:  # released between our two calls
                 etag = self.store.put_if_absent(self.name, self._record())
-            elif record is not None and record.expires > self.clock():
+            elif record is not None and record.holder == self.holder:
+                etag = current  # our own create, retried after its answer was lost
+            elif record is not None and record.alive(self.clock()):
                 raise self._held(record)
             else:
                 assert current is not None
@@ -98,11 +123,14 @@ class Lease:
         assert self._etag is not None, "renew() before acquire()"
         etag = self.store.put_if_match(self.name, self._record(), self._etag)
         if etag is None:
-            data = self.store.read(self.name)
+            data, current = self.store.read_with_etag(self.name)
             record = None if data is None else LeaseRecord.parse(data)
+            if record is not None and record.holder == self.holder:
+                self._etag = current  # our own renewal, retried after its answer was lost
+                return
             who = record.holder if record else "nobody"
             raise LeaseLost(
-                f"the lease {self.store.loc.child(self.name)} is now held by {who}: this writer "
+                f"the lease {self.store.url_of(self.name)} is now held by {who}: this writer "
                 f"was presumed dead (no heartbeat for {self.ttl_s:.0f} s); it stops writing"
             )
         self._etag = etag
@@ -119,12 +147,15 @@ class Lease:
     def _held(self, record: LeaseRecord | None) -> LeaseHeld:
         if record is None:
             return LeaseHeld(
-                f"{self.store.loc.child(self.name)}: another writer took the lease at the same "
+                f"{self.store.url_of(self.name)}: another writer took the lease at the same "
                 "moment; only one writer per rank may run; rerun if it has stopped"
             )
         left = max(record.expires - self.clock(), 0)
+        if record.host == socket.gethostname():
+            fix = "stop it (the lease is free as soon as its process is gone)"
+        else:
+            fix = f"stop it, or if it died, rerun after its lease expires in {left:.0f} s"
         return LeaseHeld(
-            f"{self.store.loc.child(self.name)} is held by {record.holder} (last heartbeat "
-            f"{self.clock() - record.heartbeat:.0f} s ago); only one writer per rank may run: stop "
-            f"it, or if it died, rerun after its lease expires in {left:.0f} s"
+            f"{self.store.url_of(self.name)} is held by {record.holder} (last heartbeat "
+            f"{self.clock() - record.heartbeat:.0f} s ago); only one writer per rank may run: {fix}"
         )

@@ -54,6 +54,10 @@ class ObjectStore:
         """Whether writes can be conditional on the store itself (atomic leases)."""
         return self._endpoint is not None
 
+    def url_of(self, name: str) -> str:
+        """`name` as a URL a user can paste (s3://bucket/prefix/name), for messages."""
+        return f"{self.loc.url.rstrip('/')}/{name}"
+
     def _parent(self, name: str) -> None:
         """Local folders need the parent made; object stores have no folders."""
         if self.loc.scheme == "file":

@@ -11,10 +11,10 @@ from pipeline.errors import ConfigError
 
 _URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 
-# Schemes batchgen can write its --output to today. Object stores wait for the commit protocol
-# without rename and flock (issue #23, docs/object-stores.md); until then an output URL is
-# refused before anything is created.
-OUTPUT_SCHEMES: tuple[str, ...] = ()
+# Schemes batchgen can write its --output to: S3 and S3-compatible stores, whose conditional
+# writes (If-None-Match / If-Match) make the rank's lease and the job record atomic
+# (docs/object-stores.md). Any other URL is refused before anything is created.
+OUTPUT_SCHEMES: tuple[str, ...] = ("s3", "s3a")
 
 
 def url_scheme(spec: str) -> str | None:
@@ -33,9 +33,9 @@ def require_output_location(spec: str, flag: str = "--output") -> None:
     scheme = url_scheme(spec)
     if scheme is None or scheme in OUTPUT_SCHEMES:
         return
-    supported = ", ".join(f"{s}://" for s in OUTPUT_SCHEMES) or "none yet"
+    supported = ", ".join(f"{s}://" for s in OUTPUT_SCHEMES)
     raise ConfigError(
-        f"{flag} {spec}: {scheme}:// output is not supported yet (URL schemes batchgen can "
+        f"{flag} {spec}: {scheme}:// output is not supported (URL schemes batchgen can "
         f"write: {supported}); give a local folder (a mounted bucket works), or write locally "
-        "and upload the finished folder; object-store output is planned (docs/object-stores.md)"
+        "and upload the finished folder (docs/object-stores.md)"
     )
