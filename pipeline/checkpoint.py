@@ -52,7 +52,7 @@ from pipeline.rankstate import (
 )
 from pipeline.sinks import (
     ShardInfo,
-    fsync_dir,
+    create_file_once,
     output_ranks,
     rank_dir,
     read_shard_info,
@@ -61,7 +61,6 @@ from pipeline.sinks import (
     shard_path,
     shard_seq,
     temp_files,
-    temp_path,
 )
 from pipeline.sources.listing import remove_listings
 from pipeline.storage import stateio
@@ -166,20 +165,11 @@ def claim_job_record(out_dir: Path, fingerprint: dict[str, Any]) -> None:
         "batchgen": __version__,
         "fingerprint": shared_fingerprint(fingerprint),
     }
+    data = json.dumps(record, indent=1, sort_keys=True).encode()
     if is_store(path):  # If-None-Match: of two ranks racing, one creates it
-        stateio.create_once(path, json.dumps(record, indent=1, sort_keys=True).encode())
-        return
-    tmp = temp_path(path)
-    try:
-        with open(tmp, "w") as f:
-            json.dump(record, f, indent=1, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        with contextlib.suppress(FileExistsError):
-            os.link(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    fsync_dir(path.parent)
+        stateio.create_once(path, data)
+    else:
+        create_file_once(path, data)
 
 
 @dataclass(slots=True)

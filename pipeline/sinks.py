@@ -11,9 +11,11 @@ attempt uses (`part-RRRRR-SSSSSS-<attempt>.parquet`); an object appears whole or
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import threading
 import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
@@ -137,6 +139,26 @@ def temp_files(out_dir: Path, rank: int) -> list[Path]:
 def temp_path(final: Path) -> Path:
     """Where a file is written before its atomic rename to `final` (unique per process)."""
     return final.with_name(f"{TMP_PREFIX}{final.name}.{os.getpid()}")
+
+
+def create_file_once(path: Path, data: bytes) -> bool:
+    """Create `path` holding `data` unless it exists: a temporary file, fsync, then a hard link,
+    which never replaces a file, so of processes racing to create it one wins and the file is
+    whole for every reader. Whether this call created it."""
+    tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}.{threading.get_ident()}")
+    created = False
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        with contextlib.suppress(FileExistsError):
+            os.link(tmp, path)
+            created = True
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync_dir(path.parent)
+    return created
 
 
 def stale_temp_paths(final: Path) -> list[Path]:

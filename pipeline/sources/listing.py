@@ -34,6 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline.sinks import create_file_once
+
 log = logging.getLogger("batchgen")
 
 LISTING_VERSION = 1
@@ -156,17 +158,8 @@ def save_listing(state_dir: Path, listing: Listing) -> Path:
     path = state_dir / listing_name(listing.digest)
     if path.exists():
         return path
-    tmp = state_dir / f".tmp-{path.name}.{os.getpid()}.{threading.get_ident()}"
-    try:
-        with open(tmp, "wb") as raw:
-            with gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as fh:
-                fh.write(json.dumps(listing.to_json(), separators=(",", ":")).encode())
-            raw.flush()
-            os.fsync(raw.fileno())
-        with contextlib.suppress(FileExistsError):
-            os.link(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    raw = json.dumps(listing.to_json(), separators=(",", ":")).encode()
+    create_file_once(path, gzip.compress(raw, mtime=0))
     return path
 
 
