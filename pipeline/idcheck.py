@@ -4,7 +4,7 @@ The first IN_MEMORY_IDS ids are kept in a dict, so a repeat among them is refuse
 that repeats, naming the id. Past that, each id's 128-bit hash and position are spilled to one
 of SPILL_BUCKETS files by hash (a hash-partitioned on-disk check): ids are hashed HASH_CHUNK at
 a time (their strings are not kept longer) and the 24-byte records written once SPILL_BUFFER of
-them are held (24 MB); when the input ends each file is loaded alone and sorted, so memory is
+them are held (6 MB); when the input ends each file is loaded alone and sorted, so memory is
 one bucket: rows / 256 x 24 bytes (1.9 MB at 20M rows in one rank). A repeat found there is refused at the end of the rank's input, naming
 both rows; rows committed before are kept (resume is by position, so they are still exactly
 once). Two different ids share a 128-bit hash with odds below 10^-20 at 10^9 rows.
@@ -21,7 +21,7 @@ from pipeline.errors import BatchgenError
 
 IN_MEMORY_IDS = 100_000
 SPILL_BUCKETS = 256
-SPILL_BUFFER = 1 << 20  # hashed records held before a spill (24 MB)
+SPILL_BUFFER = 1 << 18  # hashed records held before a spill (6 MB)
 HASH_CHUNK = 1 << 14  # id strings held before they are hashed (~2 MB of short ids)
 _KEYS = ("batchgen-ids-one", "batchgen-ids-two")  # pandas' siphash takes 16-byte keys
 

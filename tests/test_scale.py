@@ -16,8 +16,8 @@ from conftest import (
 )
 
 import pipeline
-from pipeline.errors import BatchgenError
 from pipeline import idcheck
+from pipeline.errors import BatchgenError
 from pipeline.idcheck import UniqueIds
 from pipeline.positions import Positions
 
