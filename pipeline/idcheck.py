@@ -2,9 +2,10 @@
 
 The first IN_MEMORY_IDS ids are kept in a dict, so a repeat among them is refused at the row
 that repeats, naming the id. Past that, each id's 128-bit hash and position are spilled to one
-of SPILL_BUCKETS files by hash (a hash-partitioned on-disk check); when the input ends each
-file is loaded alone and sorted, so memory is one bucket: rows / 256 x 24 bytes (1.9 MB at
-20M rows in one rank). A repeat found there is refused at the end of the rank's input, naming
+of SPILL_BUCKETS files by hash (a hash-partitioned on-disk check): ids are hashed HASH_CHUNK at
+a time (their strings are not kept longer) and the 24-byte records written once SPILL_BUFFER of
+them are held (6 MB); when the input ends each file is loaded alone and sorted, so memory is
+one bucket: rows / 256 x 24 bytes (1.9 MB at 20M rows in one rank). A repeat found there is refused at the end of the rank's input, naming
 both rows; rows committed before are kept (resume is by position, so they are still exactly
 once). Two different ids share a 128-bit hash with odds below 10^-20 at 10^9 rows.
 """
@@ -20,7 +21,8 @@ from pipeline.errors import BatchgenError
 
 IN_MEMORY_IDS = 100_000
 SPILL_BUCKETS = 256
-SPILL_BUFFER = 1 << 20  # ids hashed and buffered before a spill (24 MB)
+SPILL_BUFFER = 1 << 18  # hashed records held before a spill (6 MB)
+HASH_CHUNK = 1 << 14  # id strings held before they are hashed (~2 MB of short ids)
 _KEYS = ("batchgen-ids-one", "batchgen-ids-two")  # pandas' siphash takes 16-byte keys
 
 
@@ -31,8 +33,10 @@ class UniqueIds:
         self.id_column = id_column
         self.in_memory = in_memory
         self._seen: dict[str, int] | None = {}
-        self._buffer: list[tuple[list[str], range | list[int]]] = []
+        self._buffer: list[tuple[list[str], range | list[int]]] = []  # ids not yet hashed
         self._buffered = 0
+        self._records: list[Any] = []  # hashed, not yet spilled (numpy record arrays)
+        self._held = 0
         self._dir: Path | None = None
 
     def add(self, values: list[Any], first: int) -> list[str]:
@@ -56,7 +60,9 @@ class UniqueIds:
         else:
             self._buffer.append((ids, range(first, first + len(ids))))
             self._buffered += len(ids)
-            if self._buffered >= SPILL_BUFFER:
+            if self._buffered >= HASH_CHUNK:
+                self._hash()
+            if self._held >= SPILL_BUFFER:
                 self._flush()
         return ids
 
@@ -98,7 +104,8 @@ class UniqueIds:
         self._buffer = [(list(seen), list(seen.values()))]
         self._flush()
 
-    def _flush(self) -> None:
+    def _hash(self) -> None:
+        """Hash the buffered id strings into records, dropping the strings."""
         import numpy as np
         import pandas as pd
 
@@ -111,6 +118,18 @@ class UniqueIds:
         rec["h1"] = pd.util.hash_array(ids, hash_key=_KEYS[0], categorize=False)
         rec["h2"] = pd.util.hash_array(ids, hash_key=_KEYS[1], categorize=False)
         rec["pos"] = positions
+        self._records.append(rec)
+        self._held += len(rec)
+
+    def _flush(self) -> None:
+        """Append the held records to their buckets' files."""
+        import numpy as np
+
+        self._hash()
+        if not self._records:
+            return
+        rec = np.concatenate(self._records)
+        self._records, self._held = [], 0
         bucket = rec["h1"] % SPILL_BUCKETS
         order = np.argsort(bucket, kind="stable")
         rec, bucket = rec[order], bucket[order]

@@ -16,6 +16,7 @@ from conftest import (
 )
 
 import pipeline
+from pipeline import idcheck
 from pipeline.errors import BatchgenError
 from pipeline.idcheck import UniqueIds
 from pipeline.positions import Positions
@@ -63,6 +64,26 @@ def test_unique_ids_pass_and_repeats_are_refused_in_memory_or_spilled(in_memory)
         "omit --id-column"
     )
     assert check._dir is None  # the spill is removed
+
+
+def test_spilled_ids_are_hashed_in_chunks_and_a_repeat_across_spills_is_found(monkeypatch):
+    """Id strings are hashed HASH_CHUNK at a time and written SPILL_BUFFER records at a time, so
+    a rank's memory does not grow with its rows; a repeat in different spills is still found."""
+    monkeypatch.setattr(idcheck, "HASH_CHUNK", 64)
+    monkeypatch.setattr(idcheck, "SPILL_BUFFER", 256)
+    check = UniqueIds("key", in_memory=50)
+    for first in range(0, 5000, 100):
+        check.add([f"id-{i}" for i in range(first, first + 100)], first)
+        assert check._buffered < 64 + 100 and check._held < 256 + 64 + 100
+    check.finish()
+    check = UniqueIds("key", in_memory=50)
+    with pytest.raises(BatchgenError, match="one id in rows 1,234 and 4,903 of"):
+        for first in range(0, 5000, 100):
+            ids = [f"id-{i}" for i in range(first, first + 100)]
+            if first == 4900:
+                ids[3] = "id-1234"
+            check.add(ids, first)
+        check.finish()
 
 
 def test_an_output_of_an_earlier_batchgen_is_refused_naming_its_version(tmp_path):
