@@ -62,26 +62,33 @@ def run_fingerprint(
         "num_shards": cfg.num_ranks,
         "shard_index": cfg.rank,
     }
-    # Recorded only when used, so the fingerprints of runs that never used them are unchanged.
+    fingerprint.update(_when_used(cfg, adapters))
+    if server is not None:
+        fingerprint["server"] = server
     if cfg.prompt.chat_template_kwargs:
         fingerprint["prompt"]["chat_template_kwargs"] = dict(cfg.prompt.chat_template_kwargs)
-    if adapters:
-        fingerprint["adapters"] = {a.name: a.sha256 for a in adapters}
-        fingerprint["lora_column"] = cfg.lora_column
-    if cfg.engine.reasoning_parser:
-        fingerprint["reasoning_parser"] = cfg.engine.reasoning_parser
     if cfg.output.format != "parquet":  # each shard's JSONL: a resume cannot leave some out
         fingerprint["columns"]["format"] = cfg.output.format
+    return fingerprint
+
+
+def _when_used(cfg: RunConfig, adapters: list[Adapter]) -> dict[str, Any]:
+    """The settings recorded only when used, so the fingerprints of runs that never used them
+    are unchanged."""
+    extra: dict[str, Any] = {}
+    if adapters:
+        extra["adapters"] = {a.name: a.sha256 for a in adapters}
+        extra["lora_column"] = cfg.lora_column
+    if cfg.engine.reasoning_parser:
+        extra["reasoning_parser"] = cfg.engine.reasoning_parser
     if cfg.engine.batch_invariant:
-        fingerprint["batch_invariant"] = True
+        extra["batch_invariant"] = True
     # Speculative decoding changes what is sampled for a given seed (greedy texts only up to
     # floating-point effects): a resume must keep it, unlike the engine's batch limits.
     speculative = dict(cfg.engine.engine_args).get("speculative_config")
     if speculative is not None:
-        fingerprint["speculative_config"] = speculative
-    if server is not None:
-        fingerprint["server"] = server
-    return fingerprint
+        extra["speculative_config"] = speculative
+    return extra
 
 
 def diff_fingerprints(old: dict[str, Any], new: dict[str, Any]) -> list[str]:

@@ -215,20 +215,11 @@ def _rank_table(status: RunStatus, now: float) -> str:
     return f"<table>{head}{''.join(rows)}</table>"
 
 
-def _time_charts(manifests: list[Manifest]) -> str:
-    timed = [
-        (m, sorted((s for s in m.shards if s.get("committed_at") is not None), key=_commit_time))
-        for m in manifests
-    ]
-    if not any(shards for _, shards in timed):
-        return _missing(
-            "No commit times are recorded in these manifests (they were written by a batchgen "
-            "from before commit times were kept), so progress over time cannot be drawn."
-        )
-    commits = [s["committed_at"] for _, shards in timed for s in shards]
-    t0 = min([m.started_at for m, _ in timed if m.started_at] + commits)
-    span = max(commits) - t0
-    scale, unit = (60.0, "min") if span > 180 else (1.0, "s")
+def _time_series(
+    timed: list[tuple[Manifest, list[dict[str, Any]]]], t0: float, scale: float
+) -> tuple[list, list, list[float]]:
+    """Each rank's prompts committed over time, its throughput segments (one per run) and
+    where each run's generation started, in the charts' time unit."""
     progress, throughput, starts = [], [], []
     for m, shards in timed:
         if not shards:
@@ -244,6 +235,24 @@ def _time_charts(manifests: list[Manifest]) -> str:
             starts.append((run[0]["committed_at"] - run[0]["generate_seconds"] - t0) / scale)
             segments.append([((t - t0) / scale, rate) for t, rate in _rates(run)])
         throughput.append((f"rank {m.rank}", segments))
+    return progress, throughput, starts
+
+
+def _time_charts(manifests: list[Manifest]) -> str:
+    timed = [
+        (m, sorted((s for s in m.shards if s.get("committed_at") is not None), key=_commit_time))
+        for m in manifests
+    ]
+    if not any(shards for _, shards in timed):
+        return _missing(
+            "No commit times are recorded in these manifests (they were written by a batchgen "
+            "from before commit times were kept), so progress over time cannot be drawn."
+        )
+    commits = [s["committed_at"] for _, shards in timed for s in shards]
+    t0 = min([m.started_at for m, _ in timed if m.started_at] + commits)
+    span = max(commits) - t0
+    scale, unit = (60.0, "min") if span > 180 else (1.0, "s")
+    progress, throughput, starts = _time_series(timed, t0, scale)
     x_label = f"time since the run started ({unit})"
     x_range = (0.0, span / scale)
     markers = [(x, "generation starts") for x in sorted(set(starts))]

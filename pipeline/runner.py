@@ -43,7 +43,7 @@ from pipeline.refusal import RankFootprint, check_output_path
 from pipeline.report import log_summary, run_report
 from pipeline.reuse.dedup import RequestDedup
 from pipeline.reuse.run import engine_requests, open_reuse, requests_since, reuse_report
-from pipeline.sinks import output_schema, prepare_output_dir
+from pipeline.sinks import ParquetShardWriter, output_schema, prepare_output_dir
 from pipeline.stages import Committer, Feeder
 from pipeline.storage.outpath import is_store
 from pipeline.storage.retry import StoreDown
@@ -125,15 +125,7 @@ def _run_locked(
         return started
     job, state, engine = started
     phase.starting = False
-    kept = [s["file"] for s in state.manifest.shards]
-    writer = shard_writer(
-        cfg.output.format,
-        cfg.output_dir,
-        cfg.rank,
-        _schema(cfg, job),
-        _metadata(cfg, job, engine),
-        kept,
-    )
+    writer = _open_writer(cfg, job, state, engine)
     progress = _progress(cfg, job, state, engine)
     reuse = open_reuse(job.fingerprint, cfg.reuse, cfg.output_dir, cfg.rank, writer.schema.names)
     feeder = Feeder(
@@ -178,6 +170,21 @@ def _run_locked(
         )
         status = "limited"
     return RunResult(status, cfg.output_dir, report)
+
+
+def _open_writer(
+    cfg: RunConfig, job: Job, state: ResumeState, engine: Engine
+) -> ParquetShardWriter:
+    """The rank's shard writer (Parquet, with its JSONL copy under --output-format jsonl)."""
+    kept = [s["file"] for s in state.manifest.shards]
+    return shard_writer(
+        cfg.output.format,
+        cfg.output_dir,
+        cfg.rank,
+        _schema(cfg, job),
+        _metadata(cfg, job, engine),
+        kept,
+    )
 
 
 def _start_rank(
