@@ -8,7 +8,6 @@ drops a lock whatever way its process died. So "running" under a free lock means
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +20,7 @@ from pipeline.humanize import fmt_duration
 from pipeline.humanize import plural as _plural
 from pipeline.rankstate import legacy_manifest_path, state_ranks
 from pipeline.report import requests_line, reuse_line
-from pipeline.sinks import SHARD_RE, rank_dir
+from pipeline.sinks import SHARD_RE, list_names, rank_dir
 
 # A rank's state, and what `batchgen status` says about it.
 STATE_LABELS = {
@@ -272,11 +271,7 @@ def _rank_status(out_dir: Path, rank: int) -> RankStatus:
 def _shard_names(out_dir: Path, rank: int) -> list[str]:
     """The shard file names in a rank's folder (`sinks.shard_files` without a Path each: at
     1,000 ranks of many shards, status lists names only)."""
-    try:
-        names = os.listdir(rank_dir(out_dir, rank))
-    except (FileNotFoundError, NotADirectoryError):
-        return []
-    return sorted(n for n in names if SHARD_RE.match(n))
+    return [n for n in list_names(rank_dir(out_dir, rank)) if SHARD_RE.match(n)]
 
 
 def _reuse_totals(manifests: list[Manifest]) -> dict[str, int] | None:

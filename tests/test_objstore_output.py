@@ -292,10 +292,12 @@ def test_store_paths_list_read_and_write_like_local_ones(s3):
 
 
 @pytest.mark.engine
-def test_the_real_engine_to_the_bucket_reads_back_with_load_dataset(s3, tmp_path, monkeypatch):
-    """8 prompts, greedy, float32 on the bundled model, written to the bucket and to a local
-    folder by one engine: `datasets.load_dataset` on the bucket (the card's features, the
-    store's storage_options) returns the same rows as the local folder."""
+def test_the_real_engine_killed_on_the_bucket_resumes_and_reads_back(s3, tmp_path, monkeypatch):
+    """8 prompts, greedy, float32 on the bundled model. A `batchgen run` process writing to the
+    bucket is SIGKILLed (engine and all) after its 2nd shard's upload, before its commit record;
+    the in-process resume removes that upload and completes the rank, and a local folder is
+    written by the same engine: `datasets.load_dataset` on the bucket (the card's features, the
+    store's storage_options) returns the local folder's rows, every id once."""
     import datasets
     import datasets.config
     import yaml
@@ -305,7 +307,14 @@ def test_the_real_engine_to_the_bucket_reads_back_with_load_dataset(s3, tmp_path
     url, local, src = fresh_prefix(), tmp_path / "local", tmp_path / "eight.parquet"
     pq.write_table(pq.read_table(SAMPLE).slice(0, 8), src)
     flags = ["--chat", "--temperature", "0", "--rows-per-shard", "3", "--card"]
-    run_cli(*run_args(src, url, *flags, *REAL_ENGINE, max_tokens=12))
+    args = run_args(src, url, *flags, *REAL_ENGINE, max_tokens=12)
+    proc = _hooked(args, **{PAUSE_ENV: "after_rename:2"})
+    shard = _wait_for(proc, PAUSE_ENV, timeout=600).split()[-1]
+    _kill(proc)
+    assert f"rank-00000/{shard}" in _objects(url)  # uploaded, named by no commit record
+    result = run_cli(*args)
+    assert f"removed {shard}, an upload no commit record names" in result.output
+    assert "resuming rank 0: 3 prompts already committed" in result.output
     run_cli(*run_args(src, local, *flags, *REAL_ENGINE, max_tokens=12))
     card = (StorePath.of(url) / "README.md").read_text()
     features = yaml.safe_load(card.split("---\n", 2)[1])["dataset_info"]["features"]

@@ -12,6 +12,7 @@ from typing import Any
 from pipeline.reuse.dedup import RequestDedup
 from pipeline.reuse.lookup import OUTPUT_COLUMNS, Reuse
 from pipeline.sinks import shard_files
+from pipeline.storage.outpath import is_store
 
 
 def open_reuse(
@@ -32,7 +33,9 @@ def open_reuse(
     work_dir = out_dir / STATE_DIR / f"reuse-rank-{rank:05d}"
     wanted = tuple(c for c in OUTPUT_COLUMNS if c in columns)
     shared = out_dir / STATE_DIR / "reuse-index"  # the folders' index: one for every rank
-    committed = shard_files(out_dir, rank)
+    # Shards on an object store carry no key index (pipeline.sinks writes it beside local
+    # shards only): there a resume generates again what an earlier attempt's rows would serve.
+    committed = [] if is_store(out_dir) else shard_files(out_dir, rank)
     others = partial(_others_finished, out_dir, rank)
     return Reuse(fingerprint, folders, work_dir, wanted, committed, shared, others)
 
