@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from importlib.metadata import version
@@ -411,7 +412,9 @@ def test_fake_engine_run_writes_the_documented_output(
         assert (meta["rank"], meta["num_shards"], meta["seed"]) == (0, 1, 0)
 
     # The hidden .batchgen/ state folder must not confuse a `datasets` reader.
-    assert sorted(str(p.relative_to(out)) for p in (out / ".batchgen").rglob("*")) == [
+    state = sorted(str(p.relative_to(out)) for p in (out / ".batchgen").rglob("*"))
+    assert re.fullmatch(r"\.batchgen/inputs-[0-9a-f]{16}\.json\.gz", state.pop(0))  # the listing
+    assert state == [
         ".batchgen/job.json",
         ".batchgen/rank-00000",
         ".batchgen/rank-00000/lock",
