@@ -77,10 +77,9 @@ def test_ctrl_c_in_a_terminal_drains_and_a_second_one_stops_now(tmp_path):
     assert "engine died" not in err and "Traceback" not in err, err
     assert manifest(out)["report"]["engine_failures"] == []
 
-    # The rest in this process, on the engine the other tests share: --max-num-seqs is a batch
-    # limit, not a setting of the run, so the resume takes the default without a third start.
-    at = args.index("--max-num-seqs")
-    run_cli(*args[:at], *args[at + 2 :])
+    # The rest in this process, on the engine the other tests share (the run's engine settings
+    # are REAL_ENGINE's; --max-inflight, which slows it, is a run setting): no third start.
+    run_cli(*args)
     ids = read_output(out).column("id").to_pylist()
     assert sorted(ids) == sorted(f"{SAMPLE.name}:{i}" for i in range(48))  # exactly once
 

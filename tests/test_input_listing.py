@@ -4,6 +4,7 @@ input files (counted with strace)."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -230,8 +231,13 @@ def test_a_claim_of_a_killed_process_on_this_machine_is_taken_over_at_once(tmp_p
     assert got.digest == _listing("x").digest and time.monotonic() - started < 5
 
 
-def test_batch_request_ranks_share_the_listing_and_check_their_own_files(tmp_path, caplog):
+def test_batch_request_ranks_share_the_listing_and_check_their_own_files(
+    tmp_path, caplog, monkeypatch
+):
     from pipeline.sources.openai_batch import OpenAIBatchSource
+
+    # An in-process CLI test earlier in the session set batchgen's logger not to propagate.
+    monkeypatch.setattr(logging.getLogger("batchgen"), "propagate", True)
 
     folder = tmp_path / "in"
     folder.mkdir()
