@@ -113,6 +113,23 @@ def run_args(src: str | Path, out: str | Path, *extra: str, max_tokens: int = 8)
     ]
 
 
+def hold_rank_lock(out: Path, rank: int) -> subprocess.Popen:
+    """Another process holding rank `rank`'s lock of `out` (as a live run does) until killed."""
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import time; from pathlib import Path; from pipeline.checkpoint import RankLock; "
+            f"lock = RankLock(Path({str(out)!r}), {rank}).acquire(); "
+            "print('held', flush=True); time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
 def greedy_sample_args(out: str | Path) -> list[str]:
     """The bundled sample, greedy chat on the real engine, 4-row shards: the run the resume
     tests interrupt and compare with an uninterrupted one. Four requests in the engine at once

@@ -6,12 +6,10 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from conftest import FAKE_ENGINE, run_args, run_cli, write_prompts
+from conftest import FAKE_ENGINE, hold_rank_lock, run_args, run_cli, write_prompts
 from prometheus_client.parser import text_string_to_metric_families
 
 from pipeline import status as status_mod
@@ -64,7 +62,7 @@ def test_the_fleet_view_names_the_ranks_to_act_on_and_projects_the_finish(
     shards = [{**s, "committed_at": NOW - 40.0, "generate_seconds": 60.0} for s in m16.shards[:1]]
     _set(out, 16, status="running", shards=shards, updated_at=NOW - 40.0)
     _set(out, 15, status="running", updated_at=NOW - 7200.0)
-    holders = [_hold_lock(out, rank) for rank in (15, 16)]
+    holders = [hold_rank_lock(out, rank) for rank in (15, 16)]
     try:
         result = run_cli("status", out, expect=4)
         view = json.loads(run_cli("status", out, "--json", expect=4).output)["fleet"]
@@ -93,22 +91,6 @@ def test_the_fleet_view_names_the_ranks_to_act_on_and_projects_the_finish(
         "ranks' 0.02 prompts/s, if the ranks not running are started too"
     )
     assert view["stalled"] == [15] and view["not_started"] == [17, 18, 19]
-
-
-def _hold_lock(out: Path, rank: int) -> subprocess.Popen:
-    holder = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "import time; from pathlib import Path; from pipeline.checkpoint import RankLock; "
-            f"lock = RankLock(Path({str(out)!r}), {rank}).acquire(); "
-            "print('held', flush=True); time.sleep(60)",
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert holder.stdout.readline().strip() == "held"
-    return holder
 
 
 def test_render_fleet_lists_many_ranks_as_runs() -> None:

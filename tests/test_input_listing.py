@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import FAKE_ENGINE, manifest_state, run_cli
+from conftest import FAKE_ENGINE, manifest_state, run_args, run_cli
 
 from pipeline.fingerprint import current_form
 from pipeline.rankstate import job_path, manifest_path
@@ -35,22 +35,9 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def rank_args(src: Path, out: Path, rank: int) -> list[str]:
-    return [
-        "run",
-        "--parquet",
-        str(src),
-        "--prompt-column",
-        "prompt",
-        *FAKE_ENGINE,
-        "--max-tokens",
-        "4",
-        "--num-ranks",
-        str(RANKS),
-        "--rank",
-        str(rank),
-        "--output",
-        str(out),
-    ]
+    return run_args(
+        src, out, *FAKE_ENGINE, "--num-ranks", str(RANKS), "--rank", str(rank), max_tokens=4
+    )
 
 
 @pytest.fixture(scope="module")

@@ -8,14 +8,19 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import FAKE_ENGINE, manifest_state, run_args, run_cli, save_manifest_state
+from conftest import (
+    FAKE_ENGINE,
+    hold_rank_lock,
+    manifest_state,
+    run_args,
+    run_cli,
+    save_manifest_state,
+)
 
 from pipeline import status as status_mod
 
@@ -273,23 +278,8 @@ def test_running_needs_a_live_lock_holder_and_interrupted_names_its_signal(out):
     edit(out, 1, status="running")
     for path in (out / ".batchgen" / "rank-00002").glob("manifest-*"):
         path.unlink()  # rank 2 has taken its lock, no manifest yet
-    holders = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-c",
-                "import time; from pathlib import Path; from pipeline.checkpoint import RankLock; "
-                f"lock = RankLock(Path({str(out)!r}), {rank}).acquire(); "
-                "print('held', flush=True); time.sleep(60)",
-            ],
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        for rank in (1, 2)
-    ]
+    holders = [hold_rank_lock(out, rank) for rank in (1, 2)]
     try:
-        for holder in holders:
-            assert holder.stdout.readline().strip() == "held"
         who = [(out / ".batchgen" / f"rank-0000{r}" / "lock").read_text().strip() for r in (1, 2)]
         assert who[0].startswith(f"pid {holders[0].pid} on ")
         result = run_cli("status", out, expect=3)
