@@ -4,6 +4,7 @@ by its settings), so every engine test passes the same REAL_ENGINE flags."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -158,6 +159,34 @@ def no_slurm(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.delenv(name, raising=False)
     monkeypatch.delenv(PAUSE_ENV, raising=False)
     monkeypatch.delenv(STEP_ENV, raising=False)
+
+
+class _Lines(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+@pytest.fixture
+def batchgen_log():
+    """The lines batchgen logs during the test, taken on its own logger: an in-process CLI run
+    earlier in the session may have stopped it propagating to pytest's capture, raised its
+    level, or a library may have disabled logging below some level."""
+    log = logging.getLogger("batchgen")
+    saved = (log.level, log.disabled, logging.root.manager.disable)
+    handler = _Lines()
+    log.addHandler(handler)
+    log.setLevel(logging.DEBUG)
+    log.disabled = False
+    logging.disable(logging.NOTSET)
+    yield handler.lines
+    log.removeHandler(handler)
+    log.setLevel(saved[0])
+    log.disabled = saved[1]
+    logging.disable(saved[2])
 
 
 @pytest.fixture
