@@ -16,6 +16,8 @@ ROUNDS=${ROUNDS:-5}
 MAXTOK=${MAXTOK:-256}
 BUDGET_A=${BUDGET_A:-900}
 BUDGET_B=${BUDGET_B:-700}
+REPLICAS=${REPLICAS:-1,2}   # the sides of (a): batchgen with each of these engine counts per GPU
+WAIT_B=${WAIT_B:-90}        # seconds (b) waits for a go-b file; 0: no (b)
 EXTRA=${EXTRA:-}   # e.g. "--dtype float32 --max-model-len 1024" for the CPU dry run
 mkdir -p "$RESULTS"
 stamp() { echo "$(date -u +%T) $*" | tee -a "$RESULTS/progress.txt"; }
@@ -39,18 +41,18 @@ nvidia-smi > "$RESULTS/nvidia-smi.txt" 2>&1
 nproc >> "$RESULTS/nvidia-smi.txt"
 
 # (a) the greedy chat job that mostly stops at EOS: raw vLLM defaults, batchgen defaults, and
-# batchgen with 2 replicas on the GPU; warm engines, rounds rotating the order.
+# batchgen with more replicas on the GPU ($REPLICAS); warm engines, rounds rotating the order.
 # EXTRA is split on spaces on purpose: it holds several flags.
 read -r -a extra <<< "$EXTRA"
 COMMON=(--prompts "$PROMPTS" --min-tokens "$MAXTOK" --max-tokens "$MAXTOK" --stop-at-eos --rounds "$ROUNDS" "${extra[@]}")
-$PY -m pipeline bench --replicas-per-gpu 1,2 "${COMMON[@]}" --budget-seconds "$BUDGET_A" \
+$PY -m pipeline bench --replicas-per-gpu "$REPLICAS" "${COMMON[@]}" --budget-seconds "$BUDGET_A" \
   --work-dir /tmp/bench-a --json > "$RESULTS/h200-a.json" 2> "$RESULTS/a.log"
 stamp "a done rc=$?"
 cp /tmp/bench-a/engine-*.log "$RESULTS/" 2>/dev/null
 
 # (b) only when asked (a poll call touches $RESULTS/go-b while the budget allows): where
 # replicas stop scaling.
-for _ in $(seq 1 90); do [ -f "$RESULTS/go-b" ] && break; sleep 1; done
+for _ in $(seq 1 "$WAIT_B"); do [ -f "$RESULTS/go-b" ] && break; sleep 1; done
 if [ -f "$RESULTS/go-b" ]; then
   $PY -m pipeline bench --replicas-per-gpu "$(cat "$RESULTS/go-b")" "${COMMON[@]}" --budget-seconds "$BUDGET_B" \
     --work-dir /tmp/bench-b --json > "$RESULTS/h200-b.json" 2> "$RESULTS/b.log"
