@@ -17,7 +17,8 @@ MAXTOK=${MAXTOK:-256}
 BUDGET_A=${BUDGET_A:-900}
 BUDGET_B=${BUDGET_B:-700}
 REPLICAS=${REPLICAS:-1,2}   # the sides of (a): batchgen with each of these engine counts per GPU
-WAIT_B=${WAIT_B:-90}        # seconds (b) waits for a go-b file; 0: no (b)
+B_REPLICAS=${B_REPLICAS:-}  # the engine counts of (b); empty: no (b)
+B_MPS=${B_MPS:-}            # non-empty: (b) runs under an NVIDIA MPS daemon
 EXTRA=${EXTRA:-}   # e.g. "--dtype float32 --max-model-len 1024" for the CPU dry run
 mkdir -p "$RESULTS"
 stamp() { echo "$(date -u +%T) $*" | tee -a "$RESULTS/progress.txt"; }
@@ -50,12 +51,20 @@ $PY -m pipeline bench --replicas-per-gpu "$REPLICAS" "${COMMON[@]}" --budget-sec
 stamp "a done rc=$?"
 cp /tmp/bench-a/engine-*.log "$RESULTS/" 2>/dev/null
 
-# (b) only when asked (a poll call touches $RESULTS/go-b while the budget allows): where
-# replicas stop scaling.
-for _ in $(seq 1 "$WAIT_B"); do [ -f "$RESULTS/go-b" ] && break; sleep 1; done
-if [ -f "$RESULTS/go-b" ]; then
-  $PY -m pipeline bench --replicas-per-gpu "$(cat "$RESULTS/go-b")" "${COMMON[@]}" --budget-seconds "$BUDGET_B" \
+# (b) where replicas stop scaling, optionally under NVIDIA MPS (one GPU context shared by every
+# engine process, so their kernels overlap instead of time-slicing). It runs when B_REPLICAS is
+# set, unless a poll call touched $RESULTS/skip-b because the device budget is short.
+if [ -n "$B_REPLICAS" ] && [ ! -f "$RESULTS/skip-b" ]; then
+  if [ -n "$B_MPS" ]; then
+    nvidia-cuda-mps-control -d > "$RESULTS/mps.txt" 2>&1
+    echo "mps daemon rc=$?" >> "$RESULTS/mps.txt"
+    sleep 2
+    pgrep -a nvidia-cuda-mps >> "$RESULTS/mps.txt" 2>&1
+  fi
+  $PY -m pipeline bench --replicas-per-gpu "$B_REPLICAS" "${COMMON[@]}" --budget-seconds "$BUDGET_B" \
     --work-dir /tmp/bench-b --json > "$RESULTS/h200-b.json" 2> "$RESULTS/b.log"
   stamp "b done rc=$?"
+  pgrep -a nvidia-cuda-mps >> "$RESULTS/mps.txt" 2>&1
+  [ -n "$B_MPS" ] && echo quit | nvidia-cuda-mps-control
 fi
 stamp "all done"
