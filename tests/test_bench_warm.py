@@ -127,6 +127,8 @@ def test_report_fields_and_json(tmp_path: Path, warm: type[FakeWarmSides]) -> No
         "protocol",
         "ratio",
         "ratios",
+        "rounds_asked",
+        "caution",
         "sides",
         "memory_per_engine",
         "rounds",
@@ -172,3 +174,20 @@ def test_no_round_starts_past_the_budget(tmp_path: Path, warm: type[FakeWarmSide
     assert [r["order"] for r in report["rounds"]] == [["raw", "batchgen", "batchgen x2"]]
     assert report["ratios"]["batchgen"]["values"] == [1.0]
     assert report["ratios"]["batchgen"]["rounds"] == 1
+    assert report["rounds_asked"] == 3
+    assert report["caution"].startswith("1 round of the 3 asked (the budget ran out): a probe")
+    assert f"caution: {report['caution']}" in compare.format_warm(report)
+
+
+def test_five_rounds_carry_no_caution_fewer_do(
+    tmp_path: Path, warm: type[FakeWarmSides], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The docs quote ratios of >= 5 rounds; a report of fewer says so even when they were all
+    that was asked."""
+    three = _bench(tmp_path / "three", rounds=3, budget_seconds=0)
+    assert three["caution"].startswith("3 rounds: a probe, not a figure to quote")
+    for name, side in SECONDS.items():
+        monkeypatch.setitem(SECONDS, name, {**side, "round-3": 1.0, "round-4": 1.0})
+    five = _bench(tmp_path / "five", rounds=5, budget_seconds=0)
+    assert five["caution"] is None
+    assert "caution" not in compare.format_warm(five)

@@ -17,7 +17,7 @@ import time
 from typing import Any
 
 from pipeline.bench.machine import bench_folder, machine_info
-from pipeline.bench.stats import spread, spread_text
+from pipeline.bench.stats import caution, spread, spread_text
 from pipeline.bench.warm import Pass, Side, WarmSides, alternate, place_sides
 
 log = logging.getLogger("batchgen")
@@ -108,6 +108,8 @@ def warm_report(
         ),
         "ratio": ratios[first]["median"],
         "ratios": ratios,
+        "rounds_asked": cfg.rounds,
+        "caution": caution(len(rounds), cfg.rounds),
         "sides": per_side,
         "memory_per_engine": share,
         "rounds": [{"order": r["order"], **{n: r[n].as_dict() for n in per_side}} for r in rounds],
@@ -154,4 +156,6 @@ def format_warm(report: dict[str, Any]) -> str:
     lines.append("")
     for name, r in report["ratios"].items():
         lines.append(f"{name} / raw: {spread_text(r)}")
+    if report["caution"]:
+        lines.append(f"caution: {report['caution']}")
     return "\n".join(lines)

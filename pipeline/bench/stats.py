@@ -48,6 +48,24 @@ def spread(values: Sequence[float], digits: int = 4) -> dict[str, Any]:
     }
 
 
+# Fewer rounds than this make a probe: the docs quote no ratio measured in fewer.
+QUOTABLE_ROUNDS = 5
+
+
+def caution(rounds_done: int, rounds_asked: int) -> str | None:
+    """What a report says when it ran fewer rounds than quoting a ratio needs, or than asked."""
+    if rounds_done >= QUOTABLE_ROUNDS:
+        return None
+    why = (
+        "" if rounds_done == rounds_asked else f" of the {rounds_asked} asked (the budget ran out)"
+    )
+    return (
+        f"{rounds_done} round{'s' if rounds_done != 1 else ''}{why}: a probe, not a figure to "
+        f"quote; quote ratios of >= {QUOTABLE_ROUNDS} rounds (a larger --budget-seconds, or "
+        "fewer sides)"
+    )
+
+
 def spread_text(s: dict[str, Any], fmt: str = ".3f") -> str:
     """`1.071 (min-max 0.84-1.16, 90% bootstrap 0.95-1.12, 5 rounds)`."""
     key = f"bootstrap_{round(LEVEL * 100)}"
