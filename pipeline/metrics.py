@@ -23,6 +23,7 @@ METRICS = {
     "batchgen_completion_tokens_total": ("counter", "Output tokens generated in this run."),
     "batchgen_error_rows_total": ("counter", "Error rows in this run."),
     "batchgen_engine_restarts_total": ("counter", "Engine deaths restarted in this run."),
+    "batchgen_requests_in_flight": ("gauge", "Prompts handed to the engine, not yet back."),
     "batchgen_rows_per_second": ("gauge", "Output rows per second since this run began."),
     "batchgen_prompts_todo": ("gauge", "Prompts this rank has still to do, when known."),
     "batchgen_last_update_timestamp_seconds": ("gauge", "When this file was written."),

@@ -13,14 +13,16 @@ import logging
 import sys
 import threading
 import time
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, TextIO
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any, TextIO, TypeVar
 
 from pipeline.humanize import fmt_duration
 from pipeline.records import ResultRow
 
 if TYPE_CHECKING:
     from pipeline.metrics import MetricsFile
+
+T = TypeVar("T")
 
 # How often a rank of a --data-parallel run sends its counts to the launcher (a few bytes each).
 SNAPSHOT_SECONDS = 0.5
@@ -84,11 +86,23 @@ class Progress:
         self.prompts = self.rows = self.errors = 0
         self.prompt_tokens = self.completion_tokens = 0
         self.finish_reasons: dict[str, int] = {}
+        self.sent = self.returned = 0  # prompts handed to the engine, and back from it
         self.started = time.monotonic()
         self._last = 0.0
         self._width = 0
         if self.channel is not None:
             self._send(self.started)  # the launcher learns the rank's total before any result
+
+    def count_sent(self, feed: Iterator[T | None]) -> Iterator[T | None]:
+        """`feed` as the engine pulls it, counting the prompts it hands over (None: none ready)."""
+        for row in feed:
+            if row is not None:
+                self.sent += 1
+            yield row
+
+    def count_returned(self, results: list[ResultRow]) -> None:
+        """The engine's results, before duplicates are expanded: its prompts that came back."""
+        self.returned += sum(1 for r in results if r.sample_index == 0)
 
     def add(self, results: list[ResultRow]) -> None:
         for r in results:
@@ -151,6 +165,7 @@ class Progress:
             "batchgen_completion_tokens_total": self.completion_tokens,
             "batchgen_error_rows_total": self.errors,
             "batchgen_engine_restarts_total": self.restarts() if self.restarts else None,
+            "batchgen_requests_in_flight": self.sent - self.returned,
             "batchgen_rows_per_second": round(self.rows / elapsed, 3),
             "batchgen_prompts_todo": None if self.todo is None else self.todo - self.prompts,
         }

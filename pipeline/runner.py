@@ -360,8 +360,9 @@ def _generate(
     committer.start()
     try:
         faults = FaultPolicy(cfg.engine_restarts, cfg.stall_seconds)
-        feed = dedup.feed(feeder.feed())
+        feed = progress.count_sent(dedup.feed(feeder.feed()))
         for results in engine.generate(feed, flags, cfg.max_inflight, faults):
+            progress.count_returned(results)
             results = dedup.expand(results)
             committer.put(results)
             progress.add(results)

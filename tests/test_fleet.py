@@ -3,9 +3,11 @@ metrics file, and the scale bench's commit path (fake engine throughout)."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -17,6 +19,8 @@ from pipeline.bench.scale import commit_probe
 from pipeline.checkpoint import Manifest
 from pipeline.fleet import render_fleet
 from pipeline.metrics import METRICS
+from pipeline.progress import Progress
+from pipeline.records import ResultRow
 
 RANKS = 20  # more than status.DETAIL_RANKS: the text view is the fleet view
 NOW = 1_800_000_000.0
@@ -144,6 +148,7 @@ def test_each_rank_writes_a_prometheus_textfile(tmp_path: Path) -> None:
     assert values["batchgen_completion_tokens_total"] == 6 * 8.0  # the fake engine's 8 tokens
     assert values["batchgen_engine_restarts_total"] == 0.0
     assert values["batchgen_prompts_todo"] == 0.0
+    assert values["batchgen_requests_in_flight"] == 0.0  # every prompt came back
     assert values["batchgen_rows_per_second"] > 0
     assert not [n for n in os.listdir(metrics) if n.startswith(".")]  # no temporary file left
 
@@ -173,3 +178,18 @@ def test_the_2000th_commit_does_no_more_work_than_the_10th(
 def test_scale_bench_flags(args: list[str], message: str) -> None:
     result = run_cli("bench", *args, expect=2)
     assert result.output.splitlines()[-1] == message
+
+
+def test_in_flight_counts_prompts_the_engine_took_and_has_not_given_back() -> None:
+    """The gauge a fleet reads to see a rank's engine full or starved: prompts pulled from the
+    feed (None: nothing ready yet) less prompts back, a prompt of two samples counted once."""
+    progress = Progress(todo=5, done_before=0, stream=io.StringIO(), interval=3600)
+    feed = progress.count_sent(iter(["a", None, "b", "c", None, "d", "e"]))
+    assert [next(feed) for _ in range(4)] == ["a", None, "b", "c"]
+    assert progress.metric_values(time.monotonic())["batchgen_requests_in_flight"] == 3
+    two_samples = [ResultRow("a", 0, i, "x", "length", 4, 5) for i in (0, 1)]
+    progress.count_returned(two_samples)
+    assert progress.metric_values(time.monotonic())["batchgen_requests_in_flight"] == 2
+    assert list(feed) == [None, "d", "e"]
+    progress.count_returned([ResultRow(k, 1, 0, "x", "stop", 4, 5) for k in "bcde"])
+    assert progress.metric_values(time.monotonic())["batchgen_requests_in_flight"] == 0
