@@ -1,6 +1,6 @@
 """jobs/cron/nightly.sh with --reuse: three nights over a growing, then edited dataset generate
-only the new and changed rows; on the fake engine, and once on the real one (float32), where
-vLLM's own finished-request counter proves how many requests reached the engine."""
+only the new and changed rows; on the fake engine, and two nights on the real one (float32),
+where vLLM's own finished-request counter proves how many requests reached the engine."""
 
 from __future__ import annotations
 
@@ -133,12 +133,31 @@ def test_an_unfinished_earlier_night_is_finished_first_then_reused(tmp_path):
 
 
 @pytest.mark.engine
-def test_three_nights_on_the_real_engine(tmp_path):
+def test_two_nights_on_the_real_engine(tmp_path):
+    """The second night grows the input by 20 rows and edits 3 of the first 40: vLLM's own
+    finished-request counter says 23 requests reached it, and the 37 reused rows are the first
+    night's bytes. (Two nights, each an engine start: the fake-engine test above walks all
+    three, the third reusing a night that itself reused.)"""
     # vLLM's stats on, so its own request counter (vllm:request_success) can be read.
-    engine = [*REAL_ENGINE, "--engine-arg", "disable_log_stats=false"]
+    stats = ["--engine-arg", "disable_log_stats=false"]
     src, config, env = setup(tmp_path, REAL_ENGINE, BATCHGEN)
     env["PYTHONPATH"] = os.environ.get("PYTHONPATH", "")
-    reports = three_nights(tmp_path, src, config, env, *engine[len(REAL_ENGINE) :])
-    assert [counts(r) for r in reports] == [(40, 0), (20, 40), (5, 55)]
-    assert [r["vllm_finished_requests"] for r in reports] == [40, 20, 5]
-    assert [r["engine_requests"] for r in reports] == [40, 20, 5]
+    root = Path(env["NIGHTLY_ROOT"])
+    write_input(src, 40)
+    reports = [night(config, env, NIGHTS[0], *stats)]
+    edited = (3, 17, 30)
+    write_input(src, 60, edited=edited)
+    reports.append(night(config, env, NIGHTS[1], *stats))
+    assert [counts(r) for r in reports] == [(40, 0), (23, 37)]
+    assert [r["vllm_finished_requests"] for r in reports] == [40, 23]
+    assert [r["engine_requests"] for r in reports] == [40, 23]
+    first, second = (outputs(root / d) for d in NIGHTS[:2])
+    assert len(first) == 40 and len(second) == 60
+    assert all(row["completion_tokens"] > 1 for row in first.values())  # real answers
+    regenerated = {f"q{i:02d}" for i in edited} | {f"q{i:02d}" for i in range(40, 60)}
+    for i, row in second.items():
+        assert (row["reused_from"] is None) is (i in regenerated), i
+        if i not in regenerated:  # reused, byte for byte
+            assert {k: row[k] for k in OUTPUTS} == {k: first[i][k] for k in OUTPUTS}
+            assert row["reused_from"].startswith(str(root / NIGHTS[0]))
+    assert f"reusing the outputs of {root / NIGHTS[0]}" in (root / "nightly.log").read_text()
