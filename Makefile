@@ -46,9 +46,12 @@ run: model
 
 # The set-up steps run side by side (pip for the venv and the model; apt for the test tools and
 # Slurm, then the cluster's start), so the set-up takes as long as the longer of the two.
+# Two pytest workers (pytest-xdist): the real-engine, Slurm and S3-server tests one after another
+# on one (tests/conftest.py groups them), the rest beside them on the other.
+PYTEST_WORKERS ?= 2
 test:
 	@$(MAKE) --no-print-directory -j3 --output-sync=target test-setup
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 .PHONY: test-setup
 test-setup: model slurm test-tools

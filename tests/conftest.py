@@ -26,6 +26,21 @@ SAMPLE = REPO / "data" / "prompts.parquet"
 BATCHGEN = Path(sys.executable).with_name("batchgen")
 
 
+# Tests that must not run beside each other: the real engine (it takes both cores, and timing
+# tests compare its speed within one test), the Slurm cluster (two CPUs for its tasks) and the
+# S3 server (free ports picked at start). Under `make test` (pytest-xdist, --dist loadgroup)
+# they run one after another on one worker while the other worker takes the rest.
+SERIAL_MARKERS = ("engine", "slurm")
+SERIAL_FILES = ("test_objstore_input.py", "test_objstore_output.py", "test_storage.py")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        serial = any(item.get_closest_marker(m) for m in SERIAL_MARKERS)
+        if serial or item.path.name in SERIAL_FILES:
+            item.add_marker(pytest.mark.xdist_group("serial"))
+
+
 def _hooked_launcher() -> Path:
     """An executable `batchgen` with the tests' fault hooks (tests/hooks.py) installed: what the
     subprocess tests run when they slow the fake engine or pause a commit to kill it there."""

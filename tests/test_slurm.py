@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import HOOKED_BATCHGEN, REPO, manifest_state, read_output
 
+from pipeline.engines import close_engines
 from pipeline.sources import rank_range
 
 pytestmark = pytest.mark.slurm
@@ -293,9 +294,17 @@ def node_states() -> str:
 REQUEUES = 2
 
 
+@pytest.fixture
+def engines_closed() -> None:
+    """The two tasks' engines need the memory that this process's cached engines (earlier
+    tests') hold: a CPU engine reserves its KV cache up front and refuses to start, naming the
+    free memory, when the machine has too little (it did beside the other pytest worker)."""
+    close_engines()
+
+
 @pytest.mark.engine
 def test_usr1_requeues_in_a_row_on_the_real_engine_never_drain_the_node(
-    tmp_path, slurm_cluster, job_env
+    tmp_path, slurm_cluster, job_env, engines_closed
 ):
     """A held-out check once drained the node: after a USR1 requeue on the real engine, Slurm
     logged "JOB NOT ENDING WITH SIGNALS" and set the node to DRAIN. Two USR1 requeues in a row
