@@ -19,6 +19,8 @@ from conftest import FAKE_ENGINE, manifest_state, read_output, run_cli
 from hooks import PAUSE_ENV, STEP_ENV
 from test_kill_harness import Victim, shard_files, wait_until
 
+from pipeline.checkpoint import lock_holder
+
 # Every output column an uninterrupted run decides, the origin of reused rows included.
 COMPARED = ["id", "sample_index", "text", "finish_reason", "completion_tokens", "reused_from"]
 SEED = 20261205
@@ -49,11 +51,20 @@ def rows(out: Path) -> dict[str, dict]:
     return {r["id"]: r for r in table}
 
 
-def kill_ranks(out: Path) -> None:
+def kill_ranks(out: Path, ranks: int) -> None:
     """SIGKILL every --data-parallel rank writing `out`, and its session (ranks outlive their
     launcher's kill, as a Slurm job step's cgroup would not let them), and wait until they are
-    gone: the whole job dies at once. Ranks are found by `out` (a unique temporary path) in
-    their command lines."""
+    gone and their rank locks free: the whole job dies at once. Ranks are found by `out` (a
+    unique temporary path) in their command lines; a dying process's command line reads empty
+    before its locks are released (seen under load), so the locks are waited for too."""
+    _kill_by_cmdline(out)
+    deadline = time.monotonic() + 30
+    while any(lock_holder(out, r) is not None for r in range(ranks)):
+        assert time.monotonic() < deadline, f"a rank lock of {out} still held 30 s after SIGKILL"
+        time.sleep(0.05)
+
+
+def _kill_by_cmdline(out: Path) -> None:
     for _ in range(200):
         pids = []
         for proc in Path("/proc").iterdir():
@@ -140,7 +151,7 @@ def test_seeded_sigkills_with_reuse_and_duplicates_stay_exactly_once(
             # --data-parallel prefixes each rank's lines with "[rank N] ".
             alive = wait_until(lambda v=victim: PAUSE_ENV in v.stderr, victim, 120, kind)
         code = victim.kill()
-        kill_ranks(out)
+        kill_ranks(out, data_parallel)
         assert alive and code == -signal.SIGKILL, f"{context}: ended by itself:\n{victim.stderr}"
         done = rows(out) if shard_files(out) else {}  # committed rows: each once, as the clean
         assert all(reference[i] == r for i, r in done.items()), context
