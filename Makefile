@@ -46,12 +46,13 @@ run: model
 
 # The set-up steps run side by side (pip for the venv and the model; apt for the test tools and
 # Slurm, then the cluster's start), so the set-up takes as long as the longer of the two.
-# Two pytest workers (pytest-xdist): the real-engine, Slurm and S3-server tests one after another
-# on one (tests/conftest.py groups them), the rest beside them on the other.
-PYTEST_WORKERS ?= 2
+# PYTEST_WORKERS=2: two pytest workers (pytest-xdist), the real-engine, Slurm and S3-server tests
+# one after another on one (tests/conftest.py groups them), the rest on the other. Off by
+# default: not yet reliable (docs/development.md says why).
+PYTEST_WORKERS ?= 1
 test:
 	@$(MAKE) --no-print-directory -j3 --output-sync=target test-setup
-	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
+	$(BIN)/python -m pytest $(if $(filter-out 1,$(PYTEST_WORKERS)),-n $(PYTEST_WORKERS) --dist loadgroup) $(PYTEST_ARGS)
 
 .PHONY: test-setup
 test-setup: model slurm test-tools
