@@ -64,7 +64,9 @@ if [ -n "$B_REPLICAS" ] && [ ! -f "$RESULTS/skip-b" ]; then
   $PY -m pipeline bench --replicas-per-gpu "$B_REPLICAS" "${COMMON[@]}" --budget-seconds "$BUDGET_B" \
     --work-dir /tmp/bench-b --json > "$RESULTS/h200-b.json" 2> "$RESULTS/b.log"
   stamp "b done rc=$?"
-  pgrep -a nvidia-cuda-mps >> "$RESULTS/mps.txt" 2>&1
-  [ -n "$B_MPS" ] && echo quit | nvidia-cuda-mps-control
+  if [ -n "$B_MPS" ]; then
+    pgrep -a nvidia-cuda-mps >> "$RESULTS/mps.txt" 2>&1  # still the same daemon after (b)?
+    echo quit | nvidia-cuda-mps-control
+  fi
 fi
 stamp "all done"
