@@ -191,7 +191,10 @@ class Progress:
     def close(self) -> None:
         if self.metrics is not None:
             now = time.monotonic()
-            self.metrics.write(self.metric_values(now), now, final=True)
+            # The engine loop has ended: prompts it never gave back (dropped at a stop, redone
+            # on resume) are no longer in flight.
+            values = {**self.metric_values(now), "batchgen_requests_in_flight": 0}
+            self.metrics.write(values, now, final=True)
         if self.channel is not None:
             self._send(time.monotonic(), final=True)
         elif self.live and self._width:

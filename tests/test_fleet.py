@@ -18,7 +18,7 @@ from pipeline import status as status_mod
 from pipeline.bench.scale import commit_probe
 from pipeline.checkpoint import Manifest
 from pipeline.fleet import render_fleet
-from pipeline.metrics import METRICS
+from pipeline.metrics import METRICS, MetricsFile, metrics_path
 from pipeline.progress import Progress
 from pipeline.records import ResultRow
 
@@ -191,5 +191,19 @@ def test_in_flight_counts_prompts_the_engine_took_and_has_not_given_back() -> No
     progress.count_returned(two_samples)
     assert progress.metric_values(time.monotonic())["batchgen_requests_in_flight"] == 2
     assert list(feed) == [None, "d", "e"]
-    progress.count_returned([ResultRow(k, 1, 0, "x", "stop", 4, 5) for k in "bcde"])
-    assert progress.metric_values(time.monotonic())["batchgen_requests_in_flight"] == 0
+    progress.count_returned([ResultRow(k, 1, 0, "x", "stop", 4, 5) for k in "bcd"])
+    assert progress.metric_values(time.monotonic())["batchgen_requests_in_flight"] == 1
+
+
+def test_the_final_metrics_have_nothing_in_flight(tmp_path: Path) -> None:
+    """A run stopped with a prompt still in the engine (dropped, redone on resume): once its
+    engine loop has ended, its last metrics file says nothing is in flight."""
+    metrics = MetricsFile(tmp_path, 0, "out")
+    progress = Progress(todo=2, done_before=0, stream=io.StringIO(), interval=3600, metrics=metrics)
+    assert list(progress.count_sent(iter(["a", "b"]))) == ["a", "b"]
+    progress.count_returned([ResultRow("a", 0, 0, "x", "stop", 4, 5)])
+    assert progress.metric_values(time.monotonic())["batchgen_requests_in_flight"] == 1
+    progress.close()
+    text = metrics_path(tmp_path, 0).read_text()
+    values = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
+    assert values["batchgen_requests_in_flight"] == 0.0
