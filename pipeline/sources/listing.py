@@ -45,6 +45,9 @@ CLAIM_NAME = "inputs.claim"
 CLAIM_STALE_SECONDS = 60.0
 HEARTBEAT_SECONDS = 5.0
 POLL_SECONDS = 0.2
+# A wait for another rank's listing is told only once it lasts this long: ranks starting together
+# meet here in the normal course, and a wait of a moment is not news.
+TELL_AFTER_SECONDS = 5.0
 
 
 def listing_digest(files: list[list[Any]]) -> str:
@@ -222,7 +225,7 @@ def job_listing(
         return found
     if not store.save:
         return compute()
-    told = False
+    told, began = False, time.monotonic()
     while True:
         with _claim(store.state_dir) as holder:
             if holder is None:  # ours
@@ -231,7 +234,7 @@ def job_listing(
                     found = compute()
                     save_listing(store.state_dir, found)
                 return found
-        if not told:
+        if not told and time.monotonic() - began >= TELL_AFTER_SECONDS:
             log.info("waiting for the input listing that %s is making", holder)
             told = True
         time.sleep(POLL_SECONDS)
