@@ -88,6 +88,10 @@ def _when_used(cfg: RunConfig, adapters: list[Adapter]) -> dict[str, Any]:
     speculative = dict(cfg.engine.engine_args).get("speculative_config")
     if speculative is not None:
         extra["speculative_config"] = speculative
+    # So does quantizing the weights (e.g. "fp8"): other logits, other texts.
+    quantization = dict(cfg.engine.engine_args).get("quantization")
+    if quantization is not None:
+        extra["quantization"] = quantization
     return extra
 
 

@@ -121,7 +121,7 @@ BAD_BENCH_FLAGS = [
         ["--raw-defaults", "--dtype", "float32"],
         "--raw-defaults: the engine flags set none of the settings batchgen tune searches "
         "(speculative_config, max_num_seqs, max_num_batched_tokens, enable_chunked_prefill, "
-        "enable_prefix_caching, gpu_memory_utilization, max_cudagraph_capture_size), so both "
+        "enable_prefix_caching, gpu_memory_utilization, max_cudagraph_capture_size, quantization), so both "
         "sides would run vLLM's defaults; give the tuned settings, e.g. --max-num-seqs 64 "
         "--engine-arg max_num_batched_tokens=8192",
         id="raw-defaults-of-untuned-settings",

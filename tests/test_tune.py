@@ -35,6 +35,7 @@ CPU = {
     "speculative_config": None,
     "gpu_memory_utilization": None,
     "max_cudagraph_capture_size": None,
+    "quantization": None,
 }
 GPU = {
     **CPU,
@@ -166,6 +167,7 @@ def test_trials_walk_each_setting_from_the_best_so_far_in_order() -> None:
         ("gpu_memory_utilization", "null"): "GPU only (this engine runs on the CPU)",
         ("max_cudagraph_capture_size", "null"): "GPU only (this engine runs on the CPU)",
         ("replicas_per_gpu", "null"): "GPU only (this engine runs on the CPU)",
+        ("quantization", "null"): "GPU only (this engine runs on the CPU)",
     }
 
 
@@ -359,6 +361,7 @@ def test_a_failed_baseline_ends_the_tune() -> None:
         (GPU, 4096, "gpu_memory_utilization", {}, (0.92, 0.95), 0),
         (GPU, 4096, "max_cudagraph_capture_size", {"max_num_seqs": 2048}, (512, 2048), 0),
         (GPU, 4096, "replicas_per_gpu", {}, (1, 2, 3, 4), 0),
+        (GPU, 4096, "quantization", {}, (None, "fp8"), 0),
     ],
 )
 def test_ladders(effective, sample, key, incumbent, values, start) -> None:
@@ -429,7 +432,8 @@ def test_settings_apply_as_flags_and_engine_args_and_strip_back_to_defaults() ->
     assert str(exc.value).startswith(
         "--raw-defaults: the engine flags set none of the settings batchgen tune searches "
         "(speculative_config, max_num_seqs, max_num_batched_tokens, enable_chunked_prefill, "
-        "enable_prefix_caching, gpu_memory_utilization, max_cudagraph_capture_size)"
+        "enable_prefix_caching, gpu_memory_utilization, max_cudagraph_capture_size, "
+        "quantization)"
     )
 
 
@@ -579,7 +583,7 @@ def test_tune_on_the_fake_engine_writes_a_config_run_accepts(tmp_path: Path) -> 
             "--try max_num_sequences=...: not a setting batchgen tune searches; those are: "
             "speculative_config, max_num_seqs, max_num_batched_tokens, enable_chunked_prefill, "
             "enable_prefix_caching, gpu_memory_utilization, max_cudagraph_capture_size, "
-            "replicas_per_gpu",
+            "replicas_per_gpu, quantization",
         ),
         (["--try", "max_num_seqs"], "Invalid value for --try: 'max_num_seqs': expected "
          "KEY=VALUE, e.g. --try max_num_seqs=64"),
@@ -727,3 +731,27 @@ def test_a_replica_trial_deals_the_sample_out_and_answers_every_row(tmp_path: Pa
     assert len(two.tok_s) == 2 and two.tunables == {"replicas_per_gpu": 2}
     assert two.texts == one.texts and len(two.texts) == 20
     assert two.output_tokens == one.output_tokens
+
+
+def test_fp8_is_tried_on_a_gpu_only_where_the_job_has_no_quantization_and_raw_defaults_drop_it() -> (
+    None
+):
+    knob = KNOB_BY_KEY["quantization"]
+    assert knob.changes_outputs  # so a greedy tune keeps it only with --allow-output-changes
+    assert Space(CPU, 4096).ladder(knob, {}) == "GPU only (this engine runs on the CPU)"
+    assert Space({**GPU, "quantization": "fp8"}, 4096).ladder(knob, {}) == (
+        "the job sets its own quantization (fp8)"
+    )
+    fp8 = EngineConfig(engine_args=(("load_format", "dummy"), ("quantization", "fp8")))
+    assert baseline_engine(fp8).engine_args == (("load_format", "dummy"),)
+
+
+def test_a_resume_with_other_quantization_is_refused_naming_it(tmp_path: Path) -> None:
+    """FP8 changes the texts, so a run that began with it cannot end without it (fake engine:
+    the fingerprint is the run's, whatever the engine does with the setting)."""
+    path = write_prompts(tmp_path / "in.parquet", ["a", "b"])
+    out = tmp_path / "out"
+    fp8 = ("--engine-arg", "quantization=fp8")
+    run_cli(*run_args(path, out, *FAKE_ENGINE, *fp8))
+    result = run_cli(*run_args(path, out, *FAKE_ENGINE), expect=1)
+    assert "\n  quantization: fp8 -> (not set)\n" in result.output, result.output

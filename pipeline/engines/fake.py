@@ -58,6 +58,7 @@ class FakeEngine(SteppingEngine):
             "speculative_config": None,
             "gpu_memory_utilization": None,
             "max_cudagraph_capture_size": None,
+            "quantization": None,
         }
 
     def reset_prefix_cache(self) -> None:

@@ -214,6 +214,7 @@ class VllmEngine(SteppingEngine):
             "max_cudagraph_capture_size": getattr(compilation, "max_cudagraph_capture_size", None)
             if graphs
             else None,
+            "quantization": config.model_config.quantization,
         }
 
     def default_inflight(self) -> int:

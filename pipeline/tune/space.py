@@ -5,7 +5,8 @@ Settings are keyed by their vLLM argument name. Two of them are batchgen flags o
 (`--max-num-seqs`, `--gpu-memory-utilization`: fields of EngineConfig), and `replicas_per_gpu`
 is `batchgen run --replicas-per-gpu` (engines per GPU, no engine's setting); the rest travel as
 `--engine-arg KEY=VALUE`. None of them is part of a run's fingerprint except
-`speculative_config` (pipeline/checkpoint.py), so a run may resume with other batch limits.
+`speculative_config` and `quantization` (pipeline/fingerprint.py), so a run may resume with other
+batch limits.
 """
 
 from __future__ import annotations
@@ -55,6 +56,10 @@ SPECULATIVE_OUTPUTS = (
     "greedy texts equal up to floating-point effects (the model checks drafts several tokens "
     "at a time); sampled texts are other draws from the same distribution, even with the same "
     "seeds; part of the run's fingerprint"
+)
+QUANTIZED_OUTPUTS = (
+    "other texts: weights and activations rounded to 8 bits change every logit a little, so "
+    "greedy texts part from the bf16 model's after some tokens; part of the run's fingerprint"
 )
 SPEED_ONLY = "speed only (greedy texts may still differ in bfloat16, as with any batch change)"
 
@@ -116,6 +121,14 @@ KNOBS: tuple[Knob, ...] = (
         "--replicas-per-gpu`; GPU only): for small models whose GPU idles during each engine's "
         "host-side step",
         SPEED_ONLY,
+        gpu_only=True,
+    ),
+    Knob(
+        "quantization",
+        "FP8 weights and activations, quantized as the engine loads the model (vLLM's "
+        '`quantization="fp8"`; GPU only, Hopper or Ada): half the weight memory and traffic',
+        QUANTIZED_OUTPUTS,
+        changes_outputs=True,
         gpu_only=True,
     ),
 )
@@ -250,6 +263,12 @@ def _replicas(space: Space, base: int, incumbent: Mapping[str, Any]) -> Ladder |
     return Ladder(values, values.index(base))
 
 
+def _quantization(space: Space, base: str | None, incumbent: Mapping[str, Any]) -> Ladder | str:
+    if base is not None:
+        return f"the job sets its own quantization ({base})"
+    return Ladder((None, "fp8"), 0)
+
+
 _LADDERS = {
     "replicas_per_gpu": _replicas,
     "max_num_seqs": _max_num_seqs,
@@ -259,6 +278,7 @@ _LADDERS = {
     "speculative_config": _speculative,
     "gpu_memory_utilization": _memory,
     "max_cudagraph_capture_size": _graphs,
+    "quantization": _quantization,
 }
 
 
