@@ -19,6 +19,7 @@ from conftest import FAKE_ENGINE, manifest_state, run_args, run_cli
 
 from pipeline.fingerprint import current_form
 from pipeline.rankstate import job_path, manifest_path
+from pipeline.sources import listing as listing_module
 from pipeline.sources.listing import (
     CLAIM_NAME,
     Listing,
@@ -185,6 +186,35 @@ def test_ranks_wait_for_the_rank_that_claimed_the_listing(tmp_path):
     (tmp_path / CLAIM_NAME).unlink()
     waiter.join(10)
     assert made == [] and got[0].files == _listing("x").files
+
+
+def test_a_wait_for_another_ranks_listing_is_told_only_once_it_lasts(
+    tmp_path, monkeypatch, batchgen_log
+):
+    """Ranks starting together meet at the claim in the normal course: a wait shorter than
+    TELL_AFTER_SECONDS says nothing; a longer one says once whom it waits for."""
+    monkeypatch.setattr(listing_module, "TELL_AFTER_SECONDS", 1.0)
+    store = ListingStore(tmp_path, save=True)
+    line = "waiting for the input listing that pid 1 on elsewhere is making"
+
+    def wait_for(seconds: float) -> None:
+        (tmp_path / CLAIM_NAME).write_text("pid 1 on elsewhere\n")  # another rank is listing
+        for name in tmp_path.glob("inputs-*.json.gz"):
+            name.unlink()
+        waiter = threading.Thread(
+            target=job_listing, args=(store, "parquet", "x", [("a.parquet", 10)], _listing)
+        )
+        waiter.start()
+        time.sleep(seconds)
+        save_listing(tmp_path, _listing("x"))  # the other rank is done
+        (tmp_path / CLAIM_NAME).unlink()
+        waiter.join(10)
+        assert not waiter.is_alive()
+
+    wait_for(0.3)
+    assert line not in batchgen_log
+    wait_for(2.0)
+    assert batchgen_log.count(line) == 1
 
 
 def test_a_claim_left_by_a_dead_rank_is_taken_over(tmp_path):
