@@ -129,7 +129,13 @@ def _run_locked(
     progress = _progress(cfg, job, state, engine)
     reuse = open_reuse(job.fingerprint, cfg.reuse, cfg.output_dir, cfg.rank, writer.schema.names)
     feeder = Feeder(
-        job.source, job.builder, state.done, cfg.source.id_column, flags, reuse.annotate
+        job.source,
+        job.builder,
+        state.done,
+        cfg.source.id_column,
+        flags,
+        reuse.annotate,
+        group_window=cfg.group_prefixes,
     )
     committer = Committer(
         writer, checkpoint, state.next_seq, cfg.output.rows_per_shard, cfg.output.checkpoint_seconds

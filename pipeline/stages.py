@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from pipeline.admission import grouped
 from pipeline.checkpoint import Checkpoint, manifest_path
 from pipeline.engines import StopFlags
 from pipeline.idcheck import UniqueIds
@@ -44,6 +45,7 @@ class Feeder(threading.Thread):
         annotate: Callable[[list[PromptRow]], None] | None = None,
         batch_rows: int = READ_BATCH_ROWS,
         depth: int = 16,
+        group_window: int = 0,
     ) -> None:
         super().__init__(name="batchgen-feeder", daemon=True)
         self.source, self.builder = source, builder
@@ -51,6 +53,7 @@ class Feeder(threading.Thread):
         self.flags = flags
         self.annotate = annotate
         self.batch_rows = batch_rows
+        self.group_window = group_window  # 0: input order; else see pipeline/admission.py
         self.queue: queue.Queue = queue.Queue(maxsize=depth)  # of lists of PromptRow
         self.error: BaseException | None = None
         self.exhausted = False
@@ -64,9 +67,12 @@ class Feeder(threading.Thread):
             self._put(_END, force=True)
 
     def _read(self) -> None:
-        for rows in request_batches(
+        batches = request_batches(
             self.source, self.builder, self.done, self.id_column, self.batch_rows, self.annotate
-        ):
+        )
+        if self.group_window:
+            batches = grouped(batches, self.group_window, self.batch_rows)
+        for rows in batches:
             if not self._put(rows):
                 return
         self.exhausted = True

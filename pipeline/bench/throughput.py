@@ -76,6 +76,7 @@ def bench_prompts(
         cfg.max_tokens,
         cfg.seed,
         cfg.task,
+        cfg.questions_per_document,
     )
     adapters = cfg.adapters(len(texts))
     src = write_prompt_file(work / "prompts.parquet", texts, budgets, adapters)
@@ -268,6 +269,7 @@ def bench_run_config(cfg: BenchConfig, src: Path, out: Path, rows_per_shard: int
         output=OutputConfig(path=str(out), rows_per_shard=rows_per_shard, overwrite=True),
         progress_seconds=3600.0,
         max_inflight=cfg.max_inflight,
+        group_prefixes=cfg.group_prefixes,
         lora_column="adapter" if cfg.engine.loras else None,
         max_error_rate=0.0,
     )

@@ -120,6 +120,8 @@ def _settings(cfg: BenchConfig, engine: Any) -> dict[str, Any]:
         "prefix_caching": described.get("enable_prefix_caching"),
         "temperature": cfg.temperature,
         "max_inflight": cfg.max_inflight,
+        "questions_per_document": cfg.questions_per_document,
+        "group_prefixes": cfg.group_prefixes,
         "model": described["model"],
         "model_impl": described["model_impl"],
         "dtype": described["dtype"],

@@ -61,12 +61,27 @@ def make_prompts(
     max_tokens: int,
     seed: int = 0,
     task: str | None = None,
+    questions: int = 1,
 ) -> tuple[list[str], list[int]]:
     """`count` prompt texts of log-uniformly spread lengths, and each one's output budget.
 
     Each starts with `task` (None: one of TASKS, drawn per prompt). Deterministic for a seed,
-    so every machine benchmarks the same prompts.
+    so every machine benchmarks the same prompts. With `questions` > 1, every `questions`
+    prompts share one text (a document) and differ in the question that ends them, and the
+    prompts are shuffled, so those sharing a document lie far apart (the case
+    `--group-prefixes` is for).
     """
+    if questions > 1:
+        return _questions_over_documents(
+            count,
+            min_prompt_tokens,
+            max_prompt_tokens,
+            min_tokens,
+            max_tokens,
+            seed,
+            task,
+            questions,
+        )
     rng = random.Random(seed)
     texts, budgets = [], []
     for i in range(count):
@@ -88,6 +103,40 @@ def make_prompts(
         texts.append(text)
         budgets.append(_log_uniform(rng, min_tokens, max_tokens))
     return texts, budgets
+
+
+QUESTIONS = (
+    "Which place does the text name first?",
+    "What number appears in the text, and what does it count?",
+    "Which sentence would a child find the most surprising?",
+    "Give the text a title of five words or fewer.",
+    "Which statement in the text is about the past?",
+    "Name one cause and its effect from the text.",
+    "Which sentence is about science?",
+    "Summarize the text in one sentence.",
+)
+
+
+def _questions_over_documents(
+    count: int,
+    min_prompt_tokens: int,
+    max_prompt_tokens: int,
+    min_tokens: int,
+    max_tokens: int,
+    seed: int,
+    task: str | None,
+    questions: int,
+) -> tuple[list[str], list[int]]:
+    documents, _ = make_prompts(
+        -(-count // questions), min_prompt_tokens, max_prompt_tokens, 1, 1, seed, task
+    )
+    rng = random.Random(seed + 1)
+    pairs = [(d, q) for d in range(len(documents)) for q in range(questions)][:count]
+    rng.shuffle(pairs)
+    texts = [
+        f"{documents[d]}\n\nQuestion {q + 1}: {QUESTIONS[q % len(QUESTIONS)]}" for d, q in pairs
+    ]
+    return texts, [_log_uniform(rng, min_tokens, max_tokens) for _ in texts]
 
 
 def _log_uniform(rng: random.Random, lo: int, hi: int) -> int:

@@ -49,6 +49,14 @@ class BenchConfig:
         "[default: a mix of tasks].",
         metavar="TEXT",
     )
+    # Prompts in groups sharing one document, shuffled apart (the workload of --group-prefixes).
+    questions_per_document: int = option(
+        1,
+        "Every N prompts share one document and differ in their last question; the prompts "
+        "are shuffled, so those sharing a document lie apart [default: 1, none share].",
+        metavar="N",
+    )
+    group_prefixes: int = option(0, "As for `batchgen run` (batchgen's side only).", metavar="N")
     # Stop at end-of-sequence, as a job does: budgets become caps, and each side's own output
     # tokens count (they differ where the two sides' greedy texts do).
     stop_at_eos: bool = option(
@@ -156,6 +164,10 @@ class BenchConfig:
             raise ConfigError(
                 f"--min-prompt-tokens {self.min_prompt_tokens} and --max-prompt-tokens "
                 f"{self.max_prompt_tokens}: need 1 <= --min-prompt-tokens <= --max-prompt-tokens"
+            )
+        if self.questions_per_document < 1:
+            raise ConfigError(
+                f"--questions-per-document {self.questions_per_document}: must be at least 1"
             )
         if self.rounds < 1:
             raise ConfigError(f"--rounds {self.rounds}: must be at least 1")

@@ -117,6 +117,16 @@ class RunConfig:
     max_inflight: int | None = option(
         None, "Requests kept in the engine [default: 4 x max-num-seqs]."
     )
+    # Rows read ahead and admitted in the order of their prompt tokens, so prompts sharing a long
+    # prefix run together and vLLM's prefix cache serves them (pipeline/admission.py); 0: input
+    # order. Speed only: not part of the fingerprint.
+    group_prefixes: int = option(
+        0,
+        "Admit rows in windows of N, each in the order of its prompt tokens, so prompts that "
+        "share a prefix (several questions over one document) hit the prefix cache [default: "
+        "0, input order].",
+        metavar="N",
+    )
     # Engine deaths (killed, out of memory, a CUDA error, an exception on a step) survived by
     # starting a new engine; past them the run stops, committed work kept, exit 1.
     engine_restarts: int = option(
@@ -203,6 +213,11 @@ class RunConfig:
             raise ConfigError(f"--stall-seconds {self.stall_seconds:g}: must be above 0")
         if self.max_inflight is not None and self.max_inflight < 1:
             raise ConfigError("--max-inflight must be at least 1")
+        if self.group_prefixes < 0:
+            raise ConfigError(
+                f"--group-prefixes {self.group_prefixes}: give a window of rows (e.g. 4096), "
+                "or 0 for input order"
+            )
         if self.source.id_column is not None and self.source.id_column in self.output.keep_columns:
             raise ConfigError(
                 f"--keep-columns {self.source.id_column}: the --id-column is already written as 'id'"
