@@ -20,6 +20,10 @@ METRICS = {
     "batchgen_rows_total": ("counter", "Output rows generated in this run."),
     "batchgen_prompts_total": ("counter", "Prompts done, earlier runs of this rank included."),
     "batchgen_prompt_tokens_total": ("counter", "Prompt tokens of prompts done in this run."),
+    "batchgen_prompt_tokens_cached_total": (
+        "counter",
+        "Of those, tokens the engine's prefix cache served instead of computing.",
+    ),
     "batchgen_completion_tokens_total": ("counter", "Output tokens generated in this run."),
     "batchgen_error_rows_total": ("counter", "Error rows in this run."),
     "batchgen_engine_restarts_total": ("counter", "Engine deaths restarted in this run."),

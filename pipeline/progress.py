@@ -85,6 +85,7 @@ class Progress:
         self.done_before = done_before
         self.prompts = self.rows = self.errors = 0
         self.prompt_tokens = self.completion_tokens = 0
+        self.cached_tokens = 0  # prompt tokens the prefix cache served (where the engine says)
         self.finish_reasons: dict[str, int] = {}
         self.sent = self.returned = 0  # prompts handed to the engine, and back from it
         self.started = time.monotonic()
@@ -111,6 +112,7 @@ class Progress:
                 self.prompts += 1
                 if r.error is None:
                     self.prompt_tokens += r.prompt_tokens or 0
+                    self.cached_tokens += r.cached_tokens or 0
             if r.error is not None:
                 self.errors += 1
                 reason = "error"
@@ -162,6 +164,7 @@ class Progress:
             "batchgen_rows_total": self.rows,
             "batchgen_prompts_total": self.done_before + self.prompts,
             "batchgen_prompt_tokens_total": self.prompt_tokens,
+            "batchgen_prompt_tokens_cached_total": self.cached_tokens,
             "batchgen_completion_tokens_total": self.completion_tokens,
             "batchgen_error_rows_total": self.errors,
             "batchgen_engine_restarts_total": self.restarts() if self.restarts else None,

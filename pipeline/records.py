@@ -73,6 +73,9 @@ class ResultRow:
     reasoning_ended: bool | None = None
     request_key: bytes | None = None
     reused_from: str | None = None  # --reuse: the earlier shard this row's outputs came from
+    # Prompt tokens the engine's prefix cache served instead of computing (vLLM's
+    # num_cached_tokens; None where the engine does not say). Counted, never written.
+    cached_tokens: int | None = None
 
     @classmethod
     def of(cls, row: PromptRow, sample_index: int, **fields: Any) -> ResultRow:

@@ -33,6 +33,7 @@ def run_report(
             "rows": progress.rows,
             "errors": progress.errors,
             "prompt_tokens": progress.prompt_tokens,
+            "prompt_tokens_cached": progress.cached_tokens,
             "completion_tokens": progress.completion_tokens,
             "finish_reasons": dict(sorted(progress.finish_reasons.items())),
             "engine_start_seconds": round(engine.start_seconds, 2),

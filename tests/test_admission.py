@@ -91,7 +91,8 @@ def test_a_negative_window_is_refused_naming_the_fix(tmp_path: Path) -> None:
 @pytest.mark.engine
 def test_grouped_admission_on_the_real_engine_gives_raw_vllms_greedy_texts(tmp_path: Path) -> None:
     """Order changes which rows share a step, never a row's output: in float32 every row's
-    greedy text equals raw `LLM.generate` on the test's own token ids, in input order."""
+    greedy text equals raw `LLM.generate` on the test's own token ids, in input order; and the
+    run counts the prompt tokens vLLM's prefix cache served."""
     from transformers import AutoTokenizer
     from vllm import SamplingParams
 
@@ -99,13 +100,20 @@ def test_grouped_admission_on_the_real_engine_gives_raw_vllms_greedy_texts(tmp_p
     from pipeline.engines import in_process_engine
     from pipeline.models import ensure_bundled_model
 
-    docs = ["The Nile flows north to the sea.", "Bees dance to show where food is."]
+    # Two documents of ~300 tokens, three questions each, interleaved in the input.
+    docs = [" ".join(["The Nile flows north to the sea."] * 40), " ".join(["Bees dance."] * 80)]
     prompts = [f"{docs[d]} Question {q}: what is this about?" for q in (1, 2, 3) for d in (0, 1)]
     src = write_prompts(tmp_path / "in.parquet", prompts)
     out = tmp_path / "out"
-    flags = ("--chat", "--temperature", "0", "--group-prefixes", "6", *REAL_ENGINE)
-    run_cli(*run_args(src, out, *flags, max_tokens=16))
+    # One request in the engine at a time, so each question after its document's first finds
+    # the document cached (rows in one engine step compute their prefixes side by side).
+    flags = ("--chat", "--temperature", "0", "--group-prefixes", "6", "--max-inflight", "1")
+    run_cli(*run_args(src, out, *flags, *REAL_ENGINE, max_tokens=16))
     ours = read_output(out).sort_by("id")["text"].to_pylist()
+    this_run = manifest_state(out)["report"]["this_run"]
+    # vLLM's count of prompt tokens its prefix cache served: at least most of each document for
+    # the 4 later questions (whole cache blocks only), never more than the prompts hold.
+    assert 4 * 200 <= this_run["prompt_tokens_cached"] < this_run["prompt_tokens"]
     model = str(ensure_bundled_model())
     llm = in_process_engine(EngineConfig(dtype="float32", max_model_len=512), model).llm
     tok = AutoTokenizer.from_pretrained(model)

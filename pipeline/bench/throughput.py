@@ -54,6 +54,7 @@ class Timing:
     # batchgen only: time in run() outside its generate loop (tokenizer load, input and resume
     # checks, final commit), all included in `seconds`.
     setup_seconds: float | None = None
+    cached_tokens: int | None = None  # prompt tokens the prefix cache served (vLLM's count)
 
     @property
     def output_tok_s(self) -> float:
@@ -299,10 +300,12 @@ def _time_raw(engine: Any, rows: list) -> Timing:
     engine.reset_prefix_cache()
     meter = OtherCpuMeter()
     started = time.monotonic()
-    prompts, output_tokens = engine.raw_generate(rows)
+    prompts, output_tokens, cached = engine.raw_generate(rows)
     seconds = time.monotonic() - started
     prompt_tokens = sum(len(r.token_ids) for r in rows)
-    return Timing("raw", seconds, prompts, prompt_tokens, output_tokens, meter.share())
+    return Timing(
+        "raw", seconds, prompts, prompt_tokens, output_tokens, meter.share(), cached_tokens=cached
+    )
 
 
 @contextmanager
@@ -364,6 +367,7 @@ def _time_batchgen(
         sum(table.column("completion_tokens").to_pylist()),
         other_cpu,
         seconds - result.report["this_run"]["generate_seconds"],
+        result.report["this_run"]["prompt_tokens_cached"],
     )
     shards = result.report["committed"]["shards"]
     shutil.rmtree(run_cfg.output_dir, ignore_errors=True)

@@ -73,6 +73,8 @@ def _figures(timings: list[tuple[Timing, Timing]], engine_start: float) -> dict[
                 "batchgen_output_tok_s": round(b.output_tok_s, 1),
                 "raw_other_cpu": r.other_cpu,
                 "batchgen_other_cpu": b.other_cpu,
+                "raw_prompt_tokens_cached": r.cached_tokens,
+                "batchgen_prompt_tokens_cached": b.cached_tokens,
             }
             for r, b in timings
         ],

@@ -342,7 +342,7 @@ def _start(kind: str, cfg: RunConfig, log_path: Path, sample: int | None) -> tup
 
 def _raw_pass(engine: Any, rows: list) -> tuple[int, int, int]:
     engine.reset_prefix_cache()  # the other sides ran the same prompts
-    prompts, output_tokens = engine.raw_generate(rows)
+    prompts, output_tokens, _ = engine.raw_generate(rows)
     return prompts, sum(len(r.token_ids) for r in rows), output_tokens
 
 

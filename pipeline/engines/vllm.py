@@ -342,6 +342,7 @@ class VllmEngine(SteppingEngine):
                 logprobs=logprobs,
                 cumulative_logprob=c.cumulative_logprob,
                 prompt_logprobs=prompt_logprobs,
+                cached_tokens=output.num_cached_tokens,
             )
             if self._reasoning is not None:
                 self._reasoning.split(result, prompt_ids, list(c.token_ids))
@@ -366,16 +367,21 @@ class VllmEngine(SteppingEngine):
         if reset is not None and reset() is False:
             log.warning("vLLM could not reset its prefix cache; timings may favour one side")
 
-    def raw_generate(self, rows: list[PromptRow]) -> tuple[int, int]:
+    def raw_generate(self, rows: list[PromptRow]) -> tuple[int, int, int]:
         """One `LLM.generate` call over `rows` with the SamplingParams batchgen would send
-        them; the (prompts, output tokens) it returned."""
+        them; the (prompts, output tokens, prompt tokens served by the prefix cache) it
+        returned."""
         prompts = [{"prompt_token_ids": r.token_ids} for r in rows]
         params = [copy.copy(self.params(r)) for r in rows]  # generate may adjust them in place
         loras = [self._loras.get(r.adapter) if r.adapter else None for r in rows]
         outputs = self.llm.generate(
             prompts, params, use_tqdm=False, lora_request=loras if any(loras) else None
         )
-        return len(outputs), sum(len(c.token_ids) for o in outputs for c in o.outputs)
+        return (
+            len(outputs),
+            sum(len(c.token_ids) for o in outputs for c in o.outputs),
+            sum(o.num_cached_tokens or 0 for o in outputs),
+        )
 
 
 def _engine_kwargs(cfg: EngineConfig, model: str, enforce_eager: bool) -> dict[str, Any]:
