@@ -334,10 +334,13 @@ class Manifest:
         del data["generation"]
         write_new(folder / f"manifest-{generation:08d}.json", data)
         self.generation = generation
-        # After the generation, which is what resume reads: a head is never newer than it.
+        # After the generation, which is what resume reads: a head is never newer than it. The
+        # generation is written, so a disk filling up just now must not fail the save: without
+        # its head, status reads the generation instead.
         head = asdict(self.summary())
         del head["generation"]
-        write_new(folder / f"head-{generation:08d}.json", head)
+        with contextlib.suppress(OSError):
+            write_new(folder / f"head-{generation:08d}.json", head)
         for name in before:
             with contextlib.suppress(FileNotFoundError):
                 (folder / name).unlink()
