@@ -13,7 +13,9 @@ what that batchgen writes, made in seconds rather than with 100,000 fsyncs. It u
 
 Timed, each as a process with its CPU time: status while this script holds every rank's lock
 (the ranks are running: status reads their state, not their shard folders), then with the
-locks free (crashed: it also lists each rank's shard folder to find unlisted shards).
+locks free (crashed: it also lists each rank's shard folder to find unlisted shards). With
+--finished every rank ends instead (its records folded into one generation of COMMITS shards);
+"running" is then moot and "crashed" is a finished job's status.
 """
 
 from __future__ import annotations
@@ -36,8 +38,9 @@ from pipeline.sinks import ParquetShardWriter, output_schema, rank_dir
 ROWS_PER_SHARD = 10
 
 
-def build(out: Path, ranks: int, commits: int) -> None:
-    """Rank 0 through the commit path, then the other ranks as renamed copies of it."""
+def build(out: Path, ranks: int, commits: int, finished: bool) -> None:
+    """Rank 0 through the commit path (and its end, if `finished`: the generation that folds
+    its records in), then the other ranks as renamed copies of it."""
     fingerprint = {"bench": "status mid-run", "num_shards": ranks}
     lock = RankLock(out, 0).acquire()
     checkpoint = Checkpoint(out, 0, ranks)
@@ -56,6 +59,8 @@ def build(out: Path, ranks: int, commits: int) -> None:
         info.committed_at = round(time.time(), 3)
         info.generate_seconds = round(time.time() - started, 3)
         checkpoint.commit(info)
+    if finished:
+        checkpoint.set_status("finished", {"this_run": {"prompts": commits * ROWS_PER_SHARD}})
     lock.release()
     state0, shards0 = manifest_path(out, 0), rank_dir(out, 0)
     for rank in range(1, ranks):
@@ -119,6 +124,9 @@ def main() -> None:
     parser.add_argument("--ranks", type=int, default=1000)
     parser.add_argument("--commits", type=int, default=100)
     parser.add_argument("--repeat", type=int, default=1, help="timed runs of each status")
+    parser.add_argument(
+        "--finished", action="store_true", help="end every rank instead (records folded in)"
+    )
     parser.add_argument("--output", type=Path, required=True, help="a folder to build the job in")
     args = parser.parse_args()
     out = args.output / "out"
@@ -128,7 +136,7 @@ def main() -> None:
 
     load = {"start": os.getloadavg()}
     t = time.monotonic()
-    build(out, args.ranks, args.commits)
+    build(out, args.ranks, args.commits, args.finished)
     built = round(time.monotonic() - t, 1)
     checked = check_status(out)  # also warms the page cache for the timed runs
     locks = [RankLock(out, rank).acquire() for rank in range(args.ranks)]
@@ -143,6 +151,7 @@ def main() -> None:
                 "pipeline": str(Path(pipeline.__file__).parent),
                 "ranks": args.ranks,
                 "commits_per_rank": args.commits,
+                "finished": args.finished,
                 "build_seconds": built,
                 "status": checked,
                 "running": running,
