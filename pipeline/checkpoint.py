@@ -42,6 +42,8 @@ from pipeline.rankstate import (
     STATE_DIR,
     Manifest,
     RankLock,
+    RankSummary,
+    RankTotals,
     engine_log_path,
     job_path,
     legacy_manifest_path,
@@ -72,6 +74,7 @@ __all__ = [
     "Checkpoint",
     "Manifest",
     "RankLock",
+    "RankSummary",
     "engine_log_path",
     "lock_holder",
     "lock_path",
@@ -291,6 +294,8 @@ class Checkpoint:
         self.rank = rank
         self.num_ranks = num_ranks
         self.manifest: Manifest | None = None
+        # The manifest's shards summed, kept up to date by each commit for its record.
+        self.totals: RankTotals | None = None
 
     def open(
         self, fingerprint: dict[str, Any], total_prompts: int | None, overwrite: bool
@@ -332,6 +337,7 @@ class Checkpoint:
         manifest.host, manifest.pid = socket.gethostname(), os.getpid()
         seqs = [shard_seq(s["file"]) for s in manifest.shards]
         self.manifest = manifest
+        self.totals = None
         return ResumeState(
             manifest=manifest,
             done=scan.done,
@@ -397,9 +403,14 @@ class Checkpoint:
         return _remove_ranks(self.out_dir, {self.rank})
 
     def commit(self, info: ShardInfo) -> None:
-        """Record a published shard: one new commit record, whatever the shard count."""
+        """Record a published shard: one new commit record, whatever the shard count, carrying
+        the rank's running totals (what `batchgen status` reads instead of every record)."""
         assert self.manifest is not None
-        self.manifest.record_commit(self.out_dir, asdict(info))
+        if self.totals is None:  # once a run: the shards it resumed from
+            self.totals = RankTotals.of(self.manifest.shards)
+        entry = asdict(info)
+        self.totals.add(entry)
+        self.manifest.record_commit(self.out_dir, entry, self.totals)
 
     def set_status(self, status: str, report: dict[str, Any] | None = None) -> None:
         assert self.manifest is not None

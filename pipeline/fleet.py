@@ -2,12 +2,12 @@
 
 Ranks by state (a running rank with no commit for `--stalled-after` seconds is stalled), the
 ranks to act on (failed, crashed, stalled, not started), the slowest running ranks and the
-projected finish. Computed from what `pipeline.status` already read (one manifest per rank),
-so it costs nothing that grows with the shards of a rank beyond that read.
+projected finish. Computed from what `pipeline.status` already read (one manifest summary per
+rank), so it costs nothing that grows with the shards of a rank.
 
 Rates: a running rank's rate is the prompts its current run committed over the time since that
-run began generating (its newest shard's commit time less the generation seconds it records),
-so a rank that stops committing slows down in the view as time passes.
+run began generating (its newest shard's commit time less the generation seconds it records;
+`RankTotals.run_rate`), so a rank that stops committing slows down in the view as time passes.
 """
 
 from __future__ import annotations
@@ -19,23 +19,11 @@ from pipeline.humanize import fmt_duration
 from pipeline.humanize import plural as _plural
 
 if TYPE_CHECKING:
-    from pipeline.checkpoint import Manifest
     from pipeline.status import RankStatus, RunStatus
 
 STALLED_AFTER = 600.0  # seconds without a commit before a running rank is called stalled
 SLOWEST = 5  # running ranks listed as the slowest
 LISTED = 10  # ranks listed by number in one line of the text view, then "and N more"
-
-
-def run_rate(m: Manifest, now: float) -> float | None:
-    """Prompts per second of a rank's current run, or None before its first shard of it."""
-    timed = [s for s in m.shards if s.get("committed_at") and s.get("generate_seconds")]
-    if not timed:
-        return None
-    newest = max(timed, key=lambda s: s["committed_at"])
-    began = newest["committed_at"] - newest["generate_seconds"]
-    prompts = sum(s["prompts"] for s in timed if s["committed_at"] >= began)
-    return prompts / max(now - began, 1e-3)
 
 
 def fleet_view(status: RunStatus) -> dict[str, Any]:
@@ -71,7 +59,7 @@ def fleet_view(status: RunStatus) -> dict[str, Any]:
 def _pace(r: RankStatus, now: float) -> dict[str, Any] | None:
     m = r.manifest
     assert m is not None
-    rate = run_rate(m, now)
+    rate = m.totals.run_rate(now)
     left = None if m.total_prompts is None else max(m.total_prompts - m.prompts_committed, 0)
     eta = left / rate if rate and left is not None else None
     return {

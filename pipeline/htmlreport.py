@@ -21,7 +21,7 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from pipeline import __version__, charts
-from pipeline.checkpoint import Manifest
+from pipeline.checkpoint import Manifest, RankSummary
 from pipeline.errors import BatchgenError
 from pipeline.humanize import fmt_duration
 from pipeline.prompts import error_kind
@@ -135,6 +135,8 @@ def _read_shards(files: list[Path]) -> _Data:
 def render_page(out_dir: Path, status: RunStatus, data: _Data, now: float) -> str:
     """The whole HTML page."""
     manifests = [r.manifest for r in status.ranks if r.manifest is not None]
+    # The charts draw each shard's commit: the whole shard lists, which status does not read.
+    full = [m for r in status.ranks if r.manifest and (m := Manifest.load(out_dir, r.rank))]
     summary = status.to_dict()["all"]
     files = shard_files(out_dir)
     meta = (read_shard_metadata(files[0]) if files else None) or {}
@@ -149,7 +151,7 @@ def render_page(out_dir: Path, status: RunStatus, data: _Data, now: float) -> st
         "<h2>Ranks</h2>",
         _rank_table(status, now),
         "<h2>Progress and throughput</h2>",
-        _time_charts(manifests),
+        _time_charts(full),
         "<h2>Tokens and finish reasons</h2>",
         _sample_note(data),
         _token_charts(data),
@@ -164,7 +166,7 @@ def render_page(out_dir: Path, status: RunStatus, data: _Data, now: float) -> st
     return PAGE.format(title=escape(title), body="\n".join(sections))
 
 
-def _cards(summary: dict[str, Any], manifests: list[Manifest]) -> str:
+def _cards(summary: dict[str, Any], manifests: list[RankSummary]) -> str:
     total = summary["total_prompts"]
     done = f"{summary['prompts']:,}" + (f" / {total:,}" if total is not None else "")
     runs = [(m.report or {}).get("this_run") or {} for m in manifests]
@@ -203,7 +205,7 @@ def _rank_table(status: RunStatus, now: float) -> str:
         rows.append(
             f"<tr><td>{r.rank}</td><td>{escape(r.label())}</td>"
             f"<td class=n>{m.prompts_committed:,}{total}</td><td class=n>{m.rows_committed:,}</td>"
-            f"<td class=n>{m.errors:,}</td><td class=n>{len(m.shards):,}</td>"
+            f"<td class=n>{m.errors:,}</td><td class=n>{m.totals.shards:,}</td>"
             f"<td class=n>{'' if rate is None else f'{rate:,.1f}'}"
             f"{'' if gen is None else f' over {fmt_duration(gen, tenths=True)}'}</td>"
             f"<td>{fmt_duration(max(now - m.updated_at, 0))} ago</td></tr>"
@@ -440,7 +442,7 @@ def _sample_table(data: _Data) -> str:
     )
 
 
-def _settings(manifests: list[Manifest], meta: dict[str, Any]) -> str:
+def _settings(manifests: list[RankSummary], meta: dict[str, Any]) -> str:
     if not manifests:
         return "<p>No rank has written a manifest yet.</p>"
     fp = manifests[0].fingerprint

@@ -1,9 +1,16 @@
 """`batchgen status OUT`: what each rank of an output folder has committed and whether it is done.
 
-It only reads: the per-rank manifests (written atomically, so never seen half-written) and the
-rank locks, probed without taking them for more than an instant. A manifest says "running"
-until its process ends; whether that process is alive is the lock's to say, since the kernel
-drops a lock whatever way its process died. So "running" under a free lock means "crashed".
+It only reads: the per-rank manifest summaries (each written atomically, so never seen
+half-written) and the rank locks, probed without taking them for more than an instant. A
+manifest says "running" until its process ends; whether that process is alive is the lock's to
+say, since the kernel drops a lock whatever way its process died. So "running" under a free
+lock means "crashed".
+
+What it reads of a rank does not grow with its shards: the head of its newest manifest
+generation and its newest commit record, which carry the rank's totals (`RankSummary.load`),
+and for a rank not running one listing of its shard folder, checked against a digest of the
+names the totals count. Only where that check fails (a shard committed just before a crash, one
+deleted by hand) is the rank's shard list read, to name the unlisted shards.
 """
 
 from __future__ import annotations
@@ -13,12 +20,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.checkpoint import STATE_DIR, Manifest, lock_holder, manifest_path, read_job_record
+from pipeline.checkpoint import (
+    STATE_DIR,
+    Manifest,
+    RankSummary,
+    lock_holder,
+    manifest_path,
+    read_job_record,
+)
 from pipeline.errors import EXIT_OK, EXIT_STATUS_FAILED, EXIT_STATUS_INCOMPLETE, BatchgenError
 from pipeline.fleet import STALLED_AFTER, fleet_view, render_fleet
 from pipeline.humanize import fmt_duration
 from pipeline.humanize import plural as _plural
-from pipeline.rankstate import legacy_manifest_path, state_ranks
+from pipeline.rankstate import legacy_manifest_path, shard_names_crc, state_ranks
 from pipeline.report import requests_line, reuse_line
 from pipeline.sinks import SHARD_RE, list_names, rank_dir
 
@@ -38,11 +52,12 @@ DETAIL_RANKS = 16
 
 @dataclass(slots=True)
 class RankStatus:
-    """One rank: its manifest (None if it never started) and the live holder of its lock."""
+    """One rank: its manifest summary (None if it never started) and the live holder of its
+    lock."""
 
     rank: int
     state: str  # a key of STATE_LABELS
-    manifest: Manifest | None
+    manifest: RankSummary | None
     holder: str | None
     # Complete shards on disk the manifest does not list (a crash between a shard's rename and
     # the manifest update): readers already see their rows; the next run adopts them.
@@ -72,7 +87,7 @@ class RankStatus:
             prompts=m.prompts_committed,
             total_prompts=m.total_prompts,
             rows=m.rows_committed,
-            shards=len(m.shards),
+            shards=m.totals.shards,
             errors=m.errors,
             **_token_totals([m]),
             started_at=m.started_at,
@@ -139,7 +154,7 @@ class RunStatus:
                 "prompts": sum(m.prompts_committed for m in started),
                 "total_prompts": sum(m.total_prompts for m in started) if known else None,
                 "rows": sum(m.rows_committed for m in started),
-                "shards": sum(len(m.shards) for m in started),
+                "shards": sum(m.totals.shards for m in started),
                 "errors": sum(m.errors for m in started),
                 **_token_totals(started),
                 "states": counts,
@@ -178,12 +193,12 @@ class RunStatus:
             lines.append(
                 f"rank {r.rank}: {r.label()}{stalled} | "
                 f"{_prompts(m.prompts_committed, m.total_prompts)}, "
-                f"{m.rows_committed:,} rows in {_plural(len(m.shards), 'shard')} | "
+                f"{m.rows_committed:,} rows in {_plural(m.totals.shards, 'shard')} | "
                 f"{_plural(m.errors, 'error')} | "
                 f"updated {fmt_duration(max(self.now - m.updated_at, 0.0))} ago"
             )
             detail = []
-            if m.shards:
+            if m.totals.shards:
                 tokens = _token_totals([m])
                 detail.append(
                     f"tokens: {tokens['prompt_tokens']:,} prompt + "
@@ -245,7 +260,7 @@ def _rank_status(out_dir: Path, rank: int) -> RankStatus:
     # The lock first: a process that starts after the probe shows as whatever its manifest says,
     # never as crashed, because a "running" manifest under a free lock is probed once more.
     holder = lock_holder(out_dir, rank)
-    manifest = Manifest.load(out_dir, rank)
+    manifest = RankSummary.load(out_dir, rank)
     if holder is None and manifest is not None and manifest.status == "running":
         holder = lock_holder(out_dir, rank)
     if holder is not None:
@@ -263,8 +278,12 @@ def _rank_status(out_dir: Path, rank: int) -> RankStatus:
         )
     unlisted: list[str] = []
     if manifest is not None and state != "running":  # a live writer lists its shard a moment later
-        listed = {s["file"] for s in manifest.shards}
-        unlisted = [n for n in _shard_names(out_dir, rank) if n not in listed]
+        names = _shard_names(out_dir, rank)
+        totals = manifest.totals
+        if len(names) != totals.shards or shard_names_crc(names) != totals.names_crc:
+            full = Manifest.load(out_dir, rank)
+            listed = {s["file"] for s in full.shards} if full is not None else set()
+            unlisted = [n for n in names if n not in listed]
     return RankStatus(rank, state, manifest, holder, unlisted)
 
 
@@ -274,7 +293,7 @@ def _shard_names(out_dir: Path, rank: int) -> list[str]:
     return [n for n in list_names(rank_dir(out_dir, rank)) if SHARD_RE.match(n)]
 
 
-def _reuse_totals(manifests: list[Manifest]) -> dict[str, int] | None:
+def _reuse_totals(manifests: list[RankSummary]) -> dict[str, int] | None:
     """Prompts generated, reused and deduplicated by the last run of each rank, summed."""
     reports = [r for m in manifests if (r := ((m.report or {}).get("this_run") or {}).get("reuse"))]
     if not reports:
@@ -283,16 +302,15 @@ def _reuse_totals(manifests: list[Manifest]) -> dict[str, int] | None:
     return {k: sum(r.get(k) or 0 for r in reports) for k in names}
 
 
-def _token_totals(manifests: list[Manifest]) -> dict[str, Any]:
+def _token_totals(manifests: list[RankSummary]) -> dict[str, Any]:
     """Tokens and finish reasons over every committed shard (all runs, not just the last)."""
     reasons: dict[str, int] = {}
     prompt_tokens = completion_tokens = 0
     for m in manifests:
-        for s in m.shards:
-            prompt_tokens += s["prompt_tokens"]
-            completion_tokens += s["completion_tokens"]
-            for k, v in s["finish_reasons"].items():
-                reasons[k] = reasons.get(k, 0) + v
+        prompt_tokens += m.totals.prompt_tokens
+        completion_tokens += m.totals.completion_tokens
+        for k, v in m.totals.finish_reasons.items():
+            reasons[k] = reasons.get(k, 0) + v
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,

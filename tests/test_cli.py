@@ -417,6 +417,7 @@ def test_fake_engine_run_writes_the_documented_output(
     assert state == [
         ".batchgen/job.json",
         ".batchgen/rank-00000",
+        ".batchgen/rank-00000/head-00000001.json",
         ".batchgen/rank-00000/lock",
         ".batchgen/rank-00000/manifest-00000001.json",
     ]

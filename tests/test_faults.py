@@ -172,13 +172,14 @@ def test_disk_full_when_recording_a_shard_keeps_it_for_the_next_run(
 
     def write_new(path: Path, data: dict) -> None:
         writes.append(path.name)
-        if len(writes) >= 4:  # 1: manifest (running), 2-3: shards 0-1, then the disk is full
+        # 1-2: manifest (running) and its head, 3-4: shards 0-1, then the disk is full
+        if len(writes) >= 5:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         real_write(path, data)
 
     monkeypatch.setattr(rankstate, "write_new", write_new)
     result = run_cli(*args(src, out), expect=1)
-    assert writes[3:] == ["commit-000002.json", "manifest-00000001.json"]
+    assert writes[4:] == ["commit-000002.json", "manifest-00000001.json"]
     path = out / ".batchgen" / "rank-00000"
     assert (
         f"recording the failed state in {path} failed too (No space left on device); "

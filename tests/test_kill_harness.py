@@ -20,6 +20,7 @@ import subprocess
 import threading
 import time
 from collections import Counter
+from dataclasses import asdict
 from pathlib import Path
 
 import pyarrow as pa
@@ -37,6 +38,9 @@ from conftest import (
     write_prompts,
 )
 from hooks import PAUSE_ENV as TEST_PAUSE_ENV
+
+from pipeline.checkpoint import Manifest, RankSummary
+from pipeline.status import read_status
 
 ROWS = 3000
 KILLS_PER_SCENARIO = 10  # two scenarios: 20 kills in all
@@ -183,6 +187,16 @@ def assert_consistent(
     return seen
 
 
+def assert_status_agrees(out: Path, orphans: list[str], context: str) -> None:
+    """What `batchgen status` reads of the rank after a kill (its newest generation's head and
+    newest commit record) says what its whole state says, and it names the orphan shards."""
+    whole = Manifest.load(out, 0)
+    if whole is None:
+        return
+    assert asdict(RankSummary.load(out, 0)) == asdict(whole.summary()), context
+    assert read_status(out).ranks[0].unlisted == orphans, context
+
+
 def fake_args(src: Path, out: Path, extra: list[str]) -> list[str]:
     return run_args(src, out, "--max-num-seqs", "16", *FAKE_ENGINE, *extra)
 
@@ -231,6 +245,7 @@ def test_sigkill_at_random_instants_then_rerun_is_exactly_once(tmp_path, rows_fi
         adopted += victim.stderr.count(", committed just before a crash")
         seen = assert_consistent(out, cache, reference, n, seen, context)
         tmps, orphans = crash_debris(out)
+        assert_status_agrees(out, orphans, context)
         if kind == "in_write":  # the hook hangs after the temporary file is complete
             assert any(t.startswith(f".tmp-{victim.paused_at}.") for t in tmps), context
         if kind == "after_rename":

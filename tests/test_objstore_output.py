@@ -70,7 +70,8 @@ def test_a_run_to_the_bucket_and_every_reader_on_the_url(s3, tmp_path, monkeypat
     assert len(shards) == 5 and all(unique.fullmatch(n) for n in shards), names
     assert ".batchgen/job.json" in names and "README.md" in names
     assert [n for n in names if n.startswith(".batchgen/rank-00000/")] == [
-        ".batchgen/rank-00000/manifest-00000001.json"
+        ".batchgen/rank-00000/head-00000001.json",
+        ".batchgen/rank-00000/manifest-00000001.json",
     ]
     assert not [n for n in names if "lease" in n]  # released at the end
     assert not (tmp_path / "s3:").exists() and not os.path.exists("s3:")
