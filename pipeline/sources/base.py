@@ -23,7 +23,13 @@ class Source(Protocol):
 
     def identity(self) -> dict[str, Any]: ...
 
-    def iter_batches(self, columns: list[str], batch_rows: int) -> Iterator[Batch]: ...
+    def iter_batches(
+        self, columns: list[str], batch_rows: int, start: int = 0, stop: int | None = None
+    ) -> Iterator[Batch]:
+        """The rows at positions [start, stop) of this rank's slice (all of it by default), in
+        order: a resume reads only the rows it has not committed. Readers with random access
+        (Parquet, an Arrow-backed dataset) read nothing before `start`; the others skip it."""
+        ...
 
     def for_rank(self, rank: int) -> Source: ...
 

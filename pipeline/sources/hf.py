@@ -76,21 +76,30 @@ class HFDatasetSource:
             ident["fingerprint"] = fingerprint
         return ident
 
-    def iter_batches(self, columns: list[str], batch_rows: int) -> Iterator[Batch]:
+    def iter_batches(
+        self, columns: list[str], batch_rows: int, start: int = 0, stop: int | None = None
+    ) -> Iterator[Batch]:
         split = self.cfg.split
         if not self.cfg.streaming:
             ds = self.ds.select_columns(columns) if columns else self.ds
-            for lo in range(self.start, self.stop, batch_rows):
-                hi = min(lo + batch_rows, self.stop)
+            end = self.stop if stop is None else min(self.start + stop, self.stop)
+            for lo in range(self.start + start, end, batch_rows):
+                hi = min(lo + batch_rows, end)
                 data = ds[lo:hi]
                 yield [f"{split}:{i}" for i in range(lo, hi)], {c: data[c] for c in columns}
             return
         # A stream has no random access: every rank reads it and keeps its own rows.
         ids: list[str] = []
         cols: dict[str, list[Any]] = {c: [] for c in columns}
+        position = -1  # in this rank's slice
         for i, example in enumerate(self.ds):
             if i % self.num_ranks != self.rank:
                 continue
+            position += 1
+            if position < start:
+                continue
+            if stop is not None and position >= stop:
+                break
             ids.append(f"{split}:{i}")
             for c in columns:
                 cols[c].append(example.get(c))

@@ -34,9 +34,14 @@ class LimitedSource:
         """The first `limit` rows of another rank's slice."""
         return LimitedSource(self.inner.for_rank(rank), self.limit)
 
-    def iter_batches(self, columns: list[str], batch_rows: int) -> Iterator[Batch]:
-        left = self.limit
-        for ids, cols in self.inner.iter_batches(columns, min(batch_rows, self.limit)):
+    def iter_batches(
+        self, columns: list[str], batch_rows: int, start: int = 0, stop: int | None = None
+    ) -> Iterator[Batch]:
+        stop = self.limit if stop is None else min(stop, self.limit)
+        left = stop - start
+        if left <= 0:
+            return
+        for ids, cols in self.inner.iter_batches(columns, min(batch_rows, left), start, stop):
             if len(ids) >= left:
                 yield ids[:left], {name: values[:left] for name, values in cols.items()}
                 return

@@ -107,11 +107,15 @@ class OpenAIBatchSource:
     def identity(self) -> dict[str, Any]:
         return self.listing.identity()
 
-    def iter_batches(self, columns: list[str], batch_rows: int) -> Iterator[Batch]:
+    def iter_batches(
+        self, columns: list[str], batch_rows: int, start: int = 0, stop: int | None = None
+    ) -> Iterator[Batch]:
         ids: list[str] = []
         cols: dict[str, list[Any]] = {c: [] for c in columns}
-        for position, name, line, raw in _lines(self.owned, self.start):
-            if position >= self.stop:
+        first = self.start + start
+        end = self.stop if stop is None else min(self.start + stop, self.stop)
+        for position, name, line, raw in _lines(self.owned, first):
+            if position >= end:
                 break
             request = parse_line(_decode(raw), line, name)
             ids.append(request.custom_id or f"<{name} line {line}>")
