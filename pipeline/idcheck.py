@@ -53,7 +53,8 @@ class UniqueIds:
         if self._seen is not None:
             for i, row_id in enumerate(ids):
                 if row_id in self._seen:
-                    raise self._repeat(f"the id {row_id!r} (row {first + i})")
+                    a, b = sorted((self._seen[row_id], first + i))
+                    raise self._repeat(f"the id {row_id!r} (rows {a:,} and {b:,})")
                 self._seen[row_id] = first + i
             if len(self._seen) > self.in_memory:
                 self._spill_seen()

@@ -16,7 +16,7 @@ from typing import Any
 from pipeline.admission import grouped
 from pipeline.checkpoint import Checkpoint, manifest_path
 from pipeline.engines import StopFlags
-from pipeline.idcheck import UniqueIds
+from pipeline.idcheck import HASH_CHUNK, UniqueIds
 from pipeline.positions import Positions
 from pipeline.prompts import PromptBuilder
 from pipeline.records import PromptRow, ResultRow
@@ -24,6 +24,10 @@ from pipeline.sinks import ParquetShardWriter, ShardInfo, shard_name
 from pipeline.sources import Source
 
 READ_BATCH_ROWS = 1024
+# A resume skips committed rows unread, but reads through a committed run shorter than this
+# between rows to do (rows finished out of order at a crash): one read, not one per gap.
+SKIP_MIN_ROWS = 1 << 16
+ID_READ_ROWS = HASH_CHUNK  # committed rows' ids read a batch at a time for the id check
 FIRST_CHUNK_ROWS = 64
 # Logprob entries (tokens and their top-k alternatives) a shard may hold before it is committed
 # whatever its row count: ~150 MB of Python objects, so --logprobs 20 on long outputs stays flat.
@@ -136,35 +140,68 @@ def _built_batches(
     if id_column is not None and id_column not in columns:
         columns.append(id_column)
     unique = UniqueIds(id_column) if id_column is not None else None
-    seq = 0
+    spans = spans_to_read(done, source.total_rows)
     # Rows go to the engine in chunks that start small and double up to a whole batch: the
     # engine starts on the first 64 rows (~10 ms to tokenize) instead of waiting for a
     # batch of 1,024 (~0.1 s), which is most of batchgen's start on a short run.
     chunk = min(FIRST_CHUNK_ROWS, batch_rows)
     try:
-        for ids, cols in source.iter_batches(columns, batch_rows):
-            if unique is not None:
-                ids = unique.add(cols[id_column], seq)
-            keep = [i - seq for lo, hi in done.missing(seq, seq + len(ids)) for i in range(lo, hi)]
-            start = 0
-            while start < len(keep):
-                part = keep[start : start + chunk]
-                start += len(part)
-                if len(part) == len(ids):  # the whole batch: no copies
-                    yield builder.build(ids, cols, range(seq, seq + len(ids)))
-                else:  # a first small chunk, or a resume's rows not yet committed
-                    yield builder.build(
-                        [ids[i] for i in part],
-                        {c: [v[i] for i in part] for c, v in cols.items()},
-                        [seq + i for i in part],
-                    )
-                chunk = min(2 * chunk, batch_rows)
-            seq += len(ids)
+        for lo, hi in spans:
+            seq = lo
+            for ids, cols in source.iter_batches(columns, batch_rows, lo, hi):
+                if unique is not None:
+                    ids = unique.add(cols[id_column], seq)
+                keep = [i - seq for a, b in done.missing(seq, seq + len(ids)) for i in range(a, b)]
+                start = 0
+                while start < len(keep):
+                    part = keep[start : start + chunk]
+                    start += len(part)
+                    if len(part) == len(ids):  # the whole batch: no copies
+                        yield builder.build(ids, cols, range(seq, seq + len(ids)))
+                    else:  # a first small chunk, or a resume's rows not yet committed
+                        yield builder.build(
+                            [ids[i] for i in part],
+                            {c: [v[i] for i in part] for c, v in cols.items()},
+                            [seq + i for i in part],
+                        )
+                    chunk = min(2 * chunk, batch_rows)
+                seq += len(ids)
         if unique is not None:
+            # Uniqueness is over the whole rank's input: the committed rows skipped above are
+            # checked after the last new row (only their ids are read), where the spilled
+            # check ends anyway, so a resume's first new shard does not wait on them.
+            for lo, hi in skipped_spans(spans, source.total_rows):
+                seq = lo
+                for ids, cols in source.iter_batches([id_column], ID_READ_ROWS, lo, hi):
+                    unique.add(cols[id_column], seq)
+                    seq += len(ids)
             unique.finish()
     finally:
         if unique is not None:
             unique.close()
+
+
+def spans_to_read(done: Positions, total: int | None) -> list[tuple[int, int | None]]:
+    """The [start, stop) position ranges a run reads its rows from: the whole input on a first
+    run, else the rows not committed, where committed runs shorter than SKIP_MIN_ROWS between
+    two of them are read through (and filtered) rather than skipped by a new read."""
+    if total is None or not len(done):
+        return [(0, total)]
+    spans: list[tuple[int, int | None]] = []
+    for lo, hi in done.missing(0, total):
+        last = spans[-1] if spans else None
+        if last is not None and last[1] is not None and lo - last[1] < SKIP_MIN_ROWS:
+            spans[-1] = (last[0], hi)
+        else:
+            spans.append((lo, hi))
+    return spans
+
+
+def skipped_spans(spans: list[tuple[int, int | None]], total: int | None) -> list[tuple[int, int]]:
+    """The position ranges of [0, total) that `spans` (sorted, disjoint) leave out."""
+    if total is None:
+        return []
+    return Positions([(lo, total if hi is None else hi) for lo, hi in spans]).missing(0, total)
 
 
 class Committer(threading.Thread):

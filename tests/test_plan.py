@@ -290,7 +290,7 @@ def test_a_repeated_id_is_named(tmp_path):
     pq.write_table(pa.table({"prompt": ["a b", "c d", "e f"], "key": ["x", "y", "x"]}), src)
     result = run_cli(*plan_args(src, *CONTEXT, "--id-column", "key"), expect=1)
     assert result.output == (
-        "Error: --id-column 'key' repeats the id 'x' (row 2); resume needs unique ids: pick a "
+        "Error: --id-column 'key' repeats the id 'x' (rows 0 and 2); resume needs unique ids: pick a "
         "unique column or omit --id-column\n"
     )
 

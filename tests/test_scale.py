@@ -55,7 +55,7 @@ def test_unique_ids_pass_and_repeats_are_refused_in_memory_or_spilled(in_memory)
             check.add(ids, first)
         check.finish()
     what = (
-        "the id 'id-420' (row 703)"
+        "the id 'id-420' (rows 420 and 703)"
         if in_memory > 1000
         else "one id in rows 420 and 703 of this rank's input"
     )
