@@ -8,13 +8,16 @@ from pathlib import Path
 import pytest
 from conftest import write_prompts
 
+from pipeline import stages
 from pipeline.config import PromptConfig
 from pipeline.engines import StopFlags
+from pipeline.errors import BatchgenError
+from pipeline.idcheck import UniqueIds
 from pipeline.models import ensure_bundled_model
 from pipeline.positions import Positions
 from pipeline.prompts import PromptBuilder, load_tokenizer
 from pipeline.sources.parquet import ParquetSource
-from pipeline.stages import Feeder
+from pipeline.stages import Feeder, request_batches
 
 
 @pytest.fixture(scope="module")
@@ -114,3 +117,84 @@ def test_the_tokenizer_is_loaded_once_per_process_and_model_files(tmp_path: Path
     config = copy / "tokenizer_config.json"
     config.write_text(config.read_text() + " ")  # the folder's files changed: load afresh
     assert load_tokenizer(str(copy)) is not first
+
+
+class RecordingSource:
+    """A Parquet source that records what each read asked for: (columns, start, stop)."""
+
+    def __init__(self, path: Path) -> None:
+        self.inner = ParquetSource(str(path))
+        self.columns, self.total_rows = self.inner.columns, self.inner.total_rows
+        self.reads: list[tuple[list[str], int, int | None]] = []
+
+    def iter_batches(self, columns: list[str], batch_rows: int, start: int = 0, stop=None):
+        self.reads.append((sorted(columns), start, stop))
+        yield from self.inner.iter_batches(columns, batch_rows, start, stop)
+
+
+def keyed_input(tmp_path: Path, rows: int, repeat: tuple[int, int] | None = None) -> Path:
+    keys = [f"k{i}" for i in range(rows)]
+    if repeat is not None:
+        keys[repeat[1]] = keys[repeat[0]]
+    return write_prompts(tmp_path / "in.parquet", [f"row {i}" for i in range(rows)], key=keys)
+
+
+@pytest.mark.parametrize(
+    "skip_min, reads",
+    [
+        # committed runs shorter than SKIP_MIN_ROWS between two spans to do are read through
+        (1 << 16, [(100, 500)]),
+        (5, [(100, 150), (160, 300), (400, 500)]),
+    ],
+    ids=["read-through-short-runs", "skip-every-run"],
+)
+def test_a_resume_reads_rows_to_do_first_then_only_the_committed_ids(
+    tmp_path: Path,
+    builder: PromptBuilder,
+    monkeypatch: pytest.MonkeyPatch,
+    skip_min: int,
+    reads: list[tuple[int, int]],
+) -> None:
+    """With --id-column, the committed rows' prompt columns are never read, and their ids only
+    after the last row to do: a resume's first new shard does not wait on what it committed."""
+    monkeypatch.setattr(stages, "SKIP_MIN_ROWS", skip_min)
+    source = RecordingSource(keyed_input(tmp_path, 500))
+    done = Positions([[0, 100], [150, 160], [300, 400]])
+    rows = [r for chunk in request_batches(source, builder, done, "key", 64) for r in chunk]
+    assert [r.seq for r in rows] == [p for lo, hi in done.missing(0, 500) for p in range(lo, hi)]
+    assert [r.id for r in rows] == [f"k{r.seq}" for r in rows]
+    skipped = Positions(reads).missing(0, 500)
+    assert source.reads == [
+        *((["key", "prompt"], lo, hi) for lo, hi in reads),
+        *((["key"], lo, hi) for lo, hi in skipped),
+    ]
+
+
+@pytest.mark.parametrize(
+    "in_memory, what",
+    [
+        (100_000, "the id 'k30' (rows 30 and 250)"),
+        (10, "one id in rows 30 and 250 of this rank's input"),
+    ],
+    ids=["in-memory", "spilled"],
+)
+def test_an_id_repeated_in_a_committed_and_a_new_row_is_refused_naming_both(
+    tmp_path: Path,
+    builder: PromptBuilder,
+    monkeypatch: pytest.MonkeyPatch,
+    in_memory: int,
+    what: str,
+) -> None:
+    """The committed rows' ids are checked after the new rows: a repeat across the two is
+    refused there, naming both rows, once every new row has gone to the engine."""
+    monkeypatch.setattr(stages, "UniqueIds", lambda column: UniqueIds(column, in_memory))
+    source = ParquetSource(str(keyed_input(tmp_path, 300, repeat=(30, 250))))
+    sent = []
+    with pytest.raises(BatchgenError) as err:
+        for chunk in request_batches(source, builder, Positions([[0, 200]]), "key", 64):
+            sent += [r.seq for r in chunk]
+    assert str(err.value) == (
+        f"--id-column 'key' repeats {what}; resume needs unique ids: pick a unique column or "
+        "omit --id-column"
+    )
+    assert sent == list(range(200, 300))

@@ -18,10 +18,13 @@ from pipeline.sources.hf import HFDatasetSource
 from pipeline.sources.parquet import ParquetSource
 
 
-def read_rows(source: Source, columns: list[str], batch_rows: int = 1000) -> list[tuple]:
-    """(id, *values) for every row the source yields, checking the batch shape on the way."""
+def read_rows(
+    source: Source, columns: list[str], batch_rows: int = 1000, *span: int | None
+) -> list[tuple]:
+    """(id, *values) for every row the source yields (of positions [start, stop) with `span`),
+    checking the batch shape on the way."""
     rows = []
-    for ids, cols in source.iter_batches(columns, batch_rows):
+    for ids, cols in source.iter_batches(columns, batch_rows, *span):
         assert 0 < len(ids) <= batch_rows
         assert list(cols) == columns
         assert all(len(values) == len(ids) for values in cols.values())
@@ -276,6 +279,48 @@ def test_parquet_ranks_read_every_row_exactly_once(
         assert max(sizes) - min(sizes) <= 1
 
 
+SPANS = [(0, None), (0, 1), (2, 7), (5, 30), (4, 4), (9, 14)]
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_parquet_reads_a_span_of_positions(layout_folder: Callable, layout: str) -> None:
+    """iter_batches(start, stop) yields the rows at those positions of the rank's slice (a
+    resume reads only the rows it has not committed), whatever the files and row groups."""
+    root, _ = layout_folder(23, layout)
+    for num_shards, k in [(1, 0), (3, 1)]:
+        source = ParquetSource(str(root), num_shards, k)
+        whole = read_rows(source, ["g"])
+        for start, stop in SPANS:
+            for batch_rows in (3, 1000):
+                assert read_rows(source, ["g"], batch_rows, start, stop) == whole[start:stop]
+
+
+def test_parquet_span_reads_only_the_row_groups_that_hold_it(
+    layout_folder: Callable, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root, expected = layout_folder(23, "one-file-groups-of-4")
+    read_groups: list[list[int]] = []
+    iter_batches = pq.ParquetFile.iter_batches
+
+    def recording(self, *args, row_groups=None, **kwargs):
+        read_groups.append(list(row_groups))
+        return iter_batches(self, *args, row_groups=row_groups, **kwargs)
+
+    monkeypatch.setattr(pq.ParquetFile, "iter_batches", recording)
+    source = ParquetSource(str(root))
+    assert [g for _, g in read_rows(source, ["g"], 1000, 9, 14)] == list(range(9, 14))
+    assert read_groups == [[2, 3]]  # rows 8-11 and 12-15
+
+
+def test_limit_clips_a_span(layout_folder: Callable) -> None:
+    from pipeline.sources.limit import LimitedSource
+
+    root, expected = layout_folder(23, "uneven-files")
+    source = LimitedSource(ParquetSource(str(root)), 10)
+    assert [g for _, g in read_rows(source, ["g"], 3, 5, 20)] == list(range(5, 10))
+    assert read_rows(source, ["g"], 3, 12, 20) == []
+
+
 # --- Hugging Face datasets ---------------------------------------------------------------------
 
 
@@ -423,3 +468,15 @@ def test_streaming_ranks_read_every_row_exactly_once(
     assert everything == [(f"train:{i}", f"{prefix}{i}", i) for i in range(total)]
     sizes = [len(rows) for rows in per_rank]
     assert max(sizes) - min(sizes) <= 1
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_datasets_read_a_span_of_positions(
+    hf_offline: None, tmp_path: Path, streaming: bool
+) -> None:
+    cfg = SourceConfig(dataset=str(_save(_dataset("p", 23), tmp_path / "ds")), streaming=streaming)
+    for num_shards, k in [(1, 0), (3, 1)]:
+        source = HFDatasetSource(cfg, num_shards, k)
+        whole = read_rows(source, ["prompt"])
+        for start, stop in SPANS:
+            assert read_rows(source, ["prompt"], 2, start, stop) == whole[start:stop]
