@@ -99,10 +99,19 @@ class UniqueIds:
         )
 
     def _spill_seen(self) -> None:
+        """Move the in-memory ids to the spill, HASH_CHUNK at a time: their strings are freed
+        as they are hashed (all at once, the copies made to hash them were a ~40 MB peak)."""
         self._dir = Path(tempfile.mkdtemp(prefix="batchgen-ids-"))
         seen, self._seen = self._seen, None
         assert seen is not None
-        self._buffer = [(list(seen), list(seen.values()))]
+        while seen:
+            chunk = [seen.popitem() for _ in range(min(HASH_CHUNK, len(seen)))]
+            self._buffer = [([i for i, _ in chunk], [p for _, p in chunk])]
+            self._buffered = len(chunk)
+            del chunk
+            self._hash()
+            if self._held >= SPILL_BUFFER:
+                self._flush()
         self._flush()
 
     def _hash(self) -> None:

@@ -86,6 +86,26 @@ def test_spilled_ids_are_hashed_in_chunks_and_a_repeat_across_spills_is_found(mo
         check.finish()
 
 
+def test_the_in_memory_ids_move_to_the_spill_a_chunk_at_a_time(monkeypatch):
+    """Past `in_memory` ids the dict's ids are hashed HASH_CHUNK at a time (hashing them all at
+    once made a ~40 MB peak at 100k ids), and a repeat of one of them is still found."""
+    monkeypatch.setattr(idcheck, "HASH_CHUNK", 64)
+    hashed: list[int] = []
+    hash_ids = UniqueIds._hash
+
+    def recording(self: UniqueIds) -> None:
+        hashed.append(self._buffered)
+        hash_ids(self)
+
+    monkeypatch.setattr(UniqueIds, "_hash", recording)
+    check = UniqueIds("key", in_memory=1000)
+    check.add([f"id-{i}" for i in range(1001)], 0)
+    assert max(hashed) == 64 and sum(hashed) == 1001
+    with pytest.raises(BatchgenError, match="one id in rows 17 and 1,001 of"):
+        check.add(["id-17"], 1001)
+        check.finish()
+
+
 def test_an_output_of_an_earlier_batchgen_is_refused_naming_its_version(tmp_path):
     """A flat folder (OUT/part-*.parquet, OUT/.batchgen/rank-00000.json) of resume format 2."""
     src = write_prompts(tmp_path / "in.parquet", [f"row {i}" for i in range(20)])
