@@ -111,6 +111,47 @@ def test_sigkill_then_rerun_exactly_once(big_input, tmp_path):
     assert_exactly_once(out, all_ids(big_input))
 
 
+def test_sigkill_then_rerun_with_id_column_exactly_once(tmp_path):
+    """The resume reads the rows it has not committed, then the committed rows' ids."""
+    keys = [f"key-{i:04d}" for i in range(ROWS)]
+    src = write_prompts(tmp_path / "rows.parquet", [f"Q {i}" for i in range(ROWS)], 100, key=keys)
+    out = tmp_path / "out"
+    args = [*base_args(src, out), "--id-column", "key"]
+    proc = start(args, step_seconds=0.05)
+    wait_for_shards(out, 3, proc)
+    proc.kill()
+    proc.communicate(timeout=30)
+    committed = read_output(out).num_rows
+    assert 0 < committed < ROWS
+    result = run_cli(*args)
+    assert f"resuming rank 0: {committed:,} prompts already committed" in result.output
+    assert_exactly_once(out, set(keys))
+
+
+def test_an_id_repeated_across_committed_and_new_rows_is_refused(tmp_path):
+    """Rows 0-499 are committed by a --limit run (their ids unique); the full run's row 700
+    repeats row 100's id. The committed ids are checked after the new rows, so the refusal
+    comes at the input's end, naming both rows; every row committed is there once (by its
+    prompt: row 700 may be committed too, under its repeated id)."""
+    keys = [f"key-{i:04d}" for i in range(ROWS)]
+    keys[700] = keys[100]
+    src = write_prompts(tmp_path / "rows.parquet", [f"Q {i}" for i in range(ROWS)], 100, key=keys)
+    out = tmp_path / "out"
+    args = [*base_args(src, out), "--id-column", "key", "--keep-prompt"]
+    run_cli(*args, "--limit", "500")
+    result = run_cli(*args, expect=1)
+    assert result.output.splitlines()[-1] == (
+        "Error: --id-column 'key' repeats the id 'key-0100' (rows 100 and 700); resume needs "
+        "unique ids: pick a unique column or omit --id-column"
+    )
+    table = read_output(out)
+    prompts = table.column("prompt").to_pylist()
+    assert len(prompts) == len(set(prompts))
+    assert {f"Q {i}" for i in range(500)} <= set(prompts)
+    ids = table.column("id").to_pylist()
+    assert len(ids) - len(set(ids)) == ("Q 700" in prompts)
+
+
 def test_finished_run_rerun_is_a_noop(big_input, tmp_path):
     out = tmp_path / "out"
     run_cli(*base_args(big_input, out))
