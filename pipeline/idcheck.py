@@ -5,9 +5,10 @@ that repeats, naming the id. Past that, each id's 128-bit hash and position are 
 of SPILL_BUCKETS files by hash (a hash-partitioned on-disk check): ids are hashed HASH_CHUNK at
 a time (their strings are not kept longer) and the 24-byte records written once SPILL_BUFFER of
 them are held (6 MB); when the input ends each file is loaded alone and sorted, so memory is
-one bucket: rows / 256 x 24 bytes (1.9 MB at 20M rows in one rank). A repeat found there is refused at the end of the rank's input, naming
-both rows; rows committed before are kept (resume is by position, so they are still exactly
-once). Two different ids share a 128-bit hash with odds below 10^-20 at 10^9 rows.
+one bucket: rows / 256 x 24 bytes (1.9 MB at 20M rows in one rank). A repeat found there is
+refused at the end of the rank's input, naming both rows; rows committed before are kept
+(resume is by position, so they are still exactly once). Positions may come in any order: a
+resume adds the rows it does first and its committed rows' ids last (pipeline/stages.py). Two different ids share a 128-bit hash with odds below 10^-20 at 10^9 rows.
 """
 
 from __future__ import annotations
