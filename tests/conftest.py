@@ -3,9 +3,11 @@ by its settings), so every engine test passes the same REAL_ENGINE flags."""
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -56,6 +58,13 @@ REAL_ENGINE = ["--dtype", "float32", "--max-model-len", "512"]
 FAKE_ENGINE = ["--engine", "fake"]
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+# vLLM's engine processes talk over Unix sockets under this folder (default: $TMPDIR), and a
+# socket path over 107 characters fails the engine's start. pytest-xdist's temporary paths are
+# longer than plain pytest's, and a test that points TMPDIR at its tmp_path pushed it over: a
+# short folder of the session's own, inherited by every engine the tests start.
+if "VLLM_RPC_BASE_PATH" not in os.environ:
+    os.environ["VLLM_RPC_BASE_PATH"] = tempfile.mkdtemp(prefix="vllm-", dir="/tmp")
+    atexit.register(shutil.rmtree, os.environ["VLLM_RPC_BASE_PATH"], ignore_errors=True)
 
 
 def run_cli(*args: str | Path, expect: int | None = 0):
