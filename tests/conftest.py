@@ -175,6 +175,17 @@ def greedy_sample_args(out: str | Path) -> list[str]:
     )
 
 
+@pytest.fixture(scope="session")
+def greedy_reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The output folder of one uninterrupted greedy_sample_args run (in process, on the
+    session's engine): what the interrupted, killed and restarted runs of several tests must
+    equal. Built once per session instead of once per test; tests only read it."""
+    out = tmp_path_factory.mktemp("greedy-reference") / "out"
+    run_cli(*greedy_sample_args(out))
+    assert read_output(out).num_rows == 48
+    return out
+
+
 @pytest.fixture(autouse=True)
 def no_slurm(monkeypatch: pytest.MonkeyPatch) -> None:
     """A test run inside a Slurm job (or under torchrun, MPI or a Kubernetes Indexed Job) must
