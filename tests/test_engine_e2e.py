@@ -194,6 +194,7 @@ def test_hf_dataset_folder_and_data_files(tmp_path):
     assert from_files.column("text").to_pylist() == from_disk.column("text").to_pylist()
 
 
+@pytest.mark.other_engine  # seed 8
 def test_messages_column_and_samples_are_seeded_per_row(tmp_path):
     convs = [
         [

@@ -318,6 +318,7 @@ def engines_closed() -> None:
 
 
 @pytest.mark.engine
+@pytest.mark.other_engine  # closes this process's engines for the two tasks' own
 def test_usr1_requeues_in_a_row_on_the_real_engine_never_drain_the_node(
     tmp_path, slurm_cluster, job_env, engines_closed
 ):
