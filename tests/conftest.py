@@ -29,18 +29,22 @@ BATCHGEN = Path(sys.executable).with_name("batchgen")
 
 
 # Tests that must not run beside each other: the real engine (it takes both cores, and timing
-# tests compare its speed within one test), the Slurm cluster (two CPUs for its tasks) and the
-# S3 server (free ports picked at start). Under `make test` (pytest-xdist, --dist loadgroup)
-# they run one after another on one worker while the other worker takes the rest.
+# tests compare its speed within one test) and the Slurm cluster (two CPUs for its tasks). Under
+# `make test` (pytest-xdist, --dist loadgroup) they run one after another on one worker. The
+# S3-server files share one server (session fixture, its ports picked at start, restarted on the
+# same ports by some tests), so they run one after another too, as a group of their own: the
+# other worker takes it (xdist hands each worker one of the two largest groups first) and then
+# the rest, while the serial worker, the longer one, runs only engine and Slurm tests.
 SERIAL_MARKERS = ("engine", "slurm")
-SERIAL_FILES = ("test_objstore_input.py", "test_objstore_output.py", "test_storage.py")
+S3_FILES = ("test_objstore_input.py", "test_objstore_output.py", "test_storage.py")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
-        serial = any(item.get_closest_marker(m) for m in SERIAL_MARKERS)
-        if serial or item.path.name in SERIAL_FILES:
+        if any(item.get_closest_marker(m) for m in SERIAL_MARKERS):
             item.add_marker(pytest.mark.xdist_group("serial"))
+        elif item.path.name in S3_FILES:
+            item.add_marker(pytest.mark.xdist_group("s3"))
     # A process keeps one vLLM engine: a test whose in-process engine has other settings than
     # REAL_ENGINE's replaces the session's, and the next test on REAL_ENGINE starts it again
     # (20-40 s on a 2-core CI machine). Those tests run last, after every test that shares the
