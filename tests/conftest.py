@@ -3,9 +3,11 @@ by its settings), so every engine test passes the same REAL_ENGINE flags."""
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -27,18 +29,28 @@ BATCHGEN = Path(sys.executable).with_name("batchgen")
 
 
 # Tests that must not run beside each other: the real engine (it takes both cores, and timing
-# tests compare its speed within one test), the Slurm cluster (two CPUs for its tasks) and the
-# S3 server (free ports picked at start). Under `make test` (pytest-xdist, --dist loadgroup)
-# they run one after another on one worker while the other worker takes the rest.
+# tests compare its speed within one test) and the Slurm cluster (two CPUs for its tasks). Under
+# `make test` (pytest-xdist, --dist loadgroup) they run one after another on one worker. The
+# S3-server files share one server (session fixture, its ports picked at start, restarted on the
+# same ports by some tests), so they run one after another too, as a group of their own: the
+# other worker takes it (xdist hands each worker one of the two largest groups first) and then
+# the rest, while the serial worker, the longer one, runs only engine and Slurm tests.
 SERIAL_MARKERS = ("engine", "slurm")
-SERIAL_FILES = ("test_objstore_input.py", "test_objstore_output.py", "test_storage.py")
+S3_FILES = ("test_objstore_input.py", "test_objstore_output.py", "test_storage.py")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
-        serial = any(item.get_closest_marker(m) for m in SERIAL_MARKERS)
-        if serial or item.path.name in SERIAL_FILES:
+        if any(item.get_closest_marker(m) for m in SERIAL_MARKERS):
             item.add_marker(pytest.mark.xdist_group("serial"))
+        elif item.path.name in S3_FILES:
+            item.add_marker(pytest.mark.xdist_group("s3"))
+    # A process keeps one vLLM engine: a test whose in-process engine has other settings than
+    # REAL_ENGINE's replaces the session's, and the next test on REAL_ENGINE starts it again
+    # (20-40 s on a 2-core CI machine). Those tests run last, after every test that shares the
+    # session's engine, so that each replacement costs no second start of it. A stable sort:
+    # the order is otherwise the collection's, the same on every xdist worker.
+    items.sort(key=lambda item: item.get_closest_marker("other_engine") is not None)
 
 
 def _hooked_launcher() -> Path:
@@ -56,6 +68,13 @@ REAL_ENGINE = ["--dtype", "float32", "--max-model-len", "512"]
 FAKE_ENGINE = ["--engine", "fake"]
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+# vLLM's engine processes talk over Unix sockets under this folder (default: $TMPDIR), and a
+# socket path over 107 characters fails the engine's start. pytest-xdist's temporary paths are
+# longer than plain pytest's, and a test that points TMPDIR at its tmp_path pushed it over: a
+# short folder of the session's own, inherited by every engine the tests start.
+if "VLLM_RPC_BASE_PATH" not in os.environ:
+    os.environ["VLLM_RPC_BASE_PATH"] = tempfile.mkdtemp(prefix="vllm-", dir="/tmp")
+    atexit.register(shutil.rmtree, os.environ["VLLM_RPC_BASE_PATH"], ignore_errors=True)
 
 
 def run_cli(*args: str | Path, expect: int | None = 0):
@@ -164,6 +183,17 @@ def greedy_sample_args(out: str | Path) -> list[str]:
         *REAL_ENGINE,
         max_tokens=16,
     )
+
+
+@pytest.fixture(scope="session")
+def greedy_reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The output folder of one uninterrupted greedy_sample_args run (in process, on the
+    session's engine): what the interrupted, killed and restarted runs of several tests must
+    equal. Built once per session instead of once per test; tests only read it."""
+    out = tmp_path_factory.mktemp("greedy-reference") / "out"
+    run_cli(*greedy_sample_args(out))
+    assert read_output(out).num_rows == 48
+    return out
 
 
 @pytest.fixture(autouse=True)

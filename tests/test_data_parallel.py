@@ -97,7 +97,12 @@ def wait_until(check, proc: subprocess.Popen, log: Path, what: str, timeout: flo
     deadline = time.monotonic() + timeout
     while not check():
         assert proc.poll() is None, f"exited {proc.returncode} before {what}:\n{log.read_text()}"
-        assert time.monotonic() < deadline, f"no {what} in {timeout}s:\n{log.read_text()}"
+        if time.monotonic() >= deadline:
+            # No launcher outlives a failed test to load the machine under the next ones (its
+            # ranks die with it: test_a_killed_launcher_leaves_no_rank_running).
+            proc.kill()
+            proc.wait(timeout=60)
+            raise AssertionError(f"no {what} in {timeout}s:\n{log.read_text()}")
         time.sleep(0.1)
 
 

@@ -46,10 +46,8 @@ def engine_core(root_pid: int, timeout: float = 60) -> psutil.Process:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    out = tmp_path_factory.mktemp("reference") / "out"
-    run_cli(*greedy_sample_args(out))
-    return rows_by_key(read_output(out))
+def reference(greedy_reference: Path) -> dict:
+    return rows_by_key(read_output(greedy_reference))
 
 
 def run_in_thread(args: list[str]) -> tuple[threading.Thread, dict]:

@@ -313,12 +313,13 @@ def test_sampled_texts_survive_a_kill_and_a_resume_in_other_batches(tmp_path, ro
 
 
 @pytest.mark.engine
-def test_real_engine_killed_twice_resumes_to_the_uninterrupted_greedy_texts(tmp_path):
+def test_real_engine_killed_twice_resumes_to_the_uninterrupted_greedy_texts(
+    tmp_path, greedy_reference
+):
     """Two kills of the real engine: at a random moment of generation, and between a shard's
     rename and its manifest entry; the in-process resume (the session's engine) completes it."""
     rng = random.Random(f"{SEED}-real")
-    run_cli(*greedy_sample_args(tmp_path / "reference"))
-    reference = rows_by_key(read_output(tmp_path / "reference"))
+    reference = rows_by_key(read_output(greedy_reference))
     assert len(reference) == 48
     out, cache = tmp_path / "out", tmp_path / "hf-cache"
 

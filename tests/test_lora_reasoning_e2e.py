@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 from conftest import make_adapter, make_think_model, read_output, run_args, run_cli, write_prompts
 
-pytestmark = pytest.mark.engine
+pytestmark = [pytest.mark.engine, pytest.mark.other_engine]
 
 PROMPTS = ["Name a fruit.", "What is the capital of Italy?", "Say hello.", "Count to three."]
 ENGINE = ["--dtype", "float32", "--max-model-len", "512", "--max-num-seqs", "8"]

@@ -65,6 +65,7 @@ def test_plan_counts_equal_the_runs_rows(tmp_path, chat):
     assert todo["output_token_ceiling"] == 8 * len(engine_rows)
 
 
+@pytest.mark.other_engine  # --max-num-seqs 16
 def test_calibrated_eta_is_within_30_percent_of_the_run(tmp_path):
     """--calibrate 20 on a 400-prompt job, then the job itself on the same engine. The engine
     runs 16 requests at once, so that 20 s spans several request lifetimes (with the CPU

@@ -3,6 +3,8 @@ needed: the GPU's size is given or patched), and a fake-engine run of two replic
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from conftest import FAKE_ENGINE, read_output, run_args, run_cli, write_prompts
 
@@ -105,7 +107,10 @@ def test_two_replicas_on_one_gpu_write_every_row_once(tmp_path, monkeypatch):
     result = run_cli(
         *run_args(src, out, "--rows-per-shard", "10", *FAKE_ENGINE), "--replicas-per-gpu", "2"
     )
-    lines = [line for line in result.output.splitlines() if "pid" in line]
+    # The launcher's lines only: a rank's own output can come between them, in any order.
+    lines = [
+        line for line in result.output.splitlines() if re.search(r"rank \d of 2: pid \d+ ", line)
+    ]
     assert len(lines) == 2, result.output
     for i, line in enumerate(lines):
         assert line.endswith(f"on GPU 0 (replica {i + 1} of 2: 0.45 of its memory)"), line

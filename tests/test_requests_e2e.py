@@ -167,7 +167,8 @@ def test_a_regex_vllm_cannot_compile_is_refused_before_any_row(tmp_path, raw):
     assert not list(out.glob("rank-*/part-*"))
 
 
-def test_structured_logprobs_run_killed_and_resumed_equals_an_uninterrupted_one(tmp_path, raw):
+@pytest.mark.other_engine  # --max-num-seqs 3
+def test_structured_logprobs_run_killed_and_resumed_equals_an_uninterrupted_one(tmp_path):
     prompts = [f"Review {i}: {PROMPTS[i % 4]}" for i in range(12)]
     src = write_prompts(tmp_path / "in.parquet", prompts)
     flags = [a for c in CHOICES for a in ("--choice", c)]

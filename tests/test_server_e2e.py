@@ -1,5 +1,6 @@
 """`batchgen run --server` against a real `vllm serve <bundled model> --model-impl transformers` on
-this machine (started once per session, bound to 127.0.0.1, API key required):
+this machine (started once for this module, stopped after it so that the tests after it have its
+memory; bound to 127.0.0.1, API key required):
   * greedy float32 output equals the in-process engine's (texts, token counts, finish reasons,
     logprobs);
   * through a fault-injecting proxy (429 with Retry-After, 503, dropped connections, a response
@@ -72,7 +73,7 @@ def _get(url: str, timeout: float = 5.0) -> int:
         return 0
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def vllm_server(tmp_path_factory: pytest.TempPathFactory):
     """(base URL, model id) of `vllm serve` on the bundled model, float32, eager, 127.0.0.1."""
     try:

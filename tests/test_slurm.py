@@ -82,6 +82,19 @@ def config(tmp_path: Path, slurm_cluster: None) -> Path:
     return path
 
 
+_submitted: list[str] = []
+
+
+@pytest.fixture(autouse=True)
+def no_job_outlives_its_test():
+    """A test that fails while its job still runs cancels it, so the job does not hold the
+    node's CPUs (and its memory) under the tests that come next. No-op for ended jobs."""
+    yield
+    if _submitted:
+        subprocess.run(["scancel", *_submitted], capture_output=True, timeout=30)
+        _submitted.clear()
+
+
 def sbatch(*args: str | Path, cwd: Path, env: dict[str, str]) -> str:
     proc = subprocess.run(
         ["sbatch", "--parsable", *map(str, args)],
@@ -92,7 +105,9 @@ def sbatch(*args: str | Path, cwd: Path, env: dict[str, str]) -> str:
         timeout=30,
     )
     assert proc.returncode == 0, proc.stderr
-    return proc.stdout.strip().split(";")[0]
+    job = proc.stdout.strip().split(";")[0]
+    _submitted.append(job)
+    return job
 
 
 def wait_until(check: Callable[[], bool], timeout: float, what: str) -> None:
@@ -303,6 +318,7 @@ def engines_closed() -> None:
 
 
 @pytest.mark.engine
+@pytest.mark.other_engine  # closes this process's engines for the two tasks' own
 def test_usr1_requeues_in_a_row_on_the_real_engine_never_drain_the_node(
     tmp_path, slurm_cluster, job_env, engines_closed
 ):
