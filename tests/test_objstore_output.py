@@ -110,10 +110,10 @@ def test_datasets_load_dataset_reads_the_bucket_with_storage_options(s3, tmp_pat
 
 def test_other_url_schemes_are_refused_in_one_line(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    result = run_cli(*run_args(_input(tmp_path, 3), "gs://b/o", *FAKE_ENGINE), expect=2)
+    result = run_cli(*run_args(_input(tmp_path, 3), "hf://b/o", *FAKE_ENGINE), expect=2)
     assert result.output.splitlines()[-1] == (
-        "Error: --output gs://b/o: gs:// output is not supported (URL schemes batchgen can "
-        "write: s3://, s3a://); give a local folder (a mounted bucket works), or write locally "
+        "Error: --output hf://b/o: hf:// output is not supported (URL schemes batchgen can "
+        "write: s3://, s3a://, gs://); give a local folder (a mounted bucket works), or write locally "
         "and upload the finished folder (docs/object-stores.md)"
     )
     assert sorted(os.listdir(tmp_path)) == ["in.parquet"]

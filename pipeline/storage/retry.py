@@ -17,10 +17,10 @@ from pipeline.errors import BatchgenError
 log = logging.getLogger("batchgen")
 T = TypeVar("T")
 
-# What pyarrow's S3/GCS filesystems, fsspec and http.client say for faults that pass: server
+# What pyarrow's S3 filesystem, gcshttp, fsspec and http.client say for faults that pass: server
 # errors, throttling, reset or refused connections, timeouts.
 _TRANSIENT = re.compile(
-    r"HTTP status (500|502|503|504)|\b(500|502|503|504)\b.*(error|unavailable)|SlowDown|"
+    r"HTTP status (429|500|502|503|504)|\b(500|502|503|504)\b.*(error|unavailable)|SlowDown|"
     r"Throttl|RequestTimeout|InternalError|INTERNAL_FAILURE|internal error|ServiceUnavailable|"
     r"NETWORK_CONNECTION|"
     r"curlCode: (6|7|18|28|52|55|56)|Could not connect|Connection (reset|refused|aborted)|"
