@@ -41,6 +41,7 @@ INSTALL_HINT = "pip install 'batchgen[gcs]'"
 # as a resumable upload in chunks of RESUMABLE_CHUNK (a multiple of 256 KiB, as GCS requires).
 MULTIPART_MAX = 16 * 2**20
 RESUMABLE_CHUNK = 8 * 2**20
+LIST_PAGE = 1000  # objects per listing request (GCS's own maximum)
 TIMEOUT_S = 10.0  # per request; a wrong endpoint answers within the preflight's 10 s
 
 
@@ -300,6 +301,7 @@ class GcsClient:
         while True:
             query = {
                 "prefix": prefix,
+                "maxResults": str(LIST_PAGE),
                 "fields": "items(name,size,generation,updated),prefixes,nextPageToken",
             }
             if delimiter:

@@ -16,7 +16,7 @@ from pipeline.storage.retry import RetryPolicy, is_transient
 from pipeline.storage.store import ObjectStore, unique_name
 
 # Preflight answers fast: a transient error gets two quick retries, then counts as unreachable.
-PREFLIGHT_POLICY = RetryPolicy(base_s=0.2, cap_s=1.0, deadline_s=3.0)
+PREFLIGHT_POLICY = RetryPolicy(base_s=0.2, cap_s=1.0, deadline_s=3.0, warn=False)
 
 _BAD_KEYS = re.compile(r"InvalidAccessKeyId|SignatureDoesNotMatch|InvalidToken|ExpiredToken")
 _DENIED = re.compile(r"ACCESS_DENIED|AccessDenied|Forbidden|\b403\b|PERMISSION_DENIED")
