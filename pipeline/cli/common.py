@@ -74,20 +74,28 @@ def long_flag(param: click.Option) -> str:
 
 
 def output_folder(_ctx: click.Context, _param: click.Parameter, value: str) -> str:
-    """OUTPUT of status/show/report/card/export: a URL batchgen cannot write is refused in one
-    line, never read as a local path (`s3:` would otherwise be a folder name); a store URL is
-    checked within seconds (endpoint, credentials, bucket), before reads that retry for minutes."""
-    from pipeline.storage import is_url, require_output_location
+    """OUTPUT of status/show/report/card/export: a URL is refused in one line, never read as a
+    local path (`s3:` would otherwise be a folder name)."""
+    from pipeline.storage import require_output_location
 
     try:
         require_output_location(value, "OUTPUT")
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from exc
-    if is_url(value):
-        from pipeline.storage.preflight import preflight
-
-        try:
-            preflight(value, write=False, flag="OUTPUT")
-        except ConfigError as exc:
-            raise click.ClickException(str(exc)) from exc
     return value
+
+
+def output_to_read(value: str) -> Any:
+    """The OUTPUT a reader reads: a local Path, or a StorePath once its store has answered the
+    preflight (endpoint, credentials, bucket) within seconds, before reads that retry for
+    minutes; a store that does not is one line (exit 1)."""
+    from pipeline.storage.outpath import is_store, output_location
+    from pipeline.storage.preflight import preflight
+
+    try:
+        out = output_location(value)
+        if is_store(out):
+            preflight(out.store.loc, write=False, flag="OUTPUT")
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from exc
+    return out
