@@ -163,9 +163,12 @@ class GcsClient:
         conn_cls = (
             http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
         )
+        # The token goes to the endpoint only (an upload session's URL names its own host).
+        own = parts.netloc == urllib.parse.urlsplit(self.settings.endpoint).netloc
+        auth = self._auth() if own else {}
         conn = conn_cls(parts.netloc, timeout=self.timeout)
         try:
-            conn.request(method, target, body=body, headers={**self._auth(), **(headers or {})})
+            conn.request(method, target, body=body, headers={**auth, **(headers or {})})
             resp = conn.getresponse()
             data = resp.read()
         except http.client.HTTPException as exc:  # a torn answer: as a reset connection
