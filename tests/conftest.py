@@ -28,7 +28,7 @@ BATCHGEN = Path(sys.executable).with_name("batchgen")
 
 # Tests that must not run beside each other: the real engine (it takes both cores, and timing
 # tests compare its speed within one test), the Slurm cluster (two CPUs for its tasks) and the
-# S3 server (free ports picked at start). Under `make test` (pytest-xdist, --dist loadgroup)
+# S3 and GCS servers (free ports picked at start). Under `make test` (pytest-xdist, --dist loadgroup)
 # they run one after another on one worker while the other worker takes the rest.
 SERIAL_MARKERS = ("engine", "slurm")
 SERIAL_FILES = ("test_objstore_input.py", "test_objstore_output.py", "test_storage.py")
