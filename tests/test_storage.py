@@ -160,6 +160,10 @@ def test_transient_errors_are_retried_then_store_down():
             "reading", lambda: Path("/nonexistent/x").read_bytes(), RetryPolicy(), pytest.fail
         )
     assert is_transient(ConnectionResetError()) and not is_transient(PermissionError("denied"))
+    # GCS's throttling and server errors, as gcshttp raises them; its refusals are not retried
+    assert is_transient(gcshttp.GcsError("HTTP status 429: rateLimitExceeded", 429))
+    assert is_transient(gcshttp.GcsError("HTTP status 503: backendError", 503))
+    assert not is_transient(gcshttp.GcsError("writing x: the store answered 403 Forbidden", 403))
 
 
 def test_a_read_survives_the_server_being_killed_and_restarted(store):
@@ -410,3 +414,84 @@ def test_gcs_credentials_come_from_the_emulator_variable_or_google_auth(monkeypa
         )
     else:
         pytest.skip("google-auth is installed: its absence cannot be shown here")
+
+
+class _IamProxy:
+    """A loopback HTTP server in front of the emulator that answers as GCS's IAM would: every
+    request forwarded, except those `deny` matches (method, path prefix), answered with GCS's
+    error body and `status`. fake-gcs-server checks no permission of its own."""
+
+    def __init__(self, upstream: str, deny: tuple[str, str], status: int) -> None:
+        import http.client
+        import json
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        host = upstream.split("://", 1)[1]
+        reason = {401: "Unauthorized", 403: "Forbidden"}[status]
+
+        class Handler(BaseHTTPRequestHandler):
+            def _any(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                if self.command == deny[0] and self.path.startswith(deny[1]):
+                    err = {
+                        "code": status,
+                        "message": reason,
+                        "errors": [{"reason": reason.lower()}],
+                    }
+                    data, code, headers = json.dumps({"error": err}).encode(), status, {}
+                else:
+                    conn = http.client.HTTPConnection(host, timeout=5)
+                    conn.request(self.command, self.path, body, dict(self.headers))
+                    resp = conn.getresponse()
+                    data, code, headers = resp.read(), resp.status, dict(resp.getheaders())
+                    conn.close()
+                self.send_response(code)
+                for key, value in headers.items():
+                    if key.lower() not in ("content-length", "transfer-encoding", "connection"):
+                        self.send_header(key, value)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_POST = do_PUT = do_DELETE = _any
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> _IamProxy:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_gcs_preflight_no_permission_to_write(gcs, monkeypatch):
+    """Credentials that may read but not create objects: reading passes, writing is refused in
+    one line naming the role to grant."""
+    url = f"gs://{gcsemulator.BUCKET}/out"
+    with _IamProxy(gcs.endpoint, ("POST", "/upload/"), 403) as proxy:
+        monkeypatch.setenv("STORAGE_EMULATOR_HOST", proxy.endpoint)
+        assert preflight(url, write=False, flag="--parquet").bucket == gcsemulator.BUCKET
+        msg = _timed_preflight(url)
+    assert msg.startswith(f"--output {url}: permission denied (writing gs://")
+    assert msg.endswith(
+        "Google's application default credentials may not write to it: grant them read, write "
+        f"and delete on gs://{gcsemulator.BUCKET} (roles/storage.objectAdmin)"
+    )
+
+
+def test_gcs_preflight_refused_credentials(gcs, monkeypatch):
+    url = f"gs://{gcsemulator.BUCKET}/out"
+    with _IamProxy(gcs.endpoint, ("GET", "/storage/v1/b/"), 401) as proxy:
+        monkeypatch.setenv("STORAGE_EMULATOR_HOST", proxy.endpoint)
+        msg = _timed_preflight(url)
+    assert msg.startswith(f"--output {url}: the store refused Google's application default ")
+    assert msg.endswith(
+        "run `gcloud auth application-default login` again, or fix GOOGLE_APPLICATION_CREDENTIALS"
+    )
