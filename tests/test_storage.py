@@ -495,3 +495,18 @@ def test_gcs_preflight_refused_credentials(gcs, monkeypatch):
     assert msg.endswith(
         "run `gcloud auth application-default login` again, or fix GOOGLE_APPLICATION_CREDENTIALS"
     )
+
+
+def test_gcs_large_objects_go_up_as_resumable_uploads_in_chunks(gcs, monkeypatch):
+    """Above MULTIPART_MAX an object is uploaded in chunks of one session: read back whole and
+    by range, byte for byte."""
+    import os
+
+    monkeypatch.setattr(gcshttp, "MULTIPART_MAX", 2**20)
+    monkeypatch.setattr(gcshttp, "RESUMABLE_CHUNK", 256 * 2**10)
+    store = ObjectStore(gcsemulator.fresh_prefix())
+    data = os.urandom(2**20 + 300 * 2**10 + 7)  # four full chunks, a fifth part-filled
+    store.write("big.bin", data)
+    assert store.read("big.bin") == data
+    f = store.open_input("big.bin")
+    assert f.size() == len(data) and f.read_at(10, 2**20 + 5) == data[2**20 + 5 : 2**20 + 15]
