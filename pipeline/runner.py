@@ -74,8 +74,6 @@ def run(cfg: RunConfig) -> RunResult:
     """Run (or resume) one rank of a batch job; see the module docstring for the threads."""
     wall_start = time.monotonic()
     out_dir = cfg.output_dir
-    # A server is asked who it is before the output is touched: an unreachable one, or one
-    # serving another model, is refused with nothing written; its answers enter the fingerprint.
     if is_store(out_dir):
         if cfg.reuse:
             raise ConfigError(
@@ -86,6 +84,8 @@ def run(cfg: RunConfig) -> RunResult:
         # seconds, before any store call that retries for minutes (the footprint's, the lease's).
         prepare_output_dir(out_dir)
     check_output_path(out_dir)
+    # A server is asked who it is before the output is touched: an unreachable one, or one
+    # serving another model, is refused with nothing written; its answers enter the fingerprint.
     asked = cfg.engine.server is not None
     with open_engine(cfg.engine, cfg.engine.model) if asked else contextlib.nullcontext() as server:
         footprint = RankFootprint(out_dir, cfg.rank)  # removed again if the run is refused
