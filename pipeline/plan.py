@@ -357,6 +357,13 @@ def _prompt_counts(inputs: int | None, committed: int, tally: Tally) -> str:
 
 def make_plan(cfg: RunConfig, all_ranks: bool = False, calibrate: float | None = None) -> Plan:
     """Plan this rank of `cfg` (or every rank), optionally calibrating on the real engine."""
+    from pipeline.storage.outpath import is_store
+
+    if cfg.output.path and is_store(cfg.output_dir):
+        from pipeline.storage.preflight import preflight
+
+        # One line within seconds for a wrong endpoint or bucket, before reads that retry.
+        preflight(cfg.output_dir.store.loc, write=False)
     if cfg.engine.server is None:
         return _make_plan(cfg, all_ranks, calibrate, None)
     if calibrate:

@@ -74,19 +74,24 @@ def run(cfg: RunConfig) -> RunResult:
     """Run (or resume) one rank of a batch job; see the module docstring for the threads."""
     wall_start = time.monotonic()
     out_dir = cfg.output_dir
+    if is_store(out_dir):
+        if cfg.reuse:
+            raise ConfigError(
+                f"--reuse with --output {out_dir}: reusing earlier folders needs a local --output "
+                "(the merged key index is built beside it); write locally, or drop --reuse"
+            )
+        # Endpoint, credentials, bucket and write permission, each refused in one line within
+        # seconds, before any store call that retries for minutes (the footprint's, the lease's).
+        prepare_output_dir(out_dir)
+    check_output_path(out_dir)
     # A server is asked who it is before the output is touched: an unreachable one, or one
     # serving another model, is refused with nothing written; its answers enter the fingerprint.
-    check_output_path(out_dir)
-    if cfg.reuse and is_store(out_dir):
-        raise ConfigError(
-            f"--reuse with --output {out_dir}: reusing earlier folders needs a local --output "
-            "(the merged key index is built beside it); write locally, or drop --reuse"
-        )
     asked = cfg.engine.server is not None
     with open_engine(cfg.engine, cfg.engine.model) if asked else contextlib.nullcontext() as server:
         footprint = RankFootprint(out_dir, cfg.rank)  # removed again if the run is refused
         refused = False
-        prepare_output_dir(out_dir)
+        if not is_store(out_dir):
+            prepare_output_dir(out_dir)
         try:
             lock = RankLock(out_dir, cfg.rank).acquire()
         except OSError as exc:

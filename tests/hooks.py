@@ -62,7 +62,7 @@ def install() -> None:
     if deadline:
         from pipeline.storage.retry import RetryPolicy
 
-        RetryPolicy.__init__.__defaults__ = (0.2, 1.0, float(deadline))
+        RetryPolicy.__init__.__defaults__ = (0.2, 1.0, float(deadline), True)
     rank = os.environ.get(GRANDCHILD_ENV)
     if rank is not None and _rank() == rank:
         child = subprocess.Popen(["sleep", "600"])

@@ -1,5 +1,6 @@
 """Inputs by URL: `--parquet s3://...` read from a real S3 server (SeaweedFS on loopback) by row
-groups, globs on the store, and a store restarted mid-read."""
+groups, globs on the store, and a store restarted mid-read; the first case also on gs:// (a real
+GCS JSON API server, fake-gcs-server)."""
 
 from __future__ import annotations
 
@@ -9,10 +10,10 @@ import subprocess
 import threading
 import time
 
+import objstores
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import seaweedfs
 from conftest import FAKE_ENGINE, HOOKED_BATCHGEN, read_output, run_args, run_cli
 from hooks import STEP_ENV
 from seaweedfs import BUCKET, fresh_prefix
@@ -22,23 +23,26 @@ from pipeline.sources.parquet import ParquetSource
 from pipeline.storage.files import RetryingReader
 from pipeline.storage.retry import RetryPolicy
 
-seaweed, s3 = seaweedfs.seaweed, seaweedfs.s3  # the server's fixtures
+# The servers' fixtures; `store` runs a test on each of S3 and GCS.
+seaweed, s3, fake_gcs, gcs = objstores.seaweed, objstores.s3, objstores.fake_gcs, objstores.gcs
+store = objstores.store
 
 
-def _upload(server, prefix: str, files: dict[str, int], row_group: int = 7) -> None:
-    """Parquet files of `n` prompts each under `prefix` (an s3:// URL), small row groups."""
-    fs = server.fs()
-    base = prefix.split("://", 1)[1]
+def _upload(prefix: str, files: dict[str, int], row_group: int = 7) -> None:
+    """Parquet files of `n` prompts each under `prefix` (a store URL), small row groups."""
+    from pipeline.storage.store import ObjectStore
+
+    objects = ObjectStore(prefix)
     for name, n in files.items():
         table = pa.table({"prompt": [f"{name} prompt {i}" for i in range(n)]})
-        with fs.open_output_stream(f"{base}/{name}") as out:
+        with objects.open_output(name) as out:
             pq.write_table(table, out, row_group_size=row_group)
 
 
-def test_run_reads_parquet_from_the_bucket_every_row_once(s3, tmp_path):
-    prefix = fresh_prefix()
+def test_run_reads_parquet_from_the_bucket_every_row_once(store, tmp_path):
+    prefix = store.fresh_prefix()
     files = {"data/a.parquet": 23, "data/b.parquet": 17, "data/sub/c.parquet": 9}
-    _upload(s3, prefix, {**files, "data/_meta.parquet": 5, "data/.tmp-x.parquet": 4})
+    _upload(prefix, {**files, "data/_meta.parquet": 5, "data/.tmp-x.parquet": 4})
     out = tmp_path / "out"
     run_cli(*run_args(f"{prefix}/data/*.parquet", out, *FAKE_ENGINE, "--rows-per-shard", "10"))
     ids = read_output(out).column("id").to_pylist()
@@ -58,7 +62,7 @@ def test_run_reads_parquet_from_the_bucket_every_row_once(s3, tmp_path):
 
 def test_ranks_split_a_bucket_input_exactly(s3):
     prefix = fresh_prefix()
-    _upload(s3, prefix, {"x.parquet": 30, "y.parquet": 11})
+    _upload(prefix, {"x.parquet": 30, "y.parquet": 11})
     seen = []
     for rank in range(3):
         src = ParquetSource(f"{prefix}/*.parquet", 3, rank)
@@ -84,7 +88,7 @@ def test_bucket_inputs_refused_in_one_line(s3):
 
 def test_parquet_read_survives_a_store_restart_mid_file(s3):
     prefix = fresh_prefix()
-    _upload(s3, prefix, {"big.parquet": 5000}, row_group=500)
+    _upload(prefix, {"big.parquet": 5000}, row_group=500)
     src = ParquetSource(f"{prefix}/big.parquet")
     batches = src.iter_batches(["prompt"], 500)
     seen = list(next(batches)[0])
@@ -101,7 +105,7 @@ def test_parquet_read_survives_a_store_restart_mid_file(s3):
 
 def test_the_reader_fetches_ranges_not_the_whole_object(s3):
     prefix = fresh_prefix()
-    _upload(s3, prefix, {"r.parquet": 200_000}, row_group=10_000)
+    _upload(prefix, {"r.parquet": 200_000}, row_group=10_000)
     fs, path = s3.fs(), f"{prefix.split('://')[1]}/r.parquet"
     size = fs.get_file_info(path).size
     reads = []
@@ -129,7 +133,7 @@ def test_data_files_urls_reach_the_datasets_loader_with_the_store_credentials(
 
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache")
     prefix = fresh_prefix()
-    _upload(s3, prefix, {"d/p0.parquet": 12, "d/p1.parquet": 8})
+    _upload(prefix, {"d/p0.parquet": 12, "d/p1.parquet": 8})
     out = tmp_path / "out"
     run_cli(
         "run", *FAKE_ENGINE, "--dataset", "parquet", "--data-files", f"{prefix}/d/*.parquet",
@@ -143,7 +147,7 @@ def test_an_input_store_that_stays_down_ends_the_run_as_interrupted_then_resumes
     """The store dies mid-run for longer than the retries last: the run commits what it has and
     exits 75; rerun once the store is back, every row ends up in the output exactly once."""
     prefix = fresh_prefix()
-    _upload(s3, prefix, {"in.parquet": 60_000}, row_group=1000)
+    _upload(prefix, {"in.parquet": 60_000}, row_group=1000)
     out = tmp_path / "out"
     args = run_args(f"{prefix}/in.parquet", out, *FAKE_ENGINE, "--rows-per-shard", "200")
     env = {**os.environ, STEP_ENV: "0.05", "BATCHGEN_TEST_STORE_DEADLINE": "3"}
@@ -177,7 +181,7 @@ def test_the_source_streams_row_groups_not_the_whole_object(s3, monkeypatch):
     """Reading a rank's first batch fetches the footer and one row group, not every row group
     the rank owns (pyarrow's pre-buffering would fetch them all at once)."""
     prefix = fresh_prefix()
-    _upload(s3, prefix, {"s.parquet": 200_000}, row_group=10_000)
+    _upload(prefix, {"s.parquet": 200_000}, row_group=10_000)
     fetched = []
     read = RetryingReader.read
 

@@ -1,7 +1,9 @@
-"""`--output s3://...` on a real S3 server (SeaweedFS on loopback): shards uploaded once under
-unique names, commit records and manifest generations as objects, the rank's lease instead of
-lockf; every reader on the URL; SIGKILLs, a store that dies, a second writer and a dead
-holder's lease; each checked by reading the bucket: every id exactly once."""
+"""`--output s3://...` and `--output gs://...` on real servers on loopback (SeaweedFS, and
+fake-gcs-server for GCS's JSON API; the `store` fixture runs a test on each): shards uploaded
+once under unique names, commit records and manifest generations as objects, the rank's lease
+instead of lockf; every reader on the URL; SIGKILLs, a store that dies, a second writer and a
+dead holder's lease; each checked by reading the bucket: every id exactly once. Cases that prove
+nothing new for gs:// (a storm of kills, --data-parallel, the real engine) run on S3 only."""
 
 from __future__ import annotations
 
@@ -14,20 +16,22 @@ import signal
 import subprocess
 import time
 
+import objstores
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import seaweedfs
 from conftest import FAKE_ENGINE, HOOKED_BATCHGEN, run_args, run_cli
 from hooks import PAUSE_ENV, STEP_ENV, STORE_DEADLINE_ENV
-from seaweedfs import BUCKET, fresh_prefix
+from seaweedfs import fresh_prefix
 
 from pipeline.storage.lease import Lease, LeaseHeld, LeaseLost, LeaseRecord, lease_name
 from pipeline.storage.outpath import StorePath
 from pipeline.storage.resolve import storage_options
 from pipeline.storage.store import ObjectStore
 
-seaweed, s3 = seaweedfs.seaweed, seaweedfs.s3  # the server's fixtures
+# The servers' fixtures; `store` runs a test on each of S3 and GCS.
+seaweed, s3, fake_gcs, gcs = objstores.seaweed, objstores.s3, objstores.fake_gcs, objstores.gcs
+store = objstores.store
 
 
 def _input(tmp_path, n: int) -> str:
@@ -57,8 +61,8 @@ def _exactly_once(url: str, n: int) -> None:
     assert len(ids) == len(set(ids))
 
 
-def test_a_run_to_the_bucket_and_every_reader_on_the_url(s3, tmp_path, monkeypatch):
-    url = fresh_prefix()
+def test_a_run_to_the_bucket_and_every_reader_on_the_url(store, tmp_path, monkeypatch):
+    url = store.fresh_prefix()
     src = _input(tmp_path, 45)
     args = run_args(src, url, *FAKE_ENGINE, "--rows-per-shard", "10", "--card")
     result = run_cli(*args)
@@ -74,7 +78,7 @@ def test_a_run_to_the_bucket_and_every_reader_on_the_url(s3, tmp_path, monkeypat
         ".batchgen/rank-00000/manifest-00000001.json",
     ]
     assert not [n for n in names if "lease" in n]  # released at the end
-    assert not (tmp_path / "s3:").exists() and not os.path.exists("s3:")
+    assert not (tmp_path / f"{store.scheme}:").exists() and not os.path.exists(f"{store.scheme}:")
     _exactly_once(url, 45)
 
     status = json.loads(run_cli("status", url, "--json").output)
@@ -84,6 +88,24 @@ def test_a_run_to_the_bucket_and_every_reader_on_the_url(s3, tmp_path, monkeypat
     assert (tmp_path / "r.html").stat().st_size > 1000
     card = StorePath.of(url) / "README.md"
     assert "data_files:" in card.read_text() and "45 rows from 45 prompts" in card.read_text()
+    card.unlink()
+    assert run_cli("card", url).output.strip() == f"{url}/README.md"
+    assert "45 rows from 45 prompts" in card.read_text()
+    # export reads a run made from an OpenAI batch file: one of 5 requests, to the bucket too
+    requests = tmp_path / "requests.jsonl"
+    chat = {"method": "POST", "url": "/v1/chat/completions"}
+    body = {"messages": [{"role": "user", "content": "Hi"}]}
+    requests.write_text(
+        "".join(json.dumps({"custom_id": f"r{i}", **chat, "body": body}) + "\n" for i in range(5))
+    )
+    batch = f"{url}-batch"
+    run_cli("run", "--openai-batch", requests, "--output", batch, *FAKE_ENGINE, "--max-tokens", "4")
+    results = tmp_path / "results.jsonl"
+    exported = run_cli("export", batch, "--openai-batch", results).output
+    assert exported.startswith(f"5 requests written to {results}: 5 succeeded, 0 failed")
+    assert [json.loads(x)["custom_id"] for x in results.read_text().splitlines()] == [
+        f"r{i}" for i in range(5)
+    ]
     plan = run_cli("plan", *args[1:])
     assert "every prompt is already committed" in plan.output
     again = run_cli(*args)  # resume of a finished rank: nothing to do
@@ -110,10 +132,10 @@ def test_datasets_load_dataset_reads_the_bucket_with_storage_options(s3, tmp_pat
 
 def test_other_url_schemes_are_refused_in_one_line(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    result = run_cli(*run_args(_input(tmp_path, 3), "gs://b/o", *FAKE_ENGINE), expect=2)
+    result = run_cli(*run_args(_input(tmp_path, 3), "hf://b/o", *FAKE_ENGINE), expect=2)
     assert result.output.splitlines()[-1] == (
-        "Error: --output gs://b/o: gs:// output is not supported (URL schemes batchgen can "
-        "write: s3://, s3a://); give a local folder (a mounted bucket works), or write locally "
+        "Error: --output hf://b/o: hf:// output is not supported (URL schemes batchgen can "
+        "write: s3://, s3a://, gs://); give a local folder (a mounted bucket works), or write locally "
         "and upload the finished folder (docs/object-stores.md)"
     )
     assert sorted(os.listdir(tmp_path)) == ["in.parquet"]
@@ -152,11 +174,11 @@ def _wait_for(proc: subprocess.Popen, marker: str, timeout: float = 120) -> str:
 
 
 @pytest.mark.parametrize("point", ["in_write", "after_rename"])
-def test_sigkill_mid_commit_then_resume_every_id_once(s3, tmp_path, point):
+def test_sigkill_mid_commit_then_resume_every_id_once(store, tmp_path, point):
     """Killed before its 3rd upload (in_write) or after it, before its commit record
     (after_rename: an object no record names): the resume takes the dead writer's lease at once
     (its process is gone from this host), removes the unnamed upload, and completes the rank."""
-    url = fresh_prefix()
+    url = store.fresh_prefix()
     args = run_args(_input(tmp_path, 60), url, *FAKE_ENGINE, "--rows-per-shard", "10")
     proc = _hooked(args, **{PAUSE_ENV: f"{point}:3"})
     shard = _wait_for(proc, PAUSE_ENV).split()[-1]
@@ -188,8 +210,8 @@ def test_a_storm_of_sigkills_then_every_id_once(s3, tmp_path):
     assert status["all"]["prompts"] == 400 and status["all"]["rows"] == 400
 
 
-def test_a_second_writer_is_refused_while_the_lease_is_alive(s3, tmp_path):
-    url = fresh_prefix()
+def test_a_second_writer_is_refused_while_the_lease_is_alive(store, tmp_path):
+    url = store.fresh_prefix()
     args = run_args(_input(tmp_path, 300), url, *FAKE_ENGINE, "--rows-per-shard", "10")
     first = _hooked(args, **{STEP_ENV: "0.05"})
     try:
@@ -219,8 +241,8 @@ def _plant_lease(url: str, expires_in: float) -> None:
     ObjectStore(url).write(lease_name(0), record.to_bytes())
 
 
-def test_a_dead_nodes_lease_refuses_until_it_expires_then_is_taken_over(s3, tmp_path):
-    url = fresh_prefix()
+def test_a_dead_nodes_lease_refuses_until_it_expires_then_is_taken_over(store, tmp_path):
+    url = store.fresh_prefix()
     args = run_args(_input(tmp_path, 12), url, *FAKE_ENGINE)
     _plant_lease(url, expires_in=240)
     refused = run_cli(*args, expect=1).output.splitlines()[-1]
@@ -231,11 +253,11 @@ def test_a_dead_nodes_lease_refuses_until_it_expires_then_is_taken_over(s3, tmp_
     _exactly_once(url, 12)
 
 
-def test_the_lease_on_the_store_one_holder_renewal_and_takeover(s3):
+def test_the_lease_on_the_store_one_holder_renewal_and_takeover(store):
     """Two writers on two 'nodes' (other holders), a short time to live: the second is refused
     while the first renews; once it stops renewing, the second takes over and the first's next
     renewal finds its lease lost."""
-    store = ObjectStore(fresh_prefix())
+    store = ObjectStore(store.fresh_prefix())
     first = Lease(store, lease_name(3), ttl_s=1.5)
     second = Lease(store, lease_name(3), ttl_s=1.5)
     second.holder = "pid 1 on elsewhere (x)"
@@ -254,8 +276,8 @@ def test_the_lease_on_the_store_one_holder_renewal_and_takeover(s3):
     assert store.read(lease_name(3)) is None
 
 
-def test_a_store_that_dies_mid_run_exits_75_and_the_resume_completes_exactly_once(s3, tmp_path):
-    url = fresh_prefix()
+def test_a_store_that_dies_mid_run_exits_75_and_the_resume_completes_exactly_once(store, tmp_path):
+    url = store.fresh_prefix()
     args = run_args(_input(tmp_path, 3000), url, *FAKE_ENGINE, "--rows-per-shard", "50")
     proc = _hooked(args, **{STEP_ENV: "0.02", STORE_DEADLINE_ENV: "3"})
     try:
@@ -263,11 +285,11 @@ def test_a_store_that_dies_mid_run_exits_75_and_the_resume_completes_exactly_onc
         while not any(n.endswith(".parquet") for n in _objects(url)):
             assert time.monotonic() < deadline and proc.poll() is None
             time.sleep(0.2)
-        s3.kill()
+        store.kill()
         _, stderr = proc.communicate(timeout=120)
     finally:
         _kill(proc)
-        s3.start()
+        store.start()
     assert proc.returncode == 75, stderr
     assert "the store kept failing for" in stderr and "rerun the same command" in stderr
     done = json.loads(run_cli("status", url, "--json", expect=3).output)["all"]["prompts"]
@@ -276,8 +298,8 @@ def test_a_store_that_dies_mid_run_exits_75_and_the_resume_completes_exactly_onc
     _exactly_once(url, 3000)
 
 
-def test_store_paths_list_read_and_write_like_local_ones(s3):
-    root = StorePath.of(fresh_prefix())
+def test_store_paths_list_read_and_write_like_local_ones(store):
+    root = StorePath.of(store.fresh_prefix())
     (root / ".batchgen" / "rank-00001" / "a.json").write_text("{}")
     (root / "rank-00001" / "part-00001-000000.parquet").write_bytes(b"x" * 10)
     assert [p.name for p in root.iterdir()] == [".batchgen", "rank-00001"]
@@ -289,7 +311,7 @@ def test_store_paths_list_read_and_write_like_local_ones(s3):
     assert (root / ".batchgen" / "rank-00001" / "a.json").read_text() == "{}"
     shard.unlink()
     assert not shard.exists() and list((root / "rank-00001").iterdir()) == []
-    assert BUCKET in str(root)
+    assert store.bucket in str(root)
 
 
 @pytest.mark.engine
@@ -345,8 +367,8 @@ def test_data_parallel_ranks_write_one_prefix(s3, tmp_path, monkeypatch):
     _exactly_once(url, 50)
 
 
-def test_changed_settings_refused_then_overwrite_starts_afresh(s3, tmp_path):
-    url = fresh_prefix()
+def test_changed_settings_refused_then_overwrite_starts_afresh(store, tmp_path):
+    url = store.fresh_prefix()
     src = _input(tmp_path, 30)
     run_cli(*run_args(src, url, *FAKE_ENGINE, "--rows-per-shard", "10"))
     before = _objects(url)
@@ -359,3 +381,31 @@ def test_changed_settings_refused_then_overwrite_starts_afresh(s3, tmp_path):
     assert "--overwrite removed 3 shard(s) and 1 manifest(s) of rank(s) 0" in result.output
     assert not set(before) & {n for n in _objects(url) if n.endswith(".parquet")}
     _exactly_once(url, 30)
+
+
+@pytest.mark.parametrize(
+    ("variable", "scheme"), [("AWS_ENDPOINT_URL", "s3"), ("STORAGE_EMULATOR_HOST", "gs")]
+)
+def test_a_wrong_endpoint_is_refused_within_seconds_by_run_plan_and_readers(
+    tmp_path, monkeypatch, variable, scheme
+):
+    """Before any store call that retries for minutes (the run's footprint and lease, the
+    readers' listings): one line within 10 s, and nothing created."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(variable, "http://127.0.0.1:9")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
+    url = f"{scheme}://bucket/run"
+    args = run_args(_input(tmp_path, 3), url, *FAKE_ENGINE)
+    for command, expect, flag in [
+        (args, 2, "--output"),
+        (["plan", *args[1:]], 2, "--output"),
+        (["status", url], 1, "OUTPUT"),
+        (["show", url], 1, "OUTPUT"),
+    ]:
+        t0 = time.monotonic()
+        result = run_cli(*command, expect=expect)
+        assert time.monotonic() - t0 < 10, command[0]
+        line = result.output.splitlines()[-1]
+        assert line.startswith(f"Error: {flag} {url}: cannot reach the store at http://127.0.0.1:9")
+    assert sorted(os.listdir(tmp_path)) == ["in.parquet"]

@@ -1,5 +1,5 @@
-"""A URL is never taken for a local path: output URLs batchgen cannot write (any but s3://) are
-refused in one line (exit 2) before anything is created."""
+"""A URL is never taken for a local path: output URLs batchgen cannot write (any but s3:// and
+gs://) are refused in one line (exit 2) before anything is created."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pipeline.storage import is_url, url_scheme
 
 REFUSAL = (
     "{flag} {url}: {scheme}:// output is not supported (URL schemes batchgen can write: s3://, "
-    "s3a://); give a local folder (a mounted bucket works), or write locally and upload the "
+    "s3a://, gs://); give a local folder (a mounted bucket works), or write locally and upload the "
     "finished folder (docs/object-stores.md)"
 )
 
@@ -34,7 +34,7 @@ def test_url_scheme(spec, scheme):
     assert is_url(spec) == (scheme is not None)
 
 
-@pytest.mark.parametrize("url", ["gs://bucket/out", "hf://datasets/me/out"])
+@pytest.mark.parametrize("url", ["hf://datasets/me/out", "az://container/out"])
 def test_run_refuses_an_output_url_and_creates_nothing(tmp_path, monkeypatch, url):
     monkeypatch.chdir(tmp_path)
     result = run_cli(
@@ -52,17 +52,17 @@ def test_data_parallel_run_refuses_an_output_url(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     result = run_cli(
         "run", *FAKE_ENGINE, "--parquet", SAMPLE, "--prompt-column", "prompt",
-        "--output", "gs://b/o", "--data-parallel", "2", expect=2,
+        "--output", "hf://datasets/me/o", "--data-parallel", "2", expect=2,
     )  # fmt: skip
-    assert "gs:// output is not supported" in result.output
+    assert "hf:// output is not supported" in result.output
     assert os.listdir(tmp_path) == []
 
 
 @pytest.mark.parametrize("command", [["status"], ["show"], ["report", "--html", "r.html"]])
 def test_readers_refuse_an_output_url(tmp_path, monkeypatch, command):
     monkeypatch.chdir(tmp_path)
-    result = run_cli(command[0], "gs://bucket/out", *command[1:], expect=2)
+    result = run_cli(command[0], "hf://datasets/me/out", *command[1:], expect=2)
     assert result.output.splitlines()[-1] == "Error: " + REFUSAL.format(
-        flag="OUTPUT", url="gs://bucket/out", scheme="gs"
+        flag="OUTPUT", url="hf://datasets/me/out", scheme="hf"
     )
     assert os.listdir(tmp_path) == []

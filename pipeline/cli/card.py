@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import click
 
-from pipeline.cli.common import click_errors, output_folder
-from pipeline.storage.outpath import output_location
+from pipeline.cli.common import click_errors, output_folder, output_to_read
 
 
 @click.command()
@@ -19,4 +18,4 @@ def card(output: str) -> None:
     from pipeline.card import write_card
 
     with click_errors(usage=False):
-        click.echo(write_card(output_location(output)))
+        click.echo(write_card(output_to_read(output)))

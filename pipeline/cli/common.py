@@ -83,3 +83,19 @@ def output_folder(_ctx: click.Context, _param: click.Parameter, value: str) -> s
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from exc
     return value
+
+
+def output_to_read(value: str) -> Any:
+    """The OUTPUT a reader reads: a local Path, or a StorePath once its store has answered the
+    preflight (endpoint, credentials, bucket) within seconds, before reads that retry for
+    minutes; a store that does not is one line (exit 1)."""
+    from pipeline.storage.outpath import is_store, output_location
+    from pipeline.storage.preflight import preflight
+
+    try:
+        out = output_location(value)
+        if is_store(out):
+            preflight(out.store.loc, write=False, flag="OUTPUT")
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from exc
+    return out

@@ -6,8 +6,7 @@ from pathlib import Path
 
 import click
 
-from pipeline.cli.common import click_errors, output_folder
-from pipeline.storage.outpath import output_location
+from pipeline.cli.common import click_errors, output_folder, output_to_read
 
 EXPORT_EXAMPLES = """
 \b
@@ -37,7 +36,7 @@ def export(output: str, results: str, errors: str | None) -> None:
 
     with click_errors(usage=False):
         counts = export_openai_batch(
-            output_location(output), Path(results), Path(errors) if errors else None
+            output_to_read(output), Path(results), Path(errors) if errors else None
         )
     where = f" ({counts.failed:,} in {errors})" if errors else ""
     click.echo(

@@ -6,8 +6,7 @@ from pathlib import Path
 
 import click
 
-from pipeline.cli.common import click_errors, output_folder
-from pipeline.storage.outpath import output_location
+from pipeline.cli.common import click_errors, output_folder, output_to_read
 
 
 @click.command()
@@ -28,4 +27,4 @@ def report(output: str, html: str) -> None:
     from pipeline.htmlreport import write_report
 
     with click_errors(usage=False):
-        click.echo(write_report(output_location(output), Path(html)))
+        click.echo(write_report(output_to_read(output), Path(html)))

@@ -7,8 +7,7 @@ import sys
 
 import click
 
-from pipeline.cli.common import click_errors, output_folder
-from pipeline.storage.outpath import output_location
+from pipeline.cli.common import click_errors, output_folder, output_to_read
 
 SHOW_EPILOG = """\b
 Examples:
@@ -55,7 +54,7 @@ def show(
 
     if seed is not None and sample is None:
         raise click.UsageError("--seed goes with --sample N")
-    out = output_location(output)
+    out = output_to_read(output)
     with click_errors():
         sel = select(out, where, errors, ids, sample, seed or 0, limit)
     text = render(sel, out, shutil.get_terminal_size((100, 24)).columns)

@@ -7,8 +7,7 @@ import sys
 
 import click
 
-from pipeline.cli.common import click_errors, output_folder
-from pipeline.storage.outpath import output_location
+from pipeline.cli.common import click_errors, output_folder, output_to_read
 
 STATUS_EPILOG = """\b
 Each rank is one of: finished; running (its lock is held by a live process); interrupted
@@ -45,6 +44,6 @@ def status(output: str, as_json: bool, stalled_after: float) -> None:
     from pipeline.status import read_status
 
     with click_errors(usage=False):
-        report = read_status(output_location(output), stalled_after)
+        report = read_status(output_to_read(output), stalled_after)
     click.echo(json.dumps(report.to_dict(), sort_keys=True) if as_json else report.render())
     sys.exit(report.exit_code)

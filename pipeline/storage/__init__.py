@@ -7,6 +7,7 @@
   lease.py      one writer per rank: a lease object with holder, heartbeat and expiry
   preflight.py  one-line answers within seconds: endpoint, credentials, bucket, write permission
   s3http.py     the signed S3 requests pyarrow lacks (If-None-Match / If-Match)
+  gcshttp.py    gs:// over GCS's JSON API (ifGenerationMatch), and as a pyarrow filesystem
 
 pyarrow is imported by resolve, store, lease and preflight; import those modules where used.
 """

@@ -23,6 +23,9 @@ import pyarrow.fs as pafs
 from pipeline.storage.store import ObjectStore
 from pipeline.storage.urls import is_url
 
+# The variables that choose a store's endpoint and credentials: a client per their values.
+_CREDENTIAL_ENV = ("AWS_", "GOOGLE_", "STORAGE_EMULATOR_HOST")
+
 
 @dataclass(frozen=True, slots=True)
 class StoreStat:
@@ -43,7 +46,7 @@ class StorePath:
     @classmethod
     def of(cls, url: str) -> StorePath:
         """The root of the output at `url` (one filesystem client per URL and credentials)."""
-        env = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("AWS_")))
+        env = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith(_CREDENTIAL_ENV)))
         return cls(_store(url, env))
 
     def __truediv__(self, name: str) -> StorePath:

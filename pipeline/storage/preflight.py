@@ -10,12 +10,13 @@ import pyarrow.fs as pafs
 
 from pipeline.errors import ConfigError
 from pipeline.storage import s3http
+from pipeline.storage.gcshttp import EMULATOR_ENV, GcsError
 from pipeline.storage.resolve import Location, resolve
 from pipeline.storage.retry import RetryPolicy, is_transient
 from pipeline.storage.store import ObjectStore, unique_name
 
 # Preflight answers fast: a transient error gets two quick retries, then counts as unreachable.
-PREFLIGHT_POLICY = RetryPolicy(base_s=0.2, cap_s=1.0, deadline_s=3.0)
+PREFLIGHT_POLICY = RetryPolicy(base_s=0.2, cap_s=1.0, deadline_s=3.0, warn=False)
 
 _BAD_KEYS = re.compile(r"InvalidAccessKeyId|SignatureDoesNotMatch|InvalidToken|ExpiredToken")
 _DENIED = re.compile(r"ACCESS_DENIED|AccessDenied|Forbidden|\b403\b|PERMISSION_DENIED")
@@ -31,11 +32,16 @@ def preflight(spec: str | Location, write: bool = True, flag: str = "--output") 
         return loc
     store = ObjectStore(loc, PREFLIGHT_POLICY)
     try:
-        if store.conditional:
-            _signed_probe(store, loc, flag)
-        bucket = store._retry("checking", lambda: loc.fs.get_file_info(loc.bucket))
-        if bucket.type == pafs.FileType.NotFound:
-            raise ConfigError(_missing_bucket(loc, flag))
+        if loc.gcs is not None:
+            gcs = loc.gcs
+            if not store._retry("checking", lambda: gcs.bucket_exists(loc.bucket)):
+                raise ConfigError(_missing_bucket(loc, flag))
+        else:
+            if store.conditional:
+                _signed_probe(store, loc, flag)
+            bucket = store._retry("checking", lambda: loc.fs.get_file_info(loc.bucket))
+            if bucket.type == pafs.FileType.NotFound:
+                raise ConfigError(_missing_bucket(loc, flag))
         # A listing needs the credentials to be accepted (HEAD answers without saying why).
         list(store.iter_objects(_probe_prefix(loc)))
         if write:
@@ -65,15 +71,18 @@ def _signed_probe(store: ObjectStore, loc: Location, flag: str) -> None:
 
 
 def _missing_bucket(loc: Location, flag: str) -> str:
-    make = (
-        f"aws s3 mb s3://{loc.bucket}" if loc.scheme == "s3" else f"create the bucket {loc.bucket}"
-    )
+    make = {
+        "s3": f"aws s3 mb s3://{loc.bucket}",
+        "gs": f"gcloud storage buckets create gs://{loc.bucket}",
+    }.get(loc.scheme, f"create the bucket {loc.bucket}")
     return f"{flag} {loc.url}: the bucket {loc.bucket!r} does not exist at {_where(loc)}; create it ({make}) or fix the URL"
 
 
 def _where(loc: Location) -> str:
     if loc.s3 is not None:
         return loc.s3.endpoint or f"AWS S3 ({loc.s3.region})"
+    if loc.gcs is not None:
+        return loc.gcs.settings.where()
     return f"{loc.scheme}://"
 
 
@@ -85,12 +94,19 @@ def explain(loc: Location, exc: BaseException, flag: str, write: bool) -> str:
     if _NO_BUCKET.search(text):
         return _missing_bucket(loc, flag)
     if is_transient(exc) or "the store kept failing" in text:
-        fix = (
-            "check AWS_ENDPOINT_URL (or the profile's endpoint_url) and that the store is up"
-            if loc.scheme == "s3"
-            else "check the network and that the store is up"
-        )
+        if loc.scheme == "s3":
+            fix = "check AWS_ENDPOINT_URL (or the profile's endpoint_url) and that the store is up"
+        elif loc.gcs is not None and loc.gcs.settings.emulator:
+            fix = f"check {EMULATOR_ENV} (unset it for Google Cloud Storage itself) and that the emulator is up"
+        else:
+            fix = "check the network and that the store is up"
         return f"{head}: cannot reach the store at {_where(loc)}; {fix}"
+    if loc.gcs is not None and isinstance(exc, GcsError) and exc.status in (401, 403):
+        who = loc.gcs.settings.source
+        if exc.status == 401:
+            return f"{head}: the store refused {who} ({_first(text)}); run `gcloud auth application-default login` again, or fix GOOGLE_APPLICATION_CREDENTIALS"
+        action = "write to" if write else "read"
+        return f"{head}: permission denied ({_first(text)}); {who} may not {action} it: grant them read, write and delete on gs://{loc.bucket} (roles/storage.objectAdmin)"
     if _BAD_KEYS.search(text):
         return f"{head}: the store refused the credentials from {creds or 'the default chain'}; fix AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or the profile)"
     if _DENIED.search(text) or _NO_CREDS.search(text):

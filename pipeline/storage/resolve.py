@@ -16,6 +16,7 @@ from typing import Any
 import pyarrow.fs as pafs
 
 from pipeline.errors import ConfigError
+from pipeline.storage import gcshttp
 from pipeline.storage.s3http import S3Endpoint
 from pipeline.storage.urls import url_scheme
 
@@ -53,6 +54,7 @@ class Location:
     path: str  # in `fs`: 'bucket/key' on object stores, an absolute path locally
     s3: S3Settings | None = None
     storage_options: dict[str, Any] = field(default_factory=dict, repr=False)  # for fsspec
+    gcs: gcshttp.GcsClient | None = field(default=None, repr=False)  # gs://: its JSON API
 
     @property
     def bucket(self) -> str:
@@ -82,6 +84,8 @@ class Location:
         if self.s3 is not None:
             out["endpoint"] = self.s3.endpoint
             out["region"] = self.s3.region
+        if self.gcs is not None:
+            out["endpoint"] = self.gcs.settings.endpoint
         return out
 
 
@@ -143,16 +147,11 @@ def resolve(spec: str, env: Mapping[str, str] | None = None) -> Location:
     if scheme in ("s3", "s3a"):
         return _s3_location(spec, rest, s3_settings(env))
     if scheme in ("gs", "gcs"):
-        # Application default credentials (GOOGLE_APPLICATION_CREDENTIALS, gcloud's login, the
-        # metadata server), as google's own clients find them.
-        return Location(spec, "gs", pafs.GcsFileSystem(retry_time_limit=_td(5)), rest)
+        # STORAGE_EMULATOR_HOST, else application default credentials (GOOGLE_APPLICATION_
+        # CREDENTIALS, gcloud's login, the metadata server), as Google's own clients find them.
+        client = gcshttp.GcsClient(gcshttp.gcs_settings(spec, os.environ if env is None else env))
+        return Location(spec, "gs", gcshttp.filesystem(client), rest, gcs=client)
     return _fsspec_location(spec, scheme)
-
-
-def _td(seconds: float):
-    import datetime
-
-    return datetime.timedelta(seconds=seconds)
 
 
 def _s3_location(spec: str, rest: str, s3: S3Settings) -> Location:

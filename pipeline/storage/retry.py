@@ -17,10 +17,10 @@ from pipeline.errors import BatchgenError
 log = logging.getLogger("batchgen")
 T = TypeVar("T")
 
-# What pyarrow's S3/GCS filesystems, fsspec and http.client say for faults that pass: server
+# What pyarrow's S3 filesystem, gcshttp, fsspec and http.client say for faults that pass: server
 # errors, throttling, reset or refused connections, timeouts.
 _TRANSIENT = re.compile(
-    r"HTTP status (500|502|503|504)|\b(500|502|503|504)\b.*(error|unavailable)|SlowDown|"
+    r"HTTP status (429|500|502|503|504)|\b(500|502|503|504)\b.*(error|unavailable)|SlowDown|"
     r"Throttl|RequestTimeout|InternalError|INTERNAL_FAILURE|internal error|ServiceUnavailable|"
     r"NETWORK_CONNECTION|"
     r"curlCode: (6|7|18|28|52|55|56)|Could not connect|Connection (reset|refused|aborted)|"
@@ -41,6 +41,7 @@ class RetryPolicy:
     base_s: float = 0.5
     cap_s: float = 20.0
     deadline_s: float = 300.0
+    warn: bool = True  # log each call's first retry (the preflight words its own one line)
 
     def delays(self, rng: random.Random | None = None):
         """Endless sleeps of this policy (the deadline is the caller's)."""
@@ -82,7 +83,7 @@ def with_retries(
                     f"{_first_line(exc)}); committed work is safe; rerun the same command to "
                     "resume once the store answers"
                 ) from exc
-            if tries == 1:
+            if tries == 1 and policy.warn:
                 log.warning("%s: %s; retrying with backoff", what, _first_line(exc))
             sleep(delay)
     raise AssertionError("unreachable")  # pragma: no cover - delays() never ends

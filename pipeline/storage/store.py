@@ -1,6 +1,7 @@
 """The primitives an object-store commit protocol needs, on any resolved location: write-once
-objects under unique names, read, list a prefix, delete, and conditional writes (If-None-Match /
-If-Match on S3) for leases. Every call is retried on transient errors (pipeline/storage/retry.py).
+objects under unique names, read, list a prefix, delete, and conditional writes for leases
+(If-None-Match / If-Match on S3, ifGenerationMatch on GCS, whose generation stands for the ETag).
+Every call is retried on transient errors (pipeline/storage/retry.py).
 """
 
 from __future__ import annotations
@@ -48,11 +49,12 @@ class ObjectStore:
         self.fs = self.loc.fs
         self.policy = policy or RetryPolicy()
         self._endpoint = self.loc.s3_endpoint()
+        self._gcs = self.loc.gcs
 
     @property
     def conditional(self) -> bool:
         """Whether writes can be conditional on the store itself (atomic leases)."""
-        return self._endpoint is not None
+        return self._endpoint is not None or self._gcs is not None
 
     def url_of(self, name: str) -> str:
         """`name` as a URL a user can paste (s3://bucket/prefix/name), for messages."""
@@ -80,6 +82,9 @@ class ObjectStore:
 
     def write(self, name: str, data: bytes) -> None:
         """Write (or replace) `name`; use a `unique_name` where no one else may write it."""
+        if self._gcs is not None:
+            self._retry(f"writing {name} in", lambda: self._gcs_upload(name, data, None))
+            return
 
         def go() -> None:
             self._parent(name)
@@ -103,7 +108,12 @@ class ObjectStore:
         return self.read_with_etag(name)[0]
 
     def read_with_etag(self, name: str) -> tuple[bytes | None, str | None]:
-        """(content, ETag) of `name`, or (None, None) when there is none."""
+        """(content, ETag) of `name`, or (None, None) when there is none (on GCS the
+        generation stands for the ETag)."""
+        if self._gcs is not None:
+            bucket, key = self._gcs_key(name)
+            got = self._retry(f"reading {name} in", lambda: self._gcs.read(bucket, key))
+            return (None, None) if got is None else got
         if self._endpoint is not None:
             resp = self._signed("GET", name)
             if resp.status == 404:
@@ -123,6 +133,8 @@ class ObjectStore:
 
     def put_if_absent(self, name: str, data: bytes) -> str | None:
         """Create `name` only if it does not exist; its ETag, or None if it existed."""
+        if self._gcs is not None:
+            return self._retry(f"creating {name} in", lambda: self._gcs_upload(name, data, "0"))
         if self._endpoint is not None:
             resp = self._signed("PUT", name, data, {"If-None-Match": "*"})
             if resp.status in (409, 412):
@@ -139,6 +151,8 @@ class ObjectStore:
 
     def put_if_match(self, name: str, data: bytes, etag: str) -> str | None:
         """Replace `name` only if its ETag is still `etag`; the new ETag, or None if it changed."""
+        if self._gcs is not None:
+            return self._retry(f"replacing {name} in", lambda: self._gcs_upload(name, data, etag))
         if self._endpoint is not None:
             resp = self._signed("PUT", name, data, {"If-Match": etag})
             if resp.status in (404, 409, 412):
@@ -172,6 +186,14 @@ class ObjectStore:
                 self.fs.delete_file(self._path(name))
 
         self._retry(f"deleting {name} in", go)
+
+    def _gcs_key(self, name: str) -> tuple[str, str]:
+        key = self.loc.key.rstrip("/")
+        return self.loc.bucket, f"{key}/{name}" if key else name
+
+    def _gcs_upload(self, name: str, data: bytes, if_generation_match: str | None) -> str | None:
+        assert self._gcs is not None
+        return self._gcs.upload(*self._gcs_key(name), data, if_generation_match)
 
     def _signed(self, method: str, name: str, body: bytes = b"", headers=None) -> s3http.S3Response:
         assert self._endpoint is not None

@@ -12,9 +12,10 @@ from pipeline.errors import ConfigError
 _URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 
 # Schemes batchgen can write its --output to: S3 and S3-compatible stores, whose conditional
-# writes (If-None-Match / If-Match) make the rank's lease and the job record atomic
-# (docs/object-stores.md). Any other URL is refused before anything is created.
-OUTPUT_SCHEMES: tuple[str, ...] = ("s3", "s3a")
+# writes (If-None-Match / If-Match) make the rank's lease and the job record atomic, and Google
+# Cloud Storage, whose preconditions (ifGenerationMatch) do the same (docs/object-stores.md).
+# Any other URL is refused before anything is created.
+OUTPUT_SCHEMES: tuple[str, ...] = ("s3", "s3a", "gs")
 
 
 def url_scheme(spec: str) -> str | None:
