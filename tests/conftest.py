@@ -31,8 +31,9 @@ BATCHGEN = Path(sys.executable).with_name("batchgen")
 # Tests that must not run beside each other: the real engine (it takes both cores, and timing
 # tests compare its speed within one test) and the Slurm cluster (two CPUs for its tasks). Under
 # `make test` (pytest-xdist, --dist loadgroup) they run one after another on one worker. The
-# object-store files share one S3 server and one GCS emulator (session fixture, its ports picked at start, restarted on the
-# same ports by some tests), so they run one after another too, as a group of their own: the
+# object-store files share one S3 server and one GCS emulator (session fixtures, their ports
+# picked at start, restarted on the same ports by some tests), so they run one after another
+# too, as a group of their own: the
 # other worker takes it (xdist hands each worker one of the two largest groups first) and then
 # the rest, while the serial worker, the longer one, runs only engine and Slurm tests.
 SERIAL_MARKERS = ("engine", "slurm")
