@@ -21,6 +21,7 @@ import datetime as dt
 import http.client
 import io
 import json
+import os
 import threading
 import urllib.parse
 import uuid
@@ -35,6 +36,10 @@ from pipeline.errors import ConfigError
 
 GCS_ENDPOINT = "https://storage.googleapis.com"
 EMULATOR_ENV = "STORAGE_EMULATOR_HOST"
+KEY_FILE_ENV = "GOOGLE_APPLICATION_CREDENTIALS"
+# How long the search for credentials waits for the GCE metadata server (one attempt): the
+# "no Google credentials found" line comes well within the preflight's 10 s.
+METADATA_PROBE_S = 1.0
 SCOPE = "https://www.googleapis.com/auth/devstorage.read_write"
 INSTALL_HINT = "pip install 'batchgen[gcs]'"
 # One multipart request (metadata and bytes together) up to this size; larger objects go up
@@ -81,14 +86,56 @@ def gcs_settings(spec: str, env: Mapping[str, str]) -> GcsSettings:
             f"{spec}: gs:// needs google-auth for Google's application default credentials: "
             f"{INSTALL_HINT} (or set {EMULATOR_ENV} for an emulator)"
         ) from exc
+    key_file = env.get(KEY_FILE_ENV, "")
+    if key_file and not os.path.isfile(key_file):
+        raise ConfigError(
+            f"{spec}: {KEY_FILE_ENV}={key_file} does not exist; set it to a service account's "
+            "key file, or unset it to use `gcloud auth application-default login`"
+        )
     try:
-        credentials, _project = google.auth.default(scopes=[SCOPE])
+        credentials, _project = google.auth.default(scopes=[SCOPE], request=_discovery_request())
     except google.auth.exceptions.DefaultCredentialsError as exc:
+        if key_file:
+            reason = (str(exc).strip().splitlines() or ["not a key file"])[0].rstrip(".")
+            raise ConfigError(
+                f"{spec}: {KEY_FILE_ENV}={key_file} is not a usable key file ({reason}); "
+                "set it to a service account's key file (JSON), or unset it"
+            ) from exc
         raise ConfigError(
             f"{spec}: no Google credentials found; run `gcloud auth application-default login` "
-            "or set GOOGLE_APPLICATION_CREDENTIALS to a service account's key file"
+            f"or set {KEY_FILE_ENV} to a service account's key file"
         ) from exc
     return GcsSettings(GCS_ENDPOINT, emulator=False, credentials=credentials)
+
+
+def _discovery_request() -> Any:
+    """The HTTP transport google-auth's `default()` uses to look for the GCE metadata server:
+    one attempt of at most METADATA_PROBE_S per request, and a server that does not answer in
+    time (or refuses the connection) reads as absent. google-auth's own probe tries 3 times with
+    3 s timeouts and backoff (GCE_METADATA_TIMEOUT and GCE_METADATA_DETECT_RETRIES are read
+    once, at its import): over 12 s off GCP where the metadata address swallows packets, past
+    the preflight's 10 s. On GCP the metadata server answers in milliseconds."""
+    import google.auth.exceptions
+    import google.auth.transport
+    import google.auth.transport.requests
+
+    class Unanswered(google.auth.transport.Response):
+        """What a metadata server that did not answer says: not found (no retry)."""
+
+        status = 404
+        headers: Mapping[str, str] = {}
+        data = b""
+
+    class BoundedRequest(google.auth.transport.requests.Request):
+        def __call__(self, url: str, method: str = "GET", body: Any = None, headers: Any = None,
+                     timeout: float | None = None, **kwargs: Any) -> Any:  # fmt: skip
+            limit = METADATA_PROBE_S if timeout is None else min(timeout, METADATA_PROBE_S)
+            try:
+                return super().__call__(url, method, body, headers, limit, **kwargs)
+            except google.auth.exceptions.TransportError:
+                return Unanswered()
+
+    return BoundedRequest()
 
 
 @dataclass(frozen=True, slots=True)
