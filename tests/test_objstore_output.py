@@ -3,7 +3,7 @@ fake-gcs-server for GCS's JSON API; the `store` fixture runs a test on each): sh
 once under unique names, commit records and manifest generations as objects, the rank's lease
 instead of lockf; every reader on the URL; SIGKILLs, a store that dies, a second writer and a
 dead holder's lease; each checked by reading the bucket: every id exactly once. Cases that prove
-nothing new for gs:// (a storm of kills, --data-parallel, the real engine) run on S3 only."""
+nothing new for gs:// (a storm of kills, the real engine) run on S3 only."""
 
 from __future__ import annotations
 
@@ -356,14 +356,22 @@ def test_the_real_engine_killed_on_the_bucket_resumes_and_reads_back(s3, tmp_pat
     assert "8 rows from 8 prompts" in card
 
 
-def test_data_parallel_ranks_write_one_prefix(s3, tmp_path, monkeypatch):
+def test_data_parallel_ranks_write_one_prefix(store, tmp_path, monkeypatch):
+    """Two ranks (`--data-parallel 2`: a process each) write one prefix: each its own shards
+    under its own folder, one job record between them, every id once."""
     monkeypatch.chdir(tmp_path)
-    url = fresh_prefix()
+    url = store.fresh_prefix()
     args = run_args(_input(tmp_path, 50), url, *FAKE_ENGINE, "--rows-per-shard", "20")
     run_cli(*args, "--data-parallel", "2")
     status = json.loads(run_cli("status", url, "--json").output)
     assert [r["state"] for r in status["ranks"]] == ["finished", "finished"]
-    assert sorted(os.listdir(tmp_path)) == ["in.parquet"]  # no local folder named 's3:'
+    assert sorted(os.listdir(tmp_path)) == ["in.parquet"]  # no local folder named 's3:'/'gs:'
+    names = _objects(url)
+    assert sorted({n.split("/")[0] for n in names if n.endswith(".parquet")}) == [
+        "rank-00000",
+        "rank-00001",
+    ]
+    assert ".batchgen/job.json" in names
     _exactly_once(url, 50)
 
 
