@@ -443,6 +443,12 @@ NO_CREDENTIALS = (
             "exist; set it to a service account's key file, or unset it to use `gcloud auth "
             "application-default login`",
         ),
+        (
+            "key file is a folder",
+            "Error: gs://b/p: GOOGLE_APPLICATION_CREDENTIALS={tmp} is not a file; set it to a "
+            "service account's key file, or unset it to use `gcloud auth application-default "
+            "login`",
+        ),
     ],
 )
 def test_gcs_without_credentials_run_is_refused_in_one_line_within_seconds(
@@ -467,8 +473,9 @@ def test_gcs_without_credentials_run_is_refused_in_one_line_within_seconds(
         host = f"127.0.0.1:{silent.getsockname()[1]}"  # unlistened: connection refused
         monkeypatch.setenv("GCE_METADATA_IP", host)
         monkeypatch.setenv("GCE_METADATA_HOST", host)
-        if case == "key file missing":
-            monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(tmp_path / "key.json"))
+        if case.startswith("key file"):
+            key = tmp_path / "key.json" if case == "key file missing" else tmp_path
+            monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(key))
         t0 = time.monotonic()
         result = run_cli(*run_args("in.parquet", "gs://b/p", *FAKE_ENGINE), expect=2)
         took = time.monotonic() - t0

@@ -88,8 +88,9 @@ def gcs_settings(spec: str, env: Mapping[str, str]) -> GcsSettings:
         ) from exc
     key_file = env.get(KEY_FILE_ENV, "")
     if key_file and not os.path.isfile(key_file):
+        what = "is not a file" if os.path.exists(key_file) else "does not exist"
         raise ConfigError(
-            f"{spec}: {KEY_FILE_ENV}={key_file} does not exist; set it to a service account's "
+            f"{spec}: {KEY_FILE_ENV}={key_file} {what}; set it to a service account's "
             "key file, or unset it to use `gcloud auth application-default login`"
         )
     try:
