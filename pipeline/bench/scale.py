@@ -286,7 +286,8 @@ def _ids(out: Path, rank: int) -> tuple[int, int]:
     tables = [pq.read_table(path, columns=["id"]) for path in shard_files(out, rank)]
     if not tables:
         return 0, 0
-    ids = pa.concat_tables(tables).column("id")
+    # large_string: 10M ids of the bench's ~200-byte prompts are over 2 GB, past string offsets.
+    ids = pa.concat_tables(tables).column("id").cast(pa.large_string())
     return len(ids), pc.count_distinct(ids).as_py()
 
 
