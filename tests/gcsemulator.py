@@ -6,9 +6,6 @@ batchgen finds it as Google's client libraries do: STORAGE_EMULATOR_HOST, no cre
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
 import subprocess
 import time
 import urllib.error
@@ -17,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from loopback import LoopbackServer, free_ports
 
 BUCKET = "batchgen-gcs-test"
 START_TIMEOUT_S = 30.0
@@ -33,18 +31,12 @@ def _binary() -> str | None:
         return None
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @dataclass
-class FakeGcs:
+class FakeGcs(LoopbackServer):
     """One fake-gcs-server process; `endpoint` is its base URL."""
 
     root: Path
-    port: int = field(default_factory=_free_port)
+    port: int = field(default_factory=lambda: free_ports(1)[0])
     proc: subprocess.Popen | None = None
 
     @property
@@ -90,22 +82,6 @@ class FakeGcs:
         )
         urllib.request.urlopen(req, timeout=5).read()
         return name
-
-    def kill(self) -> None:
-        """SIGKILL the server (no goodbye to its clients)."""
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=30)
-        self.proc = None
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=3)
-            except subprocess.TimeoutExpired:
-                self.kill()
-        self.proc = None
 
 
 @pytest.fixture(scope="session")

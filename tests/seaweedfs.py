@@ -5,10 +5,7 @@ on free ports and a temporary data folder. It can be killed and restarted mid-te
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from loopback import LoopbackServer, free_ports
 
 ADMIN = ("batchgen-admin", "batchgen-admin-secret")
 READER = ("batchgen-reader", "batchgen-reader-secret")  # may read and list, not write
@@ -30,24 +28,12 @@ def _weed() -> str | None:
     return str(local) if local.exists() else shutil.which("weed")
 
 
-def _free_ports(n: int) -> list[int]:
-    socks = []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
 @dataclass
-class SeaweedS3:
+class SeaweedS3(LoopbackServer):
     """One `weed server -s3` process; `endpoint` is its S3 URL."""
 
     root: Path
-    ports: list[int] = field(default_factory=lambda: _free_ports(11))
+    ports: list[int] = field(default_factory=lambda: free_ports(11))
     proc: subprocess.Popen | None = None
 
     @property
@@ -129,26 +115,6 @@ class SeaweedS3:
     def make_bucket(self, name: str) -> str:
         self.fs().create_dir(name)
         return name
-
-    def kill(self) -> None:
-        """SIGKILL the server (no goodbye to its clients)."""
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=30)
-        self.proc = None
-
-    def restart(self) -> None:
-        self.kill()
-        self.start()
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=3)
-            except subprocess.TimeoutExpired:
-                self.kill()
-        self.proc = None
 
 
 def _identities() -> dict:

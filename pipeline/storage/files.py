@@ -5,13 +5,13 @@ Parquet file is read by byte ranges (its footer, then row groups) and never whol
 from __future__ import annotations
 
 import glob
-import io
 import re
 from dataclasses import dataclass
 
 import pyarrow.fs as pafs
 
 from pipeline.errors import ConfigError
+from pipeline.storage.ranged import RangedFile
 from pipeline.storage.resolve import Location
 from pipeline.storage.retry import RetryPolicy, with_retries
 
@@ -104,58 +104,29 @@ def _glob_regex(pattern: str) -> re.Pattern[str]:
     return re.compile("".join(out))
 
 
-class RetryingReader(io.RawIOBase):
+class RetryingReader(RangedFile):
     """A random-access reader of one object whose reads are retried (reopening at the same
     offset) on transient errors: a store that restarts mid-read costs a pause, not the run."""
 
     def __init__(
         self, fs: pafs.FileSystem, path: str, size: int, policy: RetryPolicy | None = None
     ):
-        super().__init__()
-        self.fs, self.path, self._size = fs, path, size
+        super().__init__(size)
+        self.fs, self.path = fs, path
         self.policy = policy or RetryPolicy()
-        self._pos = 0
         self._f = None
 
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def size(self) -> int:
-        return self._size
-
-    def tell(self) -> int:
-        return self._pos
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
-        self._pos = base + offset
-        return self._pos
-
-    def read(self, n: int = -1) -> bytes:
-        n = self._size - self._pos if n is None or n < 0 else min(n, self._size - self._pos)
-        if n <= 0:
-            return b""
-
+    def _read_at(self, offset: int, n: int) -> bytes:
         def go() -> bytes:
             try:
                 if self._f is None:
                     self._f = self.fs.open_input_file(self.path)
-                return self._f.read_at(n, self._pos)
+                return self._f.read_at(n, offset)
             except Exception:
                 self._f = None  # reopen on the next try
                 raise
 
-        data = with_retries(f"reading {self.path}", go, self.policy)
-        self._pos += len(data)
-        return data
-
-    def readinto(self, buffer) -> int:
-        data = self.read(len(buffer))
-        buffer[: len(data)] = data
-        return len(data)
+        return with_retries(f"reading {self.path}", go, self.policy)
 
     def close(self) -> None:
         if self._f is not None:

@@ -33,6 +33,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from pipeline.errors import ConfigError
+from pipeline.storage.ranged import RangedFile
 
 GCS_ENDPOINT = "https://storage.googleapis.com"
 EMULATOR_ENV = "STORAGE_EMULATOR_HOST"
@@ -408,48 +409,18 @@ def _split(path: str) -> tuple[str, str]:
     return bucket, name
 
 
-class _RangedReader(io.RawIOBase):
+class _RangedReader(RangedFile):
     """A random-access object: each read is one ranged GET (a Parquet footer, a row group)."""
 
     def __init__(self, client: GcsClient, bucket: str, name: str, size: int) -> None:
-        super().__init__()
-        self.client, self.bucket, self.name, self._size = client, bucket, name, size
-        self._pos = 0
+        super().__init__(size)
+        self.client, self.bucket, self.name = client, bucket, name
 
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def size(self) -> int:
-        return self._size
-
-    def tell(self) -> int:
-        return self._pos
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
-        self._pos = base + offset
-        return self._pos
-
-    def read(self, n: int | None = -1) -> bytes:
-        n = self._size - self._pos if n is None or n < 0 else min(n, self._size - self._pos)
-        if n <= 0:
-            return b""
-        got = self.client.read(self.bucket, self.name, self._pos, n)
+    def _read_at(self, offset: int, n: int) -> bytes:
+        got = self.client.read(self.bucket, self.name, offset, n)
         if got is None:
             raise FileNotFoundError(f"gs://{self.bucket}/{self.name}")
-        self._pos += len(got[0])
         return got[0]
-
-    def readall(self) -> bytes:
-        return self.read(-1)
-
-    def readinto(self, buffer) -> int:
-        data = self.read(len(buffer))
-        buffer[: len(data)] = data
-        return len(data)
 
 
 class _Upload(io.RawIOBase):
