@@ -5,6 +5,7 @@ missing bucket, no permission to write (a real write and delete of a probe objec
 from __future__ import annotations
 
 import re
+from urllib.parse import urlsplit
 
 import pyarrow.fs as pafs
 
@@ -39,9 +40,12 @@ def preflight(spec: str | Location, write: bool = True, flag: str = "--output") 
         else:
             if store.conditional:
                 _signed_probe(store, loc, flag)
-            bucket = store._retry("checking", lambda: loc.fs.get_file_info(loc.bucket))
-            if bucket.type == pafs.FileType.NotFound:
-                raise ConfigError(_missing_bucket(loc, flag))
+            # An fsspec path that starts with '/' (ftp://host/a/b) is a server's folders, made
+            # as needed; there is no bucket to look for.
+            if loc.bucket:
+                bucket = store._retry("checking", lambda: loc.fs.get_file_info(loc.bucket))
+                if bucket.type == pafs.FileType.NotFound:
+                    raise ConfigError(_missing_bucket(loc, flag))
         # A listing needs the credentials to be accepted (HEAD answers without saying why).
         list(store.iter_objects(_probe_prefix(loc)))
         if write:
@@ -83,7 +87,8 @@ def _where(loc: Location) -> str:
         return loc.s3.endpoint or f"AWS S3 ({loc.s3.region})"
     if loc.gcs is not None:
         return loc.gcs.settings.where()
-    return f"{loc.scheme}://"
+    host = urlsplit(loc.url).netloc.rpartition("@")[2]  # never the user and password
+    return f"{loc.scheme}://{host}"
 
 
 def explain(loc: Location, exc: BaseException, flag: str, write: bool) -> str:

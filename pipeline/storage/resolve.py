@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import configparser
 import os
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pyarrow.fs as pafs
+from pyarrow.fs import FSSpecHandler
 
 from pipeline.errors import ConfigError
 from pipeline.storage import gcshttp
@@ -182,17 +184,43 @@ def _s3_location(spec: str, rest: str, s3: S3Settings) -> Location:
 def _fsspec_location(spec: str, scheme: str) -> Location:
     try:
         import fsspec
-        from pyarrow.fs import FSSpecHandler, PyFileSystem
+        from pyarrow.fs import PyFileSystem
     except ImportError as exc:
         raise ConfigError(f"{spec}: {scheme}:// needs fsspec: pip install fsspec") from exc
     try:
-        fs, path = fsspec.core.url_to_fs(spec)
+        if "::" in spec:  # a chained URL (simplecache::...): fsspec builds the chain
+            fs, path = fsspec.core.url_to_fs(spec)
+            return Location(spec, scheme, PyFileSystem(FSSpecHandler(fs)), path)
+        cls = fsspec.get_filesystem_class(scheme)
     except (ImportError, ValueError) as exc:
         raise ConfigError(
             f"{spec}: no filesystem for {scheme}:// ({exc}); batchgen reads s3://, gs:// and "
             "what an installed fsspec implementation knows"
         ) from exc
-    return Location(spec, scheme, PyFileSystem(FSSpecHandler(fs)), path)
+    options = cls._get_kwargs_from_urls(spec)
+    path = cls._strip_protocol(spec)
+    return Location(spec, scheme, PyFileSystem(FSSpecPerThread(cls, options)), path)
+
+
+class FSSpecPerThread(FSSpecHandler):
+    """pyarrow's FSSpecHandler with one fsspec filesystem per thread, made on first use.
+
+    Not every fsspec filesystem may be shared between threads (FTP's is one control
+    connection), and an output is used by several (the writer, the committer, the lease's
+    heartbeat); fsspec's own instance cache is per thread too. Made on first use, so a server
+    that is down answers inside the store's retries and the preflight, not at resolve time.
+    Listings are not cached: other processes (ranks, resumes, readers) change the folder."""
+
+    def __init__(self, cls: type, options: dict[str, Any]) -> None:
+        self._cls, self._options = cls, options
+        self._local = threading.local()
+
+    @property
+    def fs(self) -> Any:  # FSSpecHandler's methods all go through `self.fs`
+        fs = getattr(self._local, "fs", None)
+        if fs is None:
+            fs = self._local.fs = self._cls(**self._options, use_listings_cache=False)
+        return fs
 
 
 def storage_options(spec: str, env: Mapping[str, str] | None = None) -> dict[str, Any]:

@@ -50,6 +50,10 @@ class ObjectStore:
         self.policy = policy or RetryPolicy()
         self._endpoint = self.loc.s3_endpoint()
         self._gcs = self.loc.gcs
+        # Any other scheme: an fsspec filesystem behind pyarrow's handler (resolve.py).
+        handler = getattr(self.fs, "handler", None)
+        self._fsspec = handler if isinstance(handler, pafs.FSSpecHandler) else None
+        self._folders: set[str] = set()  # folders made on it by this store
 
     @property
     def conditional(self) -> bool:
@@ -61,9 +65,23 @@ class ObjectStore:
         return f"{self.loc.url.rstrip('/')}/{name}"
 
     def _parent(self, name: str) -> None:
-        """Local folders need the parent made; object stores have no folders."""
+        """Local folders need the parent made, and so do fsspec filesystems with real folders
+        (FTP, SFTP: once per folder and store); S3 and GCS have no folders."""
+        folder = self._path(name).rsplit("/", 1)[0]
         if self.loc.scheme == "file":
-            self.fs.create_dir(self._path(name).rsplit("/", 1)[0], recursive=True)
+            self.fs.create_dir(folder, recursive=True)
+        elif self._fsspec and folder not in self._folders:
+            fs = self._fsspec.fs  # pyarrow's create_dir is not idempotent on all of them
+            for attempt in range(3):  # one try per folder level another writer may race for
+                try:
+                    fs.makedirs(folder, exist_ok=True)
+                    break
+                except Exception:  # FTP's "550 File exists": another thread or rank made it
+                    if fs.isdir(folder):
+                        break
+                    if attempt == 2:
+                        raise
+            self._folders.add(folder)
 
     def _path(self, name: str) -> str:
         return self.loc.child(name)
