@@ -82,7 +82,9 @@ def run(cfg: RunConfig) -> RunResult:
             )
         # Endpoint, credentials, bucket and write permission, each refused in one line within
         # seconds, before any store call that retries for minutes (the footprint's, the lease's).
-        prepare_output_dir(out_dir)
+        # A rank that --data-parallel started (it reports on a progress fd) leaves the warning
+        # to its launcher, which gave it once for all ranks.
+        prepare_output_dir(out_dir, warn=cfg.progress_fd is None)
     check_output_path(out_dir)
     # A server is asked who it is before the output is touched: an unreachable one, or one
     # serving another model, is refused with nothing written; its answers enter the fingerprint.

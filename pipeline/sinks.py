@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import re
 import threading
@@ -33,6 +34,8 @@ from pipeline.reuse.index import write_key_index
 from pipeline.reuse.keys import KEY_BYTES
 from pipeline.storage.outpath import is_store, parquet_source
 from pipeline.storage.stateio import put_object
+
+log = logging.getLogger("batchgen")
 
 _TOKEN = pa.struct([("token_id", pa.int32()), ("token", pa.string()), ("logprob", pa.float32())])
 # One position of a completion or prompt: the token, its logprob and the top-k alternatives.
@@ -347,13 +350,18 @@ def _parsed_ok(row: ResultRow) -> bool | None:
     return structured.parsed_ok(*row.constraint, row.text, row.finish_reason)
 
 
-def prepare_output_dir(out_dir: Path) -> None:
+def prepare_output_dir(out_dir: Path, warn: bool = True) -> None:
     """Create the output folder and prove it writable before any other work (on an object
-    store: endpoint, credentials, bucket and write permission, each in one line)."""
+    store: endpoint, credentials, bucket and write permission, each in one line; with `warn`,
+    the store's one warning, which --data-parallel's launcher gives for all its ranks)."""
     if is_store(out_dir):
         from pipeline.storage.preflight import preflight
+        from pipeline.storage.stateio import check_then_write_warning
 
         preflight(out_dir.store.loc)
+        warning = check_then_write_warning(out_dir) if warn else None
+        if warning:
+            log.warning(warning)
         return
     try:
         out_dir.mkdir(parents=True, exist_ok=True)

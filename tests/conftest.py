@@ -32,12 +32,17 @@ BATCHGEN = Path(sys.executable).with_name("batchgen")
 # tests compare its speed within one test) and the Slurm cluster (two CPUs for its tasks). Under
 # `make test` (pytest-xdist, --dist loadgroup) they run one after another on one worker. The
 # object-store files share one S3 server and one GCS emulator (session fixtures, their ports
-# picked at start, restarted on the same ports by some tests), so they run one after another
-# too, as a group of their own: the
+# picked at start, restarted on the same ports by some tests), and the FTP file starts a server
+# of its own, so they run one after another too, as a group of their own: the
 # other worker takes it (xdist hands each worker one of the two largest groups first) and then
 # the rest, while the serial worker, the longer one, runs only engine and Slurm tests.
 SERIAL_MARKERS = ("engine", "slurm")
-S3_FILES = ("test_objstore_input.py", "test_objstore_output.py", "test_storage.py")
+S3_FILES = (
+    "test_fsspec_output.py",
+    "test_objstore_input.py",
+    "test_objstore_output.py",
+    "test_storage.py",
+)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -134,9 +134,10 @@ def test_other_url_schemes_are_refused_in_one_line(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     result = run_cli(*run_args(_input(tmp_path, 3), "hf://b/o", *FAKE_ENGINE), expect=2)
     assert result.output.splitlines()[-1] == (
-        "Error: --output hf://b/o: hf:// output is not supported (URL schemes batchgen can "
-        "write: s3://, s3a://, gs://); give a local folder (a mounted bucket works), or write locally "
-        "and upload the finished folder (docs/object-stores.md)"
+        "Error: --output hf://b/o: hf:// output is not supported: the Hub has no conditional "
+        "writes and makes every write and delete a commit, so batchgen cannot hold a rank's lease "
+        "or write its state there; write locally and publish the finished folder with `hf upload` "
+        "(docs/object-stores.md)"
     )
     assert sorted(os.listdir(tmp_path)) == ["in.parquet"]
 

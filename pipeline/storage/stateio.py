@@ -7,6 +7,7 @@ pipeline/sinks.py call these for a `StorePath` and keep their POSIX code for a l
   put_object(path, data)     a shard's final bytes, one PUT (multipart when large), no rename
   StoreRankLock              the rank's lease (pipeline/storage/lease.py) plus its heartbeat
   lease_holder(out, rank)    who holds a live lease, for `batchgen status` and --overwrite
+  check_then_write_warning   the run's one warning where the store has no conditional writes
 """
 
 from __future__ import annotations
@@ -49,6 +50,22 @@ def put_object(path: StorePath, data: bytes | pa.Buffer) -> None:
     """Upload a shard's final bytes under its unique name (retried whole on transient errors;
     a cut-off upload leaves no object, or an abandoned multipart upload nobody lists)."""
     path.store.write(_name(path), data)
+
+
+def check_then_write_warning(out_dir: StorePath) -> str | None:
+    """The warning a run on an fsspec filesystem (ftp://, sftp://, ...) prints once at its
+    start: the store enforces no conditions, so the lease and the job record are
+    check-then-write. None on S3 and GCS, whose conditional-write paths are their own."""
+    loc = out_dir.store.loc
+    if loc.s3 is not None or loc.gcs is not None or out_dir.store.conditional:
+        return None
+    return (
+        f"--output {loc.url}: {loc.scheme}:// has no conditional writes, so the rank's lease "
+        "and the job record are check-then-write (two writers starting on one rank at the same "
+        "instant could both pass); each shard is still written once under a unique name and "
+        "counted only through its rank's state, so committed rows stay exactly once with one "
+        "writer per rank"
+    )
 
 
 class StoreRankLock:
