@@ -17,6 +17,18 @@ import pytest
 from loopback import LoopbackServer, free_ports
 
 START_TIMEOUT_S = 30.0
+# pyftpdlib, anonymous with write access (its `python -m pyftpdlib -w`), and an idle timeout.
+_SERVE = """
+import sys
+from pyftpdlib.authorizers import DummyAuthorizer
+from pyftpdlib.handlers import FTPHandler
+from pyftpdlib.servers import FTPServer
+port, root, idle = int(sys.argv[1]), sys.argv[2], float(sys.argv[3])
+users = DummyAuthorizer()
+users.add_anonymous(root, perm="elradfmwMT")
+FTPHandler.authorizer, FTPHandler.timeout = users, idle
+FTPServer(("127.0.0.1", port), FTPHandler).serve_forever()
+"""
 
 
 @dataclass
@@ -24,6 +36,7 @@ class FtpServer(LoopbackServer):
     """One pyftpdlib process; `url` is its root as an ftp:// URL."""
 
     root: Path
+    idle_timeout_s: float = 300.0  # the server closes a control connection idle this long
     port: int = field(default_factory=lambda: free_ports(1)[0])
     proc: subprocess.Popen | None = None
 
@@ -37,7 +50,7 @@ class FtpServer(LoopbackServer):
         )
         data = self.root / "data"
         data.mkdir(exist_ok=True)
-        cmd = [sys.executable, "-m", "pyftpdlib", "-i", "127.0.0.1", "-p", str(self.port), "-w", "-d", str(data)]  # fmt: skip
+        cmd = [sys.executable, "-c", _SERVE, str(self.port), str(data), str(self.idle_timeout_s)]
         log = open(self.root / "ftp.log", "ab")  # noqa: SIM115 - the child keeps it open
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, start_new_session=True)
         log.close()

@@ -11,10 +11,11 @@ import threading
 import time
 
 from conftest import FAKE_ENGINE, run_args, run_cli
-from ftpserver import ftp
+from ftpserver import FtpServer, ftp
 from hooks import PAUSE_ENV, STEP_ENV
 from test_objstore_output import _exactly_once, _hooked, _input, _kill, _objects, _wait_for
 
+from pipeline.storage import resolve
 from pipeline.storage.store import ObjectStore
 
 __all__ = ["ftp"]
@@ -142,3 +143,20 @@ def test_data_parallel_ranks_write_one_prefix_and_the_launcher_warns_once(ftp, t
     ], result.output
     assert "rank-00001/" in " ".join(_objects(url))
     _exactly_once(url, 30)
+
+
+def test_a_dropped_connection_is_made_anew_not_read_as_an_empty_prefix(tmp_path, monkeypatch):
+    """fsspec's FTP client answers a listing on a connection the server closed ('421 Control
+    connection timed out') as 'no such folder': a thread's filesystem idle past FSSPEC_IDLE_S
+    (here 0.5 s, the server's idle timeout 1 s) is made anew before its next call."""
+    monkeypatch.setattr(resolve, "FSSPEC_IDLE_S", 0.5)
+    server = FtpServer(tmp_path, idle_timeout_s=1.0)
+    server.start()
+    try:
+        store = ObjectStore(server.fresh_prefix())
+        store.write(".batchgen/leases/rank-00000.json", b"held")
+        time.sleep(1.5)  # the server has closed the connection by now
+        assert [o.name for o in store.iter_objects()] == [".batchgen/leases/rank-00000.json"]
+        assert store.read(".batchgen/leases/rank-00000.json") == b"held"
+    finally:
+        server.stop()

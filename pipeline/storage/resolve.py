@@ -9,11 +9,13 @@ from __future__ import annotations
 import configparser
 import os
 import threading
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 from pyarrow.fs import FSSpecHandler
 
@@ -202,13 +204,21 @@ def _fsspec_location(spec: str, scheme: str) -> Location:
     return Location(spec, scheme, PyFileSystem(FSSpecPerThread(cls, options)), path)
 
 
+# A thread's fsspec filesystem unused for this long is made anew before its next call: servers
+# close idle connections (FTP servers typically after minutes), and fsspec's FTP client answers
+# a listing on a connection the server closed as "no such folder", which would read as an
+# absent lease or an empty prefix.
+FSSPEC_IDLE_S = 30.0
+
+
 class FSSpecPerThread(FSSpecHandler):
     """pyarrow's FSSpecHandler with one fsspec filesystem per thread, made on first use.
 
     Not every fsspec filesystem may be shared between threads (FTP's is one control
     connection), and an output is used by several (the writer, the committer, the lease's
-    heartbeat); fsspec's own instance cache is per thread too. Made on first use, so a server
-    that is down answers inside the store's retries and the preflight, not at resolve time.
+    heartbeat). Made on first use, so a server that is down answers inside the store's retries
+    and the preflight, not at resolve time; made anew after a failure (`reset`) or an idle spell
+    (FSSPEC_IDLE_S), outside fsspec's instance cache, which would hand back the dead one.
     Listings are not cached: other processes (ranks, resumes, readers) change the folder."""
 
     def __init__(self, cls: type, options: dict[str, Any]) -> None:
@@ -217,10 +227,45 @@ class FSSpecPerThread(FSSpecHandler):
 
     @property
     def fs(self) -> Any:  # FSSpecHandler's methods all go through `self.fs`
+        now = time.monotonic()
         fs = getattr(self._local, "fs", None)
-        if fs is None:
-            fs = self._local.fs = self._cls(**self._options, use_listings_cache=False)
+        if fs is None or now - self._local.used > FSSPEC_IDLE_S:
+            fs = self._local.fs = self._cls(
+                **self._options, use_listings_cache=False, skip_instance_cache=True
+            )
+        self._local.used = now
         return fs
+
+    def reset(self) -> None:
+        """Drop this thread's filesystem after a failure: its connection may be dead (an FTP
+        server closes one idle for minutes), and the next call makes a new one."""
+        self._local.fs = None
+
+    # pyarrow's handler asks fsspec's `isfile`/`isdir` first, which answer False for any error:
+    # a dropped connection would read as "no such object" (an absent lease, an empty prefix).
+    # These raise instead, so the store's retries see the failure.
+
+    def open_input_stream(self, path: str) -> pa.NativeFile:
+        return pa.PythonFile(self.fs.open(path, mode="rb"), mode="r")
+
+    def open_input_file(self, path: str) -> pa.NativeFile:
+        return pa.PythonFile(self.fs.open(path, mode="rb"), mode="r")
+
+    def get_file_info_selector(self, selector: pafs.FileSelector) -> list[pafs.FileInfo]:
+        try:
+            info = self.fs.info(selector.base_dir)
+        except FileNotFoundError:
+            if selector.allow_not_found:
+                return []
+            raise
+        if info["type"] != "directory":
+            raise NotADirectoryError(selector.base_dir)
+        depth = None if selector.recursive else 1
+        found = self.fs.find(
+            selector.base_dir, maxdepth=depth, withdirs=True, detail=True, on_error="raise"
+        )
+        base = selector.base_dir.strip("/")
+        return [self._create_file_info(p, i) for p, i in found.items() if p.strip("/") != base]
 
 
 def storage_options(spec: str, env: Mapping[str, str] | None = None) -> dict[str, Any]:

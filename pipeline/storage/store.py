@@ -7,6 +7,7 @@ Every call is retried on transient errors (pipeline/storage/retry.py).
 from __future__ import annotations
 
 import contextlib
+import ftplib
 import hashlib
 import os
 import socket
@@ -87,7 +88,27 @@ class ObjectStore:
         return self.loc.child(name)
 
     def _retry(self, what: str, fn):
+        if self._fsspec is not None:
+            fn = self._reconnecting(fn)
         return with_retries(f"{what} {self.loc.url.rstrip('/')}/", fn, self.policy)
+
+    def _reconnecting(self, fn):
+        """`fn` on an fsspec filesystem, whose connection is made anew after any failure; a
+        connection the server dropped (FTP's 4xx replies such as '421 Control connection timed
+        out', or EOF) is then retried like a reset one."""
+        handler = self._fsspec
+
+        def go():
+            try:
+                return fn()
+            except Exception as exc:
+                if hasattr(handler, "reset"):
+                    handler.reset()
+                if isinstance(exc, ftplib.error_temp | EOFError):
+                    raise ConnectionResetError(f"{type(exc).__name__}: {exc}") from exc
+                raise
+
+        return go
 
     def put_new(self, name: str, data: bytes) -> str:
         """Write `data` as `name`, which must not exist (ObjectExists otherwise); its ETag."""
