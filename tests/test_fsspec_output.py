@@ -1,7 +1,7 @@
 """`--output ftp://...`: an fsspec filesystem with no conditional writes (fsspec's built-in
 FTPFileSystem against a real pyftpdlib server on loopback, tests/ftpserver.py). The run warns
 once that the lease and the job record are check-then-write; every reader works on the URL; a
-SIGKILL mid-run then a resume, and a second writer, behave as on s3://; each case ends by
+SIGKILL mid-run then a resume, and a second writer, behave as on s3://; each run ends by
 reading every shard file back from the server: every id exactly once."""
 
 from __future__ import annotations
