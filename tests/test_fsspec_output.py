@@ -12,8 +12,16 @@ import time
 
 from conftest import FAKE_ENGINE, run_args, run_cli
 from ftpserver import FtpServer, ftp
-from hooks import PAUSE_ENV, STEP_ENV
-from test_objstore_output import _exactly_once, _hooked, _input, _kill, _objects, _wait_for
+from hooks import PAUSE_ENV
+from test_objstore_output import (
+    _exactly_once,
+    _hooked,
+    _input,
+    _kill,
+    _objects,
+    _wait_for,
+    first_writer,
+)
 
 from pipeline.storage import resolve
 from pipeline.storage.store import ObjectStore
@@ -87,17 +95,8 @@ def test_sigkill_after_an_upload_then_resume_every_id_once(ftp, tmp_path):
 def test_a_second_writer_is_refused_while_the_first_is_alive(ftp, tmp_path):
     url = ftp.fresh_prefix()
     args = run_args(_input(tmp_path, 1000), url, *FAKE_ENGINE, "--rows-per-shard", "50")
-    first = _hooked(args, **{STEP_ENV: "0.2"})
-    try:
-        deadline = time.monotonic() + 120
-        while not any(n.endswith(".parquet") for n in _objects(url)):
-            assert time.monotonic() < deadline and first.poll() is None
-            time.sleep(0.2)
-        line = run_cli(*args, expect=1).output.splitlines()[-1]
-        assert line.startswith(f"Error: {url}/.batchgen/leases/rank-00000.json is held by pid ")
-        assert f"pid {first.pid} on " in line
-    finally:
-        _kill(first)
+    with first_writer(args, url, "0.2"):
+        pass  # the second writer was refused, naming the first
     run_cli(*args)
     _exactly_once(url, 1000)
 

@@ -211,26 +211,34 @@ def test_a_storm_of_sigkills_then_every_id_once(s3, tmp_path):
     assert status["all"]["prompts"] == 400 and status["all"]["rows"] == 400
 
 
-def test_a_second_writer_is_refused_while_the_lease_is_alive(store, tmp_path):
-    url = store.fresh_prefix()
-    args = run_args(_input(tmp_path, 300), url, *FAKE_ENGINE, "--rows-per-shard", "10")
-    first = _hooked(args, **{STEP_ENV: "0.05"})
+@contextlib.contextmanager
+def first_writer(args: list[str], url: str, step_seconds: str):
+    """A slowed run of `args` holding the lease of `url`'s rank 0 (its first shard is up), then
+    killed; and the last line of a second writer's run, refused meanwhile."""
+    first = _hooked(args, **{STEP_ENV: step_seconds})
     try:
         deadline = time.monotonic() + 120
         while not any(n.endswith(".parquet") for n in _objects(url)):
             assert time.monotonic() < deadline and first.poll() is None
             time.sleep(0.2)
-        second = run_cli(*args, expect=1)
-        line = second.output.splitlines()[-1]
+        line = run_cli(*args, expect=1).output.splitlines()[-1]
         assert line.startswith(f"Error: {url}/.batchgen/leases/rank-00000.json is held by pid ")
-        assert f"pid {first.pid} on " in line and line.endswith(
+        assert f"pid {first.pid} on " in line
+        yield line
+    finally:
+        _kill(first)
+
+
+def test_a_second_writer_is_refused_while_the_lease_is_alive(store, tmp_path):
+    url = store.fresh_prefix()
+    args = run_args(_input(tmp_path, 300), url, *FAKE_ENGINE, "--rows-per-shard", "10")
+    with first_writer(args, url, "0.05") as line:
+        assert line.endswith(
             "only one writer per rank may run: stop it (the lease is free as soon as its "
             "process is gone)"
         )
         status = json.loads(run_cli("status", url, "--json", expect=3).output)
         assert status["ranks"][0]["state"] == "running"
-    finally:
-        _kill(first)
     run_cli(*args)  # its process gone, the lease is free on this host at once
     _exactly_once(url, 300)
 
