@@ -20,6 +20,7 @@ from test_objstore_output import (
     _kill,
     _objects,
     _wait_for,
+    finished_45_read_on_the_url,
     first_writer,
 )
 
@@ -52,11 +53,7 @@ def test_a_run_to_ftp_warns_once_and_every_reader_reads_the_url(ftp, tmp_path):
     assert not [n for n in names if "lease" in n]  # released at the end
     _exactly_once(url, 45)
 
-    status = json.loads(run_cli("status", url, "--json").output)
-    assert status["ranks"][0]["state"] == "finished" and status["all"]["prompts"] == 45
-    assert "in.parquet:44" in run_cli("show", url, "--limit", "50").output
-    run_cli("report", url, "--html", tmp_path / "r.html")
-    assert (tmp_path / "r.html").stat().st_size > 1000
+    finished_45_read_on_the_url(url, tmp_path)
     ObjectStore(url).delete("README.md")
     assert run_cli("card", url).output.strip() == f"{url}/README.md"
     assert "45 rows from 45 prompts" in ObjectStore(url).read("README.md").decode()

@@ -61,6 +61,15 @@ def _exactly_once(url: str, n: int) -> None:
     assert len(ids) == len(set(ids))
 
 
+def finished_45_read_on_the_url(url: str, tmp_path) -> None:
+    """status, show and report on the URL of a finished 45-prompt run of rank 0."""
+    status = json.loads(run_cli("status", url, "--json").output)
+    assert status["ranks"][0]["state"] == "finished" and status["all"]["prompts"] == 45
+    assert "in.parquet:44" in run_cli("show", url, "--limit", "50").output
+    run_cli("report", url, "--html", tmp_path / "r.html")
+    assert (tmp_path / "r.html").stat().st_size > 1000
+
+
 def test_a_run_to_the_bucket_and_every_reader_on_the_url(store, tmp_path, monkeypatch):
     url = store.fresh_prefix()
     src = _input(tmp_path, 45)
@@ -81,11 +90,7 @@ def test_a_run_to_the_bucket_and_every_reader_on_the_url(store, tmp_path, monkey
     assert not (tmp_path / f"{store.scheme}:").exists() and not os.path.exists(f"{store.scheme}:")
     _exactly_once(url, 45)
 
-    status = json.loads(run_cli("status", url, "--json").output)
-    assert status["ranks"][0]["state"] == "finished" and status["all"]["prompts"] == 45
-    assert "in.parquet:44" in run_cli("show", url, "--limit", "50").output
-    run_cli("report", url, "--html", tmp_path / "r.html")
-    assert (tmp_path / "r.html").stat().st_size > 1000
+    finished_45_read_on_the_url(url, tmp_path)
     card = StorePath.of(url) / "README.md"
     assert "data_files:" in card.read_text() and "45 rows from 45 prompts" in card.read_text()
     card.unlink()
