@@ -4,6 +4,7 @@ exits 75 (rerun to resume) instead of spinning forever."""
 
 from __future__ import annotations
 
+import ftplib
 import logging
 import random
 import re
@@ -53,8 +54,10 @@ class RetryPolicy:
 
 
 def is_transient(exc: BaseException) -> bool:
-    """Whether an error is worth retrying (the store may answer next time)."""
-    if isinstance(exc, (TimeoutError, ConnectionError)):
+    """Whether an error is worth retrying (the store may answer next time). FTP's 4xx replies
+    (e.g. '421 Control connection timed out') and a connection closed under a reply (EOF) are
+    the FTP filesystem's resets."""
+    if isinstance(exc, (TimeoutError, ConnectionError, ftplib.error_temp, EOFError)):
         return True
     return isinstance(exc, OSError) and bool(_TRANSIENT.search(str(exc)))
 

@@ -7,7 +7,6 @@ Every call is retried on transient errors (pipeline/storage/retry.py).
 from __future__ import annotations
 
 import contextlib
-import ftplib
 import hashlib
 import os
 import socket
@@ -93,19 +92,16 @@ class ObjectStore:
         return with_retries(f"{what} {self.loc.url.rstrip('/')}/", fn, self.policy)
 
     def _reconnecting(self, fn):
-        """`fn` on an fsspec filesystem, whose connection is made anew after any failure; a
-        connection the server dropped (FTP's 4xx replies such as '421 Control connection timed
-        out', or EOF) is then retried like a reset one."""
+        """`fn` on an fsspec filesystem, whose connection is made anew after any failure (the
+        retry then runs on a fresh one; which failures it retries: retry.is_transient)."""
         handler = self._fsspec
 
         def go():
             try:
                 return fn()
-            except Exception as exc:
+            except Exception:
                 if hasattr(handler, "reset"):
                     handler.reset()
-                if isinstance(exc, ftplib.error_temp | EOFError):
-                    raise ConnectionResetError(f"{type(exc).__name__}: {exc}") from exc
                 raise
 
         return go
