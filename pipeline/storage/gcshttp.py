@@ -307,7 +307,8 @@ class GcsClient:
             f"{json.dumps({'name': name})}\r\n--{boundary}\r\n"
             "Content-Type: application/octet-stream\r\n\r\n"
         ).encode()
-        body = b"".join((head, bytes(data), f"\r\n--{boundary}--\r\n".encode()))
+        # join takes any buffer (bytes, memoryview, pa.Buffer): the shard is copied once, here
+        body = b"".join((head, data, f"\r\n--{boundary}--\r\n".encode()))
         url = f"/upload/storage/v1/b/{_q(bucket)}/o?uploadType=multipart&" + _query(query)
         return self._request(
             "POST", url, body, {"Content-Type": f"multipart/related; boundary={boundary}"}
