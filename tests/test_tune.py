@@ -713,6 +713,21 @@ def test_replicas_are_a_run_flag_not_an_engine_arg() -> None:
     assert toml == '# h\n\nparquet = "p"\nmax-num-seqs = 512\nreplicas-per-gpu = 2\n'
 
 
+def test_verify_runs_a_replicas_winner_with_its_replicas() -> None:
+    """--verify's winner side runs as many engines as the winning trial had replicas (a run
+    flag that apply_settings leaves out of the engine config), the baseline one."""
+    from pipeline.tune.verify import verify_sides
+
+    engine = EngineConfig(engine_args=(("max_num_batched_tokens", 8192),))
+    baseline, winner = verify_sides(engine, {"replicas_per_gpu": 3, "max_num_seqs": 512})
+    assert (baseline.replicas, baseline.engine) == (1, engine)
+    assert winner.replicas == 3
+    assert winner.engine == EngineConfig(
+        max_num_seqs=512, engine_args=(("max_num_batched_tokens", 8192),)
+    )
+    assert verify_sides(engine, {})[1].replicas == 1
+
+
 def test_a_replica_trial_deals_the_sample_out_and_answers_every_row(tmp_path: Path) -> None:
     """Two replicas (worker processes, fake engine): every sample row answered once, with the
     texts one engine gives, timed over the configured passes."""

@@ -11,12 +11,17 @@ import logging
 import statistics
 import tempfile
 import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipeline.bench.stats import spread, spread_text
+from pipeline.config import EngineConfig
 from pipeline.tune.space import apply_settings
 from pipeline.tune.tuner import TuneConfig, Tuned
+
+if TYPE_CHECKING:
+    from pipeline.bench.warm import Side
 
 log = logging.getLogger("batchgen")
 
@@ -25,18 +30,13 @@ PREDICTS_WITHIN = 0.10  # a trial within 10% of its whole run's figure predicts 
 
 def verify_tune(cfg: TuneConfig, tuned: Tuned) -> dict[str, Any]:
     """Run the whole job as baseline and winner, alternating; the report's `verify` part."""
-    from pipeline.bench.warm import Side, WarmSides, alternate, place_sides
+    from pipeline.bench.warm import WarmSides, alternate, place_sides
     from pipeline.engines import close_engines
 
     close_engines()  # the last trial's engine: the workers need the memory
     model = tuned.described["model"]
     winner = tuned.result.winner
-    engine = cfg.run.engine
-    sides = [
-        Side("baseline", "batchgen", engine),
-        Side("winner", "batchgen", apply_settings(engine, winner.settings)),
-    ]
-    sides, share = place_sides(sides, model)
+    sides, share = place_sides(verify_sides(cfg.run.engine, winner.settings), model)
     names = [s.name for s in sides]
     run_cfg = dataclasses.replace(cfg.run, progress_seconds=3600.0)
     started = time.monotonic()
@@ -51,6 +51,22 @@ def verify_tune(cfg: TuneConfig, tuned: Tuned) -> dict[str, Any]:
         cold = {n: warm.run_pass(n, "cold").seconds for n in names}
         rounds = alternate(warm, names, cfg.verify_rounds, 0, started)
     return verify_report(tuned, rounds, cold, share)
+
+
+def verify_sides(engine: EngineConfig, winner: Mapping[str, Any]) -> list[Side]:
+    """The two sides of --verify: the job's engine, and the winner's settings on it, with as
+    many engines per GPU as the winner has replicas (a run flag, not an engine setting)."""
+    from pipeline.bench.warm import Side
+
+    return [
+        Side("baseline", "batchgen", engine),
+        Side(
+            "winner",
+            "batchgen",
+            apply_settings(engine, winner),
+            replicas=int(winner.get("replicas_per_gpu", 1)),
+        ),
+    ]
 
 
 def verify_report(

@@ -2,7 +2,8 @@
 # One GPU session of issue #27 on a lent H200, run in the background on the host:
 #   install vLLM (the wheel parts already copied to $STAGE) -> the bundled model from its GGUF
 #   (two parts, joined when $STAGE/gguf.done appears) -> the measurements, each writing JSON to
-#   $RESULTS (polled and fetched by short device calls).
+#   $RESULTS (polled and fetched by short device calls): (c) a tune with --verify when TUNE_ARGS is
+#   set, then (a) a bench (skipped when $RESULTS/skip-a exists), then (b) when B_ARGS is set.
 # usage: INSTALL=.gpu/install.sh bash session.sh WORK_DIR   (WORK_DIR holds pipeline/)
 # A shape-only model instead of the bundled one (no GGUF step): MODEL=/root/models/llama-8b-shape
 #   EXTRA="--engine-arg load_format=dummy ..." EOS= A_ARGS="--raw-defaults --engine-arg quantization=fp8"
@@ -50,6 +51,26 @@ stamp "model ready"
 nvidia-smi > "$RESULTS/nvidia-smi.txt" 2>&1
 nproc >> "$RESULTS/nvidia-smi.txt"
 
+# (c), run first when set: `batchgen tune` on the same job as a Parquet file (the bench's prompts, its seed), then
+# `--verify`: the whole job with the baseline's and the winner's settings, alternating, so each
+# trial's figure is checked against a whole run's. TUNE_ARGS holds the tune's own flags.
+if [ -n "${TUNE_ARGS:-}" ] && [ ! -f "$RESULTS/skip-c" ]; then
+  mkdir -p /tmp/tune
+  $PY - "$PROMPTS" 16 512 "$MINTOK" "$MAXTOK" <<'PYEOF'
+import sys
+from pathlib import Path
+from pipeline.bench.workload import make_prompts, write_prompt_file
+count, lo, hi, mintok, maxtok = map(int, sys.argv[1:])
+texts, budgets = make_prompts(count, lo, hi, mintok, maxtok)
+write_prompt_file(Path("/tmp/tune/prompts.parquet"), texts, budgets)
+PYEOF
+  read -r -a tune_args <<< "$TUNE_ARGS"
+  $PY -m pipeline tune --parquet /tmp/tune/prompts.parquet --prompt-column prompt --chat \
+    --max-tokens "$MAXTOK" --max-tokens-column max_tokens --temperature 0 -o /tmp/tune/out \
+    ${MODEL:+--model "$MODEL"} "${tune_args[@]}" --json > "$RESULTS/h200-tune.json" 2> "$RESULTS/tune.log"
+  stamp "tune done rc=$?"
+fi
+
 # (a) by default the greedy chat job that mostly stops at EOS: raw vLLM defaults, batchgen defaults, and
 # batchgen with more replicas on the GPU ($REPLICAS); warm engines, rounds rotating the order.
 # EXTRA is split on spaces on purpose: it holds several flags.
@@ -57,10 +78,12 @@ read -r -a extra <<< "$EXTRA"
 read -r -a a_args <<< "$A_ARGS"
 read -r -a b_args <<< "$B_ARGS"
 COMMON=(--prompts "$PROMPTS" --min-tokens "$MINTOK" --max-tokens "$MAXTOK" --rounds "$ROUNDS" ${EOS:+--stop-at-eos} ${MODEL:+--model "$MODEL"} "${extra[@]}")
-$PY -m pipeline bench "${COMMON[@]}" "${a_args[@]}" --budget-seconds "$BUDGET_A" \
-  --work-dir /tmp/bench-a --json > "$RESULTS/h200-a.json" 2> "$RESULTS/a.log"
-stamp "a done rc=$?"
-cp /tmp/bench-a/engine-*.log "$RESULTS/" 2>/dev/null
+if [ ! -f "$RESULTS/skip-a" ]; then
+  $PY -m pipeline bench "${COMMON[@]}" "${a_args[@]}" --budget-seconds "$BUDGET_A" \
+    --work-dir /tmp/bench-a --json > "$RESULTS/h200-a.json" 2> "$RESULTS/a.log"
+  stamp "a done rc=$?"
+  cp /tmp/bench-a/engine-*.log "$RESULTS/" 2>/dev/null
+fi
 
 # (b) a second bench (its flags B_ARGS, after the common ones, so they win; e.g. where replicas
 # stop scaling: B_REPLICAS=3,4), optionally under NVIDIA MPS (one GPU context shared by every
