@@ -5,7 +5,10 @@ that repeats, naming the id. Past that, each id's 128-bit hash and position are 
 of SPILL_BUCKETS files by hash (a hash-partitioned on-disk check): ids are hashed HASH_CHUNK at
 a time (their strings are not kept longer) and the 24-byte records written once SPILL_BUFFER of
 them are held (6 MB); when the input ends each file is loaded alone and sorted, so memory is
-one bucket: rows / 256 x 24 bytes (1.9 MB at 20M rows in one rank). A repeat found there is
+one bucket: rows / 256 x 24 bytes (1.9 MB at 20M rows in one rank). A bucket over BUCKET_BYTES
+(past ~90M rows in one rank) is first split by its hashes' next byte, streamed SPILL_BUFFER
+records at a time, and each part checked the same way, so the check's memory stays flat at any
+size (a billion rows: about 4 GB of buckets, each split in 256, ~0.4 MB a part). A repeat found there is
 refused at the end of the rank's input, naming both rows; rows committed before are kept
 (resume is by position, so they are still exactly once). Positions may come in any order: a
 resume adds the rows it does first and its committed rows' ids last (pipeline/stages.py). Two different ids share a 128-bit hash with odds below 10^-20 at 10^9 rows.
@@ -23,6 +26,8 @@ from pipeline.errors import BatchgenError
 IN_MEMORY_IDS = 100_000
 SPILL_BUCKETS = 256
 SPILL_BUFFER = 1 << 18  # hashed records held before a spill (6 MB)
+BUCKET_BYTES = 1 << 23  # a spill file loaded whole to be checked (8 MB); larger ones are split
+SPLIT_PARTS = 256  # the parts of a split bucket: one per value of a byte of the hash
 HASH_CHUNK = 1 << 14  # id strings held before they are hashed (~2 MB of short ids)
 _KEYS = ("batchgen-ids-one", "batchgen-ids-two")  # pandas' siphash takes 16-byte keys
 
@@ -72,21 +77,38 @@ class UniqueIds:
         """Check the spilled ids (the input has ended); raises on a repeat."""
         if self._dir is None:
             return
-        import numpy as np
 
         try:
             self._flush()
             for path in sorted(self._dir.iterdir()):
-                rec = np.fromfile(path, dtype=_record())
-                order = np.lexsort((rec["pos"], rec["h2"], rec["h1"]))
-                rec = rec[order]
-                same = (rec["h1"][1:] == rec["h1"][:-1]) & (rec["h2"][1:] == rec["h2"][:-1])
-                if same.any():
-                    i = int(np.argmax(same))
-                    a, b = int(rec["pos"][i]), int(rec["pos"][i + 1])
-                    raise self._repeat(f"one id in rows {a:,} and {b:,} of this rank's input")
+                self._check(path, 1)
         finally:
             self.close()
+
+    def _check(self, path: Path, level: int) -> None:
+        """Refuse a repeat among one spill file's ids: loaded whole and sorted, or, over
+        BUCKET_BYTES, split first by the next byte of their first hash (a repeat's two records
+        share every byte, so they land in one part) and each part checked alike."""
+        import numpy as np
+
+        if path.stat().st_size > BUCKET_BYTES and level < 8:
+            parts = path.parent / f"{path.name}.{level}"
+            parts.mkdir()
+            with open(path, "rb") as f:
+                while len(rec := np.fromfile(f, dtype=_record(), count=SPILL_BUFFER)):
+                    _append_buckets(rec, parts, 8 * level, SPLIT_PARTS)
+            path.unlink()  # the disk holds the ids once, not twice, while the parts are checked
+            for part in sorted(parts.iterdir()):
+                self._check(part, level + 1)
+            return
+        rec = np.fromfile(path, dtype=_record())
+        order = np.lexsort((rec["pos"], rec["h2"], rec["h1"]))
+        rec = rec[order]
+        same = (rec["h1"][1:] == rec["h1"][:-1]) & (rec["h2"][1:] == rec["h2"][:-1])
+        if same.any():
+            i = int(np.argmax(same))
+            a, b = int(rec["pos"][i]), int(rec["pos"][i + 1])
+            raise self._repeat(f"one id in rows {a:,} and {b:,} of this rank's input")
 
     def close(self) -> None:
         if self._dir is not None:
@@ -141,16 +163,25 @@ class UniqueIds:
             return
         rec = np.concatenate(self._records)
         self._records, self._held = [], 0
-        bucket = rec["h1"] % SPILL_BUCKETS
-        order = np.argsort(bucket, kind="stable")
-        rec, bucket = rec[order], bucket[order]
-        bounds = np.searchsorted(bucket, np.arange(SPILL_BUCKETS + 1))
         assert self._dir is not None
-        for b in range(SPILL_BUCKETS):
-            lo, hi = bounds[b], bounds[b + 1]
-            if lo < hi:
-                with open(self._dir / f"{b:03d}.bin", "ab") as f:
-                    rec[lo:hi].tofile(f)
+        _append_buckets(rec, self._dir, 0, SPILL_BUCKETS)
+
+
+def _append_buckets(rec: Any, folder: Path, shift: int, buckets: int) -> None:
+    """Append each record to the file of its bucket in `folder`: its first hash shifted right
+    by `shift` bits, modulo `buckets` (the spill's buckets: the low byte; the parts of a split
+    bucket: the next bytes)."""
+    import numpy as np
+
+    bucket = (rec["h1"] >> np.uint64(shift)) % np.uint64(buckets)
+    order = np.argsort(bucket, kind="stable")
+    rec, bucket = rec[order], bucket[order]
+    bounds = np.searchsorted(bucket, np.arange(buckets + 1))
+    for b in range(buckets):
+        lo, hi = bounds[b], bounds[b + 1]
+        if lo < hi:
+            with open(folder / f"{b:03d}.bin", "ab") as f:
+                rec[lo:hi].tofile(f)
 
 
 def _record() -> Any:

@@ -106,6 +106,43 @@ def test_the_in_memory_ids_move_to_the_spill_a_chunk_at_a_time(monkeypatch):
         check.finish()
 
 
+def test_a_bucket_over_its_size_is_split_so_the_final_check_stays_small(monkeypatch):
+    """At a billion ids in one rank each of the 256 buckets is ~94 MB: a bucket over BUCKET_BYTES
+    is split by its hashes' next byte (streamed) before it is loaded. Here one bucket holds every
+    id (7.2 MB of records) against a 64 KB limit: the check's numpy memory stays under 2 MB
+    (loaded whole it was 7.2 MB, three times that sorting), a repeat across the parts' levels
+    is still found, naming both rows, and the spill is removed."""
+    import tracemalloc
+
+    monkeypatch.setattr(idcheck, "SPILL_BUCKETS", 1)  # level 0: every id in one bucket
+    monkeypatch.setattr(idcheck, "BUCKET_BYTES", 1 << 16)
+    monkeypatch.setattr(idcheck, "SPILL_BUFFER", 1 << 12)
+    monkeypatch.setattr(idcheck, "HASH_CHUNK", 1 << 12)
+
+    def fill(check: UniqueIds, repeat_at: int | None) -> None:
+        for first in range(0, 300_000, 10_000):
+            ids = [f"id-{i}" for i in range(first, first + 10_000)]
+            if repeat_at is not None and first <= repeat_at < first + 10_000:
+                ids[repeat_at - first] = "id-123456"
+            check.add(ids, first)
+
+    check = UniqueIds("key", in_memory=1000)
+    fill(check, None)
+    folder = check._dir
+    tracemalloc.start()
+    try:
+        check.finish()
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 2_000_000, peak  # loaded whole: 16.8 MB
+    assert folder is not None and not folder.exists()
+    check = UniqueIds("key", in_memory=1000)
+    fill(check, 299_999)
+    with pytest.raises(BatchgenError, match="one id in rows 123,456 and 299,999 of"):
+        check.finish()
+
+
 def test_an_output_of_an_earlier_batchgen_is_refused_naming_its_version(tmp_path):
     """A flat folder (OUT/part-*.parquet, OUT/.batchgen/rank-00000.json) of resume format 2."""
     src = write_prompts(tmp_path / "in.parquet", [f"row {i}" for i in range(20)])
