@@ -87,12 +87,13 @@ __all__ = [
 
 
 def recorded_ranks(out_dir: Path) -> dict[int, int]:
-    """{rank: the rank count its manifest records} for every rank with a manifest in `out_dir`."""
+    """{rank: the rank count its manifest records} for every rank with a manifest in `out_dir`,
+    from each rank's summary (two small files, not its shard list)."""
     found = {}
     for rank in state_ranks(out_dir):
-        manifest = Manifest.load(out_dir, rank)
-        if manifest is not None:
-            found[manifest.rank] = manifest.num_ranks
+        summary = RankSummary.load(out_dir, rank)
+        if summary is not None:
+            found[summary.rank] = summary.num_ranks
     return found
 
 

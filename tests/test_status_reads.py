@@ -283,3 +283,27 @@ def test_a_head_the_disk_had_no_room_for_fails_nothing_and_status_reads_the_gene
     assert state_files(opened_by_status(out)) == [".batchgen/rank-00000/manifest-00000001.json"]
     summary = RankSummary.load(out, 0)
     assert (summary.status, summary.totals.shards) == ("finished", 5)
+
+
+def test_the_launchers_rank_layout_check_reads_each_ranks_two_small_files(tmp_path: Path) -> None:
+    """`--data-parallel`'s check for another rank layout in OUT (`recorded_ranks`) reads each
+    rank's summary, not its shard list: per rank the head and the newest commit record."""
+    from pipeline.checkpoint import recorded_ranks
+
+    global _OPENED
+    out = tmp_path / "out"
+    for rank in (0, 1):
+        run = RankRun(out, rank)
+        run.commit(30)
+        run.crash()
+    _OPENED = []
+    try:
+        assert recorded_ranks(out) == {0: 2, 1: 2}
+        opened = [str(Path(p).relative_to(out)) for p in _OPENED]
+    finally:
+        _OPENED = None
+    assert state_files(opened) == [
+        f".batchgen/rank-{r:05d}/{name}"
+        for r in (0, 1)
+        for name in ("head-00000000.json", "commit-000029.json")
+    ]
