@@ -713,6 +713,26 @@ def test_replicas_are_a_run_flag_not_an_engine_arg() -> None:
     assert toml == '# h\n\nparquet = "p"\nmax-num-seqs = 512\nreplicas-per-gpu = 2\n'
 
 
+def test_a_budget_stop_says_what_budget_fits_the_rest_and_why_the_first_start_was_long() -> None:
+    """The report of a GPU tune (H100, docs/bench) that the budget stopped after its baseline,
+    whose trial took 356 s with a 214 s first engine start: the line names the budget that
+    fits the setting not tried (370 + 356 s, rounded up to a minute) and the compile cost of
+    a host's first start."""
+    report = json.loads(
+        (Path(__file__).parents[1] / "docs/bench/h100-smollm2-4096-tune-verify-5-rounds.json")
+        .read_text()
+    )
+    text = format_tune(report)
+    assert (
+        "\nstopped by --budget-seconds 600 after 370 s; the settings listed as not tried were "
+        "not measured\n  each trial took up to 356 s here (its engine start 214 s): "
+        "--budget-seconds 780 would fit the 1 not tried\n  an engine's first start on a host "
+        "compiles the model;"
+    ) in text
+    report["machine"]["gpu"] = None
+    assert "first start on a host" not in format_tune(report)
+
+
 def test_verify_runs_a_replicas_winner_with_its_replicas() -> None:
     """--verify's winner side runs as many engines as the winning trial had replicas (a run
     flag that apply_settings leaves out of the engine config), the baseline one."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import statistics
 from collections.abc import Mapping
 from pathlib import Path
@@ -13,7 +14,7 @@ from typing import Any
 
 from pipeline import __version__
 from pipeline.bench.machine import OTHER_CPU_WARN, machine_info
-from pipeline.tune.search import Trial, settings_label, settings_text
+from pipeline.tune.search import BUDGET, Trial, settings_label, settings_text
 from pipeline.tune.space import FIELD_FLAGS, KNOBS, RUN_FLAGS
 from pipeline.tune.tuner import TuneConfig, Tuned
 from pipeline.tune.verify import format_verify
@@ -136,10 +137,7 @@ def format_tune(report: dict[str, Any]) -> str:
         )
     lines.append(_outputs_line(report))
     if report["budget_stopped"]:
-        lines.append(
-            f"stopped by --budget-seconds {report['budget_seconds']:g} after "
-            f"{report['tune_seconds']:.0f} s; the settings listed as not tried were not measured"
-        )
+        lines += _budget_lines(report)
     other = report.get("other_cpu_max")
     if other is not None and other > OTHER_CPU_WARN:
         lines.append(
@@ -165,6 +163,30 @@ def _trial_line(t: dict[str, Any]) -> str:
     return (
         f"{t['trial']:>4}{mark}  {what:<34}{tok:>10}{spread:>8}{gain:>7}{start:>9}  {t['verdict']}"
     )
+
+
+def _budget_lines(report: dict[str, Any]) -> list[str]:
+    """Where the budget stopped the search: what it cost, and the budget that fits the rest
+    (each untried setting at the longest trial's length, a bound: a trial can stop early)."""
+    lines = [
+        f"stopped by --budget-seconds {report['budget_seconds']:g} after "
+        f"{report['tune_seconds']:.0f} s; the settings listed as not tried were not measured"
+    ]
+    untried = sum(item["why"] == BUDGET for item in report["not_tried"])
+    longest = max(report["trials"], key=lambda t: t["seconds"])
+    need = report["tune_seconds"] + untried * longest["seconds"]
+    start = longest.get("engine_start_s")
+    lines.append(
+        f"  each trial took up to {longest['seconds']:.0f} s here"
+        + (f" (its engine start {start:.0f} s)" if start is not None else "")
+        + f": --budget-seconds {math.ceil(need / 60) * 60:,} would fit the {untried} not tried"
+    )
+    if report["machine"]["gpu"] and longest["trial"] == 0:
+        lines.append(
+            "  an engine's first start on a host compiles the model; later starts reuse vLLM's "
+            "compile cache (~30-90 s), so a second tune here fits more in the same budget"
+        )
+    return lines
 
 
 def _not_tried_lines(report: dict[str, Any]) -> list[str]:
