@@ -698,6 +698,9 @@ def test_verify_runs_the_whole_job_as_baseline_and_winner_and_scores_the_trials(
     text = format_tune(report)
     assert "\nverify: the whole job, 2 alternating round(s) on warm engines\n" in text
     assert "winner / baseline on the whole job: " in text
+    same = report["winner"]["trial"] == 0
+    assert v["same_settings"] is same
+    assert ("both sides ran the same settings" in text) is same
 
 
 def test_replicas_are_a_run_flag_not_an_engine_arg() -> None:
@@ -719,8 +722,9 @@ def test_a_budget_stop_says_what_budget_fits_the_rest_and_why_the_first_start_wa
     fits the setting not tried (370 + 356 s, rounded up to a minute) and the compile cost of
     a host's first start."""
     report = json.loads(
-        (Path(__file__).parents[1] / "docs/bench/h100-smollm2-4096-tune-verify-5-rounds.json")
-        .read_text()
+        (
+            Path(__file__).parents[1] / "docs/bench/h100-smollm2-4096-tune-verify-5-rounds.json"
+        ).read_text()
     )
     text = format_tune(report)
     assert (
@@ -731,6 +735,14 @@ def test_a_budget_stop_says_what_budget_fits_the_rest_and_why_the_first_start_wa
     ) in text
     report["machine"]["gpu"] = None
     assert "first start on a host" not in format_tune(report)
+    report["verify"]["same_settings"] = (
+        True  # (the report predates the key; its winner was trial 0)
+    )
+    assert text.count("both sides ran the same settings") == 0
+    assert (
+        "\n  (the winner is the baseline: both sides ran the same settings, so this spread is "
+        "the noise of the measurement here)" in format_tune(report)
+    )
 
 
 def test_verify_runs_a_replicas_winner_with_its_replicas() -> None:

@@ -90,7 +90,14 @@ def verify_report(
             "output_tokens_median": statistics.median(r[name].output_tokens for r in rounds),
         }
     ratio = spread([r["winner"].output_tok_s / r["baseline"].output_tok_s for r in rounds])
-    return {"rounds": len(rounds), "sides": sides, "ratio": ratio, "memory_per_engine": share}
+    same = tuned.result.winner is tuned.result.baseline  # an A/A test: the noise of the rounds
+    return {
+        "rounds": len(rounds),
+        "sides": sides,
+        "ratio": ratio,
+        "same_settings": same,
+        "memory_per_engine": share,
+    }
 
 
 def format_verify(v: dict[str, Any]) -> list[str]:
@@ -111,4 +118,9 @@ def format_verify(v: dict[str, Any]) -> list[str]:
             f"{run['max']:,.1f}); its trial {predicted}"
         )
     lines.append(f"  winner / baseline on the whole job: {spread_text(v['ratio'])}")
+    if v.get("same_settings"):
+        lines.append(
+            "  (the winner is the baseline: both sides ran the same settings, so this spread is "
+            "the noise of the measurement here)"
+        )
     return lines
