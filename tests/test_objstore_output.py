@@ -272,17 +272,21 @@ def test_the_lease_on_the_store_one_holder_renewal_and_takeover(store):
     while the first renews; once it stops renewing, the second takes over and the first's next
     renewal finds its lease lost."""
     store = ObjectStore(store.fresh_prefix())
-    first = Lease(store, lease_name(3), ttl_s=1.5)
-    second = Lease(store, lease_name(3), ttl_s=1.5)
+    # 4 s to live (1.5 s flaked under a loaded test run): each refusal comes 2 s or more
+    # before the lease it meets would end, and the second refusal comes after the first
+    # acquisition's expiry, so only the renewal can have kept the lease.
+    first = Lease(store, lease_name(3), ttl_s=4.0)
+    second = Lease(store, lease_name(3), ttl_s=4.0)
     second.holder = "pid 1 on elsewhere (x)"
     first.acquire()
     with pytest.raises(LeaseHeld, match="is held by pid .* only one writer per rank"):
         second.acquire()
-    time.sleep(1.0)
+    time.sleep(2.5)
     first.renew()
+    time.sleep(2.0)
     with pytest.raises(LeaseHeld):
         second.acquire()
-    time.sleep(1.7)
+    time.sleep(2.5)
     second.acquire()
     with pytest.raises(LeaseLost, match="now held by pid 1 on elsewhere"):
         first.renew()

@@ -216,10 +216,12 @@ def test_a_second_writer_is_refused_while_the_first_is_alive(store):
 
 def test_a_dead_holders_lease_is_taken_over_after_expiry(store):
     store = ObjectStore(store.fresh_prefix() + "/out")
-    dead = Lease(store, lease_name(0), ttl_s=1.0).acquire()  # never renews again
+    # A time to live of 4 s: the refusal below must come before it ends, and under a loaded
+    # test run a round trip to the store took over a second (1 s flaked).
+    dead = Lease(store, lease_name(0), ttl_s=4.0).acquire()  # never renews again
     with pytest.raises(LeaseHeld):
-        Lease(store, lease_name(0), ttl_s=1.0).acquire()
-    time.sleep(1.2)
+        Lease(store, lease_name(0), ttl_s=4.0).acquire()
+    time.sleep(4.2)
     heir = Lease(store, lease_name(0), ttl_s=30).acquire()
     assert LeaseRecord.parse(store.read(lease_name(0))).holder == heir.holder
     with pytest.raises(LeaseLost, match="presumed dead"):
