@@ -77,7 +77,6 @@ class UniqueIds:
         """Check the spilled ids (the input has ended); raises on a repeat."""
         if self._dir is None:
             return
-
         try:
             self._flush()
             for path in sorted(self._dir.iterdir()):

@@ -276,6 +276,7 @@ def _kill_and_resume(argv: list[str], out: Path, rank: int, rows_per_rank: int) 
 
 
 IDS_PER_BUCKET = 250_000  # ids counted at once by `_ids` (~50 MB of the bench's prompt ids)
+MAX_BUCKETS = 512  # stream files `_ids` holds open at once: under the usual 1,024 open files
 
 
 def _ids(out: Path, rank: int) -> tuple[int, int]:
@@ -292,7 +293,8 @@ def _ids(out: Path, rank: int) -> tuple[int, int]:
 
     paths = shard_files(out, rank)
     rows = sum(pq.ParquetFile(path).metadata.num_rows for path in paths)
-    buckets = max(1, -(-rows // IDS_PER_BUCKET))
+    # (past 128M ids in one rank the buckets grow instead: ~2M ids, ~400 MB, at 1B)
+    buckets = min(max(1, -(-rows // IDS_PER_BUCKET)), MAX_BUCKETS)
     schema = pa.schema([("id", pa.large_string())])
     with tempfile.TemporaryDirectory(prefix="batchgen-scale-ids-") as tmp:
         writers = [pa.ipc.new_stream(Path(tmp) / f"{b}.arrow", schema) for b in range(buckets)]

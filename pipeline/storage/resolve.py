@@ -248,8 +248,7 @@ class FSSpecPerThread(FSSpecHandler):
     def open_input_stream(self, path: str) -> pa.NativeFile:
         return pa.PythonFile(self.fs.open(path, mode="rb"), mode="r")
 
-    def open_input_file(self, path: str) -> pa.NativeFile:
-        return pa.PythonFile(self.fs.open(path, mode="rb"), mode="r")
+    open_input_file = open_input_stream  # fsspec's files seek: one opening serves both
 
     def get_file_info_selector(self, selector: pafs.FileSelector) -> list[pafs.FileInfo]:
         try:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from pipeline.bench.stats import spread, spread_text
 from pipeline.config import EngineConfig
-from pipeline.tune.space import apply_settings
+from pipeline.tune.space import RUN_DEFAULTS, apply_settings
 from pipeline.tune.tuner import TuneConfig, Tuned
 
 if TYPE_CHECKING:
@@ -64,7 +64,7 @@ def verify_sides(engine: EngineConfig, winner: Mapping[str, Any]) -> list[Side]:
             "winner",
             "batchgen",
             apply_settings(engine, winner),
-            replicas=int(winner.get("replicas_per_gpu", 1)),
+            replicas=int(winner.get("replicas_per_gpu", RUN_DEFAULTS["replicas_per_gpu"])),
         ),
     ]
 
