@@ -45,6 +45,11 @@ S3_FILES = (
 )
 
 
+# tryfirst: pytest-xdist's worker reads the groups in a hook of its own (it appends the group to
+# each test's id, which is what --dist loadgroup deals out by), and a plugin registered after
+# this file runs first; without tryfirst the groups were added after it had looked, so the
+# engine and Slurm tests were spread over both workers, beside each other.
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         if any(item.get_closest_marker(m) for m in SERIAL_MARKERS):

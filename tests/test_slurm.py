@@ -110,11 +110,40 @@ def sbatch(*args: str | Path, cwd: Path, env: dict[str, str]) -> str:
     return job
 
 
-def wait_until(check: Callable[[], bool], timeout: float, what: str) -> None:
+def wait_until(
+    check: Callable[[], bool],
+    timeout: float,
+    what: str,
+    explain: Callable[[], str] = lambda: "",
+) -> None:
     deadline = time.monotonic() + timeout
     while not check():
-        assert time.monotonic() < deadline, f"timed out after {timeout:.0f}s waiting for {what}"
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}\n{explain()}")
         time.sleep(0.2)
+
+
+def job_story(job_id: str, log: Path) -> str:
+    """What a timed-out wait on a job shows: the task's log, Slurm's view of the job and the
+    controller's lines about it."""
+    shown = subprocess.run(
+        ["scontrol", "show", "job", job_id], capture_output=True, text=True, timeout=30
+    ).stdout
+    ctld = Path("/var/log/slurm/slurmctld.log")
+    ctld_lines = (
+        [line for line in ctld.read_text(errors="replace").splitlines() if job_id in line]
+        if ctld.exists()
+        else []
+    )
+    procs = subprocess.run(
+        ["ps", "-eo", "pid,pgid,stat,etimes,args"], capture_output=True, text=True
+    ).stdout
+    return (
+        f"--- {log.name} (tail)\n{log.read_text()[-4000:] if log.exists() else '(none)'}\n"
+        f"--- scontrol show job {job_id}\n{shown}\n"
+        f"--- slurmctld.log lines naming {job_id}\n" + "\n".join(ctld_lines[-40:]) + "\n"
+        f"--- processes\n{procs[-6000:]}"
+    )
 
 
 def job_gone(job_id: str) -> bool:
@@ -365,21 +394,33 @@ def test_usr1_requeues_in_a_row_on_the_real_engine_never_drain_the_node(
     def shard_count() -> int:
         return len(list(out.glob("rank-*/part-00000-*.parquet")))
 
+    def story() -> str:
+        return f"node states seen: {sorted(seen_states)}\n{job_story(job, log)}"
+
     try:
         for restart in range(REQUEUES):
             started = f"task {job}_0 restart {restart} on "
-            wait_until(watch(lambda s=started: log.exists() and s in log.read_text()), 300, started)
+            wait_until(
+                watch(lambda s=started: log.exists() and s in log.read_text()),
+                300,
+                started,
+                story,
+            )
             before = shard_count()
             wait_until(
-                watch(lambda n=before: shard_count() > n), 300, f"a shard of restart {restart}"
+                watch(lambda n=before: shard_count() > n),
+                300,
+                f"a shard of restart {restart}",
+                story,
             )
             subprocess.run(["scancel", "--signal=USR1", "--batch", f"{job}_0"], check=True)
             wait_until(
                 watch(lambda r=restart: f"task {job}_0 restart {r + 1} on " in log.read_text()),
                 300,
                 f"restart {restart + 1}",
+                story,
             )
-        wait_until(watch(lambda: job_gone(job)), 600, f"job {job} to end")
+        wait_until(watch(lambda: job_gone(job)), 600, f"job {job} to end", story)
     finally:
         if any("drain" in s for s in seen_states | set(node_states().split())):
             # Leave the cluster usable for the next tests, then fail below.
