@@ -58,14 +58,16 @@ def run_report(
     return report
 
 
-def log_summary(report: dict[str, Any], out_dir: Path) -> None:
-    """The run's last two log lines: what this run did, and what the folder holds."""
+def log_summary(report: dict[str, Any], out_dir: Path, headline: str | None = None) -> None:
+    """The run's last two log lines: what this run did, and what the folder holds. The first
+    starts with the run's status, or with `headline` (a run that stopped at its --limit is
+    "interrupted" in the manifest, for the rerun that does the rest, but was not interrupted)."""
     this, committed = report["this_run"], report["committed"]
     reasons = ", ".join(f"{k} {v:,}" for k, v in this["finish_reasons"].items()) or "none"
     log.info(
         "%s: %s prompts this run (%s rows, %s errors) | %s prompt + %s output tokens | "
         "generate %s, engine start %s, wall %s | %s output tok/s | finish reasons: %s",
-        report["status"],
+        headline or report["status"],
         f"{this['prompts']:,}",
         f"{this['rows']:,}",
         f"{this['errors']:,}",

@@ -172,11 +172,15 @@ def _run_locked(
     report["this_run"]["reuse"] = reuse_report(reuse, dedup, progress.prompts, requests)
     if failure is not None:
         report["error"] = str(failure)  # for `batchgen status`
-    log_summary(report, cfg.output_dir)
+    at_limit = failure is None and limited and feeder.exhausted
+    at_limit = at_limit and not flags.interrupted and not stopped_early
+    log_summary(
+        report, cfg.output_dir, f"stopped at --limit {cfg.source.limit:,}" if at_limit else None
+    )
     _record_status(cfg, checkpoint, status, report, failure)
     if failure is not None:
         raise failure
-    if limited and feeder.exhausted and not flags.interrupted and not stopped_early:
+    if at_limit:
         log.info(
             "--limit %s: done; rerun without --limit (or with a larger one) to do the rest",
             f"{cfg.source.limit:,}",

@@ -149,6 +149,9 @@ def test_limit_then_the_rest_exactly_once(tmp_path):
     args = run_args(SAMPLE, out, *FAKE_ENGINE)
     result = run_cli(*args, "--limit", "10")
     assert "--limit 10: done" in result.output
+    # Not "interrupted": nothing stopped it (the manifest's status is, for the rerun).
+    assert "stopped at --limit 10: 10 prompts this run" in result.output
+    assert "interrupted" not in result.output
     assert read_output_ids(out) == [f"prompts.parquet:{i}" for i in range(10)]
     plan = run_cli("plan", *args[1:], "--limit", "20")
     assert "10" in plan.output
