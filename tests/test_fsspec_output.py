@@ -92,7 +92,7 @@ def test_sigkill_after_an_upload_then_resume_every_id_once(ftp, tmp_path):
 def test_a_second_writer_is_refused_while_the_first_is_alive(ftp, tmp_path):
     url = ftp.fresh_prefix()
     args = run_args(_input(tmp_path, 1000), url, *FAKE_ENGINE, "--rows-per-shard", "50")
-    with first_writer(args, url, "0.2"):
+    with first_writer(args):
         pass  # the second writer was refused, naming the first
     run_cli(*args)
     _exactly_once(url, 1000)

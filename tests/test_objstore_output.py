@@ -217,16 +217,16 @@ def test_a_storm_of_sigkills_then_every_id_once(s3, tmp_path):
 
 
 @contextlib.contextmanager
-def first_writer(args: list[str], url: str, step_seconds: str):
-    """A slowed run of `args` holding the lease of `url`'s rank 0 (its first shard is up), then
-    killed; and the last line of a second writer's run, refused meanwhile."""
-    first = _hooked(args, **{STEP_ENV: step_seconds})
+def first_writer(args: list[str]):
+    """A run of `args` paused after its first shard's commit, holding the lease of its rank 0
+    (its heartbeat thread runs on), then killed; and the last line of a second writer's run,
+    refused meanwhile. (A slowed run instead once finished its 300 rows before a second writer
+    on a loaded machine got to the lease.)"""
+    first = _hooked(args, **{PAUSE_ENV: "after_rename:1"})
     try:
-        deadline = time.monotonic() + 120
-        while not any(n.endswith(".parquet") for n in _objects(url)):
-            assert time.monotonic() < deadline and first.poll() is None
-            time.sleep(0.2)
+        _wait_for(first, f"{PAUSE_ENV} after_rename")
         line = run_cli(*args, expect=1).output.splitlines()[-1]
+        url = args[args.index("--output") + 1]
         assert line.startswith(f"Error: {url}/.batchgen/leases/rank-00000.json is held by pid ")
         assert f"pid {first.pid} on " in line
         yield line
@@ -237,7 +237,7 @@ def first_writer(args: list[str], url: str, step_seconds: str):
 def test_a_second_writer_is_refused_while_the_lease_is_alive(store, tmp_path):
     url = store.fresh_prefix()
     args = run_args(_input(tmp_path, 300), url, *FAKE_ENGINE, "--rows-per-shard", "10")
-    with first_writer(args, url, "0.05") as line:
+    with first_writer(args) as line:
         assert line.endswith(
             "only one writer per rank may run: stop it (the lease is free as soon as its "
             "process is gone)"
