@@ -5,15 +5,30 @@ one tune on the real engine. Speed is never asserted: the search is fed its timi
 from __future__ import annotations
 
 import json
+import os
 import random
+import signal
 import statistics
+import subprocess
+import time
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import FAKE_ENGINE, REAL_ENGINE, SAMPLE, read_output, run_args, run_cli, write_prompts
+from conftest import (
+    BATCHGEN,
+    FAKE_ENGINE,
+    HOOKED_BATCHGEN,
+    REAL_ENGINE,
+    SAMPLE,
+    read_output,
+    run_args,
+    run_cli,
+    write_prompts,
+)
+from hooks import STEP_ENV
 
 from pipeline.config import EngineConfig
 from pipeline.errors import BatchgenError, ConfigError
@@ -701,6 +716,72 @@ def test_verify_runs_the_whole_job_as_baseline_and_winner_and_scores_the_trials(
     same = report["winner"]["trial"] == 0
     assert v["same_settings"] is same
     assert ("both sides ran the same settings" in text) is same
+
+
+def test_a_stop_during_verify_prints_the_search_and_leaves_no_worker() -> None:
+    """SIGTERM to a tune in its --verify rounds (as `timeout` or a scheduler sends it): the
+    search's result is printed with a line saying the verify was stopped, it exits 75, and its
+    warm worker processes are gone (one was left running with its engine, 20 minutes on, when
+    the tune process itself died of the signal)."""
+    args = run_args(SAMPLE, "x", *FAKE_ENGINE, "--max-tokens", "8")[1:-2]
+    proc = subprocess.Popen(
+        [str(BATCHGEN), "tune", *args, "--repeats", "1", "--try", "max_num_seqs=4",
+         "--verify", "500"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        seen = []
+        assert proc.stderr is not None
+        while not any("round 1/500" in line for line in seen):
+            assert time.monotonic() < deadline and proc.poll() is None, "".join(seen)
+            seen.append(proc.stderr.readline())
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+        err = "".join(seen) + err
+        assert proc.returncode == 75, err
+        assert "SIGTERM received during --verify: stopped it" in err
+        assert "Traceback" not in err
+        assert "\nwinner: " in out
+        assert "verify: stopped by SIGTERM before its rounds ended" in out
+        deadline = time.monotonic() + 30  # the workers, stopped mid-pass, exit on their own
+        while _group_alive(proc.pid):
+            assert time.monotonic() < deadline, "a worker of the tune outlived it"
+            time.sleep(0.2)
+    finally:
+        if _group_alive(proc.pid):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_a_stop_during_the_search_exits_75_in_one_line() -> None:
+    """SIGTERM while a trial runs (fake engine steps slowed by the tests' hook): one line saying
+    the search was stopped and nothing was written, exit 75, no traceback."""
+    args = run_args(SAMPLE, "x", *FAKE_ENGINE, "--max-tokens", "8")[1:-2]
+    proc = subprocess.Popen(
+        [str(HOOKED_BATCHGEN), "tune", *args, "--try", "max_num_seqs=4"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        env={**os.environ, STEP_ENV: "0.5"},
+    )  # fmt: skip
+    try:
+        assert proc.stderr is not None
+        first = proc.stderr.readline()
+        assert "trial 0: the job's settings" in first, first
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 75, first + err
+        assert "SIGTERM received during the search: stopped; nothing written" in err
+        assert "Traceback" not in err and out == ""
+    finally:
+        if _group_alive(proc.pid):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def test_replicas_are_a_run_flag_not_an_engine_arg() -> None:

@@ -22,6 +22,7 @@ import logging
 import multiprocessing
 import os
 import shutil
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -99,9 +100,11 @@ class _Worker:
         child.close()
         self.start_seconds: float | None = None
         self.tunables: dict[str, Any] = {}
+        self.busy = True  # starting its engine, or running a pass: not reading its pipe
 
     def ask(self, *message: Any) -> None:
         self.conn.send(message)
+        self.busy = message[0] == "pass"
 
     def answer(self, timeout: float) -> tuple:
         if not self.conn.poll(timeout):
@@ -111,6 +114,7 @@ class _Worker:
             )
         try:
             reply = self.conn.recv()
+            self.busy = False
         except EOFError:
             raise BatchgenError(
                 f"bench worker {self.proc.name} died (exit {self.proc.exitcode}); its engine "
@@ -196,11 +200,17 @@ class WarmSides:
         )
 
     def close(self) -> None:
+        """Every worker told to close; one still busy (this process was stopped mid-pass, or
+        mid-start) gets SIGTERM, which its run takes as a stop: it finishes its running requests
+        (up to --drain-seconds), or its start unwinds, and it exits."""
         for workers in self.workers.values():
             for w in workers:
-                if w.proc.is_alive():
-                    with contextlib.suppress(BrokenPipeError, OSError):
-                        w.ask("close")
+                if not w.proc.is_alive():
+                    continue
+                if w.busy:
+                    w.proc.terminate()
+                with contextlib.suppress(BrokenPipeError, OSError):
+                    w.ask("close")
         for workers in self.workers.values():
             for w in workers:
                 w.proc.join(timeout=60)
@@ -292,6 +302,10 @@ def _worker_main(
     """A worker: start the engine, then answer ("pass", tag) until ("close",)."""
     os.environ.update(env)  # before vLLM or torch loads: CUDA_VISIBLE_DEVICES, KV cache share
     os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
+    # A terminal's Ctrl-C reaches this process too (the parent's process group): the parent
+    # decides, and stops a busy worker with SIGTERM (WarmSides.close). A pass's run sets its own
+    # handlers while it runs.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         started = time.monotonic()
         job, engine, rows = _start(kind, cfg, out.parent / f"engine-{out.name}.log", sample)

@@ -6,6 +6,11 @@ are TuneConfig's fields, pipeline/config/tune.py).
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import signal
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,11 +38,45 @@ Examples:
   batchgen tune --parquet data/prompts.parquet --prompt-column prompt --chat --max-tokens 64 \\
       --dtype float32 --try max_num_seqs=16 --try max_num_seqs=32 --json
 \b
-Exit codes: 0 done (also when nothing beat the baseline), 1 failed, 2 bad usage.
+Exit codes: 0 done (also when nothing beat the baseline), 1 failed, 2 bad usage,
+75 stopped by a signal (SIGTERM, SIGINT, SIGUSR1; during --verify the search's result is
+still printed).
 """
 
 # Options of the command, not of the job: --write-config does not write them.
 _COMMAND_ONLY = ("write_config", "as_json", "verbose")
+EXIT_STOPPED = 75
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+log = logging.getLogger("batchgen")
+
+
+class _Stopped(BaseException):
+    """A stop signal, raised where this process waits (for a trial's engine, a verify pass). A
+    BaseException, so that no `except Exception` on the way takes it for a failure."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.name = signal.Signals(signum).name
+
+
+@contextlib.contextmanager
+def _stop_raises() -> Iterator[None]:
+    """The first stop signal raises _Stopped; later ones are ignored while the tune closes its
+    engines and workers. A tune has nothing to resume: its results are only what it prints."""
+    raised = False
+
+    def handler(signum: int, _frame: Any) -> None:
+        nonlocal raised
+        if not raised:
+            raised = True
+            raise _Stopped(signum)
+
+    previous = {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 @click.command(epilog=TUNE_EXAMPLES)
@@ -74,11 +113,24 @@ def tune(ctx: click.Context, **kw: Any) -> None:
 
     cfg = build(TuneConfig, kw, run=run_config(kw))
     emit = reserve_stdout() if kw["as_json"] else click.echo
-    with click_errors():
-        tuned = tunemod.run_tune(cfg)
+    with click_errors(), _stop_raises():
+        try:
+            tuned = tunemod.run_tune(cfg)
+        except _Stopped as stop:
+            _closed_after(stop)
+            log.warning("%s received during the search: stopped; nothing written (a tune "
+                        "keeps no state: rerun it)", stop.name)  # fmt: skip
+            sys.exit(EXIT_STOPPED)
         report = tunemod.tune_report(cfg, tuned)
         if cfg.verify_rounds:
-            report["verify"] = tunemod.verify_tune(cfg, tuned)
+            try:
+                report["verify"] = tunemod.verify_tune(cfg, tuned)
+            except _Stopped as stop:
+                _closed_after(stop)
+                log.warning("%s received during --verify: stopped it; the search's result "
+                            "follows, without the verify", stop.name)  # fmt: skip
+                report["verify"] = None
+                report["verify_stopped"] = stop.name
     report["config_written"] = None
     if kw["write_config"]:
         path = Path(kw["write_config"])
@@ -92,3 +144,13 @@ def tune(ctx: click.Context, **kw: Any) -> None:
             ) from exc
         report["config_written"] = str(path)
     emit(to_json(report) if kw["as_json"] else tunemod.format_tune(report))
+    if report.get("verify_stopped"):
+        sys.exit(EXIT_STOPPED)
+
+
+def _closed_after(stop: _Stopped) -> None:
+    """The in-process engine a trial left (verify's workers close with their context)."""
+    from pipeline.engines import close_engines
+
+    log.warning("%s received: closing the engines", stop.name)
+    close_engines()

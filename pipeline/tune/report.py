@@ -146,6 +146,11 @@ def format_tune(report: dict[str, Any]) -> str:
         )
     if report.get("verify"):
         lines += format_verify(report["verify"])
+    elif report.get("verify_stopped"):
+        lines.append(
+            f"verify: stopped by {report['verify_stopped']} before its rounds ended; the "
+            "search's result above stands (rerun the tune with --verify to check it)"
+        )
     written = report.get("config_written")
     if written:
         lines.append(f"config: {written} (run it with: batchgen run --config {written})")
