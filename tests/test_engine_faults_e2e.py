@@ -32,15 +32,22 @@ pytestmark = pytest.mark.engine
 
 
 def engine_core(root_pid: int, timeout: float = 60) -> psutil.Process:
-    """vLLM's engine-core process under `root_pid`."""
+    """vLLM's running engine-core process under `root_pid`: the newest that is not a zombie.
+    (An engine an earlier test in this process killed can stay a zombie until reaped; the
+    SIGSTOP case once stopped such a zombie, which changed nothing, and failed.)"""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        found = []
         for proc in psutil.Process(root_pid).children(recursive=True):
             try:
-                if proc.name().startswith("VLLM::EngineCor"):
-                    return proc
+                if proc.name().startswith("VLLM::EngineCor") and (
+                    proc.status() != psutil.STATUS_ZOMBIE
+                ):
+                    found.append((proc.create_time(), proc))
             except psutil.NoSuchProcess:
                 continue
+        if found:
+            return max(found, key=lambda f: f[0])[1]
         time.sleep(0.2)
     raise AssertionError(f"no VLLM::EngineCore under pid {root_pid}")
 
