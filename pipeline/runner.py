@@ -172,8 +172,7 @@ def _run_locked(
     report["this_run"]["reuse"] = reuse_report(reuse, dedup, progress.prompts, requests)
     if failure is not None:
         report["error"] = str(failure)  # for `batchgen status`
-    at_limit = failure is None and limited and feeder.exhausted
-    at_limit = at_limit and not flags.interrupted and not stopped_early
+    at_limit = not (failure or flags.interrupted or stopped_early) and limited and feeder.exhausted
     log_summary(
         report, cfg.output_dir, f"stopped at --limit {cfg.source.limit:,}" if at_limit else None
     )

@@ -27,6 +27,8 @@ from pipeline.cli.common import (
 from pipeline.cli.flags import build, config_option, declared, group_options, run_config
 from pipeline.cli.run import data_parallel_option, verbose_option
 from pipeline.config.tune import TuneConfig
+from pipeline.errors import EXIT_INTERRUPTED
+from pipeline.launch import STOP_SIGNALS
 
 TUNE_EXAMPLES = """\b
 Examples:
@@ -45,8 +47,6 @@ still printed).
 
 # Options of the command, not of the job: --write-config does not write them.
 _COMMAND_ONLY = ("write_config", "as_json", "verbose")
-EXIT_STOPPED = 75
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 log = logging.getLogger("batchgen")
 
 
@@ -55,8 +55,8 @@ class _Stopped(BaseException):
     BaseException, so that no `except Exception` on the way takes it for a failure."""
 
     def __init__(self, signum: int) -> None:
-        super().__init__(signal.Signals(signum).name)
         self.name = signal.Signals(signum).name
+        super().__init__(self.name)
 
 
 @contextlib.contextmanager
@@ -120,7 +120,7 @@ def tune(ctx: click.Context, **kw: Any) -> None:
             _closed_after(stop)
             log.warning("%s received during the search: stopped; nothing written (a tune "
                         "keeps no state: rerun it)", stop.name)  # fmt: skip
-            sys.exit(EXIT_STOPPED)
+            sys.exit(EXIT_INTERRUPTED)
         report = tunemod.tune_report(cfg, tuned)
         if cfg.verify_rounds:
             try:
@@ -145,7 +145,7 @@ def tune(ctx: click.Context, **kw: Any) -> None:
         report["config_written"] = str(path)
     emit(to_json(report) if kw["as_json"] else tunemod.format_tune(report))
     if report.get("verify_stopped"):
-        sys.exit(EXIT_STOPPED)
+        sys.exit(EXIT_INTERRUPTED)
 
 
 def _closed_after(stop: _Stopped) -> None:
