@@ -24,7 +24,9 @@ import os
 import shutil
 import signal
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -152,8 +154,9 @@ class WarmSides:
         order = [(s, r) for s in self.sides.values() for r in range(s.replicas)]
         pending: list[_Worker] = []
         for i, (side, rank) in enumerate(order):
-            worker = _Worker(side, rank, self.run_cfg, self.work)
-            self.workers.setdefault(side.name, []).append(worker)
+            with _stops_held():  # a stop raised mid-spawn would orphan a half-started child
+                worker = _Worker(side, rank, self.run_cfg, self.work)
+                self.workers.setdefault(side.name, []).append(worker)
             pending.append(worker)
             if i == 0 or not self.parallel:
                 self._ready(pending)
@@ -218,6 +221,29 @@ class WarmSides:
                     w.proc.kill()
                     w.proc.join(timeout=10)
         self.workers.clear()
+
+
+@contextlib.contextmanager
+def _stops_held() -> Iterator[None]:
+    """Stop signals wait while a worker is spawned and registered, then go to whatever handles
+    them: raised inside multiprocessing's spawn, a stop closes the new child's pipe before its
+    start-up data is written (it dies with a traceback on the terminal), or leaves a worker
+    `close` never sees. (A signal mask would not do: any of the process's threads, pyarrow's
+    among them, may take the signal.)"""
+    from pipeline.launch import STOP_SIGNALS
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+    previous = {sig: signal.signal(sig, lambda n, _f: pending.append(n)) for sig in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+        if pending:
+            signal.raise_signal(pending[0])
 
 
 def place_sides(sides: list[Side], model: str) -> tuple[list[Side], dict[str, Any]]:

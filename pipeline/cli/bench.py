@@ -6,16 +6,21 @@ configs' (pipeline/config/bench.py), one dataclass per kind of bench.
 
 from __future__ import annotations
 
+import logging
+import sys
 from typing import Any
 
 import click
 
 from pipeline.cli.common import (
+    Stopped,
     click_errors,
+    close_engines_after,
     given_options,
     logs_to_stderr,
     long_flag,
     setup_logging,
+    stop_raises,
 )
 from pipeline.cli.flags import build, declared, engine_config, group_options, server_config
 from pipeline.config.bench import (
@@ -26,6 +31,9 @@ from pipeline.config.bench import (
     ReuseLookupConfig,
     ScaleBenchConfig,
 )
+from pipeline.errors import EXIT_INTERRUPTED
+
+log = logging.getLogger("batchgen")
 
 BENCH_EXAMPLES = """\b
 Examples:
@@ -99,9 +107,23 @@ def bench(ctx: click.Context, **kw: Any) -> None:
                 engine=engine_config(kw, backend="vllm", server=None),
                 server=server_config(kw),
             )
-            report = benchmod.run_throughput(cfg)
+            report = _throughput(benchmod, cfg)
             text = benchmod.format_report(report)
     emit(benchmod.to_json(report) if kw["as_json"] else text)
+
+
+def _throughput(benchmod: Any, cfg: BenchConfig) -> dict[str, Any]:
+    """The throughput bench; a stop signal ends it in one line, exit 75: its engines closed
+    (the warm sides' workers as their context unwinds: a busy one gets SIGTERM), no figures
+    (a bench keeps no state: rerun it)."""
+    with stop_raises():
+        try:
+            return benchmod.run_throughput(cfg)
+        except Stopped as stop:
+            close_engines_after(stop)
+            log.warning("bench: stopped by %s; no figures (a bench keeps no state: rerun it)",
+                        stop.name)  # fmt: skip
+            sys.exit(EXIT_INTERRUPTED)
 
 
 def _check_flags(ctx: click.Context, kw: dict[str, Any], memory: MemoryBenchConfig) -> None:

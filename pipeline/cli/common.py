@@ -1,11 +1,13 @@
-"""What every command shares: logging set-up, library errors as click errors, and the options
-a user gave (for the ranks --data-parallel starts and the config `tune` writes)."""
+"""What every command shares: logging set-up, library errors as click errors, stop signals as an
+exception (for the commands with nothing to commit), and the options a user gave (for the ranks
+--data-parallel starts and the config `tune` writes)."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
 import os
+import signal
 import sys
 from collections.abc import Iterator
 from typing import Any
@@ -47,6 +49,47 @@ def click_errors(usage: bool = True) -> Iterator[None]:
         raise click.UsageError(str(exc)) from exc
     except BatchgenError as exc:
         raise click.ClickException(str(exc)) from exc
+
+
+class Stopped(BaseException):
+    """A stop signal, raised where a command that keeps no state waits (`tune` for a trial's
+    engine or a verify pass, `bench` for a pass). A BaseException, so that no `except Exception`
+    on the way takes it for a failure."""
+
+    def __init__(self, signum: int) -> None:
+        self.name = signal.Signals(signum).name
+        super().__init__(self.name)
+
+
+@contextlib.contextmanager
+def stop_raises() -> Iterator[None]:
+    """The first stop signal (SIGTERM, SIGINT, SIGUSR1) raises Stopped; later ones are ignored
+    while the command closes its engines and workers. For commands with nothing to resume
+    (a run drains and commits instead: pipeline/runner.py)."""
+    from pipeline.launch import STOP_SIGNALS  # the launcher owns which signals stop batchgen
+
+    raised = False
+
+    def handler(signum: int, _frame: Any) -> None:
+        nonlocal raised
+        if not raised:
+            raised = True
+            raise Stopped(signum)
+
+    previous = {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def close_engines_after(stop: Stopped) -> None:
+    """The in-process engine a stopped command left (warm workers close with their context)."""
+    from pipeline.engines import close_engines
+
+    log.warning("%s received: closing the engines", stop.name)
+    close_engines()
 
 
 def given_options(ctx: click.Context, skip: tuple[str, ...] = ()) -> list[tuple[click.Option, Any]]:

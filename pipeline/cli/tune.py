@@ -6,29 +6,28 @@ are TuneConfig's fields, pipeline/config/tune.py).
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import signal
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import click
 
 from pipeline.cli.common import (
+    Stopped,
     click_errors,
+    close_engines_after,
     file_option,
     given_options,
     logs_to_stderr,
     long_flag,
     setup_logging,
+    stop_raises,
 )
 from pipeline.cli.flags import build, config_option, declared, group_options, run_config
 from pipeline.cli.run import data_parallel_option, verbose_option
 from pipeline.config.tune import TuneConfig
 from pipeline.errors import EXIT_INTERRUPTED
-from pipeline.launch import STOP_SIGNALS
 
 TUNE_EXAMPLES = """\b
 Examples:
@@ -48,35 +47,6 @@ still printed).
 # Options of the command, not of the job: --write-config does not write them.
 _COMMAND_ONLY = ("write_config", "as_json", "verbose")
 log = logging.getLogger("batchgen")
-
-
-class _Stopped(BaseException):
-    """A stop signal, raised where this process waits (for a trial's engine, a verify pass). A
-    BaseException, so that no `except Exception` on the way takes it for a failure."""
-
-    def __init__(self, signum: int) -> None:
-        self.name = signal.Signals(signum).name
-        super().__init__(self.name)
-
-
-@contextlib.contextmanager
-def _stop_raises() -> Iterator[None]:
-    """The first stop signal raises _Stopped; later ones are ignored while the tune closes its
-    engines and workers. A tune has nothing to resume: its results are only what it prints."""
-    raised = False
-
-    def handler(signum: int, _frame: Any) -> None:
-        nonlocal raised
-        if not raised:
-            raised = True
-            raise _Stopped(signum)
-
-    previous = {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
-    try:
-        yield
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
 
 
 @click.command(epilog=TUNE_EXAMPLES)
@@ -113,11 +83,11 @@ def tune(ctx: click.Context, **kw: Any) -> None:
 
     cfg = build(TuneConfig, kw, run=run_config(kw))
     emit = reserve_stdout() if kw["as_json"] else click.echo
-    with click_errors(), _stop_raises():
+    with click_errors(), stop_raises():
         try:
             tuned = tunemod.run_tune(cfg)
-        except _Stopped as stop:
-            _closed_after(stop)
+        except Stopped as stop:
+            close_engines_after(stop)
             log.warning("%s received during the search: stopped; nothing written (a tune "
                         "keeps no state: rerun it)", stop.name)  # fmt: skip
             sys.exit(EXIT_INTERRUPTED)
@@ -125,8 +95,8 @@ def tune(ctx: click.Context, **kw: Any) -> None:
         if cfg.verify_rounds:
             try:
                 report["verify"] = tunemod.verify_tune(cfg, tuned)
-            except _Stopped as stop:
-                _closed_after(stop)
+            except Stopped as stop:
+                close_engines_after(stop)
                 log.warning("%s received during --verify: stopped it; the search's result "
                             "follows, without the verify", stop.name)  # fmt: skip
                 report["verify"] = None
@@ -146,11 +116,3 @@ def tune(ctx: click.Context, **kw: Any) -> None:
     emit(to_json(report) if kw["as_json"] else tunemod.format_tune(report))
     if report.get("verify_stopped"):
         sys.exit(EXIT_INTERRUPTED)
-
-
-def _closed_after(stop: _Stopped) -> None:
-    """The in-process engine a trial left (verify's workers close with their context)."""
-    from pipeline.engines import close_engines
-
-    log.warning("%s received: closing the engines", stop.name)
-    close_engines()
