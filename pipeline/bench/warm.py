@@ -51,7 +51,7 @@ class Side:
     replicas: int = 1  # processes, each a rank of the rows on an engine of its own
     env: dict[str, str] = field(default_factory=dict)  # every worker's, e.g. the KV cache share
     # kind "trial" (`batchgen tune`): `Engine.generate` over the first `sample` rows of the
-    # input, each replica taking every replicas-th of them, as a tune trial times one engine.
+    # input, each replica taking every replicas-th of them.
     sample: int | None = None
 
 
@@ -356,8 +356,8 @@ def _worker_main(
 def _start(kind: str, cfg: RunConfig, log_path: Path, sample: int | None) -> tuple[Any, Any, list]:
     """The job, its started engine, and the rows a pass sends, as the run builds them (ids,
     chat template, token ids, per-row sampling): the raw side's every row of this rank; a
-    trial's every num_ranks-th row of the input's first `sample` (the sample one engine's
-    trial times, dealt out among the replicas)."""
+    trial's every num_ranks-th row of the input's first `sample` (dealt out among the
+    replicas)."""
     from pipeline.job import read_job
     from pipeline.runner import start_engine
     from pipeline.tune.tuner import read_sample

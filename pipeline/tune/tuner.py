@@ -62,6 +62,7 @@ class TrialRunner:
     def __init__(self, cfg: TuneConfig, job: Job) -> None:
         self.cfg, self.job = cfg, job
         self.rows: list[PromptRow] | None = None
+        self.count = 0  # the sample size asked for (the input may hold fewer rows)
         self.refused = 0
         self.described: dict[str, Any] | None = None
 
@@ -75,8 +76,8 @@ class TrialRunner:
             start_seconds = time.monotonic() - started
             if baseline:
                 self.described = engine.describe()
-                count = self.cfg.sample or sample_size(engine.tunables())
-                self.rows, self.refused = read_sample(self.cfg.run, self.job, count)
+                self.count = self.cfg.sample or sample_size(engine.tunables())
+                self.rows, self.refused = read_sample(self.cfg.run, self.job, self.count)
             return self._passes(engine, start_seconds, floor)
         except Exception as exc:  # vLLM refuses a setting in many ways; a candidate's failure
             if baseline:  # is a result, the baseline's ends the tune
@@ -109,8 +110,11 @@ class TrialRunner:
 
     def _replicas(self, settings: dict[str, Any], started: float) -> Measurement:
         """A trial of several engines sharing the GPU, each in a worker process of its own
-        (pipeline/bench/warm.py), the sample dealt out among them; every pass timed from the
-        first replica's start to the last one's end."""
+        (pipeline/bench/warm.py); every pass timed from the first replica's start to the last
+        one's end. Each replica gets as many rows as the one-engine trials (the input's first
+        n x sample rows, dealt out), so each engine is as full as theirs and as a long run's:
+        one sample dealt n ways would leave every engine short of `max_num_seqs` and time
+        mostly the drain. The texts compared with the baseline's are those of its rows."""
         from pipeline.bench.warm import Side, WarmSides, place_sides
         from pipeline.engines import close_engines
 
@@ -118,8 +122,9 @@ class TrialRunner:
         close_engines()  # the in-process trial engine: the replicas need the memory
         n = settings["replicas_per_gpu"]
         engine = apply_settings(self.cfg.run.engine, settings)
-        sides, _ = place_sides([Side("trial", "trial", engine, n, sample=len(self.rows))],
+        sides, _ = place_sides([Side("trial", "trial", engine, n, sample=n * self.count)],
                                self.described["model"])  # fmt: skip
+        ids = {r.id for r in self.rows}
         try:
             with (
                 tempfile.TemporaryDirectory(prefix="batchgen-tune-") as tmp,
@@ -127,7 +132,7 @@ class TrialRunner:
             ):
                 warm.start()
                 start_seconds = time.monotonic() - started
-                first = warm.run_pass("trial", "warm-up").texts
+                first = _only(warm.run_pass("trial", "warm-up").texts, ids)
                 passes = [warm.run_pass("trial", f"pass-{i}") for i in range(self.cfg.repeats)]
         except Exception as exc:
             return Measurement(
@@ -138,7 +143,7 @@ class TrialRunner:
             output_tokens=passes[-1].output_tokens,
             start_seconds=start_seconds,
             texts=first,
-            unstable_rows=rows_differ(first, passes[-1].texts)[0] or 0,
+            unstable_rows=rows_differ(first, _only(passes[-1].texts, ids))[0] or 0,
             tunables={"replicas_per_gpu": n},
         )
 
@@ -159,6 +164,13 @@ class TrialRunner:
                 else:
                     texts[(r.id, r.sample_index)] = f"error: {r.error}"
         return time.monotonic() - started, tokens, texts
+
+
+def _only(
+    texts: dict[tuple[str, int], str | None] | None, ids: set[str]
+) -> dict[tuple[str, int], str | None] | None:
+    """The texts (every sample's) of the rows with these ids."""
+    return None if texts is None else {k: v for k, v in texts.items() if k[0] in ids}
 
 
 SAMPLE_SEQS = 4
