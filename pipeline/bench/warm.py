@@ -279,12 +279,18 @@ def place_sides(sides: list[Side], model: str) -> tuple[list[Side], dict[str, An
 
 
 def alternate(
-    warm: WarmSides, names: list[str], rounds: int, budget_seconds: float, started: float
+    warm: WarmSides,
+    names: list[str],
+    rounds: int,
+    budget_seconds: float,
+    started: float,
+    done: list[dict[str, Any]] | None = None,
 ) -> list[dict[str, Any]]:
     """The timed rounds: each side once per round, the order rotated so each goes first in
     turn; no round starts that would end past `budget_seconds` after `started` (0: no limit).
-    Each round: {"order": [...], name: Pass}. Ratios in the log are to the first side."""
-    done: list[dict[str, Any]] = []
+    Each round: {"order": [...], name: Pass}, appended to `done` as it ends (so a caller
+    stopped mid-round keeps the rounds before). Ratios in the log are to the first side."""
+    done = [] if done is None else done
     for i in range(rounds):
         order = names[i % len(names) :] + names[: i % len(names)]
         passes = {n: warm.run_pass(n, f"round-{i}") for n in order}

@@ -93,13 +93,16 @@ def tune(ctx: click.Context, **kw: Any) -> None:
             sys.exit(EXIT_INTERRUPTED)
         report = tunemod.tune_report(cfg, tuned)
         if cfg.verify_rounds:
+            verify = tunemod.Verify(cfg, tuned)
             try:
-                report["verify"] = tunemod.verify_tune(cfg, tuned)
+                report["verify"] = verify.run()
             except Stopped as stop:
                 close_engines_after(stop)
-                log.warning("%s received during --verify: stopped it; the search's result "
-                            "follows, without the verify", stop.name)  # fmt: skip
-                report["verify"] = None
+                report["verify"] = verify.report()  # the rounds that ended before the stop
+                done = len(verify.rounds)
+                log.warning("%s received during --verify: stopped it after %d of %d round(s); "
+                            "the search's result follows, with %s", stop.name, done,
+                            cfg.verify_rounds, "those rounds" if done else "no verify")  # fmt: skip
                 report["verify_stopped"] = stop.name
     report["config_written"] = None
     if kw["write_config"]:

@@ -12,17 +12,17 @@ sample of the job's own rows, and write them as a job config.
 from pipeline.tune.report import format_tune, job_config_toml, tune_report, write_job_config
 from pipeline.tune.space import KNOBS, apply_settings, baseline_engine
 from pipeline.tune.tuner import TuneConfig, run_tune
-from pipeline.tune.verify import verify_tune
+from pipeline.tune.verify import Verify
 
 __all__ = [
     "KNOBS",
     "TuneConfig",
+    "Verify",
     "apply_settings",
     "baseline_engine",
     "format_tune",
     "job_config_toml",
     "run_tune",
     "tune_report",
-    "verify_tune",
     "write_job_config",
 ]

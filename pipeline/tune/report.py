@@ -146,10 +146,12 @@ def format_tune(report: dict[str, Any]) -> str:
         )
     if report.get("verify"):
         lines += format_verify(report["verify"])
-    elif report.get("verify_stopped"):
+    if report.get("verify_stopped"):
+        done = (report.get("verify") or {}).get("rounds", 0)
         lines.append(
-            f"verify: stopped by {report['verify_stopped']} before its rounds ended; the "
-            "search's result above stands (rerun the tune with --verify to check it)"
+            f"verify: stopped by {report['verify_stopped']} after {done} round(s), before "
+            "its rounds ended; the search's result above stands"
+            + (" (rerun the tune with --verify to check it)" if not done else "")
         )
     written = report.get("config_written")
     if written:

@@ -28,29 +28,46 @@ log = logging.getLogger("batchgen")
 PREDICTS_WITHIN = 0.10  # a trial within 10% of its whole run's figure predicts it
 
 
-def verify_tune(cfg: TuneConfig, tuned: Tuned) -> dict[str, Any]:
-    """Run the whole job as baseline and winner, alternating; the report's `verify` part."""
-    from pipeline.bench.warm import WarmSides, alternate, place_sides
-    from pipeline.engines import close_engines
+class Verify:
+    """--verify's rounds, kept as they end: `run` runs them all; when it is stopped (a stop
+    signal raises in the middle of a pass), `report` still tells the rounds that ended."""
 
-    close_engines()  # the last trial's engine: the workers need the memory
-    model = tuned.described["model"]
-    winner = tuned.result.winner
-    sides, share = place_sides(verify_sides(cfg.run.engine, winner.settings), model)
-    names = [s.name for s in sides]
-    run_cfg = dataclasses.replace(cfg.run, progress_seconds=3600.0)
-    started = time.monotonic()
-    with (
-        tempfile.TemporaryDirectory(prefix="batchgen-verify-") as tmp,
-        WarmSides(
-            sides, run_cfg, Path(tmp), parallel=share.get("engines_on_the_gpu") is not None
-        ) as warm,
-    ):
-        warm.start()
-        log.info("tune --verify: cold pass of each side (untimed)")
-        cold = {n: warm.run_pass(n, "cold").seconds for n in names}
-        rounds = alternate(warm, names, cfg.verify_rounds, 0, started)
-    return verify_report(tuned, rounds, cold, share)
+    def __init__(self, cfg: TuneConfig, tuned: Tuned) -> None:
+        self.cfg, self.tuned = cfg, tuned
+        self.rounds: list[dict[str, Any]] = []
+        self.cold: dict[str, float] = {}
+        self.share: dict[str, Any] = {}
+
+    def run(self) -> dict[str, Any]:
+        """Run the whole job as baseline and winner, alternating; the report's `verify` part."""
+        from pipeline.bench.warm import WarmSides, alternate, place_sides
+        from pipeline.engines import close_engines
+
+        close_engines()  # the last trial's engine: the workers need the memory
+        model = self.tuned.described["model"]
+        winner = self.tuned.result.winner
+        sides, self.share = place_sides(verify_sides(self.cfg.run.engine, winner.settings), model)
+        names = [s.name for s in sides]
+        run_cfg = dataclasses.replace(self.cfg.run, progress_seconds=3600.0)
+        started = time.monotonic()
+        parallel = self.share.get("engines_on_the_gpu") is not None
+        with (
+            tempfile.TemporaryDirectory(prefix="batchgen-verify-") as tmp,
+            WarmSides(sides, run_cfg, Path(tmp), parallel=parallel) as warm,
+        ):
+            warm.start()
+            log.info("tune --verify: cold pass of each side (untimed)")
+            self.cold = {n: warm.run_pass(n, "cold").seconds for n in names}
+            alternate(warm, names, self.cfg.verify_rounds, 0, started, done=self.rounds)
+        report = self.report()
+        assert report is not None
+        return report
+
+    def report(self) -> dict[str, Any] | None:
+        """The rounds that ended, as the report's `verify` part; None before the first."""
+        if not self.rounds:
+            return None
+        return verify_report(self.tuned, self.rounds, self.cold, self.share)
 
 
 def verify_sides(engine: EngineConfig, winner: Mapping[str, Any]) -> list[Side]:
