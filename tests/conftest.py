@@ -8,9 +8,11 @@ import json
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -174,6 +176,59 @@ def hold_rank_lock(out: Path, rank: int) -> subprocess.Popen:
     )
     assert holder.stdout.readline().strip() == "held"
     return holder
+
+
+class Group:
+    """A command in a process group of its own (as a terminal or a scheduler starts a job), its
+    output in text pipes; `with Group(cmd) as g:` kills whatever of the group is left at the end."""
+
+    def __init__(self, cmd: list[str], env: dict[str, str] | None = None) -> None:
+        self.proc = subprocess.Popen(
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+            env=env,
+        )
+        self.seen: list[str] = []  # stderr lines read before a signal
+
+    def __enter__(self) -> Group:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.alive():
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.communicate()
+
+    def alive(self) -> bool:
+        """Whether any process of the group (the command, its workers, their engines) lives."""
+        try:
+            os.killpg(self.proc.pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+
+    def signal_at(self, text: str, seconds: float, sig: int = signal.SIGTERM) -> None:
+        """Read stderr until a line holds `text` (the command still running), then send `sig`."""
+        deadline = time.monotonic() + seconds
+        assert self.proc.stderr is not None
+        while not any(text in line for line in self.seen):
+            assert time.monotonic() < deadline and self.proc.poll() is None, "".join(self.seen)
+            self.seen.append(self.proc.stderr.readline())
+        self.proc.send_signal(sig)
+
+    def finish(self, seconds: float) -> tuple[int, str, str]:
+        """Exit code, stdout and the whole stderr once the command ends."""
+        out, err = self.proc.communicate(timeout=seconds)
+        return self.proc.returncode, out, "".join(self.seen) + err
+
+    def wait_gone(self, seconds: float, what: str) -> None:
+        """Every process of the group ends within `seconds`."""
+        deadline = time.monotonic() + seconds
+        while self.alive():
+            assert time.monotonic() < deadline, what
+            time.sleep(0.2)
 
 
 def greedy_sample_args(out: str | Path) -> list[str]:

@@ -6,14 +6,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import signal
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
-from conftest import BATCHGEN, REAL_ENGINE, run_cli
+from conftest import BATCHGEN, REAL_ENGINE, Group, run_cli
 
 from pipeline.bench import BenchConfig, make_prompts
 from pipeline.bench.stats import bootstrap_median, spread, spread_text
@@ -301,40 +297,16 @@ def test_a_stopped_bench_closes_both_engines_and_exits_75_in_one_line(tmp_path: 
     traceback, and no process of the bench left: the idle worker closes, the starting one is
     stopped. Before, the bench died of the signal and left its workers to notice the closed
     pipe (a real engine's worker could linger, as the tune's did)."""
-    proc = subprocess.Popen(
-        [str(BATCHGEN), "bench", "--raw-defaults", "--max-num-seqs", "4", *REAL_ENGINE, "--prompts", "8",
-         "--min-tokens", "2", "--max-tokens", "4", "--max-prompt-tokens", "64",
-         "--work-dir", str(tmp_path)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-    )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 240
-        seen: list[str] = []
-        assert proc.stderr is not None
-        while not any("raw rank 0 ready" in line for line in seen):
-            assert time.monotonic() < deadline and proc.poll() is None, "".join(seen)
-            seen.append(proc.stderr.readline())
-        proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=120)
-        err = "".join(seen) + err
-        assert proc.returncode == 75, err
+    cmd = [str(BATCHGEN), "bench", "--raw-defaults", "--max-num-seqs", "4", *REAL_ENGINE,
+           "--prompts", "8", "--min-tokens", "2", "--max-tokens", "4", "--max-prompt-tokens", "64",
+           "--work-dir", str(tmp_path)]  # fmt: skip
+    with Group(cmd) as bench:
+        bench.signal_at("raw rank 0 ready", 240)
+        code, out, err = bench.finish(120)
+        assert code == 75, err
         assert "bench: stopped by SIGTERM; no figures (a bench keeps no state: rerun it)" in err
         assert "Traceback" not in err and out == ""
-        deadline = time.monotonic() + 30
-        while _group_alive(proc.pid):
-            assert time.monotonic() < deadline, "a worker or engine of the bench outlived it"
-            time.sleep(0.2)
-    finally:
-        if _group_alive(proc.pid):
-            os.killpg(proc.pid, signal.SIGKILL)
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    return True
+        bench.wait_gone(30, "a worker or engine of the bench outlived it")
 
 
 def test_spread_reports_median_min_max_and_a_reproducible_bootstrap_interval() -> None:

@@ -8,10 +8,7 @@ import json
 import os
 import random
 import re
-import signal
 import statistics
-import subprocess
-import time
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -24,6 +21,7 @@ from conftest import (
     HOOKED_BATCHGEN,
     REAL_ENGINE,
     SAMPLE,
+    Group,
     read_output,
     run_args,
     run_cli,
@@ -725,65 +723,32 @@ def test_a_stop_during_verify_prints_the_search_and_leaves_no_worker() -> None:
     stopped, it exits 75, and its warm worker processes are gone (one was left running with its
     engine, 20 minutes on, when the tune process itself died of the signal)."""
     args = run_args(SAMPLE, "x", *FAKE_ENGINE, "--max-tokens", "8")[1:-2]
-    proc = subprocess.Popen(
-        [str(BATCHGEN), "tune", *args, "--repeats", "1", "--try", "max_num_seqs=4",
-         "--verify", "500"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-    )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 120
-        seen = []
-        assert proc.stderr is not None
-        while not any("round 1/500" in line for line in seen):
-            assert time.monotonic() < deadline and proc.poll() is None, "".join(seen)
-            seen.append(proc.stderr.readline())
-        proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=120)
-        err = "".join(seen) + err
-        assert proc.returncode == 75, err
+    cmd = [str(BATCHGEN), "tune", *args, "--repeats", "1", "--try", "max_num_seqs=4",
+           "--verify", "500"]  # fmt: skip
+    with Group(cmd) as tune:
+        tune.signal_at("round 1/500", 120)
+        code, out, err = tune.finish(120)
+        assert code == 75, err
         done = int(re.search(r"stopped it after (\d+) of 500 round\(s\)", err).group(1))
         assert done >= 1 and "Traceback" not in err
         assert "\nwinner: " in out
         assert f"\nverify: the whole job, {done} alternating round(s) on warm engines\n" in out
         assert f"verify: stopped by SIGTERM after {done} round(s), before its rounds ended" in out
-        deadline = time.monotonic() + 30  # the workers, stopped mid-pass, exit on their own
-        while _group_alive(proc.pid):
-            assert time.monotonic() < deadline, "a worker of the tune outlived it"
-            time.sleep(0.2)
-    finally:
-        if _group_alive(proc.pid):
-            os.killpg(proc.pid, signal.SIGKILL)
+        # the workers, stopped mid-pass, exit on their own
+        tune.wait_gone(30, "a worker of the tune outlived it")
 
 
 def test_a_stop_during_the_search_exits_75_in_one_line() -> None:
     """SIGTERM while a trial runs (fake engine steps slowed by the tests' hook): one line saying
     the search was stopped and nothing was written, exit 75, no traceback."""
     args = run_args(SAMPLE, "x", *FAKE_ENGINE, "--max-tokens", "8")[1:-2]
-    proc = subprocess.Popen(
-        [str(HOOKED_BATCHGEN), "tune", *args, "--try", "max_num_seqs=4"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-        env={**os.environ, STEP_ENV: "0.5"},
-    )  # fmt: skip
-    try:
-        assert proc.stderr is not None
-        first = proc.stderr.readline()
-        assert "trial 0: the job's settings" in first, first
-        proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=60)
-        assert proc.returncode == 75, first + err
+    cmd = [str(HOOKED_BATCHGEN), "tune", *args, "--try", "max_num_seqs=4"]
+    with Group(cmd, env={**os.environ, STEP_ENV: "0.5"}) as tune:
+        tune.signal_at("trial 0: the job's settings", 60)
+        code, out, err = tune.finish(60)
+        assert code == 75, err
         assert "SIGTERM received during the search: stopped; nothing written" in err
         assert "Traceback" not in err and out == ""
-    finally:
-        if _group_alive(proc.pid):
-            os.killpg(proc.pid, signal.SIGKILL)
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def test_replicas_are_a_run_flag_not_an_engine_arg() -> None:
