@@ -44,6 +44,21 @@ def dying_step(monkeypatch, should_die) -> list[int]:
     return steps
 
 
+def dying_add(monkeypatch, should_die) -> None:
+    """Make the fake engine be found dead when a row is added, as vLLM's is when its engine
+    process died since the last call: `should_die(add number, queued rows)`."""
+    real_add = FakeEngine._add
+    adds = [0]
+
+    def add(self: FakeEngine, row):
+        adds[0] += 1
+        if should_die(adds[0], [queued for _, queued in self._queue]):
+            raise EngineDied("killed by SIGKILL (test)")
+        return real_add(self, row)
+
+    monkeypatch.setattr(FakeEngine, "_add", add)
+
+
 def assert_exactly_once(out: Path) -> list[dict]:
     rows = read_output(out).to_pylist()
     ids = [r["id"] for r in rows]
@@ -83,6 +98,34 @@ def test_a_passing_death_is_survived_by_a_restart_with_no_error_row(src, tmp_pat
         in (result.output)
     )
     assert [d["isolating"] for d in manifest(out)["report"]["engine_failures"]] == [False]
+
+
+def test_a_death_found_when_a_row_is_added_loses_no_row(src, tmp_path, monkeypatch):
+    # The row being added never reached the engine: it is sent again after the restart, not
+    # counted in flight (it used to be dropped, and the run ended "a batchgen bug").
+    dying_add(monkeypatch, lambda n, queued: n == 20)
+    out = tmp_path / "out"
+    result = run_cli(*args(src, out))
+    rows = assert_exactly_once(out)
+    assert not [r for r in rows if r["error"]]
+    assert "the engine died (killed by SIGKILL (test)) with 19 request(s) in flight" in (
+        result.output
+    )
+
+
+def test_a_poison_row_found_at_adds_and_steps_alone_is_the_only_error_row(
+    src, tmp_path, monkeypatch
+):
+    # As on vLLM: the engine dies on a row after it was added, and the death is found by the
+    # next call, an add (while a group is being isolated too) or a step.
+    poison = "in.parquet:37"
+    in_engine = lambda n, queued: any(r.id == poison for r in queued)  # noqa: E731
+    dying_add(monkeypatch, in_engine)
+    dying_step(monkeypatch, in_engine)
+    out = tmp_path / "out"
+    run_cli(*args(src, out))
+    rows = assert_exactly_once(out)
+    assert [r["id"] for r in rows if r["error"]] == [poison]
 
 
 def test_no_restarts_allowed_stops_at_the_first_death_and_a_rerun_completes(

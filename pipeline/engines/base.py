@@ -189,6 +189,9 @@ class _Admission:
     # Rows that were in flight at an engine death, in groups to run alone, smallest first.
     quarantine: deque[list[PromptRow]] = field(default_factory=deque)
     isolating: list[PromptRow] | None = None  # the quarantine group now in the engine
+    # Rows taken from the feed or a group that never reached the engine (it was dead when they
+    # were added): sent again before the feed's next row, under no suspicion.
+    unsent: deque[PromptRow] = field(default_factory=deque)
     strikes: dict[str, int] = field(default_factory=dict)  # deaths each row was in flight at
     counted_deaths: int = 0
     all_deaths: int = 0
@@ -203,6 +206,7 @@ class _Admission:
                 # are the ones generating now. Drop the queued rest at once; only those drain.
                 trimmed = True
                 self.quarantine.clear()  # never admitted again this run: redone on resume
+                self.unsent.clear()
                 queued = list(self.pending)[self.engine.max_num_seqs :]
                 if queued:
                     self.engine._abort(queued)
@@ -216,10 +220,13 @@ class _Admission:
                 while (
                     self.isolating is None
                     and not self.quarantine
-                    and not exhausted
+                    and (self.unsent or not exhausted)
                     and not flags.stop.is_set()
                     and len(self.pending) < self.limit
                 ):
+                    if self.unsent:
+                        yield from self._admit([self.unsent.popleft()])
+                        continue
                     try:
                         row = next(feed)
                     except StopIteration:
@@ -234,7 +241,7 @@ class _Admission:
                     self.isolating = None
                     if self.quarantine and not flags.stop.is_set():
                         continue
-                    if exhausted or flags.stop.is_set():
+                    if (exhausted and not self.unsent) or flags.stop.is_set():
                         return
                     continue
                 if flags.abort.is_set():
@@ -255,7 +262,7 @@ class _Admission:
                 yield from self._survive(death)
 
     def _admit(self, rows: list[PromptRow]) -> Iterator[list[ResultRow]]:
-        for row in rows:
+        for i, row in enumerate(rows):
             if row.error is not None:
                 yield error_results(row, row.error)
                 continue
@@ -263,13 +270,19 @@ class _Admission:
                 self.pending[self.engine._add(row)] = row
             except RejectedPrompt as exc:
                 yield error_results(row, str(exc))
+            except EngineDied:
+                # The engine was dead before this row reached it: neither in flight nor done,
+                # it and the rest of `rows` are sent again after the restart.
+                self.unsent.extendleft(reversed(rows[i:]))
+                raise
 
     def _survive(self, death: EngineDied) -> Iterator[list[ResultRow]]:
         """Record a death, isolate the rows it may be due to, restart or give up."""
         if self.flags.stop.is_set():
             self._died_stopping(death)
             return
-        lost = list(self.pending.values()) + [r for group in self.quarantine for r in group]
+        lost = [*self.pending.values(), *(r for group in self.quarantine for r in group)]
+        lost += self.unsent
         lost_now = list(self.pending.values())
         alone = self.isolating is not None
         self.pending.clear()
@@ -336,6 +349,7 @@ class _Admission:
         )  # fmt: skip
         self.pending.clear()
         self.quarantine.clear()
+        self.unsent.clear()
         self.isolating = None
 
     def _give_up_if_broken(
