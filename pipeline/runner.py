@@ -372,9 +372,9 @@ def _generate(
             flags.stop.set()
 
     dedup = RequestDedup(deliver)
-    feeder.start()
-    committer.start()
     try:
+        feeder.start()
+        committer.start()
         faults = FaultPolicy(cfg.engine_restarts, cfg.stall_seconds)
         feed = progress.count_sent(dedup.feed(feeder.feed()))
         for results in engine.generate(feed, flags, cfg.max_inflight, faults):
@@ -400,8 +400,10 @@ def _generate(
             time.sleep(0.2)  # let a signal that also reached us be handled first
     finally:
         flags.stop.set()
-        feeder.join()
-        committer.close()
+        try:
+            feeder.wait_ended()
+        finally:
+            committer.close()
     progress.close()
     return engine_error, dedup, stopped_early
 

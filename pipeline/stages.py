@@ -33,9 +33,50 @@ FIRST_CHUNK_ROWS = 64
 MAX_SHARD_ENTRIES = 1_000_000
 
 _END = object()
+# How long a stop waits for a stage thread told to end: a healthy one ends within a read batch.
+STAGE_END_SECONDS = 60.0
 
 
-class Feeder(threading.Thread):
+class Stage(threading.Thread):
+    """A daemon thread of the pipeline whose end can be waited for through a stop signal.
+
+    `ended` is set when `run` returns. `wait_ended` waits on it where `join` would not do: a
+    command whose stop signal raises an exception (tune's and bench's Stopped) may be stopped
+    inside the join, and the process would then exit with the thread inside pyarrow's C++ code,
+    which aborts it ("terminate called without an active exception"); an interrupted
+    `Thread.join` also stops waiting for good on CPython 3.11.
+    """
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name=name, daemon=True)
+        self.ended = threading.Event()
+
+    def run(self) -> None:
+        try:
+            self.work()
+        finally:
+            self.ended.set()
+
+    def work(self) -> None:
+        raise NotImplementedError
+
+    def wait_ended(self, timeout: float = STAGE_END_SECONDS) -> None:
+        """Wait until `run` has returned (or `timeout`), then raise a stop that came meanwhile."""
+        deadline = time.monotonic() + timeout
+        stop: BaseException | None = None
+        while self.ident is not None and not self.ended.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            try:
+                self.ended.wait(left)
+            except BaseException as exc:  # the stop signal's exception: raised once ended
+                stop = stop or exc
+        if stop is not None:
+            raise stop
+
+
+class Feeder(Stage):
     """Reads the input ahead of the engine: skips committed rows, renders and tokenizes prompts."""
 
     def __init__(
@@ -50,7 +91,7 @@ class Feeder(threading.Thread):
         depth: int = 16,
         group_window: int = 0,
     ) -> None:
-        super().__init__(name="batchgen-feeder", daemon=True)
+        super().__init__(name="batchgen-feeder")
         self.source, self.builder = source, builder
         self.done, self.id_column = done, id_column
         self.flags = flags
@@ -61,7 +102,7 @@ class Feeder(threading.Thread):
         self.error: BaseException | None = None
         self.exhausted = False
 
-    def run(self) -> None:
+    def work(self) -> None:
         try:
             self._read()
         except BaseException as exc:  # surfaced by the runner with its own message
@@ -204,7 +245,7 @@ def skipped_spans(spans: list[tuple[int, int | None]], total: int | None) -> lis
     return Positions([(lo, total if hi is None else hi) for lo, hi in spans]).missing(0, total)
 
 
-class Committer(threading.Thread):
+class Committer(Stage):
     """Groups results into shards and commits each: Parquet write, fsync, rename, manifest."""
 
     def __init__(
@@ -215,7 +256,7 @@ class Committer(threading.Thread):
         rows_per_shard: int,
         checkpoint_seconds: float,
     ) -> None:
-        super().__init__(name="batchgen-committer", daemon=True)
+        super().__init__(name="batchgen-committer")
         self.writer, self.checkpoint = writer, checkpoint
         self.seq = next_seq
         self.rows_per_shard = rows_per_shard
@@ -243,9 +284,9 @@ class Committer(threading.Thread):
 
     def close(self) -> None:
         self.queue.put(_END)
-        self.join()
+        self.wait_ended()
 
-    def run(self) -> None:
+    def work(self) -> None:
         buffer: list[ResultRow] = []
         weight = 0  # logprob entries held, besides the rows themselves
         last_commit = time.monotonic()

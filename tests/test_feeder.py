@@ -72,6 +72,41 @@ def test_a_stopped_run_ends_the_feeder_even_with_a_full_queue(
     assert not feeder.exhausted
 
 
+def test_a_stop_raised_while_waiting_for_the_feeder_waits_for_its_end(
+    tmp_path: Path, builder: PromptBuilder, monkeypatch
+) -> None:
+    """tune and bench take a stop signal as an exception: one raised while the main thread waits
+    for the feeder must not leave it running (inside pyarrow, at interpreter exit, it aborts the
+    process). The stop is raised once the feeder's read in progress has ended."""
+    import os
+    import signal
+    import threading
+
+    from pipeline.cli.common import Stopped, stop_raises
+
+    def slow_batches(*_args):
+        yield [object()]
+        time.sleep(1.0)  # a read in progress (pyarrow's, in a run)
+        yield [object()]
+
+    monkeypatch.setattr(stages, "request_batches", slow_batches)
+    src = write_prompts(tmp_path / "in.parquet", ["row"])
+    flags = StopFlags()
+    feeder = Feeder(ParquetSource(str(src)), builder, Positions(), None, flags, depth=1)
+    started = time.monotonic()
+    with stop_raises(), pytest.raises(Stopped):
+        try:
+            feeder.start()
+            next(row for row in feeder.feed() if row is not None)
+            threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGTERM)).start()
+        finally:
+            flags.stop.set()
+            feeder.wait_ended()
+    assert feeder.ended.is_set() and time.monotonic() - started >= 1.0
+    feeder.join(timeout=5)
+    assert not feeder.is_alive()
+
+
 def drain(feeder: Feeder) -> list[list]:
     """The feeder's queue items (lists of PromptRow) up to its end marker."""
     from pipeline.stages import _END

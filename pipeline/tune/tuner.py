@@ -199,8 +199,8 @@ def read_sample(cfg: RunConfig, job: Job, count: int) -> tuple[list[PromptRow], 
     )
     rows: list[PromptRow] = []
     refused = 0
-    feeder.start()
     try:
+        feeder.start()
         for row in feeder.feed():
             if row is None:
                 continue
@@ -212,7 +212,7 @@ def read_sample(cfg: RunConfig, job: Job, count: int) -> tuple[list[PromptRow], 
                 break
     finally:
         flags.stop.set()
-        feeder.join()
+        feeder.wait_ended()
     if feeder.error is not None:
         if isinstance(feeder.error, BatchgenError):
             raise feeder.error
