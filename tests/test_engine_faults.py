@@ -29,34 +29,21 @@ def manifest(out: Path) -> dict:
     return manifest_state(out)
 
 
-def dying_step(monkeypatch, should_die) -> list[int]:
-    """Make the fake engine die on a step when `should_die(step number, queued rows)` says so."""
-    real_step = FakeEngine._step
-    steps = [0]
+def dying(monkeypatch, method: str, should_die) -> list[int]:
+    """Make the fake engine die in `method` ("_step", or "_add": found dead when a row is added,
+    as vLLM's is when its engine process died since the last call) when `should_die(call
+    number, queued rows)` says so. The call counter, which a test may move on."""
+    real = getattr(FakeEngine, method)
+    calls = [0]
 
-    def step(self: FakeEngine):
-        steps[0] += 1
-        if should_die(steps[0], [row for _, row in self._queue]):
+    def call(self: FakeEngine, *args):
+        calls[0] += 1
+        if should_die(calls[0], [row for _, row in self._queue]):
             raise EngineDied("killed by SIGKILL (test)")
-        return real_step(self)
+        return real(self, *args)
 
-    monkeypatch.setattr(FakeEngine, "_step", step)
-    return steps
-
-
-def dying_add(monkeypatch, should_die) -> None:
-    """Make the fake engine be found dead when a row is added, as vLLM's is when its engine
-    process died since the last call: `should_die(add number, queued rows)`."""
-    real_add = FakeEngine._add
-    adds = [0]
-
-    def add(self: FakeEngine, row):
-        adds[0] += 1
-        if should_die(adds[0], [queued for _, queued in self._queue]):
-            raise EngineDied("killed by SIGKILL (test)")
-        return real_add(self, row)
-
-    monkeypatch.setattr(FakeEngine, "_add", add)
+    monkeypatch.setattr(FakeEngine, method, call)
+    return calls
 
 
 def assert_exactly_once(out: Path) -> list[dict]:
@@ -70,7 +57,7 @@ def test_a_poison_row_alone_becomes_an_error_row_and_every_other_row_is_done(
     src, tmp_path, monkeypatch
 ):
     poison = "in.parquet:37"
-    dying_step(monkeypatch, lambda n, queued: any(r.id == poison for r in queued))
+    dying(monkeypatch, "_step", lambda n, queued: any(r.id == poison for r in queued))
     out = tmp_path / "out"
     result = run_cli(*args(src, out))
     rows = assert_exactly_once(out)
@@ -88,7 +75,7 @@ def test_a_poison_row_alone_becomes_an_error_row_and_every_other_row_is_done(
 
 
 def test_a_passing_death_is_survived_by_a_restart_with_no_error_row(src, tmp_path, monkeypatch):
-    dying_step(monkeypatch, lambda n, queued: n == 3)
+    dying(monkeypatch, "_step", lambda n, queued: n == 3)
     out = tmp_path / "out"
     result = run_cli(*args(src, out))
     rows = assert_exactly_once(out)
@@ -103,7 +90,7 @@ def test_a_passing_death_is_survived_by_a_restart_with_no_error_row(src, tmp_pat
 def test_a_death_found_when_a_row_is_added_loses_no_row(src, tmp_path, monkeypatch):
     # The row being added never reached the engine: it is sent again after the restart, not
     # counted in flight (it used to be dropped, and the run ended "a batchgen bug").
-    dying_add(monkeypatch, lambda n, queued: n == 20)
+    dying(monkeypatch, "_add", lambda n, queued: n == 20)
     out = tmp_path / "out"
     result = run_cli(*args(src, out))
     rows = assert_exactly_once(out)
@@ -120,8 +107,8 @@ def test_a_poison_row_found_at_adds_and_steps_alone_is_the_only_error_row(
     # next call, an add (while a group is being isolated too) or a step.
     poison = "in.parquet:37"
     in_engine = lambda n, queued: any(r.id == poison for r in queued)  # noqa: E731
-    dying_add(monkeypatch, in_engine)
-    dying_step(monkeypatch, in_engine)
+    dying(monkeypatch, "_add", in_engine)
+    dying(monkeypatch, "_step", in_engine)
     out = tmp_path / "out"
     run_cli(*args(src, out))
     rows = assert_exactly_once(out)
@@ -131,7 +118,7 @@ def test_a_poison_row_found_at_adds_and_steps_alone_is_the_only_error_row(
 def test_no_restarts_allowed_stops_at_the_first_death_and_a_rerun_completes(
     src, tmp_path, monkeypatch
 ):
-    steps = dying_step(monkeypatch, lambda n, queued: n == 4)
+    steps = dying(monkeypatch, "_step", lambda n, queued: n == 4)
     out = tmp_path / "out"
     result = run_cli(*args(src, out, "--engine-restarts", "0"), expect=1)
     last = result.output.splitlines()[-1]
@@ -149,7 +136,7 @@ def test_no_restarts_allowed_stops_at_the_first_death_and_a_rerun_completes(
 
 
 def test_a_broken_engine_is_given_up_after_two_rows_alone_not_every_row(src, tmp_path, monkeypatch):
-    dying_step(monkeypatch, lambda n, queued: n >= 2)  # every step after the first
+    dying(monkeypatch, "_step", lambda n, queued: n >= 2)  # every step after the first
     out = tmp_path / "out"
     result = run_cli(*args(src, out, "--engine-restarts", "5"), expect=1)
     assert "the engine, not those rows, looks broken" in result.output.splitlines()[-1]
