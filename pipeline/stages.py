@@ -111,6 +111,8 @@ class Feeder(Stage):
             self._put(_END, force=True)
 
     def _read(self) -> None:
+        if self.flags.stop.is_set():
+            return  # stopped before this thread began: `wait_ended` may not have waited for it
         batches = request_batches(
             self.source, self.builder, self.done, self.id_column, self.batch_rows, self.annotate
         )
