@@ -7,6 +7,7 @@ import atexit
 import json
 import logging
 import os
+import select
 import shutil
 import signal
 import subprocess
@@ -192,6 +193,7 @@ class Group:
             env=env,
         )
         self.seen: list[str] = []  # stderr lines read before a signal
+        self.rest = ""  # and the start of the next one
 
     def __enter__(self) -> Group:
         return self
@@ -210,18 +212,29 @@ class Group:
         return True
 
     def signal_at(self, text: str, seconds: float, sig: int = signal.SIGTERM) -> None:
-        """Read stderr until a line holds `text` (the command still running), then send `sig`."""
+        """Read stderr until a line holds `text` (the command still running), then send `sig`.
+        Fails after `seconds` even if the command goes silent without exiting."""
         deadline = time.monotonic() + seconds
         assert self.proc.stderr is not None
+        fd = self.proc.stderr.fileno()  # read raw: the text wrapper's readline would block
         while not any(text in line for line in self.seen):
-            assert time.monotonic() < deadline and self.proc.poll() is None, "".join(self.seen)
-            self.seen.append(self.proc.stderr.readline())
+            left = deadline - time.monotonic()
+            assert left > 0 and self.proc.poll() is None, "".join(self.seen) + self.rest
+            if not select.select([fd], [], [], min(left, 0.5))[0]:
+                continue
+            chunk = os.read(fd, 1 << 16).decode(errors="replace")
+            if not chunk:  # stderr closed: the command is ending
+                time.sleep(0.1)
+                continue
+            lines = (self.rest + chunk).splitlines(keepends=True)
+            self.rest = "" if lines[-1].endswith("\n") else lines.pop()
+            self.seen.extend(lines)
         self.proc.send_signal(sig)
 
     def finish(self, seconds: float) -> tuple[int, str, str]:
         """Exit code, stdout and the whole stderr once the command ends."""
         out, err = self.proc.communicate(timeout=seconds)
-        return self.proc.returncode, out, "".join(self.seen) + err
+        return self.proc.returncode, out, "".join(self.seen) + self.rest + err
 
     def wait_gone(self, seconds: float, what: str) -> None:
         """Every process of the group ends within `seconds`."""
