@@ -33,8 +33,6 @@ FIRST_CHUNK_ROWS = 64
 MAX_SHARD_ENTRIES = 1_000_000
 
 _END = object()
-# How long a stop waits for a stage thread told to end: a healthy one ends within a read batch.
-STAGE_END_SECONDS = 60.0
 
 
 class Stage(threading.Thread):
@@ -60,16 +58,14 @@ class Stage(threading.Thread):
     def work(self) -> None:
         raise NotImplementedError
 
-    def wait_ended(self, timeout: float = STAGE_END_SECONDS) -> None:
-        """Wait until `run` has returned (or `timeout`), then raise a stop that came meanwhile."""
-        deadline = time.monotonic() + timeout
+    def wait_ended(self) -> None:
+        """`join()`, unbounded like it (a committer may be finishing a shard on a slow store),
+        that a stop raised meanwhile does not cut short: the stop is raised once `run` returned.
+        A thread that never began is not waited for (a feeder then reads nothing)."""
         stop: BaseException | None = None
         while self.ident is not None and not self.ended.is_set():
-            left = deadline - time.monotonic()
-            if left <= 0:
-                break
             try:
-                self.ended.wait(left)
+                self.ended.wait()
             except BaseException as exc:  # the stop signal's exception: raised once ended
                 stop = stop or exc
         if stop is not None:
