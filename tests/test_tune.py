@@ -808,10 +808,36 @@ def test_verify_runs_a_replicas_winner_with_its_replicas() -> None:
     assert verify_sides(engine, {})[1].replicas == 1
 
 
-def test_a_replica_trial_deals_the_sample_out_and_answers_every_row(tmp_path: Path) -> None:
+@pytest.fixture
+def start_order(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The order in which warm workers are spawned and report their engine ready."""
+    from pipeline.bench import warm
+
+    events: list[str] = []
+
+    class Recorded(warm._Worker):
+        def __init__(self, side: Any, rank: int, *args: Any) -> None:
+            super().__init__(side, rank, *args)
+            events.append(f"spawn {rank}")
+
+        def answer(self, timeout: float) -> tuple:
+            reply = super().answer(timeout)
+            if reply[0] == "ready":
+                events.append(f"ready {self.rank}")
+            return reply
+
+    monkeypatch.setattr(warm, "_Worker", Recorded)
+    return events
+
+
+def test_a_replica_trial_deals_the_sample_out_and_answers_every_row(
+    tmp_path: Path, start_order: list[str]
+) -> None:
     """Two replicas (worker processes, fake engine): each engine gets as many rows as the
     one-engine trial (the input's first 2 x 20, so each is as full as in a long run), the
-    texts compared being the sample's, as one engine gives them; timed over the passes."""
+    texts compared being the sample's, as one engine gives them; timed over the passes. Its
+    engines start at once: the baseline trial already compiled the model on this host (on an
+    H100 a replica trial's two engines took 92 s each, 187 s one after the other)."""
     from pipeline.cli.flags import run_config
     from pipeline.cli.run import run
     from pipeline.job import read_job
@@ -827,6 +853,29 @@ def test_a_replica_trial_deals_the_sample_out_and_answers_every_row(tmp_path: Pa
     assert len(two.tok_s) == 2 and two.tunables == {"replicas_per_gpu": 2}
     assert two.texts == one.texts and len(two.texts) == 20
     assert two.output_tokens > 1.5 * one.output_tokens  # 40 rows' tokens, not 20's
+    assert start_order == ["spawn 0", "spawn 1", "ready 0", "ready 1"]
+
+
+@pytest.mark.parametrize(
+    ("first_alone", "order"),
+    [(True, ["spawn 0", "ready 0", "spawn 1", "ready 1"]),
+     (False, ["spawn 0", "spawn 1", "ready 0", "ready 1"])],
+)  # fmt: skip
+def test_warm_engines_start_the_first_alone_unless_the_host_compiled_the_model(
+    tmp_path: Path, start_order: list[str], first_alone: bool, order: list[str]
+) -> None:
+    """A bench on a fresh host starts its first engine alone (it compiles the model; the rest
+    reuse its cache), then the others at once; a tune's later trials and --verify start all."""
+    from pipeline.bench.warm import Side, WarmSides
+    from pipeline.cli.flags import run_config
+    from pipeline.cli.run import run
+
+    ctx = run.make_context("run", run_args(SAMPLE, tmp_path / "o", *FAKE_ENGINE)[1:])
+    cfg = run_config(dict(ctx.params, num_ranks=1, rank=0))
+    sides = [Side("trial", "trial", cfg.engine, 2, sample=8)]
+    with WarmSides(sides, cfg, tmp_path / "w", parallel=True, first_alone=first_alone) as warm:
+        warm.start()
+    assert start_order == order
 
 
 def test_fp8_is_tried_on_a_gpu_only_where_the_job_has_no_quantization_and_raw_defaults_drop_it() -> (

@@ -135,10 +135,22 @@ class WarmSides:
     """The workers of every side: started once (`start`), timed pass by pass (`run_pass`),
     closed at the end (`close`, also as a context manager)."""
 
-    def __init__(self, sides: list[Side], run_cfg: RunConfig, work: Path, parallel: bool) -> None:
+    def __init__(
+        self,
+        sides: list[Side],
+        run_cfg: RunConfig,
+        work: Path,
+        parallel: bool,
+        first_alone: bool = True,
+    ) -> None:
         self.sides = {s.name: s for s in sides}
         self.run_cfg, self.work = run_cfg, work
-        self.parallel = parallel  # start all but the first engine at once (a GPU host)
+        self.parallel = parallel  # start the engines at once (a GPU host), else one by one
+        # Start the first engine before the rest: a host's first start of a model compiles it
+        # (~3 minutes on an H100), and the others then reuse its compile cache. False where an
+        # engine of these settings already started on this host (a tune's trials after its
+        # baseline, its --verify): waiting for the first would only add a whole engine start.
+        self.first_alone = first_alone
         self.workers: dict[str, list[_Worker]] = {}
         self.starts: dict[str, list[float]] = {}
 
@@ -149,8 +161,8 @@ class WarmSides:
         self.close()
 
     def start(self) -> None:
-        """Start every engine: the first alone (it fills the compile cache the others reuse),
-        then the rest, at once where `parallel`, else one by one."""
+        """Start every engine: where `parallel`, the first alone when `first_alone`, then the
+        rest at once; else one by one."""
         order = [(s, r) for s in self.sides.values() for r in range(s.replicas)]
         pending: list[_Worker] = []
         for i, (side, rank) in enumerate(order):
@@ -158,7 +170,7 @@ class WarmSides:
                 worker = _Worker(side, rank, self.run_cfg, self.work)
                 self.workers.setdefault(side.name, []).append(worker)
             pending.append(worker)
-            if i == 0 or not self.parallel:
+            if not self.parallel or (i == 0 and self.first_alone):
                 self._ready(pending)
                 pending = []
         self._ready(pending)

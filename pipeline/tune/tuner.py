@@ -128,7 +128,8 @@ class TrialRunner:
         try:
             with (
                 tempfile.TemporaryDirectory(prefix="batchgen-tune-") as tmp,
-                WarmSides(sides, self.cfg.run, Path(tmp), parallel=True) as warm,
+                # (the baseline trial, always first, compiled the model on this host)
+                WarmSides(sides, self.cfg.run, Path(tmp), parallel=True, first_alone=False) as warm,
             ):
                 warm.start()
                 start_seconds = time.monotonic() - started

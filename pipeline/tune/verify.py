@@ -53,7 +53,8 @@ class Verify:
         parallel = self.share.get("engines_on_the_gpu") is not None
         with (
             tempfile.TemporaryDirectory(prefix="batchgen-verify-") as tmp,
-            WarmSides(sides, run_cfg, Path(tmp), parallel=parallel) as warm,
+            # (both sides' settings started in the search's trials: no first start to wait for)
+            WarmSides(sides, run_cfg, Path(tmp), parallel=parallel, first_alone=False) as warm,
         ):
             warm.start()
             log.info("tune --verify: cold pass of each side (untimed)")
