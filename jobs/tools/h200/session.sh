@@ -5,6 +5,7 @@
 #   $RESULTS (polled and fetched by short device calls): (c) a tune with --verify when TUNE_ARGS is
 #   set, then (a) a bench (skipped when $RESULTS/skip-a exists), then (b) when B_ARGS is set.
 # usage: INSTALL=.gpu/install.sh bash session.sh WORK_DIR   (WORK_DIR holds pipeline/)
+#   (start.sh starts it from a device call, in the background; poll.sh waits on it)
 # A shape-only model instead of the bundled one (no GGUF step): MODEL=/root/models/llama-8b-shape
 #   EXTRA="--engine-arg load_format=dummy ..." EOS= A_ARGS="--raw-defaults --engine-arg quantization=fp8"
 # Dry run on a CPU box: PY=... SKIP_INSTALL=1 PROMPTS=16 ROUNDS=2 MAXTOK=16 bash session.sh DIR

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# A device call's body that starts the GPU session: copy the parts this call carries (the last
+# wheel part, .gpu/install.sh and .gpu/models) into the staging folder, copy the checkout to
+# /root/w, and start session.sh there in a process session of its own (setsid), so it outlives
+# this call; later calls poll it with poll.sh. Settings for session.sh pass through the
+# environment; SKIP_A=1 skips its bench (a).
+# usage (in the device call): [SKIP_A=1] [TUNE_ARGS=...] bash jobs/tools/h200/start.sh CARRIED...
+# The 2026-12-07 tune (docs/benchmarks.md): PROMPTS=4096 MAXTOK=256 SKIP_A=1
+#   TUNE_ARGS="--sample 2048 --try replicas_per_gpu=2 --try replicas_per_gpu=3
+#   --allow-output-changes --verify 5 --budget-seconds 780" bash jobs/tools/h200/start.sh
+#   .gpu/part06 .gpu/install.sh .gpu/models
+set -u
+STAGE=${STAGE:-/root/gpu-stage}
+RESULTS=${RESULTS:-/root/results}
+mkdir -p "$STAGE" "$RESULTS"
+cp -r "$@" "$STAGE/" || exit 1
+ls -l "$STAGE"
+rm -rf /root/w && mkdir -p /root/w && cp -r pipeline jobs data pyproject.toml /root/w/ || exit 1
+[ -n "${SKIP_A:-}" ] && touch "$RESULTS/skip-a"
+export INSTALL="$STAGE/install.sh" STAGE RESULTS
+setsid nohup bash /root/w/jobs/tools/h200/session.sh /root/w > "$RESULTS/session.out" 2>&1 < /dev/null &
+sleep 20
+cat "$RESULTS/session.out"
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+nproc
