@@ -46,11 +46,11 @@ run: model
 
 # The set-up steps run side by side (pip for the venv and the model; apt for the test tools and
 # Slurm, then the cluster's start), so the set-up takes as long as the longer of the two.
-# Two pytest workers (pytest-xdist) by default: the real-engine and Slurm tests one after
-# another on one, the S3-server tests one after another on the other and then the rest
-# (tests/conftest.py groups them; tests/test_conftest_groups.py checks that the split holds). On
-# this 2-core VM the suite took 26.6 minutes so (the engine worker's, the longer share), against
-# about 45 in one process. PYTEST_WORKERS=1 runs one process (docs/development.md).
+# Two pytest workers (pytest-xdist) by default: the real-engine tests one after another on one,
+# the S3-server tests one after another on the other, then the fake-engine Slurm tests and the
+# rest (tests/conftest.py groups them; tests/test_conftest_groups.py checks that the split
+# holds). On this 2-core VM the suite took 26.9 minutes so (the engine worker's, the longer
+# share), against about 45 in one process. PYTEST_WORKERS=1 runs one process (docs/development.md).
 PYTEST_WORKERS ?= 2
 test:
 	@$(MAKE) --no-print-directory -j3 --output-sync=target test-setup
