@@ -95,7 +95,7 @@ def test_a_dead_or_stopped_engine_is_restarted_and_the_run_completes(tmp_path, r
     core = shared_engine_core()
     os.kill(core.pid, signal.SIGKILL if fault == "sigkill" else signal.SIGSTOP)
     started = time.monotonic()
-    shards = len(reference) / 4  # greedy_sample_args commits 4-row shards
+    shards = len(reference) / int(args[args.index("--rows-per-shard") + 1])
     assert thread.is_alive() and len(shard_files(out)) < shards, "the signal came after the run"
     thread.join(timeout=900)
     assert not thread.is_alive()

@@ -808,6 +808,16 @@ def test_verify_runs_a_replicas_winner_with_its_replicas() -> None:
     assert verify_sides(engine, {})[1].replicas == 1
 
 
+def fake_run_config(tmp_path: Path) -> Any:
+    """The run config of the sample on the fake engine, one rank: what the tuner's trials and
+    the warm workers take."""
+    from pipeline.cli.flags import run_config
+    from pipeline.cli.run import run
+
+    ctx = run.make_context("run", run_args(SAMPLE, tmp_path / "o", *FAKE_ENGINE)[1:])
+    return run_config(dict(ctx.params, num_ranks=1, rank=0))
+
+
 @pytest.fixture
 def start_order(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """The order in which warm workers are spawned and report their engine ready."""
@@ -838,14 +848,10 @@ def test_a_replica_trial_deals_the_sample_out_and_answers_every_row(
     texts compared being the sample's, as one engine gives them; timed over the passes. Its
     engines start at once: the baseline trial already compiled the model on this host (on an
     H100 a replica trial's two engines took 92 s each, 187 s one after the other)."""
-    from pipeline.cli.flags import run_config
-    from pipeline.cli.run import run
     from pipeline.job import read_job
     from pipeline.tune.tuner import TrialRunner, TuneConfig
 
-    ctx = run.make_context("run", run_args(SAMPLE, tmp_path / "o", *FAKE_ENGINE)[1:])
-    cfg = TuneConfig(run=run_config(dict(ctx.params, num_ranks=1, rank=0)), sample=20,
-                     repeats=2)  # fmt: skip
+    cfg = TuneConfig(run=fake_run_config(tmp_path), sample=20, repeats=2)
     trials = TrialRunner(cfg, read_job(cfg.run))
     one = trials.measure({}, None)
     two = trials.measure({"replicas_per_gpu": 2}, None)
@@ -867,11 +873,8 @@ def test_warm_engines_start_the_first_alone_unless_the_host_compiled_the_model(
     """A bench on a fresh host starts its first engine alone (it compiles the model; the rest
     reuse its cache), then the others at once; a tune's later trials and --verify start all."""
     from pipeline.bench.warm import Side, WarmSides
-    from pipeline.cli.flags import run_config
-    from pipeline.cli.run import run
 
-    ctx = run.make_context("run", run_args(SAMPLE, tmp_path / "o", *FAKE_ENGINE)[1:])
-    cfg = run_config(dict(ctx.params, num_ranks=1, rank=0))
+    cfg = fake_run_config(tmp_path)
     sides = [Side("trial", "trial", cfg.engine, 2, sample=8)]
     with WarmSides(sides, cfg, tmp_path / "w", parallel=True, first_alone=first_alone) as warm:
         warm.start()
