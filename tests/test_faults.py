@@ -11,7 +11,7 @@ import re
 import shutil
 import subprocess
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -225,7 +225,21 @@ def tiny_disk(tmp_path: Path) -> Iterator[Path]:
     try:
         yield disk
     finally:
-        subprocess.run(["umount", disk], check=True)
+        umount = subprocess.run(["umount", disk], capture_output=True, text=True)
+        assert umount.returncode == 0, f"{umount.stderr.strip()}; held by: {holders(disk)}"
+
+
+def holders(disk: Path) -> list[str]:
+    """What keeps a mount busy: every process's open files and memory maps under it."""
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        with suppress(OSError):
+            found += [f"{proc.name} fd {os.readlink(fd)}" for fd in (proc / "fd").iterdir()
+                      if os.readlink(fd).startswith(str(disk))]  # fmt: skip
+            found += [f"{proc.name} map {line.split()[-1]}"
+                      for line in (proc / "maps").read_text().splitlines()
+                      if str(disk) in line]  # fmt: skip
+    return found
 
 
 def fill(disk: Path, name: str, leave: int = 0) -> None:
