@@ -9,6 +9,10 @@
 #   TUNE_ARGS="--sample 2048 --try replicas_per_gpu=2 --try replicas_per_gpu=3
 #   --allow-output-changes --verify 5 --budget-seconds 780" bash jobs/tools/h200/start.sh
 #   .gpu/part06 .gpu/install.sh .gpu/models
+# The 2026-12-07 third session's benches (raw, defaults and 3 replicas; then CUDA graphs to 1,024):
+#   PROMPTS=4096 MAXTOK=256 REPLICAS=1,3 BUDGET_A=820 BUDGET_B=420
+#   B_ARGS="--raw-defaults --engine-arg max_cudagraph_capture_size=1024" bash jobs/tools/h200/start.sh
+#   .gpu/part06 .gpu/install.sh .gpu/models
 set -u
 STAGE=${STAGE:-/root/gpu-stage}
 RESULTS=${RESULTS:-/root/results}
