@@ -49,8 +49,9 @@ run: model
 # Two pytest workers (pytest-xdist) by default: the real-engine tests one after another on one,
 # the S3-server tests one after another on the other, then the fake-engine Slurm tests and the
 # rest (tests/conftest.py groups them; tests/test_conftest_groups.py checks that the split
-# holds). On this 2-core VM the suite took 23.8 minutes so (the engine worker's, the longer
-# share), against about 45 in one process. PYTEST_WORKERS=1 runs one process (docs/development.md).
+# holds). On this 2-core VM the suite took 23.8 minutes so (27.7 for the same commit on a slower
+# day; the engine worker's, the longer share), against about 45 in one process.
+# PYTEST_WORKERS=1 runs one process (docs/development.md).
 PYTEST_WORKERS ?= 2
 test:
 	@$(MAKE) --no-print-directory -j3 --output-sync=target test-setup

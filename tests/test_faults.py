@@ -233,12 +233,17 @@ def holders(disk: Path) -> list[str]:
     """What keeps a mount busy: every process's open files and memory maps under it."""
     found = []
     for proc in Path("/proc").glob("[0-9]*"):
-        with suppress(OSError):
-            found += [f"{proc.name} fd {os.readlink(fd)}" for fd in (proc / "fd").iterdir()
-                      if os.readlink(fd).startswith(str(disk))]  # fmt: skip
+        fds: list[Path] = []
+        with suppress(OSError):  # the process is gone, or not ours to read
+            fds = list((proc / "fd").iterdir())
             found += [f"{proc.name} map {line.split()[-1]}"
                       for line in (proc / "maps").read_text().splitlines()
                       if str(disk) in line]  # fmt: skip
+        for fd in fds:
+            with suppress(OSError):  # closed since the listing: one fd, not the whole process
+                target = os.readlink(fd)
+                if target.startswith(str(disk)):
+                    found.append(f"{proc.name} fd {target}")
     return found
 
 
