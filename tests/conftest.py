@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -113,6 +114,31 @@ def run_subprocess(*args: str | Path, timeout: float = 600, env: dict | None = N
         timeout=timeout,
         env={**os.environ, **(env or {})},
     )
+
+
+def run_cli_signalled(args: list, out: Path, signals: list[signal.Signals]):
+    """Run batchgen in this process (on the engine the tests share, no engine start) and, once
+    it commits a shard under `out`, send this process `signals` 0.1 s apart, as a terminal or a
+    scheduler would: batchgen's handlers own the stop signals for the whole run, so every one
+    lands in them while the run drains. Returns the CliRunner result (exit code not checked)."""
+    before = len(list(out.glob("rank-*/part-*.parquet")))
+    done = threading.Event()
+
+    def send() -> None:
+        while len(list(out.glob("rank-*/part-*.parquet"))) <= before and not done.wait(0.05):
+            pass
+        for sig in signals:
+            if not done.is_set():
+                os.kill(os.getpid(), sig)
+                time.sleep(0.1)
+
+    sender = threading.Thread(target=send, daemon=True)
+    sender.start()
+    try:
+        return run_cli(*args, expect=None)
+    finally:
+        done.set()
+        sender.join(timeout=10)
 
 
 def read_output(out: Path) -> pa.Table:

@@ -10,21 +10,19 @@ import functools
 import json
 import re
 import signal
-import subprocess
-import time
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import (
-    BATCHGEN,
     REAL_ENGINE,
     SAMPLE,
     greedy_sample_args,
     read_output,
     run_args,
     run_cli,
+    run_cli_signalled,
     run_subprocess,
     write_prompts,
 )
@@ -293,22 +291,17 @@ def test_documented_command_then_sigterm_and_resume(tmp_path, greedy_reference):
 
     # Interrupt a run after its first commit; the rerun completes it exactly once, with the
     # texts of an uninterrupted run. float32: in bfloat16 a different batch mix can flip a
-    # greedy token, which says nothing about resume.
+    # greedy token, which says nothing about resume. Both in this process, on the session's
+    # engine: a fresh process's stop and resume on the real engine are test_first_hour_e2e's
+    # Ctrl-C test and test_slurm's requeues (SIGINT, SIGUSR1; SIGTERM takes the same handler).
     resumed = tmp_path / "resumed"
     args = greedy_sample_args(resumed)
-    proc = subprocess.Popen([str(BATCHGEN), *args], stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 600  # a slow CI box: the engine alone starts in ~40 s here
-    while not list(resumed.glob("rank-*/part-*.parquet")):
-        assert proc.poll() is None and time.monotonic() < deadline
-        time.sleep(0.1)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 75, err
+    stopped = run_cli_signalled(args, resumed, [signal.SIGTERM])
+    assert stopped.exit_code == 75, stopped.output
+    assert "SIGTERM received: finishing running requests" in stopped.output
     partial = read_output(resumed).num_rows
     assert 0 < partial < 48
 
-    # The rerun in this process, on the session's engine: the installed command's resume across
-    # processes is what the subprocess above and test_first_hour_e2e's Ctrl-C test prove.
     rerun = run_cli(*args)
     assert f"resuming rank 0: {partial} prompts already committed" in rerun.output
     final = read_output(resumed).sort_by("id")

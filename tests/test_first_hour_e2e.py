@@ -8,7 +8,6 @@ import os
 import re
 import signal
 import subprocess
-import threading
 import time
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from conftest import (
     manifest_state,
     read_output,
     run_cli,
+    run_cli_signalled,
     run_subprocess,
 )
 from test_kill_harness import shard_files
@@ -57,31 +57,6 @@ def ctrl_c(args: list[str], out: Path, presses: int) -> tuple[int, str]:
     return proc.returncode, err
 
 
-def press_twice_in_process(args: list[str], out: Path) -> str:
-    """Run batchgen in this process (on the engine the other tests share) and, once it commits
-    a shard, send this process SIGINT twice, as a second Ctrl-C would: batchgen's handler owns
-    SIGINT for the whole run, and two presses 0.1 s apart land while it drains."""
-    before = len(shard_files(out))
-    done = threading.Event()
-
-    def press() -> None:
-        while len(shard_files(out)) <= before and not done.wait(0.05):
-            pass
-        for _ in range(2):
-            if not done.is_set():
-                os.kill(os.getpid(), signal.SIGINT)
-                time.sleep(0.1)
-
-    presser = threading.Thread(target=press, daemon=True)
-    presser.start()
-    try:
-        result = run_cli(*args, expect=75)
-    finally:
-        done.set()
-        presser.join(timeout=10)
-    return result.output
-
-
 def test_ctrl_c_in_a_terminal_drains_and_a_second_one_stops_now(tmp_path):
     """One Ctrl-C in a terminal (SIGINT to the whole foreground group, vLLM's engine core
     included) drains on the real engine in a fresh process, as a user's run; a second one aborts
@@ -102,7 +77,9 @@ def test_ctrl_c_in_a_terminal_drains_and_a_second_one_stops_now(tmp_path):
     done_once = read_output(out).num_rows
     assert 0 < done_once < 48
 
-    output = press_twice_in_process(args, out)
+    result = run_cli_signalled(args, out, [signal.SIGINT, signal.SIGINT])
+    output = result.output
+    assert result.exit_code == 75, output
     assert "SIGINT received again: aborting running requests" in output, output
     assert "aborted" in output and "engine died" not in output, output
     second = manifest(out)
