@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -288,6 +289,13 @@ def test_bench_json_end_to_end_on_the_real_engine(tmp_path: Path) -> None:
     assert report["shards_per_run"] == 8  # rows_per_shard 8 // 8 = 1
     assert len(report["rounds"]) == 1
     assert report["machine"]["vllm"]
+    # The KV cache vLLM sized, against the arithmetic from the model's config: on CPU the cache
+    # is VLLM_CPU_KVCACHE_SPACE GiB, K and V of every layer's KV heads a token, in float32.
+    config = json.loads((Path(report["model"]) / "config.json").read_text())
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    per_token = 2 * config["num_hidden_layers"] * config["num_key_value_heads"] * head_dim * 4
+    expected = float(os.environ["VLLM_CPU_KVCACHE_SPACE"]) * 2**30 / per_token
+    assert 0.95 * expected <= report["kv_cache_tokens"]["batchgen"] <= expected
 
 
 @pytest.mark.engine

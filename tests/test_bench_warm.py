@@ -55,6 +55,9 @@ class FakeWarmSides:
     def tunables(self, name: str) -> dict[str, Any]:
         return {"max_num_seqs": 4 * self.sides[name].replicas}
 
+    def kv_cache_tokens(self, name: str) -> int | None:
+        return 1000 * self.sides[name].replicas
+
 
 @pytest.fixture
 def warm(monkeypatch: pytest.MonkeyPatch) -> type[FakeWarmSides]:
@@ -144,12 +147,14 @@ def test_report_fields_and_json(tmp_path: Path, warm: type[FakeWarmSides]) -> No
         "machine",
         "engine_starts_s",
         "tunables",
+        "kv_cache_tokens",
         "bench_seconds",
     }
     # four engines (raw, batchgen, two replicas) share the CPU engine's 8 GiB of KV cache
     assert report["memory_per_engine"] == {"engines_on_the_cpu": 4, "VLLM_CPU_KVCACHE_SPACE": 2}
     assert report["engine_starts_s"] == {"raw": [1.5], "batchgen": [1.5], "batchgen x2": [1.5] * 2}
     assert report["tunables"]["batchgen x2"] == {"max_num_seqs": 8}
+    assert report["kv_cache_tokens"] == {"raw": 1000, "batchgen": 1000, "batchgen x2": 2000}
     doubled = report["sides"]["batchgen x2"]
     assert (doubled["kind"], doubled["replicas"]) == ("batchgen", 2)
     assert (doubled["front_cpu_median"], doubled["core_cpu_median"]) == (0.5, 0.25)

@@ -55,10 +55,12 @@ def run_warm(cfg: Any) -> dict[str, Any]:
             cold = {n: warm.run_pass(n, "cold") for n in names}
             rounds = alternate(warm, names, cfg.rounds, cfg.budget_seconds, bench_start)
             tunables = {n: warm.tunables(n) for n in names}
+            kv_tokens = {n: warm.kv_cache_tokens(n) for n in names}
             starts = dict(warm.starts)
         report = warm_report(cfg, sides, share, cold, rounds, budgets)
         report["engine_starts_s"] = starts
         report["tunables"] = tunables
+        report["kv_cache_tokens"] = kv_tokens
         report["bench_seconds"] = round(time.monotonic() - bench_start, 1)
         return report
 

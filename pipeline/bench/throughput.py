@@ -113,6 +113,7 @@ def run_throughput(cfg: BenchConfig) -> dict[str, Any]:
         )
         report["cold_pass_s"] = round(cold, 2)
         report["tunables"] = {"batchgen": engine.tunables()}
+        report["kv_cache_tokens"] = {"batchgen": engine.kv_cache_tokens()}
         if server is not None:
             _add_server(report, server, timings)
         report["bench_seconds"] = round(time.monotonic() - bench_start, 1)

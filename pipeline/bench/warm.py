@@ -102,6 +102,7 @@ class _Worker:
         child.close()
         self.start_seconds: float | None = None
         self.tunables: dict[str, Any] = {}
+        self.kv_cache_tokens: int | None = None
         self.busy = True  # starting its engine, or running a pass: not reading its pipe
 
     def ask(self, *message: Any) -> None:
@@ -177,13 +178,17 @@ class WarmSides:
 
     def _ready(self, workers: list[_Worker]) -> None:
         for w in workers:
-            _, seconds, tunables = w.answer(READY_TIMEOUT)
-            w.start_seconds, w.tunables = seconds, tunables
+            _, seconds, w.tunables, w.kv_cache_tokens = w.answer(READY_TIMEOUT)
+            w.start_seconds = seconds
             self.starts.setdefault(w.side.name, []).append(round(seconds, 1))
             log.info("bench: %s rank %d ready (engine start %.1f s)", w.side.name, w.rank, seconds)
 
     def tunables(self, name: str) -> dict[str, Any]:
         return self.workers[name][0].tunables
+
+    def kv_cache_tokens(self, name: str) -> int | None:
+        """One engine's KV cache, in tokens (a side's replicas are alike)."""
+        return self.workers[name][0].kv_cache_tokens
 
     def run_pass(self, name: str, tag: str) -> Pass:
         """One timed pass of side `name` over every row; `tag` names its output folders."""
@@ -353,7 +358,8 @@ def _worker_main(
     try:
         started = time.monotonic()
         job, engine, rows = _start(kind, cfg, out.parent / f"engine-{out.name}.log", sample)
-        conn.send(("ready", time.monotonic() - started, engine.tunables()))
+        ready = time.monotonic() - started
+        conn.send(("ready", ready, engine.tunables(), engine.kv_cache_tokens()))
         while True:
             message = conn.recv()
             if message[0] == "close":

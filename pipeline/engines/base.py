@@ -120,6 +120,11 @@ class Engine(Protocol):
         """Forget cached prompt prefixes, so a second pass over the same prompts prefills anew."""
         ...
 
+    def kv_cache_tokens(self) -> int | None:
+        """Tokens the engine's KV cache holds, as the engine sized it at its start (None where
+        not known): with `max_model_len`, how many sequences fit at once (the bench reports it)."""
+        ...
+
 
 class SteppingEngine(ABC):
     """An engine driven by add / step / abort calls from this thread (vLLM, the fake).

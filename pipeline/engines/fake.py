@@ -64,6 +64,10 @@ class FakeEngine(SteppingEngine):
     def reset_prefix_cache(self) -> None:
         """Nothing is cached."""
 
+    def kv_cache_tokens(self) -> int | None:
+        """No KV cache."""
+        return None
+
     def close(self) -> None:
         self._queue.clear()
 

@@ -217,6 +217,13 @@ class VllmEngine(SteppingEngine):
             "quantization": config.model_config.quantization,
         }
 
+    def kv_cache_tokens(self) -> int | None:
+        cache = self.engine.vllm_config.cache_config
+        # The engine core sizes the cache at its start and reports its blocks back to this
+        # process's config (vLLM's core client, 0.26 and 0.32 alike).
+        blocks, size = cache.num_gpu_blocks, cache.block_size
+        return int(blocks) * int(size) if blocks and size else None
+
     def default_inflight(self) -> int:
         return max(4 * self.max_num_seqs, 256)
 

@@ -13,6 +13,12 @@
 #   PROMPTS=4096 MAXTOK=256 REPLICAS=1,3 BUDGET_A=820 BUDGET_B=420
 #   B_ARGS="--raw-defaults --engine-arg max_cudagraph_capture_size=1024" bash jobs/tools/h200/start.sh
 #   .gpu/part06 .gpu/install.sh .gpu/models
+# The 2026-12-08 llama-8b-shape session (one engine, whole GPU: (a) vLLM's defaults; (b) an FP8 KV
+#   cache, lost when the host was taken back): MODEL=/root/models/llama-8b-shape EOS= PROMPTS=2048
+#   MINTOK=256 MAXTOK=256 EXTRA="--engine-arg load_format=dummy --min-prompt-tokens 64
+#   --max-prompt-tokens 512 --max-model-len 4096" A_ARGS=" " BUDGET_A=540
+#   B_ARGS="--engine-arg kv_cache_dtype=fp8" BUDGET_B=480 bash jobs/tools/h200/start.sh
+#   .gpu/part06 .gpu/install.sh .gpu/models
 set -u
 STAGE=${STAGE:-/root/gpu-stage}
 RESULTS=${RESULTS:-/root/results}
