@@ -116,29 +116,43 @@ def run_subprocess(*args: str | Path, timeout: float = 600, env: dict | None = N
     )
 
 
+def shard_files(out: Path) -> list[Path]:
+    """The committed Parquet shards under an output folder, every rank's."""
+    return sorted(out.glob("rank-*/part-*.parquet"))
+
+
 def run_cli_signalled(args: list, out: Path, signals: list[signal.Signals]):
     """Run batchgen in this process (on the engine the tests share, no engine start) and, once
     it commits a shard under `out`, send this process `signals` 0.1 s apart, as a terminal or a
     scheduler would: batchgen's handlers own the stop signals for the whole run, so every one
-    lands in them while the run drains. Returns the CliRunner result (exit code not checked)."""
-    before = len(list(out.glob("rank-*/part-*.parquet")))
+    lands in them while the run drains. Around the run, handlers of this helper's own stand in
+    for pytest's: batchgen restores them at its end, so a signal that came after it (none
+    should) is caught and fails here instead of stopping the test session. Returns the
+    CliRunner result (exit code not checked)."""
+    before = len(shard_files(out))
     done = threading.Event()
+    late: list[int] = []
 
     def send() -> None:
-        while len(list(out.glob("rank-*/part-*.parquet"))) <= before and not done.wait(0.05):
+        while len(shard_files(out)) <= before and not done.wait(0.05):
             pass
         for sig in signals:
             if not done.is_set():
                 os.kill(os.getpid(), sig)
                 time.sleep(0.1)
 
+    previous = {sig: signal.signal(sig, lambda n, _f: late.append(n)) for sig in set(signals)}
     sender = threading.Thread(target=send, daemon=True)
     sender.start()
     try:
-        return run_cli(*args, expect=None)
+        result = run_cli(*args, expect=None)
     finally:
         done.set()
         sender.join(timeout=10)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    assert not late, f"signals {late} came after batchgen's run had ended"
+    return result
 
 
 def read_output(out: Path) -> pa.Table:

@@ -24,9 +24,10 @@ from conftest import (
     run_args,
     run_cli,
     run_subprocess,
+    shard_files,
     write_prompts,
 )
-from test_kill_harness import Victim, rows_by_key, shard_files, wait_until
+from test_kill_harness import Victim, rows_by_key, wait_until
 
 pytestmark = pytest.mark.engine
 

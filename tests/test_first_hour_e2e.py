@@ -24,8 +24,8 @@ from conftest import (
     run_cli,
     run_cli_signalled,
     run_subprocess,
+    shard_files,
 )
-from test_kill_harness import shard_files
 
 pytestmark = pytest.mark.engine
 
@@ -34,9 +34,9 @@ def manifest(out: Path) -> dict:
     return manifest_state(out)
 
 
-def ctrl_c(args: list[str], out: Path, presses: int) -> tuple[int, str]:
+def ctrl_c(args: list[str], out: Path) -> tuple[int, str]:
     """Run batchgen as a terminal's foreground job (a process group of its own here) and, once
-    its first shard is committed, press Ctrl-C `presses` times: SIGINT to the whole group."""
+    its first shard is committed, press Ctrl-C: SIGINT to the whole group."""
     before = len(shard_files(out))
     proc = subprocess.Popen(
         [str(BATCHGEN), *args], stderr=subprocess.PIPE, text=True, start_new_session=True
@@ -47,9 +47,7 @@ def ctrl_c(args: list[str], out: Path, presses: int) -> tuple[int, str]:
             assert proc.poll() is None, proc.communicate()[1]
             assert time.monotonic() < deadline, "no shard in 600 s"
             time.sleep(0.05)
-        for _ in range(presses):
-            os.killpg(proc.pid, signal.SIGINT)
-            time.sleep(0.1)
+        os.killpg(proc.pid, signal.SIGINT)
         _, err = proc.communicate(timeout=300)
     finally:
         if proc.poll() is None:
@@ -66,7 +64,7 @@ def test_ctrl_c_in_a_terminal_drains_and_a_second_one_stops_now(tmp_path):
     args = greedy_sample_args(out)
     args[args.index("--max-tokens") + 1] = "64"  # requests still running when Ctrl-C comes
 
-    code, err = ctrl_c(args, out, presses=1)
+    code, err = ctrl_c(args, out)
     assert code == 75, err
     assert "SIGINT received: finishing running requests (up to 30s)" in err
     assert "engine died" not in err and "Traceback" not in err, err

@@ -35,6 +35,7 @@ from conftest import (
     read_output,
     run_args,
     run_cli,
+    shard_files,
     write_prompts,
 )
 from hooks import PAUSE_ENV as TEST_PAUSE_ENV
@@ -103,10 +104,6 @@ class Victim:
     @property
     def stderr(self) -> str:
         return "".join(self.lines)
-
-
-def shard_files(out: Path) -> list[Path]:
-    return sorted(out.glob("rank-*/part-*.parquet"))
 
 
 def wait_until(condition, victim: Victim, timeout: float, what: str) -> bool:

@@ -15,9 +15,9 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import FAKE_ENGINE, manifest_state, read_output, run_cli
+from conftest import FAKE_ENGINE, manifest_state, read_output, run_cli, shard_files
 from hooks import PAUSE_ENV, STEP_ENV
-from test_kill_harness import Victim, shard_files, wait_until
+from test_kill_harness import Victim, wait_until
 
 from pipeline.checkpoint import lock_holder
 
