@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest import BATCHGEN, REAL_ENGINE, Group, run_cli
+from conftest import BATCHGEN, REAL_ENGINE, Group, run_cli, run_subprocess
 
 from pipeline.bench import BenchConfig, make_prompts
 from pipeline.bench.stats import bootstrap_median, spread, spread_text
@@ -114,6 +114,20 @@ BAD_BENCH_FLAGS = [
         ["--memory", "--server", "http://gpu7:8000/v1"],
         "--server: only for the throughput bench; drop --memory",
         id="server-with-memory",
+    ),
+    pytest.param(
+        ["--trace-after", "5"], "--trace-after needs --trace-steps N", id="trace-after-alone"
+    ),
+    pytest.param(
+        ["--trace-steps", "8", "--replicas-per-gpu", "1,2"],
+        "--trace-steps traces the shared engine both sides run on: drop --raw-defaults, "
+        "--replicas-per-gpu and --server",
+        id="trace-with-replicas",
+    ),
+    pytest.param(
+        ["--memory", "--trace-steps", "8"],
+        "--trace-steps: only for the throughput bench; drop --memory",
+        id="trace-with-memory",
     ),
     pytest.param(
         ["--reuse-lookup", "0"], "--reuse-lookup 0: must be at least 1 row", id="no-lookup-rows"
@@ -296,6 +310,33 @@ def test_bench_json_end_to_end_on_the_real_engine(tmp_path: Path) -> None:
     per_token = 2 * config["num_hidden_layers"] * config["num_key_value_heads"] * head_dim * 4
     expected = float(os.environ["VLLM_CPU_KVCACHE_SPACE"]) * 2**30 / per_token
     assert 0.95 * expected <= report["kv_cache_tokens"]["batchgen"] <= expected
+
+
+@pytest.mark.engine
+def test_bench_traces_engine_steps_on_the_real_engine(tmp_path: Path) -> None:
+    """--trace-steps 6 --trace-after 2: after the timed round, one more pass of each side with
+    vLLM's torch profiler on. Each side's trace is kept under the work folder and read back:
+    6 steps traced are 6 step markers, 5 periods between their starts (so vLLM honoured the
+    skip and the limit), every period spent mostly in the worker's execute on this CPU engine,
+    no device activity, and all 12 prompts in each step (each generates at least 8 tokens, so
+    steps 3-8 decode every one). Its own process and engine, as a user runs it: the profiler is
+    set when an engine starts, so this cannot use the engine the tests share."""
+    result = run_subprocess("bench", *REAL_ENGINE, "--prompts", "12", "--min-tokens", "8",
+                            "--max-tokens", "16", "--max-prompt-tokens", "64", "--rounds", "1",
+                            "--trace-steps", "6", "--trace-after", "2", "--work-dir", tmp_path,
+                            "--json")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    trace = json.loads(result.stdout)["step_trace"]
+    assert trace["traced_steps"] == 6 and trace["skipped_steps"] == 2
+    for side in ("raw", "batchgen"):
+        s = trace[side]
+        assert s["steps"] == 5, s
+        assert (tmp_path / "trace" / side / s["trace"]).is_file()
+        assert s["gpu_busy_share"] is None and s["gpu_events"] == 0
+        assert 0.5 < s["execute_share"] <= 1
+        assert s["step_ms"]["median"] >= s["execute_ms"]["median"] > 0
+        assert s["requests_per_step"]["median"] == 12 == s["tokens_per_step"]["median"]
+    assert "engine steps, traced after the timed rounds" not in result.stdout  # JSON only
 
 
 @pytest.mark.engine

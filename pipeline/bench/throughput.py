@@ -19,6 +19,7 @@ output tokens count.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
 import time
@@ -96,11 +97,14 @@ def run_throughput(cfg: BenchConfig) -> dict[str, Any]:
     bench_start = time.monotonic()
     model = resolve_model(cfg.engine.model)
     with bench_folder(cfg.work_dir) as work, _open_server(cfg, model) as server:
+        if cfg.trace_steps:
+            cfg = _traced_engine(cfg, work / "trace")
         texts, budgets, adapters, src = bench_prompts(cfg, work)
         engine = _start_engine(cfg, model)
         rows = _bench_rows(cfg, model, engine, src, texts, budgets, adapters)
         cold = _warm_up(engine, cfg, work, rows)
         timings, shards = _rounds(cfg, engine, rows, src, work, model, server, bench_start)
+        traces = _traced_passes(cfg, engine, rows, src, work, model) if cfg.trace_steps else None
         floor = None
         if cfg.with_transformers:
             described = engine.describe()
@@ -116,6 +120,8 @@ def run_throughput(cfg: BenchConfig) -> dict[str, Any]:
         report["kv_cache_tokens"] = {"batchgen": engine.kv_cache_tokens()}
         if server is not None:
             _add_server(report, server, timings)
+        if traces is not None:
+            report["step_trace"] = traces
         report["bench_seconds"] = round(time.monotonic() - bench_start, 1)
         return report
 
@@ -223,6 +229,73 @@ def _rounds(
             )
             break
     return timings, shards
+
+
+def _traced_engine(cfg: BenchConfig, folder: Path) -> BenchConfig:
+    """The bench's settings with the engine's profiler configured to trace into `folder`."""
+    from pipeline.engines.vllm import profiler_engine_args
+
+    folder.mkdir(parents=True, exist_ok=True)
+    traced = profiler_engine_args(folder, cfg.trace_skip, cfg.trace_steps)
+    engine_args = (*cfg.engine.engine_args, *traced.items())
+    return dataclasses.replace(cfg, engine=dataclasses.replace(cfg.engine, engine_args=engine_args))
+
+
+def _traced_passes(
+    cfg: BenchConfig, engine: Any, rows: list, src: Path, work: Path, model: str
+) -> dict[str, Any]:
+    """One more pass of each side with the profiler on, untimed for the ratio; each side's
+    trace moved to `work`/trace/SIDE and summarized (pipeline/bench/steptrace.py)."""
+    from pipeline.bench.steptrace import summarize_folder, trace_files, verdict
+
+    folder = work / "trace"
+    out: dict[str, Any] = {"skipped_steps": cfg.trace_skip, "traced_steps": cfg.trace_steps}
+    for side in ("raw", "batchgen"):
+        before = set(trace_files(folder))
+        log.info("bench: traced %s pass (%d steps after the first %d)", side, cfg.trace_steps,
+                 cfg.trace_skip)  # fmt: skip
+        engine.start_profile()
+        try:
+            if side == "raw":
+                _time_raw(engine, rows)
+            else:
+                _time_batchgen(
+                    engine, bench_run_config(cfg, src, work / "out-trace", cfg.shard_rows), model
+                )
+        finally:
+            engine.stop_profile()
+        written = _await_trace(folder, before)
+        (folder / side).mkdir(exist_ok=True)
+        for path in written:
+            path.rename(folder / side / path.name)
+        summary = summarize_folder(folder / side)
+        if not written:
+            summary["problem"] = (
+                f"no trace: the {side} pass ended before its step {cfg.trace_skip + 1}, where "
+                "the trace would start; lower --trace-after or raise --prompts"
+            )
+        log.info("bench: %s steps traced: %s", side, verdict(summary))
+        out[side] = summary
+    return out
+
+
+def _await_trace(folder: Path, before: set[Path], timeout: float = 30.0) -> list[Path]:
+    """The trace files the profiler wrote since `before`, once their size holds still; [] if
+    none came within `timeout` seconds. vLLM writes a trace before `stop_profile` returns (or
+    before the pass ends, where the step limit ended the trace), so this only waits out the
+    file system; none comes where the trace never started."""
+    from pipeline.bench.steptrace import trace_files
+
+    deadline = time.monotonic() + timeout
+    sizes: dict[Path, int] = {}
+    while time.monotonic() < deadline:
+        new = [p for p in trace_files(folder) if p not in before]
+        now = {p: p.stat().st_size for p in new}
+        if new and now == sizes:
+            return new
+        sizes = now
+        time.sleep(1.0)
+    return []
 
 
 def _check_same_work(cfg: BenchConfig, raw: Timing, ours: Timing, budget: int | None) -> None:

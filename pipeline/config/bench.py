@@ -16,6 +16,10 @@ from pipeline.errors import ConfigError
 from pipeline.options import option
 from pipeline.sampling import OPTIONS_BY_NAME, SamplingConfig
 
+# Engine steps of a traced pass skipped before its trace starts (--trace-after): past the first
+# admissions, into the steady state of a pass of a few hundred steps or more.
+TRACE_AFTER = 100
+
 
 @dataclass(frozen=True, slots=True)
 class BenchConfig:
@@ -95,6 +99,23 @@ class BenchConfig:
         metavar="N[,N...]",
         parse=lambda value, _flag: _replica_counts(value),
         flag_default=None,
+    )
+    # After the rounds, one more pass of each side on the shared engine with vLLM's torch
+    # profiler tracing this many engine steps (pipeline/bench/steptrace.py); 0: none.
+    trace_steps: int = option(
+        0,
+        "After the timed rounds, one untimed pass of each side with vLLM's torch profiler on, "
+        "tracing this many engine steps: each step's period, the worker's host time and the "
+        "GPU's busy time (0: none).",
+        metavar="N",
+        minimum=0,
+    )
+    trace_after: int | None = option(  # None: TRACE_AFTER (None, so a lone one is seen)
+        None,
+        f"--trace-steps: skip this many steps of each traced pass first, its ramp-up "
+        f"[default: {TRACE_AFTER}].",
+        metavar="N",
+        minimum=0,
     )
     with_transformers: bool = option(False, "Also time plain Transformers generate (the floor).")
     transformers_prompts: int = option(32, "Prompts for --with-transformers.")
@@ -198,6 +219,13 @@ class BenchConfig:
                 "--replicas-per-gpu and --raw-defaults run each side on engines of its own: drop "
                 "--server and --with-transformers"
             )
+        if self.trace_after is not None and not self.trace_steps:
+            raise ConfigError("--trace-after needs --trace-steps N")
+        if self.trace_steps and (self.warm_sides or self.server is not None):
+            raise ConfigError(
+                "--trace-steps traces the shared engine both sides run on: drop "
+                "--raw-defaults, --replicas-per-gpu and --server"
+            )
         if self.server is not None and self.raw_engine is not None:
             raise ConfigError(
                 "--raw-defaults starts a second engine for the raw side; with --server side (b) "
@@ -218,6 +246,11 @@ class BenchConfig:
     @property
     def shard_rows(self) -> int:
         return self.rows_per_shard or max(1, min(2000, self.prompts // 8))
+
+    @property
+    def trace_skip(self) -> int:
+        """Steps of a traced pass left out before the trace starts."""
+        return TRACE_AFTER if self.trace_after is None else self.trace_after
 
 
 def _counts(value: str | None, what: str, example: str) -> tuple[int, ...]:

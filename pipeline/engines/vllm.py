@@ -224,6 +224,14 @@ class VllmEngine(SteppingEngine):
         blocks, size = cache.num_gpu_blocks, cache.block_size
         return int(blocks) * int(size) if blocks and size else None
 
+    def start_profile(self) -> None:
+        """Start vLLM's torch profiler (the engine was started with `profiler_engine_args`);
+        it writes its trace when it has profiled its steps, or at `stop_profile`."""
+        self.llm.start_profile()
+
+    def stop_profile(self) -> None:
+        self.llm.stop_profile()
+
     def default_inflight(self) -> int:
         return max(4 * self.max_num_seqs, 256)
 
@@ -418,6 +426,25 @@ def _engine_kwargs(cfg: EngineConfig, model: str, enforce_eager: bool) -> dict[s
         os.environ["VLLM_BATCH_INVARIANT"] = "1"  # read by vLLM and its engine processes
     kwargs.update(dict(cfg.engine_args))  # --engine-arg overrides what batchgen derives
     return kwargs
+
+
+def profiler_engine_args(folder: Path, skip_steps: int, steps: int) -> dict[str, Any]:
+    """Engine arguments that give the engine vLLM's torch profiler, idle until `start_profile`,
+    then tracing `steps` engine steps after the first `skip_steps` into `folder` (absolute, as
+    vLLM wants it): the worker's host side and, on a GPU, the device's kernels. No stacks,
+    shapes or memory: the cheapest trace that still times every step."""
+    return {
+        "profiler_config": {
+            "profiler": "torch",
+            "torch_profiler_dir": str(folder.resolve()),
+            "torch_profiler_with_stack": False,
+            "torch_profiler_use_gzip": True,
+            "torch_profiler_dump_cuda_time_total": False,  # a table of every op, unread here
+            "delay_iterations": skip_steps,
+            "max_iterations": steps,
+            "ignore_frontend": True,
+        }
+    }
 
 
 def batch_invariant_problem() -> str | None:
