@@ -14,6 +14,7 @@ from conftest import BATCHGEN, REAL_ENGINE, Group, run_cli, run_subprocess
 
 from pipeline.bench import BenchConfig, make_prompts
 from pipeline.bench.stats import bootstrap_median, spread, spread_text
+from pipeline.bench.steptrace import read_events, summarize
 from pipeline.config import EngineConfig
 from pipeline.errors import ConfigError
 
@@ -119,10 +120,10 @@ BAD_BENCH_FLAGS = [
         ["--trace-after", "5"], "--trace-after needs --trace-steps N", id="trace-after-alone"
     ),
     pytest.param(
-        ["--trace-steps", "8", "--replicas-per-gpu", "1,2"],
-        "--trace-steps traces the shared engine both sides run on: drop --raw-defaults, "
-        "--replicas-per-gpu and --server",
-        id="trace-with-replicas",
+        ["--trace-steps", "8", "--server", "http://gpu7:8000/v1"],
+        "--trace-steps traces in-process engines; a server's own profiler is its "
+        "--profiler-config: drop --server",
+        id="trace-with-server",
     ),
     pytest.param(
         ["--memory", "--trace-steps", "8"],
@@ -329,14 +330,30 @@ def test_bench_traces_engine_steps_on_the_real_engine(tmp_path: Path) -> None:
     trace = json.loads(result.stdout)["step_trace"]
     assert trace["traced_steps"] == 6 and trace["skipped_steps"] == 2
     for side in ("raw", "batchgen"):
-        s = trace[side]
+        [s] = trace[side]  # one engine
         assert s["steps"] == 5, s
-        assert (tmp_path / "trace" / side / s["trace"]).is_file()
+        assert s["trace"].startswith(f"{side}/") and (tmp_path / "trace" / s["trace"]).is_file()
         assert s["gpu_busy_share"] is None and s["gpu_events"] == 0
         assert 0.5 < s["execute_share"] <= 1
         assert s["step_ms"]["median"] >= s["execute_ms"]["median"] > 0
         assert s["requests_per_step"]["median"] == 12 == s["tokens_per_step"]["median"]
     assert "engine steps, traced after the timed rounds" not in result.stdout  # JSON only
+
+
+@pytest.mark.engine
+def test_warm_sides_trace_each_engine_in_its_worker(tmp_path: Path) -> None:
+    """The same trace on warm sides (`--replicas-per-gpu 1`: raw and batchgen each on an engine
+    of its own, in a worker process): each worker turns its engine's profiler on for the traced
+    pass, and each engine's trace is filed under its side."""
+    result = run_subprocess("bench", *REAL_ENGINE, "--replicas-per-gpu", "1", "--prompts", "12",
+                            "--min-tokens", "8", "--max-tokens", "16", "--max-prompt-tokens",
+                            "64", "--rounds", "1", "--trace-steps", "6", "--trace-after", "2",
+                            "--work-dir", tmp_path)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    for side in ("raw", "batchgen"):
+        assert f"  {side}: 5 steps, median " in result.stdout, result.stdout
+        [trace] = (tmp_path / "trace" / side).glob("*.pt.trace.json.gz")
+        assert summarize(read_events(trace))["requests_per_step"]["median"] == 12
 
 
 @pytest.mark.engine

@@ -28,6 +28,14 @@ SECONDS = {
 }
 
 
+# A trace of 4 step markers 10 ms apart, each 2 ms in execute, with no device activity.
+TRACE = [
+    {"ph": "X", "cat": "user_annotation", "name": "execute_context_0(0)_generation_8(8)",
+     "pid": 1, "tid": 1, "ts": 10_000 * i, "dur": 2000}
+    for i in range(4)
+]  # fmt: skip
+
+
 class FakeWarmSides:
     """`WarmSides` without processes: records every call; each pass takes SECONDS' time."""
 
@@ -47,8 +55,14 @@ class FakeWarmSides:
     def start(self) -> None:
         self.calls.append(("start",))
 
-    def run_pass(self, name: str, tag: str) -> Pass:
-        self.calls.append((name, tag))
+    def run_pass(self, name: str, tag: str, trace: bool = False) -> Pass:
+        self.calls.append((name, tag, "traced") if trace else (name, tag))
+        if trace:  # each engine's profiler writes a trace of 3 steps where it was told to
+            profiler = dict(self.sides[name].engine.engine_args)["profiler_config"]
+            for replica in range(self.sides[name].replicas):
+                path = Path(profiler["torch_profiler_dir"]) / f"{name}-{replica}.pt.trace.json"
+                path.write_text(json.dumps({"traceEvents": TRACE}))
+            return Pass(name, 9.0, 8, PROMPT_TOKENS, OUTPUT_TOKENS)
         seconds = SECONDS[name][tag]
         return Pass(name, seconds, 8, PROMPT_TOKENS, OUTPUT_TOKENS, None, 0.5, 0.25)
 
@@ -196,3 +210,36 @@ def test_five_rounds_carry_no_caution_fewer_do(
     five = _bench(tmp_path / "five", rounds=5, budget_seconds=0)
     assert five["caution"] is None
     assert "caution" not in compare.format_warm(five)
+
+
+def test_traced_passes_follow_the_rounds_one_per_side_with_a_trace_per_engine(
+    tmp_path: Path, warm: type[FakeWarmSides]
+) -> None:
+    """--trace-steps 32 --trace-after 8 on warm sides: every engine starts with vLLM's profiler
+    configured (idle until a traced pass, 32 steps after the first 8, into the bench's trace
+    folder); after the timed rounds each side runs one traced pass, kept out of the figures;
+    each engine's trace is filed under its side and summarized, one summary per replica."""
+    report = _bench(tmp_path, rounds=2, budget_seconds=0, trace_steps=32, trace_after=8)
+    passes = [c for c in FakeWarmSides.calls if len(c) > 1 and c[0] in SECONDS]
+    assert passes[-3:] == [(n, "trace", "traced") for n in ("raw", "batchgen", "batchgen x2")]
+    assert all(len(c) == 2 for c in passes[:-3])  # the cold pass and the rounds: untraced
+    assert len(report["rounds"]) == 2  # the traced passes are no round
+    for side in report["sides"].values():
+        profiler = side["engine_args"]["profiler_config"]
+        assert profiler["torch_profiler_dir"] == str((tmp_path / "trace").resolve())
+        assert (profiler["delay_iterations"], profiler["max_iterations"]) == (8, 32)
+    trace = report["step_trace"]
+    assert (trace["traced_steps"], trace["skipped_steps"]) == (32, 8)
+    assert [s["trace"] for s in trace["raw"]] == ["raw/raw-0.pt.trace.json"]
+    assert sorted(s["trace"] for s in trace["batchgen x2"]) == [
+        "batchgen x2/batchgen x2-0.pt.trace.json",
+        "batchgen x2/batchgen x2-1.pt.trace.json",
+    ]
+    for summaries in (trace["raw"], trace["batchgen"], trace["batchgen x2"]):
+        for s in summaries:
+            assert (s["steps"], s["step_ms"]["median"], s["execute_share"]) == (3, 10.0, 0.2)
+            assert s["requests_per_step"]["median"] == 8.0
+    text = compare.format_warm(report)
+    assert "engine steps, traced after the timed rounds (32 steps after the first 8" in text
+    assert "  batchgen x2 engine 2: 3 steps, median 10.00 ms, worker in execute 20%" in text
+    assert "  raw: 3 steps" in text

@@ -12,12 +12,13 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.bench import steptrace
 from pipeline.bench.steptrace import (
     read_events,
     step_counts,
     summarize,
-    summarize_folder,
     trace_files,
+    traced_pass,
     verdict,
 )
 
@@ -121,21 +122,53 @@ def test_fewer_than_two_markers_are_no_steps() -> None:
     assert verdict(s) == "no engine steps in the trace"
 
 
-def test_the_newest_gzipped_trace_in_a_folder_is_read(tmp_path: Path) -> None:
-    old = tmp_path / "a.pt.trace.json"
-    old.write_text(json.dumps({"traceEvents": STEPS[:2]}))
-    os.utime(old, (1, 1))  # older, whatever the clock's resolution
-    new = tmp_path / "b.pt.trace.json.gz"
-    with gzip.open(new, "wt") as f:
-        json.dump({"traceEvents": [*STEPS, {"ph": "i", "name": "instant", "ts": 5}]}, f)
-    (tmp_path / "notes.txt").write_text("not a trace")
-    assert trace_files(tmp_path)[-1] == new
-    assert len(read_events(new)) == 4  # the instant event (no duration) left out
-    s = summarize_folder(tmp_path)
-    assert s["trace"] == new.name and s["steps"] == 3
+def write_trace(path: Path, events: list[dict]) -> Path:
+    with gzip.open(path, "wt") as f:
+        json.dump({"traceEvents": events}, f)
+    return path
 
 
-def test_a_folder_without_a_trace_says_so(tmp_path: Path) -> None:
-    s = summarize_folder(tmp_path)
-    assert s["steps"] == 0 and s["trace"] is None
-    assert verdict(s) == f"no torch trace was written to {tmp_path}"
+def test_a_traced_pass_files_each_new_trace_under_its_side(tmp_path: Path) -> None:
+    """A side of two replicas writes two traces: each is moved under the side's folder and
+    summarized; a trace already there (the other side's, written before) and a file that is
+    not a trace are left alone."""
+    old = write_trace(tmp_path / "rank0.1.pt.trace.json.gz", STEPS[:2])
+    os.utime(old, (1, 1))
+    (tmp_path / "rank0.profiler_out.txt").write_text("a table")
+
+    def run() -> None:  # as two engines' profilers would, each writing a trace on its stop
+        write_trace(tmp_path / "rank0.2.pt.trace.json.gz", STEPS)
+        (tmp_path / "rank0.3.pt.trace.json").write_text(json.dumps({"traceEvents": STEPS[:3]}))
+
+    got = traced_pass(tmp_path, "batchgen x2", run, skip=4)
+    assert sorted((s["trace"], s["steps"]) for s in got) == [
+        ("batchgen x2/rank0.2.pt.trace.json.gz", 3),
+        ("batchgen x2/rank0.3.pt.trace.json", 2),
+    ]
+    assert sorted(p.name for p in (tmp_path / "batchgen x2").iterdir()) == [
+        "rank0.2.pt.trace.json.gz",
+        "rank0.3.pt.trace.json",
+    ]
+    assert old.exists() and trace_files(tmp_path) == [old]
+    assert len(read_events(tmp_path / "batchgen x2" / "rank0.2.pt.trace.json.gz")) == 4
+
+
+def test_a_pass_that_ends_before_its_trace_starts_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(steptrace, "TRACE_WAIT", 1.5)
+    got = traced_pass(tmp_path, "raw", lambda: None, skip=100)
+    assert got == [
+        {
+            "steps": 0,
+            "trace": None,
+            "problem": "no trace: the raw pass ended before its step 101, where the trace "
+            "would start; lower --trace-after or raise --prompts",
+        }
+    ]
+    assert verdict(got[0]) == got[0]["problem"]
+
+
+def test_read_events_keeps_complete_events_only(tmp_path: Path) -> None:
+    path = write_trace(tmp_path / "t.pt.trace.json.gz", [*STEPS, {"ph": "i", "name": "x", "ts": 5}])
+    assert len(read_events(path)) == 4  # the instant event (no duration) left out

@@ -10,10 +10,12 @@ with different settings, which one shared engine cannot give).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import statistics
 import time
+from pathlib import Path
 from typing import Any
 
 from pipeline.bench.machine import bench_folder, machine_info
@@ -38,7 +40,7 @@ def bench_sides(cfg: Any, model: str) -> tuple[list[Side], dict[str, Any]]:
 
 def run_warm(cfg: Any) -> dict[str, Any]:
     """The whole warm bench: prompts, engines, the cold pass, the rounds; the report."""
-    from pipeline.bench.throughput import bench_prompts, bench_run_config
+    from pipeline.bench.throughput import bench_prompts, bench_run_config, traced_engine
     from pipeline.models import resolve_model
     from pipeline.slots import visible_gpus
 
@@ -48,12 +50,18 @@ def run_warm(cfg: Any) -> dict[str, Any]:
         _, budgets, _, src = bench_prompts(cfg, work)
         run_cfg = bench_run_config(cfg, src, work / "out", cfg.shard_rows)
         sides, share = bench_sides(cfg, model)
+        if cfg.trace_steps:
+            folder = work / "trace"
+            sides = [
+                dataclasses.replace(s, engine=traced_engine(cfg, s.engine, folder)) for s in sides
+            ]
         names = [s.name for s in sides]
         with WarmSides(sides, run_cfg, work, parallel=bool(visible_gpus(os.environ))) as warm:
             warm.start()
             log.info("bench: cold pass of each side (untimed: first batch shapes, first cache)")
             cold = {n: warm.run_pass(n, "cold") for n in names}
             rounds = alternate(warm, names, cfg.rounds, cfg.budget_seconds, bench_start)
+            traces = _traced_passes(cfg, warm, names, work / "trace") if cfg.trace_steps else None
             tunables = {n: warm.tunables(n) for n in names}
             kv_tokens = {n: warm.kv_cache_tokens(n) for n in names}
             starts = dict(warm.starts)
@@ -61,8 +69,27 @@ def run_warm(cfg: Any) -> dict[str, Any]:
         report["engine_starts_s"] = starts
         report["tunables"] = tunables
         report["kv_cache_tokens"] = kv_tokens
+        if traces is not None:
+            report["step_trace"] = traces
         report["bench_seconds"] = round(time.monotonic() - bench_start, 1)
         return report
+
+
+def _traced_passes(cfg: Any, warm: WarmSides, names: list[str], folder: Path) -> dict[str, Any]:
+    """After the rounds, one more pass of each side with its engines' profilers on (untimed
+    for the ratios); each engine's trace filed under `folder`/SIDE and summarized."""
+    from pipeline.bench.steptrace import traced_pass, verdict
+
+    out: dict[str, Any] = {"skipped_steps": cfg.trace_skip, "traced_steps": cfg.trace_steps}
+    for name in names:
+        log.info("bench: traced %s pass (%d steps after the first %d)", name, cfg.trace_steps,
+                 cfg.trace_skip)  # fmt: skip
+        out[name] = traced_pass(
+            folder, name, lambda name=name: warm.run_pass(name, "trace", trace=True), cfg.trace_skip
+        )
+        for summary in out[name]:
+            log.info("bench: %s steps traced: %s", name, verdict(summary))
+    return out
 
 
 def _median(values: list[float | None]) -> float | None:
@@ -160,4 +187,8 @@ def format_warm(report: dict[str, Any]) -> str:
         lines.append(f"{name} / raw: {spread_text(r)}")
     if report["caution"]:
         lines.append(f"caution: {report['caution']}")
+    if report.get("step_trace"):
+        from pipeline.bench.steptrace import trace_lines
+
+        lines += ["", *trace_lines(report["step_trace"])]
     return "\n".join(lines)

@@ -19,12 +19,16 @@ import gzip
 import json
 import re
 import statistics
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 STEP_MARKER = re.compile(r"^execute_")
 # Device activity, in the categories torch's Chrome export gives it.
 GPU_CATEGORIES = frozenset({"kernel", "gpu_memcpy", "gpu_memset"})
+# Seconds to wait for a trace after its pass (see await_traces).
+TRACE_WAIT = 30.0
 _OLD_COUNTS = re.compile(r"new_(\d+)_cached_(\d+)")
 _NEW_COUNTS = re.compile(r"context_(\d+)(?:\((\d+)\))?_generation_(\d+)(?:\((\d+)\))?")
 
@@ -133,15 +137,45 @@ def summarize(events: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def summarize_folder(folder: Path) -> dict[str, Any]:
-    """The summary of the newest trace in `folder`, naming it; {"steps": 0, ...} with the
-    reason where the folder holds none."""
-    files = trace_files(folder)
-    if not files:
-        return {"steps": 0, "trace": None, "problem": f"no torch trace was written to {folder}"}
-    out = summarize(read_events(files[-1]))
-    out["trace"] = files[-1].name
-    return out
+def traced_pass(folder: Path, side: str, run: Callable[[], None], skip: int) -> list[dict]:
+    """Run one traced pass of `side` (`run` starts and stops the profiler of each of the side's
+    engines, which write their traces into `folder`), move the traces it wrote into
+    `folder`/`side`, and summarize each: one summary per engine (a side of replicas has one
+    per replica), or one saying why none came."""
+    before = set(trace_files(folder))
+    run()
+    written = await_traces(folder, before, TRACE_WAIT)
+    dest = folder / side
+    dest.mkdir(exist_ok=True)
+    summaries = []
+    for path in written:
+        moved = path.rename(dest / path.name)
+        summary = summarize(read_events(moved))
+        summary["trace"] = f"{side}/{moved.name}"
+        summaries.append(summary)
+    if not summaries:
+        problem = (
+            f"no trace: the {side} pass ended before its step {skip + 1}, where the trace "
+            "would start; lower --trace-after or raise --prompts"
+        )
+        summaries.append({"steps": 0, "trace": None, "problem": problem})
+    return summaries
+
+
+def await_traces(folder: Path, before: set[Path], timeout: float) -> list[Path]:
+    """The trace files written into `folder` since `before`, once their sizes hold still; []
+    if none came within `timeout` seconds. vLLM writes a trace before its `stop_profile`
+    returns (or before the pass ends, where the step limit ended the trace), so this only
+    waits out the file system; none comes where the trace never started."""
+    deadline = time.monotonic() + timeout
+    sizes: dict[Path, int] = {}
+    while time.monotonic() < deadline:
+        now = {p: p.stat().st_size for p in trace_files(folder) if p not in before}
+        if now and now == sizes:
+            return sorted(now, key=lambda p: p.stat().st_mtime)
+        sizes = now
+        time.sleep(1.0)
+    return []
 
 
 def verdict(summary: dict[str, Any]) -> str:
@@ -156,3 +190,19 @@ def verdict(summary: dict[str, Any]) -> str:
         return f"{head}; no device activity in the trace (a CPU engine)"
     bound = "host-bound" if share < 0.8 else "GPU-bound"
     return f"{head}; GPU busy {share:.0%} of the steps' time: {bound}"
+
+
+def trace_lines(report: dict[str, Any]) -> list[str]:
+    """A bench report's `step_trace` as the lines it prints: a verdict per engine of each side."""
+    lines = [
+        f"engine steps, traced after the timed rounds ({report['traced_steps']} steps after the "
+        f"first {report['skipped_steps']} of one more pass per side; the profiler slows the "
+        "steps it traces):"
+    ]
+    for side, summaries in report.items():
+        if not isinstance(summaries, list):
+            continue
+        for i, summary in enumerate(summaries):
+            engine = f" engine {i + 1}" if len(summaries) > 1 else ""
+            lines.append(f"  {side}{engine}: {verdict(summary)}")
+    return lines

@@ -32,7 +32,7 @@ from typing import Any
 from pipeline.bench.machine import OtherCpuMeter, bench_folder
 from pipeline.bench.throughput_report import format_throughput, throughput_report
 from pipeline.bench.workload import make_prompts, write_prompt_file
-from pipeline.config import OutputConfig, PromptConfig, RunConfig, SourceConfig
+from pipeline.config import EngineConfig, OutputConfig, PromptConfig, RunConfig, SourceConfig
 from pipeline.config.bench import BenchConfig
 from pipeline.errors import BatchgenError, ConfigError
 from pipeline.sampling import SamplingConfig
@@ -98,7 +98,7 @@ def run_throughput(cfg: BenchConfig) -> dict[str, Any]:
     model = resolve_model(cfg.engine.model)
     with bench_folder(cfg.work_dir) as work, _open_server(cfg, model) as server:
         if cfg.trace_steps:
-            cfg = _traced_engine(cfg, work / "trace")
+            cfg = dataclasses.replace(cfg, engine=traced_engine(cfg, cfg.engine, work / "trace"))
         texts, budgets, adapters, src = bench_prompts(cfg, work)
         engine = _start_engine(cfg, model)
         rows = _bench_rows(cfg, model, engine, src, texts, budgets, adapters)
@@ -231,14 +231,14 @@ def _rounds(
     return timings, shards
 
 
-def _traced_engine(cfg: BenchConfig, folder: Path) -> BenchConfig:
-    """The bench's settings with the engine's profiler configured to trace into `folder`."""
+def traced_engine(cfg: BenchConfig, engine: EngineConfig, folder: Path) -> EngineConfig:
+    """`engine` with vLLM's profiler configured to trace `cfg.trace_steps` steps after the first
+    `cfg.trace_skip` of a traced pass into `folder`."""
     from pipeline.engines.vllm import profiler_engine_args
 
     folder.mkdir(parents=True, exist_ok=True)
     traced = profiler_engine_args(folder, cfg.trace_skip, cfg.trace_steps)
-    engine_args = (*cfg.engine.engine_args, *traced.items())
-    return dataclasses.replace(cfg, engine=dataclasses.replace(cfg.engine, engine_args=engine_args))
+    return dataclasses.replace(engine, engine_args=(*engine.engine_args, *traced.items()))
 
 
 def _traced_passes(
@@ -246,56 +246,30 @@ def _traced_passes(
 ) -> dict[str, Any]:
     """One more pass of each side with the profiler on, untimed for the ratio; each side's
     trace moved to `work`/trace/SIDE and summarized (pipeline/bench/steptrace.py)."""
-    from pipeline.bench.steptrace import summarize_folder, trace_files, verdict
+    from pipeline.bench.steptrace import traced_pass, verdict
 
-    folder = work / "trace"
+    def raw() -> None:
+        _time_raw(engine, rows)
+
+    def batchgen() -> None:
+        run_cfg = bench_run_config(cfg, src, work / "out-trace", cfg.shard_rows)
+        _time_batchgen(engine, run_cfg, model)
+
     out: dict[str, Any] = {"skipped_steps": cfg.trace_skip, "traced_steps": cfg.trace_steps}
-    for side in ("raw", "batchgen"):
-        before = set(trace_files(folder))
+    for side, one_pass in (("raw", raw), ("batchgen", batchgen)):
         log.info("bench: traced %s pass (%d steps after the first %d)", side, cfg.trace_steps,
                  cfg.trace_skip)  # fmt: skip
-        engine.start_profile()
-        try:
-            if side == "raw":
-                _time_raw(engine, rows)
-            else:
-                _time_batchgen(
-                    engine, bench_run_config(cfg, src, work / "out-trace", cfg.shard_rows), model
-                )
-        finally:
-            engine.stop_profile()
-        written = _await_trace(folder, before)
-        (folder / side).mkdir(exist_ok=True)
-        for path in written:
-            path.rename(folder / side / path.name)
-        summary = summarize_folder(folder / side)
-        if not written:
-            summary["problem"] = (
-                f"no trace: the {side} pass ended before its step {cfg.trace_skip + 1}, where "
-                "the trace would start; lower --trace-after or raise --prompts"
-            )
-        log.info("bench: %s steps traced: %s", side, verdict(summary))
-        out[side] = summary
+
+        def profiled(one_pass: Any = one_pass) -> None:
+            engine.start_profile()
+            try:
+                one_pass()
+            finally:
+                engine.stop_profile()
+
+        out[side] = traced_pass(work / "trace", side, profiled, cfg.trace_skip)
+        log.info("bench: %s steps traced: %s", side, verdict(out[side][0]))
     return out
-
-
-def _await_trace(folder: Path, before: set[Path], timeout: float = 30.0) -> list[Path]:
-    """The trace files the profiler wrote since `before`, once their size holds still; [] if
-    none came within `timeout` seconds. vLLM writes a trace before `stop_profile` returns (or
-    before the pass ends, where the step limit ended the trace), so this only waits out the
-    file system; none comes where the trace never started."""
-    from pipeline.bench.steptrace import trace_files
-
-    deadline = time.monotonic() + timeout
-    sizes: dict[Path, int] = {}
-    while time.monotonic() < deadline:
-        new = [p for p in trace_files(folder) if p not in before]
-        now = {p: p.stat().st_size for p in new}
-        if new and now == sizes:
-            return new
-        sizes = now
-        time.sleep(1.0)
-    return []
 
 
 def _check_same_work(cfg: BenchConfig, raw: Timing, ours: Timing, budget: int | None) -> None:

@@ -181,18 +181,10 @@ def format_throughput(report: dict[str, Any]) -> str:
         f"ratio b/a: {spread_text(report['ratio_spread'])}; median b / median a: "
         f"{report['ratio_of_medians']:.3f}",
     ]
-    trace = report.get("step_trace")
-    if trace:
-        from pipeline.bench.steptrace import verdict
+    if report.get("step_trace"):
+        from pipeline.bench.steptrace import trace_lines
 
-        lines += [
-            "",
-            f"engine steps, traced after the timed rounds ({trace['traced_steps']} steps after "
-            f"the first {trace['skipped_steps']} of one more pass per side; the profiler slows "
-            "the steps it traces):",
-            f"  (a) raw: {verdict(trace['raw'])}",
-            f"  (b) batchgen: {verdict(trace['batchgen'])}",
-        ]
+        lines += ["", *trace_lines(report["step_trace"])]
     other = report.get("other_cpu_max")
     if other is not None and other > OTHER_CPU_WARN:
         lines.append(

@@ -107,7 +107,7 @@ class _Worker:
 
     def ask(self, *message: Any) -> None:
         self.conn.send(message)
-        self.busy = message[0] == "pass"
+        self.busy = message[0] in ("pass", "trace")
 
     def answer(self, timeout: float) -> tuple:
         if not self.conn.poll(timeout):
@@ -190,14 +190,15 @@ class WarmSides:
         """One engine's KV cache, in tokens (a side's replicas are alike)."""
         return self.workers[name][0].kv_cache_tokens
 
-    def run_pass(self, name: str, tag: str) -> Pass:
-        """One timed pass of side `name` over every row; `tag` names its output folders."""
+    def run_pass(self, name: str, tag: str, trace: bool = False) -> Pass:
+        """One timed pass of side `name` over every row; `tag` names its output folders. With
+        `trace`, each engine's profiler (configured at its start) traces the pass."""
         workers = self.workers[name]
         before = [tree_cpu_seconds(w.proc.pid) for w in workers]
         busy = GpuBusy(_first_gpu()).start()
         started = time.monotonic()
         for w in workers:
-            w.ask("pass", tag)
+            w.ask("trace" if trace else "pass", tag)
         replies = [w.answer(PASS_TIMEOUT) for w in workers]
         seconds = time.monotonic() - started
         gpu_busy = busy.stop()
@@ -348,7 +349,8 @@ def _first_gpu() -> str:
 def _worker_main(
     conn: Any, kind: str, cfg: RunConfig, out: Path, env: dict[str, str], sample: int | None
 ) -> None:
-    """A worker: start the engine, then answer ("pass", tag) until ("close",)."""
+    """A worker: start the engine, then answer ("pass", tag) or ("trace", tag) (the same
+    pass, with the engine's profiler on) until ("close",)."""
     os.environ.update(env)  # before vLLM or torch loads: CUDA_VISIBLE_DEVICES, KV cache share
     os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
     # A terminal's Ctrl-C reaches this process too (the parent's process group): the parent
@@ -364,17 +366,32 @@ def _worker_main(
             message = conn.recv()
             if message[0] == "close":
                 break
-            if kind == "raw":
-                conn.send(("done", *_raw_pass(engine, rows)))
-            elif kind == "trial":
-                conn.send(("done", *_trial_pass(engine, rows, cfg)))
-            else:
-                conn.send(("done", *_batchgen_pass(engine, cfg, out / message[1])))
+            with _profiled(engine, message[0] == "trace"):
+                if kind == "raw":
+                    done = _raw_pass(engine, rows)
+                elif kind == "trial":
+                    done = _trial_pass(engine, rows, cfg)
+                else:
+                    done = _batchgen_pass(engine, cfg, out / message[1])
+            conn.send(("done", *done))
         engine.close()
     except Exception as exc:  # the parent names this worker and stops the comparison
         with contextlib.suppress(OSError):
             conn.send(("error", f"{type(exc).__name__}: {exc}"))
         sys.exit(1)
+
+
+@contextlib.contextmanager
+def _profiled(engine: Any, on: bool) -> Iterator[None]:
+    """The engine's profiler on for the block, where `on`."""
+    if not on:
+        yield
+        return
+    engine.start_profile()
+    try:
+        yield
+    finally:
+        engine.stop_profile()
 
 
 def _start(kind: str, cfg: RunConfig, log_path: Path, sample: int | None) -> tuple[Any, Any, list]:

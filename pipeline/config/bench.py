@@ -221,10 +221,10 @@ class BenchConfig:
             )
         if self.trace_after is not None and not self.trace_steps:
             raise ConfigError("--trace-after needs --trace-steps N")
-        if self.trace_steps and (self.warm_sides or self.server is not None):
+        if self.trace_steps and self.server is not None:
             raise ConfigError(
-                "--trace-steps traces the shared engine both sides run on: drop "
-                "--raw-defaults, --replicas-per-gpu and --server"
+                "--trace-steps traces in-process engines; a server's own profiler is its "
+                "--profiler-config: drop --server"
             )
         if self.server is not None and self.raw_engine is not None:
             raise ConfigError(

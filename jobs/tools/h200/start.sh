@@ -20,10 +20,10 @@
 #   B_ARGS="--engine-arg kv_cache_dtype=fp8" BUDGET_B=480 bash jobs/tools/h200/start.sh
 #   .gpu/part06 .gpu/install.sh .gpu/models
 # Next, per-step traces (#27's profile; `--trace-steps`, docs/benchmarks.md): the small model's
-#   chat job, one round and the traced passes: PROMPTS=4096 MAXTOK=256 A_ARGS="--rounds 1
-#   --trace-steps 64" BUDGET_A=300 bash jobs/tools/h200/start.sh .gpu/part06 .gpu/install.sh
-#   .gpu/models; the 8B shape: the 2026-12-08 settings above with A_ARGS="--rounds 1
-#   --trace-steps 32" and no B_ARGS.
+#   chat job, one engine and three replicas, one round and the traced passes: PROMPTS=4096
+#   MAXTOK=256 A_ARGS="--replicas-per-gpu 1,3 --rounds 1 --trace-steps 64" BUDGET_A=300 bash
+#   jobs/tools/h200/start.sh .gpu/part06 .gpu/install.sh .gpu/models; the 8B shape: the
+#   2026-12-08 settings above with A_ARGS="--rounds 1 --trace-steps 32" and no B_ARGS.
 set -u
 STAGE=${STAGE:-/root/gpu-stage}
 RESULTS=${RESULTS:-/root/results}
