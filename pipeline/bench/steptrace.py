@@ -187,7 +187,7 @@ def verdict(summary: dict[str, Any]) -> str:
     head = f"{steps} steps, median {step:.2f} ms, worker in execute {summary['execute_share']:.0%}"
     share = summary.get("gpu_busy_share")
     if share is None:
-        return f"{head}; no device activity in the trace (a CPU engine)"
+        return f"{head}; no device activity in the trace (a CPU engine, or no CUDA profiling)"
     bound = "host-bound" if share < 0.8 else "GPU-bound"
     return f"{head}; GPU busy {share:.0%} of the steps' time: {bound}"
 
