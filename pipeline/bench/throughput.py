@@ -244,32 +244,21 @@ def traced_engine(cfg: BenchConfig, engine: EngineConfig, folder: Path) -> Engin
 def _traced_passes(
     cfg: BenchConfig, engine: Any, rows: list, src: Path, work: Path, model: str
 ) -> dict[str, Any]:
-    """One more pass of each side with the profiler on, untimed for the ratio; each side's
-    trace moved to `work`/trace/SIDE and summarized (pipeline/bench/steptrace.py)."""
-    from pipeline.bench.steptrace import traced_pass, verdict
+    """One more pass of each side on the shared engine with its profiler on, untimed for the
+    ratio; each side's trace filed under `work`/trace/SIDE and summarized."""
+    from pipeline.bench.steptrace import trace_sides
 
     def raw() -> None:
-        _time_raw(engine, rows)
+        with engine.profiling():
+            _time_raw(engine, rows)
 
     def batchgen() -> None:
         run_cfg = bench_run_config(cfg, src, work / "out-trace", cfg.shard_rows)
-        _time_batchgen(engine, run_cfg, model)
+        with engine.profiling():
+            _time_batchgen(engine, run_cfg, model)
 
-    out: dict[str, Any] = {"skipped_steps": cfg.trace_skip, "traced_steps": cfg.trace_steps}
-    for side, one_pass in (("raw", raw), ("batchgen", batchgen)):
-        log.info("bench: traced %s pass (%d steps after the first %d)", side, cfg.trace_steps,
-                 cfg.trace_skip)  # fmt: skip
-
-        def profiled(one_pass: Any = one_pass) -> None:
-            engine.start_profile()
-            try:
-                one_pass()
-            finally:
-                engine.stop_profile()
-
-        out[side] = traced_pass(work / "trace", side, profiled, cfg.trace_skip)
-        log.info("bench: %s steps traced: %s", side, verdict(out[side][0]))
-    return out
+    passes = {"raw": raw, "batchgen": batchgen}
+    return trace_sides(work / "trace", passes, cfg.trace_skip, cfg.trace_steps)
 
 
 def _check_same_work(cfg: BenchConfig, raw: Timing, ours: Timing, budget: int | None) -> None:

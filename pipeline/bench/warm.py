@@ -366,7 +366,7 @@ def _worker_main(
             message = conn.recv()
             if message[0] == "close":
                 break
-            with _profiled(engine, message[0] == "trace"):
+            with engine.profiling() if message[0] == "trace" else contextlib.nullcontext():
                 if kind == "raw":
                     done = _raw_pass(engine, rows)
                 elif kind == "trial":
@@ -379,19 +379,6 @@ def _worker_main(
         with contextlib.suppress(OSError):
             conn.send(("error", f"{type(exc).__name__}: {exc}"))
         sys.exit(1)
-
-
-@contextlib.contextmanager
-def _profiled(engine: Any, on: bool) -> Iterator[None]:
-    """The engine's profiler on for the block, where `on`."""
-    if not on:
-        yield
-        return
-    engine.start_profile()
-    try:
-        yield
-    finally:
-        engine.stop_profile()
 
 
 def _start(kind: str, cfg: RunConfig, log_path: Path, sample: int | None) -> tuple[Any, Any, list]:

@@ -8,11 +8,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import os
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -224,13 +226,16 @@ class VllmEngine(SteppingEngine):
         blocks, size = cache.num_gpu_blocks, cache.block_size
         return int(blocks) * int(size) if blocks and size else None
 
-    def start_profile(self) -> None:
-        """Start vLLM's torch profiler (the engine was started with `profiler_engine_args`);
-        it writes its trace when it has profiled its steps, or at `stop_profile`."""
+    @contextlib.contextmanager
+    def profiling(self) -> Iterator[None]:
+        """vLLM's torch profiler on for the block (the engine was started with
+        `profiler_engine_args`); it writes its trace when it has profiled its steps, or as the
+        block ends."""
         self.llm.start_profile()
-
-    def stop_profile(self) -> None:
-        self.llm.stop_profile()
+        try:
+            yield
+        finally:
+            self.llm.stop_profile()
 
     def default_inflight(self) -> int:
         return max(4 * self.max_num_seqs, 256)
@@ -429,10 +434,11 @@ def _engine_kwargs(cfg: EngineConfig, model: str, enforce_eager: bool) -> dict[s
 
 
 def profiler_engine_args(folder: Path, skip_steps: int, steps: int) -> dict[str, Any]:
-    """Engine arguments that give the engine vLLM's torch profiler, idle until `start_profile`,
-    then tracing `steps` engine steps after the first `skip_steps` into `folder` (absolute, as
-    vLLM wants it): the worker's host side and, on a GPU, the device's kernels. No stacks,
-    shapes or memory: the cheapest trace that still times every step."""
+    """Engine arguments that give the engine vLLM's torch profiler, idle until a
+    `VllmEngine.profiling` block, then tracing `steps` engine steps after the first `skip_steps`
+    into `folder` (absolute, as vLLM wants it): the worker's host side and, on a GPU, the
+    device's kernels. No stacks, shapes or memory: the cheapest trace that still times every
+    step."""
     return {
         "profiler_config": {
             "profiler": "torch",
